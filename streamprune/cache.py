@@ -1,0 +1,68 @@
+"""On-disk activation cache: the inputs of block i for every calibration sample, as one
+memory-mapped float32 file per block boundary. Only a micro-batch is ever in RAM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .fsutil import fsync_dir
+
+
+class ActivationCache:
+    def __init__(self, folder: Path, samples: int, seq_len: int, hidden: int):
+        self.folder = Path(folder)
+        self.shape = (samples, seq_len, hidden)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    def path(self, block: int) -> Path:
+        return self.folder / f"inputs-{block:05d}.f32"
+
+    def has(self, block: int) -> bool:
+        p = self.path(block)
+        return p.is_file() and p.stat().st_size == self.nbytes
+
+    def reader(self, block: int) -> np.memmap:
+        return np.memmap(self.path(block), dtype=np.float32, mode="r", shape=self.shape)
+
+    def batch(self, block: int, start: int, stop: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+        """Samples [start, stop) of block's inputs, copied into a tensor: (b, T, E)."""
+        return torch.from_numpy(np.array(self.reader(block)[start:stop])).to(device=device, dtype=dtype)
+
+    def writer(self, block: int) -> "CacheWriter":
+        return CacheWriter(self, block)
+
+    def drop(self, block: int) -> None:
+        self.path(block).unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class CacheWriter:
+    """Writes block inputs sample-range by sample-range to a temporary file; commit() makes
+    them durable and visible under the final name, so a crash never leaves a partial file."""
+
+    def __init__(self, cache: ActivationCache, block: int):
+        self.final = cache.path(block)
+        self.tmp = self.final.with_name(self.final.name + ".tmp")
+        self.mm = np.memmap(self.tmp, dtype=np.float32, mode="w+", shape=cache.shape)
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        self.mm[start:start + x.shape[0]] = x.detach().float().cpu().numpy()
+
+    def commit(self) -> None:
+        self.mm.flush()
+        del self.mm
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)

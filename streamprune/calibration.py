@@ -1,0 +1,58 @@
+"""Calibration tokens: tokenize a text file with the model's tokenizer and cut it into windows;
+gather the embedding rows those tokens need (and no others)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .errors import StreamPruneError
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # transformers raises many types for a missing/bad tokenizer
+        raise StreamPruneError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0][:200]}") from None
+
+
+def bos_id(tokenizer) -> int | None:
+    """The BOS id if this tokenizer puts one in front of every text (Llama does, Qwen does not)."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
+
+
+def tokenize_file(tokenizer, path: Path) -> list[int]:
+    path = Path(path)
+    if not path.is_file():
+        raise StreamPruneError(f"text file not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise StreamPruneError(f"text file is empty: {path}")
+    return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+
+
+def token_windows(ids: list[int], n: int, seq_len: int, bos: int | None, what: str = "calibration") -> torch.Tensor:
+    """n windows of seq_len tokens, spread evenly over the text and never overlapping; each starts
+    with BOS when the tokenizer uses one. Returns (n, seq_len) int64."""
+    body = seq_len - (bos is not None)
+    if len(ids) < n * body:
+        raise StreamPruneError(
+            f"{what} text has {len(ids)} tokens; --samples {n} x --seq-len {seq_len} needs {n * body}")
+    stride = (len(ids) - body) // max(n - 1, 1)
+    rows = [ids[i * stride:i * stride + body] for i in range(n)]
+    if bos is not None:
+        rows = [[bos] + r for r in rows]
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def gather_embeddings(index, name: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedding rows of the distinct tokens, and each token's position among them:
+    rows[where] is the embedding of `tokens`."""
+    distinct, where = torch.unique(tokens, return_inverse=True)
+    return index.rows(name, distinct), where

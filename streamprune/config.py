@@ -1,0 +1,55 @@
+"""The run's configuration: built once by the CLI, recorded in the journal and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import StreamPruneError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    shards: Path
+    out: Path
+    sparsity: float = 0.3
+    calib: Path | None = None
+    samples: int = 128
+    seq_len: int = 2048
+    device: str = "cpu"
+    seed: int = 0
+    method: str = "magnitude"
+    batch_size: int = 0  # calibration samples per micro-batch; 0 = pick from memory
+    cache_dir: Path | None = None
+    keep_cache: bool = False
+    restart: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.sparsity < 1:
+            raise StreamPruneError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.samples < 1 or self.seq_len < 2:
+            raise StreamPruneError("--samples must be >= 1 and --seq-len >= 2")
+        if self.batch_size < 0:
+            raise StreamPruneError("--batch-size must be >= 0")
+
+    # Fields that do not change the output bytes, so a resumed run may differ in them.
+    NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "restart", "progress", "batch_size")
+
+    def fingerprint(self) -> dict:
+        """What must match for a re-run to resume into the same output folder."""
+        fp = {}
+        for f in dataclasses.fields(self):
+            if f.name in self.NOT_FINGERPRINTED:
+                continue
+            v = getattr(self, f.name)
+            fp[f.name] = str(Path(v).resolve()) if isinstance(v, Path) else v
+        if self.calib is not None:
+            fp["calib_sha256"] = hashlib.sha256(Path(self.calib).read_bytes()).hexdigest()
+        return fp
+
+    def as_dict(self) -> dict:
+        return {f.name: (str(getattr(self, f.name)) if isinstance(getattr(self, f.name), Path)
+                         else getattr(self, f.name)) for f in dataclasses.fields(self)}

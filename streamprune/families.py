@@ -1,0 +1,226 @@
+"""Per-family facts in one table: tensor names, which optional tensors exist, rotary class,
+and which output configs stock transformers accepts. Nothing else in streamprune branches on
+the model family."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import StreamPruneError
+
+# model_type -> (transformers module, class-name prefix)
+FAMILIES = {
+    "llama": ("llama", "Llama"),
+    "mistral": ("mistral", "Mistral"),
+    "qwen2": ("qwen2", "Qwen2"),
+    "qwen3": ("qwen3", "Qwen3"),
+}
+
+# Short names used by the math, mapped to the per-layer Hugging Face tensor names.
+BLOCK_TENSORS = {
+    "attn_norm": "input_layernorm.weight",
+    "q": "self_attn.q_proj.weight",
+    "k": "self_attn.k_proj.weight",
+    "v": "self_attn.v_proj.weight",
+    "o": "self_attn.o_proj.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias",
+    "o_bias": "self_attn.o_proj.bias",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "gate": "mlp.gate_proj.weight",
+    "up": "mlp.up_proj.weight",
+    "down": "mlp.down_proj.weight",
+    "gate_bias": "mlp.gate_proj.bias",
+    "up_bias": "mlp.up_proj.bias",
+    "down_bias": "mlp.down_proj.bias",
+}
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Shapes of one decoder block. Heads are numbered group-major: query head h uses KV head
+    h // group (the layout transformers' repeat_kv assumes)."""
+
+    hidden: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv
+
+    def tensor_names(self) -> list[str]:
+        names = ["attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"]
+        if self.qkv_bias:
+            names += ["q_bias", "k_bias", "v_bias"]
+        if self.o_bias:
+            names += ["o_bias"]
+        if self.qk_norm:
+            names += ["q_norm", "k_norm"]
+        if self.mlp_bias:
+            names += ["gate_bias", "up_bias", "down_bias"]
+        return names
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        H, KV, D, E, inter = self.n_heads, self.n_kv, self.head_dim, self.hidden, self.intermediate
+        full = {
+            "attn_norm": (E,), "mlp_norm": (E,),
+            "q": (H * D, E), "k": (KV * D, E), "v": (KV * D, E), "o": (E, H * D),
+            "q_bias": (H * D,), "k_bias": (KV * D,), "v_bias": (KV * D,), "o_bias": (E,),
+            "q_norm": (D,), "k_norm": (D,),
+            "gate": (inter, E), "up": (inter, E), "down": (E, inter),
+            "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (E,),
+        }
+        return {n: full[n] for n in self.tensor_names()}
+
+    def n_params(self) -> int:
+        total = 0
+        for shape in self.shapes().values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_type: str
+    n_layers: int
+    vocab: int
+    hidden: int
+    tied: bool
+    blocks: tuple[BlockSpec, ...]
+    config: dict  # config.json as read
+
+    def layer_tensor(self, layer: int, short: str) -> str:
+        return f"model.layers.{layer}.{BLOCK_TENSORS[short]}"
+
+    def block_tensors(self, layer: int) -> dict[str, str]:
+        return {s: self.layer_tensor(layer, s) for s in self.blocks[layer].tensor_names()}
+
+    def other_tensors(self) -> list[str]:
+        return [EMBED, FINAL_NORM] + ([] if self.tied else [LM_HEAD])
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {EMBED: (self.vocab, self.hidden), FINAL_NORM: (self.hidden,)}
+        if not self.tied:
+            shapes[LM_HEAD] = (self.vocab, self.hidden)
+        for i, b in enumerate(self.blocks):
+            for short, shape in b.shapes().items():
+                shapes[self.layer_tensor(i, short)] = shape
+        return shapes
+
+
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise StreamPruneError(f"no config.json in {folder}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StreamPruneError(f"{path} is not valid JSON: {e}") from None
+
+
+def hf_config(config: dict):
+    """The transformers config object of this family, validated by transformers itself."""
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise StreamPruneError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    module, prefix = FAMILIES[model_type]
+    cls = getattr(importlib.import_module(f"transformers.models.{module}"), f"{prefix}Config")
+    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    try:
+        return cls(**kwargs)
+    except Exception as e:  # transformers raises several validation error types
+        raise StreamPruneError(f"config.json rejected by transformers: {str(e).splitlines()[-1].strip()}") from None
+
+
+def model_spec(config: dict) -> ModelSpec:
+    cfg = hf_config(config)
+    model_type = config["model_type"]
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
+        raise StreamPruneError(f"unsupported hidden_act {cfg.hidden_act!r} (only silu)")
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    if H % KV:
+        raise StreamPruneError(f"num_attention_heads {H} is not a multiple of num_key_value_heads {KV}")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    attn_bias = bool(getattr(cfg, "attention_bias", False))
+    layer_types = getattr(cfg, "layer_types", None)
+    blocks = []
+    for i in range(cfg.num_hidden_layers):
+        window = None
+        if model_type == "mistral":
+            window = cfg.sliding_window
+        elif layer_types is not None and layer_types[i] == "sliding_attention":
+            window = cfg.sliding_window
+        blocks.append(BlockSpec(
+            hidden=cfg.hidden_size, n_heads=H, n_kv=KV, head_dim=head_dim,
+            intermediate=cfg.intermediate_size, eps=cfg.rms_norm_eps,
+            qk_norm=model_type == "qwen3",
+            qkv_bias=model_type == "qwen2" or attn_bias,
+            o_bias=model_type in ("llama", "qwen3") and attn_bias,
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            sliding_window=window,
+        ))
+    return ModelSpec(
+        model_type=model_type, n_layers=cfg.num_hidden_layers, vocab=cfg.vocab_size,
+        hidden=cfg.hidden_size, tied=bool(cfg.tie_word_embeddings), blocks=tuple(blocks),
+        config=config,
+    )
+
+
+def rotary_tables(config: dict, seq_len: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (seq_len, head_dim), fp32, from the family's own rotary module, so every
+    rope_type transformers knows (llama3, yarn, ...) is computed exactly as transformers does."""
+    module, prefix = FAMILIES[config["model_type"]]
+    mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    rotary = getattr(mod, f"{prefix}RotaryEmbedding")(hf_config(config)).to(device)
+    x = torch.zeros(1, dtype=torch.float32, device=device)
+    cos, sin = rotary(x, torch.arange(seq_len, device=device)[None])
+    return cos[0].float(), sin[0].float()
+
+
+def pruned_config(config: dict, n_heads: int, n_kv: int, intermediate: int) -> dict:
+    """config.json for the pruned model, in a form stock transformers loads.
+
+    LlamaConfig insists on hidden_size % num_attention_heads == 0, which most pruned head
+    counts break. Mistral's architecture is the same computation as Llama's (no biases, same
+    RMSNorm, rotary and SwiGLU) and accepts any head count with an explicit head_dim, so such a
+    Llama is written as a Mistral with sliding_window null (see docs/output-format.md)."""
+    out = copy.deepcopy(config)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    out.update(num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
+               intermediate_size=intermediate)
+    if out["model_type"] == "llama" and out["hidden_size"] % n_heads:
+        if out.get("attention_bias") or out.get("mlp_bias"):
+            raise StreamPruneError(
+                f"{n_heads} heads do not divide hidden_size {out['hidden_size']} and a Llama with "
+                "biases has no stock equivalent; choose a sparsity that keeps a divisor of hidden_size")
+        for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
+            out.pop(key, None)
+        out.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
+    hf_config(out)  # raises if transformers would refuse it
+    return out

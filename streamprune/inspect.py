@@ -1,0 +1,32 @@
+"""What a model is and what a sparsity would do to it, from config.json and headers only."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .pipeline import open_model, plan
+
+
+def describe(folder: Path, sparsity: float) -> dict:
+    model = open_model(folder)
+    spec, b = model.spec, model.spec.blocks[0]
+    sizes, out_config = plan(model, sparsity)
+    new_block = dataclasses.replace(b, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
+    block_params = sum(x.n_params() for x in spec.blocks)
+    after = new_block.n_params() * spec.n_layers
+    dtypes = sorted({model.index.tensors[n].dtype for n in spec.expected_shapes()})
+    params = 0
+    for info in model.index.tensors.values():
+        n = 1
+        for s in info.shape:
+            n *= s
+        params += n
+    return {
+        "model_type": spec.model_type, "layers": spec.n_layers, "hidden": spec.hidden,
+        "heads": b.n_heads, "kv_heads": b.n_kv, "head_dim": b.head_dim, "neurons": b.intermediate,
+        "vocab": spec.vocab, "dtype": "/".join(dtypes), "params": params, "block_params": block_params,
+        "plan": {"sparsity": sparsity, "heads": sizes.n_heads, "kv_heads": sizes.n_kv,
+                 "neurons": sizes.intermediate, "block_params": after,
+                 "removed_fraction": 1 - after / block_params, "output_model_type": out_config["model_type"]},
+    }

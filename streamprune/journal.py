@@ -1,0 +1,69 @@
+"""Resume state: which blocks are finished, with what result, for which arguments.
+Every update is an atomic, fsynced rewrite of one small JSON file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import StreamPruneError
+from .fsutil import atomic_write_json
+
+WORKDIR = ".streamprune"
+
+
+class Journal:
+    def __init__(self, path: Path, state: dict):
+        self.path = path
+        self.state = state
+
+    @classmethod
+    def open(cls, out: Path, fingerprint: dict, restart: bool) -> "Journal":
+        """Resume the journal in `out`, or start a new one. Refuses to mix arguments, and to
+        write into a non-empty folder that streamprune did not create."""
+        out = Path(out)
+        path = out / WORKDIR / "journal.json"
+        if path.is_file() and not restart:
+            try:
+                state = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                raise StreamPruneError(f"{path} is corrupt; re-run with --restart") from None
+            if state.get("fingerprint") != fingerprint:
+                diff = sorted(k for k in set(fingerprint) | set(state.get("fingerprint", {}))
+                              if fingerprint.get(k) != state.get("fingerprint", {}).get(k))
+                raise StreamPruneError(
+                    f"{out} holds a run with different arguments ({', '.join(diff)}); "
+                    "use the same arguments to resume, or --restart to start over")
+            return cls(path, state)
+        if out.exists() and any(out.iterdir()) and not path.is_file() and not restart:
+            raise StreamPruneError(f"{out} exists and is not a streamprune output; choose an empty folder or pass --restart")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        journal = cls(path, {"fingerprint": fingerprint, "blocks": {}, "complete": False})
+        journal.save()
+        return journal
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.state)
+
+    @property
+    def next_block(self) -> int:
+        done = self.state["blocks"]
+        i = 0
+        while str(i) in done:
+            i += 1
+        return i
+
+    def record(self, block: int) -> dict | None:
+        return self.state["blocks"].get(str(block))
+
+    def finish_block(self, block: int, record: dict) -> None:
+        self.state["blocks"][str(block)] = record
+        self.save()
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.state.get("complete"))
+
+    def finish(self) -> None:
+        self.state["complete"] = True
+        self.save()

@@ -1,0 +1,240 @@
+"""The streaming loop: for each block, load it, score its units on the cached calibration
+inputs, slice it, write it, pass its outputs on as the next block's inputs, journal it.
+Only this module and the I/O modules touch files; the math lives in block/scoring/slicing."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .block import block_forward
+from .cache import ActivationCache
+from .calibration import bos_id, gather_embeddings, load_tokenizer, token_windows, tokenize_file
+from .config import RunConfig
+from .errors import StreamPruneError
+from .families import EMBED, ModelSpec, model_spec, pruned_config, read_config, rotary_tables
+from .fsutil import atomic_write, atomic_write_json
+from .journal import WORKDIR, Journal
+from .scoring import Calibration, make_scorer
+from .selection import Sizes, plan_sizes, select_units
+from .shards import DTYPES, OutTensor, ShardIndex, read_header, shard_name, write_safetensors
+from .slicing import slice_block
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = ("config.json", "model.safetensors.index.json", "report.json")
+WORKING_SET_BYTES = 256 * 2**20  # activations of one micro-batch, roughly
+
+
+@dataclass(frozen=True)
+class Model:
+    """Everything known about the input model before any weight is read."""
+
+    folder: Path
+    spec: ModelSpec
+    index: ShardIndex
+
+
+def open_model(folder: Path) -> Model:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StreamPruneError(f"model folder not found: {folder}")
+    spec = model_spec(read_config(folder))
+    index = ShardIndex.open(folder)
+    index.check(spec.expected_shapes())
+    return Model(folder, spec, index)
+
+
+def plan(model: Model, sparsity: float) -> tuple[Sizes, dict]:
+    """Uniform sizes for every block, and the output config.json (validated by transformers)."""
+    sizes = plan_sizes(model.spec.blocks[0], sparsity)
+    return sizes, pruned_config(model.spec.config, sizes.n_heads, sizes.n_kv, sizes.intermediate)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def micro_batch(cfg: RunConfig, spec: ModelSpec) -> int:
+    if cfg.batch_size:
+        return min(cfg.batch_size, cfg.samples)
+    b = spec.blocks[0]
+    per_sample = cfg.seq_len * 4 * (8 * b.hidden + 3 * b.intermediate + b.n_heads * cfg.seq_len)
+    return max(1, min(cfg.samples, WORKING_SET_BYTES // per_sample))
+
+
+def check_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StreamPruneError("--device cuda requested but no CUDA GPU is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise StreamPruneError(f"unsupported device {device!r} (cpu or cuda)")
+    return dev
+
+
+def compute_dtype(dev: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """fp32 on CPU; the model's own dtype on a GPU."""
+    return torch.float32 if dev.type == "cpu" else model_dtype
+
+
+def clear_output(out: Path) -> None:
+    shutil.rmtree(out / WORKDIR, ignore_errors=True)
+    for p in list(out.glob("model-*.safetensors*")) + [out / n for n in MODEL_FILES]:
+        p.unlink(missing_ok=True)
+
+
+def write_block_inputs(cfg: RunConfig, model: Model, cache: ActivationCache, batch: int) -> None:
+    """Block 0's inputs: the embeddings of the calibration windows, into the cache."""
+    tokenizer = load_tokenizer(model.folder)
+    tokens = token_windows(tokenize_file(tokenizer, cfg.calib), cfg.samples, cfg.seq_len, bos_id(tokenizer))
+    rows, where = gather_embeddings(model.index, EMBED, tokens)
+    writer = cache.writer(0)
+    for start in range(0, cfg.samples, batch):
+        writer.write(start, rows[where[start:start + batch]].float())
+    writer.commit()
+
+
+class BlockRunner:
+    """Prunes one block at a time; holds only what every block shares."""
+
+    def __init__(self, cfg: RunConfig, model: Model, sizes: Sizes, cache: ActivationCache, batch: int):
+        self.cfg, self.model, self.sizes, self.cache, self.batch = cfg, model, sizes, cache, batch
+        self.device = check_device(cfg.device)
+        self.scorer = make_scorer(cfg.method)
+        self.n_shards = model.spec.n_layers + 1
+        self.cos, self.sin = rotary_tables(model.spec.config, cfg.seq_len, self.device)
+
+    def batches(self, layer: int, dtype: torch.dtype):
+        for start in range(0, self.cfg.samples, self.batch):
+            stop = min(start + self.batch, self.cfg.samples)
+            yield start, self.cache.batch(layer, start, stop, self.device, dtype)
+
+    def prune(self, layer: int) -> dict:
+        t0 = time.time()
+        spec, names = self.model.spec.blocks[layer], self.model.spec.block_tensors(layer)
+        stored = {short: self.model.index.tensors[n].dtype for short, n in names.items()}
+        dtype = compute_dtype(self.device, self.model.index.load({"x": names["q"]})["x"].dtype)
+        W = self.model.index.load(names, self.device, dtype)
+
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + layer)
+        calib = Calibration(lambda: (x for _, x in self.batches(layer, dtype)), self.cos, self.sin, generator)
+        with torch.no_grad():
+            scores = self.scorer.score(W, spec, calib)
+            kept = select_units(scores.heads, scores.neurons, spec, self.sizes)
+            W_new, spec_new = slice_block(W, spec, kept)
+            rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype)
+
+        write_safetensors(self.model_path(layer + 1), [
+            OutTensor.of(names[s], t.to(DTYPES[stored[s]])) for s, t in W_new.items()])
+        return {
+            "layer": layer,
+            "heads": [spec.n_heads, spec_new.n_heads], "kv_heads": [spec.n_kv, spec_new.n_kv],
+            "neurons": [spec.intermediate, spec_new.intermediate],
+            "params": [spec.n_params(), spec_new.n_params()],
+            "kept_heads": kept.heads.tolist(), "kept_kv_heads": kept.kv.tolist(),
+            "relative_error": rel_error,
+            "seconds": round(time.time() - t0, 3),
+        }
+
+    def pass_outputs(self, layer, W, spec, W_new, spec_new, dtype) -> float:
+        """Run the pruned block on the calibration inputs; its outputs are the next block's
+        inputs (so later blocks are calibrated on what they will really see). Returns the
+        relative squared error of the pruned against the dense block output."""
+        writer = self.cache.writer(layer + 1)
+        err = ref = 0.0
+        for start, x in self.batches(layer, dtype):
+            y_dense = block_forward(W, spec, x, self.cos, self.sin)
+            y = block_forward(W_new, spec_new, x, self.cos, self.sin)
+            err += (y - y_dense).double().pow(2).sum().item()
+            ref += (y_dense - x).double().pow(2).sum().item()
+            writer.write(start, y)
+        writer.commit()
+        return err / max(ref, 1e-30)
+
+    def model_path(self, k: int) -> Path:
+        return self.cfg.out / shard_name(k, self.n_shards)
+
+
+def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: dict) -> None:
+    """Everything but the block shards; the index, which makes the folder loadable, comes last."""
+    n = model.spec.n_layers + 1
+    rest = shard_name(n, n)
+    write_safetensors(cfg.out / rest, [OutTensor.copy(name, model.index) for name in model.spec.other_tensors()])
+    for src in sorted(model.folder.iterdir()):
+        if src.is_file() and not src.name.startswith(".") and src.name not in MODEL_FILES \
+                and not src.name.endswith(".safetensors"):
+            atomic_write(cfg.out / src.name, lambda f, src=src: shutil.copyfileobj(open(src, "rb"), f))
+    atomic_write_json(cfg.out / "config.json", out_config)
+    atomic_write_json(cfg.out / "report.json", report)
+    weight_map, total = {}, 0
+    for k in range(1, n + 1):
+        for name, info in read_header(cfg.out / shard_name(k, n)).items():
+            weight_map[name] = shard_name(k, n)
+            total += info.nbytes
+    atomic_write_json(cfg.out / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def build_report(cfg: RunConfig, model: Model, sizes: Sizes, journal: Journal, out_config: dict,
+                 seconds: float, batch: int) -> dict:
+    blocks = [journal.record(i) for i in range(model.spec.n_layers)]
+    before = sum(b["params"][0] for b in blocks)
+    after = sum(b["params"][1] for b in blocks)
+    return {
+        "arguments": {k: v for k, v in cfg.as_dict().items() if k not in RunConfig.NOT_FINGERPRINTED},
+        "model": {"model_type": model.spec.model_type, "layers": model.spec.n_layers,
+                  "output_model_type": out_config["model_type"]},
+        "plan": {"heads": sizes.n_heads, "kv_heads": sizes.n_kv, "neurons": sizes.intermediate},
+        "blocks": [{k: v for k, v in b.items() if k != "seconds"} for b in blocks],
+        "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
+        "timing": {"seconds": round(seconds, 3), "peak_rss_bytes": peak_rss_bytes(), "micro_batch": batch,
+                   "block_seconds": [b["seconds"] for b in blocks]},
+    }
+
+
+def run(cfg: RunConfig) -> dict:
+    """Prune cfg.shards into cfg.out; resumes from the journal. Returns the report."""
+    t0 = time.time()
+    model = open_model(cfg.shards)
+    if cfg.out.resolve() == model.folder.resolve():
+        raise StreamPruneError("--out must differ from --shards")
+    if cfg.calib is None:
+        raise StreamPruneError("--calib FILE is required (plain text in the model's domain)")
+    check_device(cfg.device)
+    sizes, out_config = plan(model, cfg.sparsity)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    if cfg.restart:
+        clear_output(cfg.out)
+    journal = Journal.open(cfg.out, cfg.fingerprint(), cfg.restart)
+    batch = micro_batch(cfg, model.spec)
+    cache = ActivationCache(cfg.cache_dir or cfg.out / WORKDIR / "cache", cfg.samples, cfg.seq_len, model.spec.hidden)
+    if journal.complete and (cfg.out / "model.safetensors.index.json").is_file():
+        log.info("%s is already complete", cfg.out)
+        return build_report(cfg, model, sizes, journal, out_config, time.time() - t0, batch)
+
+    L, start = model.spec.n_layers, journal.next_block
+    if start < L and not cache.has(start):
+        if start > 0:
+            raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}); "
+                                   "re-run with --restart")
+        write_block_inputs(cfg, model, cache, batch)
+    runner = BlockRunner(cfg, model, sizes, cache, batch)
+    bar = tqdm(total=L, initial=start, unit="block", desc="pruning", disable=not cfg.progress, dynamic_ncols=True)
+    for layer in range(start, L):
+        journal.finish_block(layer, runner.prune(layer))
+        cache.drop(layer)
+        bar.update(1)
+    bar.close()
+    report = build_report(cfg, model, sizes, journal, out_config, time.time() - t0, batch)
+    write_model_files(cfg, model, out_config, report)
+    journal.finish()
+    if not cfg.keep_cache:
+        cache.remove()
+    return report

@@ -1,0 +1,75 @@
+"""How many units each block keeps (a pure function of shapes and sparsity) and which ones
+(a pure function of scores). GQA: every kept KV group keeps the same number of query heads, so
+the pruned block is a valid GQA layout that stock configs can describe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .families import BlockSpec
+
+
+@dataclass(frozen=True)
+class Sizes:
+    n_kv: int
+    group: int  # query heads per kept KV group
+    intermediate: int
+
+    @property
+    def n_heads(self) -> int:
+        return self.n_kv * self.group
+
+
+@dataclass(frozen=True)
+class Kept:
+    heads: torch.Tensor  # kept query heads, ascending, group-major
+    kv: torch.Tensor  # kept KV groups, ascending
+    neurons: torch.Tensor  # kept MLP neurons, ascending
+
+
+def attention_params(spec: BlockSpec, n_kv: int, group: int) -> int:
+    # q and o hold n_kv * group heads, k and v hold n_kv heads (biases and norms ignored)
+    return 2 * spec.head_dim * spec.hidden * (n_kv * group + n_kv)
+
+
+def plan_sizes(spec: BlockSpec, sparsity: float, align: int | None = None) -> Sizes:
+    """Remove about `sparsity` of the block's weights. Attention takes the GQA layout whose kept
+    fraction is closest to 1 - sparsity (ties: more query heads); the MLP width absorbs the
+    rest, so the block total lands on target. Intermediate sizes are rounded to `align`
+    (default 64 for wide MLPs, 1 for small ones)."""
+    if sparsity == 0:
+        return Sizes(spec.n_kv, spec.group, spec.intermediate)
+    full_attn = attention_params(spec, spec.n_kv, spec.group)
+    target = (1 - sparsity) * (full_attn + 3 * spec.hidden * spec.intermediate)
+    options = [(kv, g) for kv in range(1, spec.n_kv + 1) for g in range(1, spec.group + 1)]
+    n_kv, group = min(options, key=lambda o: (
+        abs(attention_params(spec, *o) / full_attn - (1 - sparsity)), -o[0] * o[1], -o[0]))
+    align = align or (64 if spec.intermediate >= 4096 else 1)
+    inter = (target - attention_params(spec, n_kv, group)) / (3 * spec.hidden)
+    inter = int(round(inter / align)) * align
+    return Sizes(n_kv, group, max(align, min(spec.intermediate, inter)))
+
+
+def select_units(head_scores: torch.Tensor, neuron_scores: torch.Tensor, spec: BlockSpec, sizes: Sizes) -> Kept:
+    """Keep, in each KV group, its `sizes.group` best query heads; keep the `sizes.n_kv` groups
+    whose kept heads score highest; keep the `sizes.intermediate` best neurons.
+    Ties break towards lower indices, so the choice is deterministic."""
+    per_group = head_scores.double().view(spec.n_kv, spec.group)
+    order = torch.sort(per_group, dim=1, descending=True, stable=True).indices[:, :sizes.group]
+    value = per_group.gather(1, order).sum(1)
+    kv = torch.sort(torch.sort(value, descending=True, stable=True).indices[:sizes.n_kv]).values
+    heads = torch.sort((kv[:, None] * spec.group + order[kv]).flatten()).values
+    neurons = torch.sort(torch.sort(neuron_scores.double(), descending=True, stable=True)
+                         .indices[:sizes.intermediate]).values
+    return Kept(heads=heads, kv=kv, neurons=neurons)
+
+
+def masks(spec: BlockSpec, kept: Kept) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 masks over query heads and neurons equivalent to keeping `kept`."""
+    head_mask = torch.zeros(spec.n_heads)
+    head_mask[kept.heads] = 1
+    neuron_mask = torch.zeros(spec.intermediate)
+    neuron_mask[kept.neurons] = 1
+    return head_mask, neuron_mask

@@ -1,0 +1,46 @@
+"""Tiny random models of each family, saved as real sharded safetensors, for tests and benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TINYSTORIES = Path(__file__).resolve().parents[1] / "demo"
+
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+
+
+def tiny_config(family: str, layers: int = 2, hidden: int = 64, heads: int = 8, kv: int = 2,
+                intermediate: int = 96, vocab: int = 128, **extra):
+    kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                  head_dim=hidden // heads, max_position_embeddings=512, tie_word_embeddings=False)
+    if family == "llama":
+        kwargs["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 64}
+    if family == "mistral":
+        kwargs["sliding_window"] = 16
+    kwargs.update(extra)
+    return CONFIGS[family](**kwargs)
+
+
+def save_tiny_model(folder: Path, family: str, layers: int = 2, dtype=torch.float32, seed: int = 0,
+                    shard_size: str = "40KB", tokenizer_from: Path | None = None, **extra) -> Path:
+    """A random model of `family` written with save_pretrained (sharded); returns the folder."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers, **extra))
+    with torch.no_grad():  # random norms and biases, so slicing mistakes in them show up
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.to(dtype).save_pretrained(folder, max_shard_size=shard_size)
+    if tokenizer_from is not None:
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
+    return Path(folder)
