@@ -1,0 +1,43 @@
+"""The command line: inspect prints the plan, run prunes, errors are one line with exit 2."""
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from streamprune.cli import main
+
+DEMO = Path(__file__).resolve().parents[1] / "demo"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_inspect_prints_model_and_plan():
+    r = invoke("inspect", "--shards", DEMO / "stories260K", "--sparsity", 0.3)
+    assert r.exit_code == 0, r.output
+    assert "llama: 5 layers, hidden 64, 8 heads / 4 KV heads" in r.output
+    assert "plan at sparsity 0.3" in r.output
+    info = json.loads(invoke("inspect", "--shards", DEMO / "stories260K", "--json").output)
+    assert info["plan"]["removed_fraction"] > 0.25
+
+
+def test_run_prunes_the_demo_model(tmp_path):
+    r = invoke("run", "--shards", DEMO / "stories260K", "--out", tmp_path / "out", "--calib", DEMO / "calib.txt",
+               "--samples", 4, "--seq-len", 64, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "% removed" in r.output
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+
+
+def test_errors_are_one_line_with_nonzero_exit(tmp_path):
+    cases = [
+        ("run", "--shards", DEMO / "stories260K", "--out", tmp_path / "o", "--sparsity", 1.5),
+        ("run", "--shards", tmp_path / "nope", "--out", tmp_path / "o", "--calib", DEMO / "calib.txt"),
+        ("inspect", "--shards", tmp_path),
+    ]
+    for args in cases:
+        r = invoke(*args)
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith("error: ") and r.output.count("\n") == 1, r.output

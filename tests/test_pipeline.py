@@ -1,0 +1,142 @@
+"""End to end: run the streaming pipeline on tiny sharded models of every family and check the
+output against the input (sparsity 0), against transformers (loads, same computation), and
+against itself (resume is byte-identical)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from streamprune import pipeline
+from streamprune.calibration import bos_id, load_tokenizer, token_windows, tokenize_file
+from streamprune.config import RunConfig
+from streamprune.errors import StreamPruneError
+from tests.models import save_tiny_model
+
+DEMO = Path(__file__).resolve().parents[1] / "demo"
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def tiny(tmp_path, family="llama", layers=3, **kw):
+    return save_tiny_model(tmp_path / f"in-{family}", family, layers=layers, vocab=512,
+                           tokenizer_from=DEMO / "stories260K", **kw)
+
+
+def config(shards, out, **kw):
+    args = dict(shards=shards, out=out, sparsity=0.3, calib=DEMO / "calib.txt", samples=4, seq_len=32,
+                progress=False)
+    args.update(kw)
+    return RunConfig(**args)
+
+
+def tensors(folder):
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as s:
+            out.update({k: s.get_tensor(k) for k in s.keys()})
+    return out
+
+
+def digests(folder):
+    """sha256 of every output file; report.json without its timing section."""
+    out = {}
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file():
+            data = f.read_bytes()
+            if f.name == "report.json":
+                report = json.loads(data)
+                report.pop("timing")
+                data = json.dumps(report, sort_keys=True).encode()
+            out[f.name] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def load(folder):
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+@pytest.mark.parametrize("family,dtype", [(f, torch.float32) for f in FAMILIES] + [("llama", torch.bfloat16),
+                                                                                  ("qwen2", torch.float16)])
+def test_sparsity_zero_is_identity(tmp_path, family, dtype):
+    src = tiny(tmp_path, family, dtype=dtype)
+    pipeline.run(config(src, tmp_path / "out", sparsity=0.0))
+    before, after = tensors(src), tensors(tmp_path / "out")
+    assert before.keys() == after.keys()
+    assert all(before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(load(src)(ids).logits, load(tmp_path / "out")(ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, family):
+    """The last cached activations (pruned blocks run in our engine) equal the pruned model
+    run by stock transformers on the same calibration windows."""
+    src, out = tiny(tmp_path, family), tmp_path / "out"
+    cfg = config(src, out, sparsity=0.5, keep_cache=True)
+    report = pipeline.run(cfg)
+    assert 0.45 < report["block_params"]["removed_fraction"] < 0.55
+    model = load(out)
+    saved = json.loads((out / "config.json").read_text())
+    assert model.config.num_attention_heads == saved["num_attention_heads"] == report["plan"]["heads"]
+    tok = load_tokenizer(out)
+    windows = token_windows(tokenize_file(tok, cfg.calib), cfg.samples, cfg.seq_len, bos_id(tok))
+    with torch.no_grad():
+        hidden = model.model(windows, output_hidden_states=True).hidden_states
+    # hidden_states[-1] has the final norm applied; recompute the pre-norm residual from the layers
+    cache = pipeline.ActivationCache(out / ".streamprune" / "cache", cfg.samples, cfg.seq_len, model.config.hidden_size)
+    streamed = cache.batch(model.config.num_hidden_layers, 0, cfg.samples)
+    assert (model.model.norm(streamed) - hidden[-1]).abs().max() <= 1e-4
+
+
+def test_llama_with_indivisible_head_count_is_written_as_mistral(tmp_path):
+    src = tiny(tmp_path, "llama", heads=8, kv=4)  # at 25% keeps 3 KV groups x 2 = 6 heads; 64 % 6 != 0
+    pipeline.run(config(src, tmp_path / "out", sparsity=0.25))
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["num_attention_heads"] == 6 and saved["model_type"] == "mistral"
+    assert saved["sliding_window"] is None
+    load(tmp_path / "out")
+
+
+def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch):
+    src = tiny(tmp_path, "qwen3", layers=4)
+    pipeline.run(config(src, tmp_path / "whole"))
+    real_prune = pipeline.BlockRunner.prune
+
+    def interrupted(self, layer):
+        if layer == 2:
+            raise KeyboardInterrupt
+        return real_prune(self, layer)
+
+    monkeypatch.setattr(pipeline.BlockRunner, "prune", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(config(src, tmp_path / "resumed"))
+    assert not (tmp_path / "resumed" / "model.safetensors.index.json").exists()
+    monkeypatch.setattr(pipeline.BlockRunner, "prune", real_prune)
+    pipeline.run(config(src, tmp_path / "resumed"))
+    assert digests(tmp_path / "whole") == digests(tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / ".streamprune" / "cache").exists()
+
+
+def test_rerun_with_other_arguments_refuses_and_restart_starts_over(tmp_path):
+    src, out = tiny(tmp_path), tmp_path / "out"
+    pipeline.run(config(src, out))
+    pipeline.run(config(src, out))  # same arguments: already complete, nothing to do
+    with pytest.raises(StreamPruneError, match="different arguments.*sparsity"):
+        pipeline.run(config(src, out, sparsity=0.5))
+    report = pipeline.run(config(src, out, sparsity=0.5, restart=True))
+    assert report["arguments"]["sparsity"] == 0.5
+
+
+def test_refuses_foreign_non_empty_output_folder(tmp_path):
+    src, out = tiny(tmp_path), tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(StreamPruneError, match="not a streamprune output"):
+        pipeline.run(config(src, out))

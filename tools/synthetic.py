@@ -1,0 +1,54 @@
+"""Random Llama-family models of any depth for benchmarks, written one block at a time (so a
+64-layer model never needs to fit in memory), with the demo's tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from streamprune.families import EMBED, FINAL_NORM, LM_HEAD, model_spec
+from streamprune.shards import OutTensor, read_header, shard_name, write_safetensors
+
+DEMO = Path(__file__).resolve().parents[1] / "demo"
+
+
+def synthetic_config(layers: int, hidden: int, heads: int, kv: int, intermediate: int,
+                     vocab: int = 512, family: str = "llama", dtype: str = "bfloat16") -> dict:
+    return {
+        "architectures": [f"{family.capitalize()}ForCausalLM"], "model_type": family,
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hidden // heads,
+        "vocab_size": vocab, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "hidden_act": "silu",
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "dtype": dtype,
+    }
+
+
+def write_random_model(folder: Path, config: dict, seed: int = 0) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = model_spec(config)
+    dtype = getattr(torch, config["dtype"])
+    g = torch.Generator().manual_seed(seed)
+    n = spec.n_layers + 1
+
+    def rand(shape):
+        scale = 1.0 if len(shape) == 1 else shape[-1] ** -0.5
+        t = torch.randn(shape, generator=g) * scale
+        return (t + 1 if len(shape) == 1 else t).to(dtype)  # norms near 1
+
+    for layer in range(spec.n_layers):
+        write_safetensors(folder / shard_name(layer + 1, n), [
+            OutTensor.of(spec.layer_tensor(layer, s), rand(shape)) for s, shape in spec.blocks[layer].shapes().items()])
+    write_safetensors(folder / shard_name(n, n), [
+        OutTensor.of(name, rand(shape)) for name, shape in spec.expected_shapes().items()
+        if name in (EMBED, FINAL_NORM, LM_HEAD)])
+    weight_map = {name: shard_name(k, n) for k in range(1, n + 1) for name in read_header(folder / shard_name(k, n))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO / "stories260K" / f, folder / f)
+    return folder
