@@ -8,6 +8,7 @@ import logging
 import resource
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from .fsutil import atomic_write, atomic_write_json
 from .journal import WORKDIR, Journal
 from .scoring import Calibration, make_scorer
 from .selection import Sizes, plan_sizes, select_units
-from .shards import DTYPES, OutTensor, ShardIndex, read_header, shard_name, write_safetensors
+from .shards import OutTensor, ShardIndex, read_header, shard_name, write_safetensors
 from .slicing import slice_block
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,9 @@ def write_block_inputs(cfg: RunConfig, model: Model, cache: ActivationCache, bat
 
 
 class BlockRunner:
-    """Prunes one block at a time; holds only what every block shares."""
+    """Prunes one block at a time; holds only what every block shares. Reading block i+1 from the
+    shards (prefetch) and writing block i's shard run on background threads while block i is
+    scored; a block is journaled only once its shard is durable."""
 
     def __init__(self, cfg: RunConfig, model: Model, sizes: Sizes, cache: ActivationCache, batch: int):
         self.cfg, self.model, self.sizes, self.cache, self.batch = cfg, model, sizes, cache, batch
@@ -110,29 +113,44 @@ class BlockRunner:
         self.scorer = make_scorer(cfg.method)
         self.n_shards = model.spec.n_layers + 1
         self.cos, self.sin = rotary_tables(model.spec.config, cfg.seq_len, self.device)
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamprune-read")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="streamprune-write")
+
+    def close(self) -> None:
+        self.reader.shutdown(wait=True, cancel_futures=True)
+        self.writer.shutdown(wait=True)
+
+    def prefetch(self, layer: int) -> Future:
+        """Start reading block `layer` (stored dtype, host memory; pinned for a CUDA device)."""
+        def read():
+            t0 = time.time()
+            W = self.model.index.load(self.model.spec.block_tensors(layer))
+            if self.device.type == "cuda":
+                W = {k: t.pin_memory() for k, t in W.items()}
+            return W, time.time() - t0
+        return self.reader.submit(read)
 
     def batches(self, layer: int, dtype: torch.dtype):
         for start in range(0, self.cfg.samples, self.batch):
             stop = min(start + self.batch, self.cfg.samples)
             yield start, self.cache.batch(layer, start, stop, self.device, dtype)
 
-    def prune(self, layer: int) -> dict:
+    def prune(self, layer: int, stored: dict[str, torch.Tensor]) -> tuple[dict, Future]:
+        """Score, slice and pass on block `layer`; returns its record and the future of its shard write."""
         t0 = time.time()
         spec, names = self.model.spec.blocks[layer], self.model.spec.block_tensors(layer)
-        stored = {short: self.model.index.tensors[n].dtype for short, n in names.items()}
-        dtype = compute_dtype(self.device, self.model.index.load({"x": names["q"]})["x"].dtype)
-        W = self.model.index.load(names, self.device, dtype)
-
+        dtype = compute_dtype(self.device, stored["q"].dtype)
+        W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + layer)
         calib = Calibration(lambda: (x for _, x in self.batches(layer, dtype)), self.cos, self.sin, generator)
         with torch.no_grad():
             scores = self.scorer.score(W, spec, calib)
             kept = select_units(scores.heads, scores.neurons, spec, self.sizes)
             W_new, spec_new = slice_block(W, spec, kept)
+            t_score = time.time()
+            out = [OutTensor.of(names[s], t.to("cpu", stored[s].dtype)) for s, t in W_new.items()]
+            write = self.writer.submit(write_safetensors, self.model_path(layer + 1), out)
             rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype)
-
-        write_safetensors(self.model_path(layer + 1), [
-            OutTensor.of(names[s], t.to(DTYPES[stored[s]])) for s, t in W_new.items()])
         return {
             "layer": layer,
             "heads": [spec.n_heads, spec_new.n_heads], "kv_heads": [spec.n_kv, spec_new.n_kv],
@@ -140,8 +158,8 @@ class BlockRunner:
             "params": [spec.n_params(), spec_new.n_params()],
             "kept_heads": kept.heads.tolist(), "kept_kv_heads": kept.kv.tolist(),
             "relative_error": rel_error,
-            "seconds": round(time.time() - t0, 3),
-        }
+            "timing": {"score_seconds": round(t_score - t0, 3), "forward_seconds": round(time.time() - t_score, 3)},
+        }, write
 
     def pass_outputs(self, layer, W, spec, W_new, spec_new, dtype) -> float:
         """Run the pruned block on the calibration inputs; its outputs are the next block's
@@ -160,6 +178,39 @@ class BlockRunner:
 
     def model_path(self, k: int) -> Path:
         return self.cfg.out / shard_name(k, self.n_shards)
+
+    def run_blocks(self, journal: Journal, start: int) -> None:
+        """Blocks start..L-1 with prefetch and asynchronous writes. Block i is journaled (and its
+        inputs dropped) after its shard is written, while block i+1 is already being scored."""
+        L = self.model.spec.n_layers
+        bar = tqdm(total=L, initial=start, unit="block", desc="pruning", disable=not self.cfg.progress,
+                   dynamic_ncols=True)
+        next_read, pending = self.prefetch(start), None
+        try:
+            for layer in range(start, L):
+                t0 = time.time()
+                W, read_seconds = next_read.result()
+                wait = time.time() - t0
+                next_read = self.prefetch(layer + 1) if layer + 1 < L else None
+                record, write = self.prune(layer, W)
+                del W
+                record["timing"].update(read_seconds=round(read_seconds, 3), read_wait_seconds=round(wait, 3))
+                if pending is not None:
+                    self.finish(journal, *pending)
+                pending = (layer, record, write, time.time())
+                bar.update(1)
+            if pending is not None:
+                self.finish(journal, *pending)
+        finally:
+            bar.close()
+
+    def finish(self, journal: Journal, layer: int, record: dict, write: Future, t_done: float) -> None:
+        t0 = time.time()
+        write.result()
+        record["timing"]["write_wait_seconds"] = round(time.time() - t0, 3)
+        record["timing"]["seconds"] = round(sum(v for k, v in record["timing"].items() if k != "read_seconds"), 3)
+        journal.finish_block(layer, record)
+        self.cache.drop(layer)
 
 
 def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: dict) -> None:
@@ -192,10 +243,10 @@ def build_report(cfg: RunConfig, model: Model, sizes: Sizes, journal: Journal, o
         "model": {"model_type": model.spec.model_type, "layers": model.spec.n_layers,
                   "output_model_type": out_config["model_type"]},
         "plan": {"heads": sizes.n_heads, "kv_heads": sizes.n_kv, "neurons": sizes.intermediate},
-        "blocks": [{k: v for k, v in b.items() if k != "seconds"} for b in blocks],
+        "blocks": [{k: v for k, v in b.items() if k != "timing"} for b in blocks],
         "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
         "timing": {"seconds": round(seconds, 3), "peak_rss_bytes": peak_rss_bytes(), "micro_batch": batch,
-                   "block_seconds": [b["seconds"] for b in blocks]},
+                   "blocks": [b["timing"] for b in blocks]},
     }
 
 
@@ -225,13 +276,12 @@ def run(cfg: RunConfig) -> dict:
             raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}); "
                                    "re-run with --restart")
         write_block_inputs(cfg, model, cache, batch)
-    runner = BlockRunner(cfg, model, sizes, cache, batch)
-    bar = tqdm(total=L, initial=start, unit="block", desc="pruning", disable=not cfg.progress, dynamic_ncols=True)
-    for layer in range(start, L):
-        journal.finish_block(layer, runner.prune(layer))
-        cache.drop(layer)
-        bar.update(1)
-    bar.close()
+    if start < L:
+        runner = BlockRunner(cfg, model, sizes, cache, batch)
+        try:
+            runner.run_blocks(journal, start)
+        finally:
+            runner.close()
     report = build_report(cfg, model, sizes, journal, out_config, time.time() - t0, batch)
     write_model_files(cfg, model, out_config, report)
     journal.finish()

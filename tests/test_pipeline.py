@@ -109,10 +109,10 @@ def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch):
     pipeline.run(config(src, tmp_path / "whole"))
     real_prune = pipeline.BlockRunner.prune
 
-    def interrupted(self, layer):
+    def interrupted(self, layer, W):
         if layer == 2:
             raise KeyboardInterrupt
-        return real_prune(self, layer)
+        return real_prune(self, layer, W)
 
     monkeypatch.setattr(pipeline.BlockRunner, "prune", interrupted)
     with pytest.raises(KeyboardInterrupt):
