@@ -61,9 +61,12 @@ def main(debug: bool):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--method", default="magnitude", show_default=True, help="Scoring method.")
 @click.option("--batch-size", default=0, help="Calibration windows per micro-batch (0: from memory).")
+@click.option("--max-memory", help="Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; default: what is free).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Activation cache folder (default: inside --out).")
 @click.option("--keep-cache", is_flag=True, help="Keep the activation cache after a finished run.")
 @click.option("--restart", is_flag=True, help="Discard any previous run in --out and start over.")
+@click.option("--no-overlap", "overlap", flag_value=False, default=True,
+              help="Read and write blocks synchronously (no prefetch; for benchmarks).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(quiet: bool, **kwargs):
     """Prune a model; re-running the same command resumes an interrupted run."""
@@ -71,6 +74,9 @@ def run(quiet: bool, **kwargs):
     from .scoring import SCORERS
     if kwargs["method"] not in SCORERS:
         raise StreamPruneError(f"unknown --method {kwargs['method']!r}; choose from {', '.join(SCORERS)}")
+    from .plan import parse_bytes
+    if kwargs["max_memory"] is not None:
+        kwargs["max_memory"] = parse_bytes(kwargs["max_memory"])
     report = run_pipeline(RunConfig(progress=not quiet, **kwargs))
     p = report["block_params"]
     click.echo(f"{kwargs['out']}: block params {p['before']:,} -> {p['after']:,} "
@@ -99,6 +105,43 @@ def inspect(shards: Path, sparsity: float, as_json: bool):
                f"{info['kv_heads']} -> {pl['kv_heads']}, neurons {info['neurons']} -> {pl['neurons']} per block; "
                f"block params {info['block_params']:,} -> {pl['block_params']:,} "
                f"({100 * pl['removed_fraction']:.1f}% removed); output model_type {pl['output_model_type']}")
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+@main.command("plan")
+@click.option("--shards", required=True, type=click.Path(path_type=Path), help="Hugging Face model folder.")
+@click.option("--sparsity", default=0.3, show_default=True)
+@click.option("--samples", default=128, show_default=True)
+@click.option("--seq-len", default=2048, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--method", default="magnitude", show_default=True)
+@click.option("--batch-size", default=0, help="Micro-batch (0: the largest that fits).")
+@click.option("--max-memory", help="Memory the run may use, e.g. 24GiB (default: what is free).")
+@click.option("--no-timing", is_flag=True, help="Skip the short speed calibration (no time estimate).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan_command(shards, sparsity, samples, seq_len, device, method, batch_size, max_memory, no_timing, as_json):
+    """Predict disk, memory, micro-batch and time of a run, from headers only."""
+    from .plan import describe_plan
+    cfg = RunConfig(shards=shards, out=shards, sparsity=sparsity, samples=samples, seq_len=seq_len,
+                    device=device, method=method, batch_size=batch_size)
+    info = describe_plan(cfg, max_memory, timing=not no_timing)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"block weights: {gib(info['block_stored_bytes'])} stored, {gib(info['block_compute_bytes'])} "
+               f"in the compute dtype on {info['device']}")
+    click.echo(f"disk: activation cache {gib(info['cache_bytes'])}, output {gib(info['output_bytes'])}")
+    click.echo(f"memory: peak host {gib(info['peak_host_bytes'])}"
+               + (f", peak GPU {gib(info['peak_device_bytes'])}" if info["peak_device_bytes"] else "")
+               + f" with micro-batch {info['micro_batch']} (limit {gib(info['max_memory_bytes'])})")
+    if info.get("estimated_seconds") is not None:
+        t = info["estimated_seconds"]
+        click.echo(f"time: about {t:.0f} s" if t < 120 else f"time: about {t / 60:.0f} min")
+    if not info["fits"]:
+        raise StreamPruneError("this run does not fit in memory; lower --seq-len or --batch-size")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ class RunConfig:
     seed: int = 0
     method: str = "magnitude"
     batch_size: int = 0  # calibration samples per micro-batch; 0 = pick from memory
+    max_memory: int | None = None  # bytes the run may use (host on CPU, GPU on CUDA); None = what is free
     cache_dir: Path | None = None
     keep_cache: bool = False
     restart: bool = False
     progress: bool = True
+    overlap: bool = True  # prefetch the next block and write shards in the background
 
     def __post_init__(self):
         if not 0 <= self.sparsity < 1:
@@ -36,7 +38,7 @@ class RunConfig:
             raise StreamPruneError("--batch-size must be >= 0")
 
     # Fields that do not change the output bytes, so a resumed run may differ in them.
-    NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "restart", "progress", "batch_size")
+    NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "restart", "progress", "batch_size", "max_memory", "overlap")
 
     def fingerprint(self) -> dict:
         """What must match for a re-run to resume into the same output folder."""

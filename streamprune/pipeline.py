@@ -23,7 +23,8 @@ from .errors import StreamPruneError
 from .families import EMBED, ModelSpec, model_spec, pruned_config, read_config, rotary_tables
 from .fsutil import atomic_write, atomic_write_json
 from .journal import WORKDIR, Journal
-from .scoring import Calibration, make_scorer
+from .plan import Plan, make_plan
+from .scoring import SCORERS, Calibration, make_scorer
 from .selection import Sizes, plan_sizes, select_units
 from .shards import OutTensor, ShardIndex, read_header, shard_name, write_safetensors
 from .slicing import slice_block
@@ -31,7 +32,6 @@ from .slicing import slice_block
 log = logging.getLogger(__name__)
 
 MODEL_FILES = ("config.json", "model.safetensors.index.json", "report.json")
-WORKING_SET_BYTES = 256 * 2**20  # activations of one micro-batch, roughly
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,17 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def micro_batch(cfg: RunConfig, spec: ModelSpec) -> int:
-    if cfg.batch_size:
-        return min(cfg.batch_size, cfg.samples)
-    b = spec.blocks[0]
-    per_sample = cfg.seq_len * 4 * (8 * b.hidden + 3 * b.intermediate + b.n_heads * cfg.seq_len)
-    return max(1, min(cfg.samples, WORKING_SET_BYTES // per_sample))
+def memory_plan(cfg: RunConfig, model: Model, sizes: Sizes) -> Plan:
+    """The micro-batch that fits in --max-memory (or what is free); refuses when none does."""
+    p = make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity, cfg.max_memory,
+                  cfg.batch_size, getattr(SCORERS[cfg.method], "masks_per_pass", 1))
+    if not p.fits:
+        need = p.peak_device_bytes or p.peak_host_bytes
+        raise StreamPruneError(
+            f"this run needs about {need / 2**30:.1f} GiB of {'GPU' if p.peak_device_bytes else 'host'} memory "
+            f"with micro-batch {p.micro_batch}, {p.max_memory_bytes / 2**30:.1f} GiB available; "
+            "lower --seq-len or --batch-size, or raise --max-memory")
+    return p
 
 
 def check_device(device: str) -> torch.device:
@@ -185,15 +190,17 @@ class BlockRunner:
         L = self.model.spec.n_layers
         bar = tqdm(total=L, initial=start, unit="block", desc="pruning", disable=not self.cfg.progress,
                    dynamic_ncols=True)
-        next_read, pending = self.prefetch(start), None
+        next_read, pending = None, None
         try:
             for layer in range(start, L):
                 t0 = time.time()
-                W, read_seconds = next_read.result()
+                W, read_seconds = (next_read or self.prefetch(layer)).result()
                 wait = time.time() - t0
-                next_read = self.prefetch(layer + 1) if layer + 1 < L else None
+                next_read = self.prefetch(layer + 1) if layer + 1 < L and self.cfg.overlap else None
                 record, write = self.prune(layer, W)
                 del W
+                if not self.cfg.overlap:
+                    write.result()
                 record["timing"].update(read_seconds=round(read_seconds, 3), read_wait_seconds=round(wait, 3))
                 if pending is not None:
                     self.finish(journal, *pending)
@@ -245,7 +252,7 @@ def build_report(cfg: RunConfig, model: Model, sizes: Sizes, journal: Journal, o
         "plan": {"heads": sizes.n_heads, "kv_heads": sizes.n_kv, "neurons": sizes.intermediate},
         "blocks": [{k: v for k, v in b.items() if k != "timing"} for b in blocks],
         "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
-        "timing": {"seconds": round(seconds, 3), "peak_rss_bytes": peak_rss_bytes(), "micro_batch": batch,
+        "timing": {"seconds": round(seconds, 3), "blocks_seconds": journal.state.get("blocks_seconds"), "peak_rss_bytes": peak_rss_bytes(), "micro_batch": batch,
                    "blocks": [b["timing"] for b in blocks]},
     }
 
@@ -264,7 +271,9 @@ def run(cfg: RunConfig) -> dict:
     if cfg.restart:
         clear_output(cfg.out)
     journal = Journal.open(cfg.out, cfg.fingerprint(), cfg.restart)
-    batch = micro_batch(cfg, model.spec)
+    # a resumed run keeps its micro-batch: float sums depend on it, and resume must be byte-identical
+    batch = journal.state.setdefault("micro_batch", memory_plan(cfg, model, sizes).micro_batch)
+    journal.save()
     cache = ActivationCache(cfg.cache_dir or cfg.out / WORKDIR / "cache", cfg.samples, cfg.seq_len, model.spec.hidden)
     if journal.complete and (cfg.out / "model.safetensors.index.json").is_file():
         log.info("%s is already complete", cfg.out)
@@ -279,7 +288,9 @@ def run(cfg: RunConfig) -> dict:
     if start < L:
         runner = BlockRunner(cfg, model, sizes, cache, batch)
         try:
+            t_blocks = time.time()
             runner.run_blocks(journal, start)
+            journal.state["blocks_seconds"] = round(time.time() - t_blocks, 3)
         finally:
             runner.close()
     report = build_report(cfg, model, sizes, journal, out_config, time.time() - t0, batch)
