@@ -130,8 +130,8 @@ class BlockRunner:
         def read():
             t0 = time.time()
             W = self.model.index.load(self.model.spec.block_tensors(layer))
-            if self.device.type == "cuda":
-                W = {k: t.pin_memory() for k, t in W.items()}
+            # copy out of the memory map now, so the disk reads happen on this thread
+            W = {k: t.pin_memory() if self.device.type == "cuda" else t.clone() for k, t in W.items()}
             return W, time.time() - t0
         return self.reader.submit(read)
 
@@ -252,7 +252,9 @@ def build_report(cfg: RunConfig, model: Model, sizes: Sizes, journal: Journal, o
         "plan": {"heads": sizes.n_heads, "kv_heads": sizes.n_kv, "neurons": sizes.intermediate},
         "blocks": [{k: v for k, v in b.items() if k != "timing"} for b in blocks],
         "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
-        "timing": {"seconds": round(seconds, 3), "blocks_seconds": journal.state.get("blocks_seconds"), "peak_rss_bytes": peak_rss_bytes(), "micro_batch": batch,
+        "timing": {"seconds": round(seconds, 3), "blocks_seconds": journal.state.get("blocks_seconds"),
+                   "peak_rss_bytes": peak_rss_bytes(), "micro_batch": batch,
+                   "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
                    "blocks": [b["timing"] for b in blocks]},
     }
 

@@ -10,27 +10,20 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.synthetic import DEMO, synthetic_config, write_random_model  # noqa: E402
+from tools.synthetic import run_streamprune, synthetic_config, write_random_model  # noqa: E402
 
 
 def prune(model: Path, out: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "streamprune", "run", "--shards", str(model), "--out", str(out),
-           "--calib", str(DEMO / "calib.txt"), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-           "--sparsity", str(args.sparsity), "--method", args.method, "--quiet", "--restart"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    t0 = time.time()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    report = json.loads((out / "report.json").read_text())
-    return {"seconds": round(time.time() - t0, 2), "peak_rss_mib": round(report["timing"]["peak_rss_bytes"] / 2**20, 1)}
+    report, seconds = run_streamprune(model, out, "--samples", args.samples, "--seq-len", args.seq_len,
+                                      "--sparsity", args.sparsity, "--method", args.method)
+    return {"seconds": round(seconds, 2), "peak_rss_mib": round(report["timing"]["peak_rss_bytes"] / 2**20, 1)}
 
 
 def main():

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -12,7 +16,8 @@ import torch
 from streamprune.families import EMBED, FINAL_NORM, LM_HEAD, model_spec
 from streamprune.shards import OutTensor, read_header, shard_name, write_safetensors
 
-DEMO = Path(__file__).resolve().parents[1] / "demo"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demo"
 
 
 def synthetic_config(layers: int, hidden: int, heads: int, kv: int, intermediate: int,
@@ -52,3 +57,12 @@ def write_random_model(folder: Path, config: dict, seed: int = 0) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(DEMO / "stories260K" / f, folder / f)
     return folder
+
+
+def run_streamprune(model: Path, out: Path, *args: str) -> tuple[dict, float]:
+    """`streamprune run` in a fresh process (so peak RSS is its own); returns report.json and wall seconds."""
+    cmd = [sys.executable, "-m", "streamprune", "run", "--shards", str(model), "--out", str(out),
+           "--calib", str(DEMO / "calib.txt"), "--quiet", "--restart", *map(str, args)]
+    t0 = time.time()
+    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
+    return json.loads((Path(out) / "report.json").read_text()), time.time() - t0

@@ -1,0 +1,62 @@
+"""Overhead ratio: total wall time / (time to read every block's shards once + time of the
+scoring and output forwards alone), measured in the same run, with and without overlap
+(prefetch of the next block, background shard writes). Target <= 1.3 with overlap.
+
+    python tools/overhead_bench.py --layers 16 --json bench-overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.synthetic import run_streamprune, synthetic_config, write_random_model  # noqa: E402
+
+
+def measure(model: Path, out: Path, args, overlap: bool) -> dict:
+    extra = [] if overlap else ["--no-overlap"]
+    report, wall = run_streamprune(model, out, "--samples", args.samples, "--seq-len", args.seq_len,
+                                   "--method", args.method, *extra)
+    blocks = report["timing"]["blocks"]
+    read = sum(b["read_seconds"] for b in blocks)
+    compute = sum(b["score_seconds"] + b["forward_seconds"] for b in blocks)
+    total = report["timing"]["seconds"]
+    return {"overlap": overlap, "total_seconds": round(total, 2), "blocks_seconds": report["timing"]["blocks_seconds"],
+            "read_seconds": round(read, 2), "compute_seconds": round(compute, 2),
+            "ratio": round(total / (read + compute), 3),
+            "ratio_block_phase": round(report["timing"]["blocks_seconds"] / (read + compute), 3)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--method", default="magnitude")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_random_model(Path(tmp) / "model", synthetic_config(
+            args.layers, args.hidden, args.heads, args.kv, args.intermediate))
+        runs = [measure(model, Path(tmp) / "out", args, overlap) for overlap in (True, False)]
+    result = {"benchmark": "overhead ratio", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "model": vars(args) | {"json": None}, "runs": runs}
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
