@@ -67,6 +67,9 @@ def main(debug: bool):
 @click.option("--restart", is_flag=True, help="Discard any previous run in --out and start over.")
 @click.option("--no-overlap", "overlap", flag_value=False, default=True,
               help="Read and write blocks synchronously (no prefetch; for benchmarks).")
+@click.option("--eval", "eval", type=click.Path(path_type=Path),
+              help="Held-out text: measure perplexity before and after (streaming), into report.json.")
+@click.option("--eval-seq-len", default=0, help="Tokens per evaluation window (0: --seq-len, at most max positions).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(quiet: bool, **kwargs):
     """Prune a model; re-running the same command resumes an interrupted run."""
@@ -82,6 +85,9 @@ def run(quiet: bool, **kwargs):
     click.echo(f"{kwargs['out']}: block params {p['before']:,} -> {p['after']:,} "
                f"({100 * p['removed_fraction']:.1f}% removed) in {report['timing']['seconds']:.1f}s, "
                f"peak RSS {report['timing']['peak_rss_bytes'] / 2**20:.0f} MiB")
+    if "eval" in report:
+        e = report["eval"]
+        click.echo(f"perplexity on {e['text']} (windows of {e['seq_len']}): {e['ppl_before']:.3f} -> {e['ppl_after']:.3f}")
 
 
 @main.command()
@@ -142,6 +148,30 @@ def plan_command(shards, sparsity, samples, seq_len, device, method, batch_size,
         click.echo(f"time: about {t:.0f} s" if t < 120 else f"time: about {t / 60:.0f} min")
     if not info["fits"]:
         raise StreamPruneError("this run does not fit in memory; lower --seq-len or --batch-size")
+
+
+@main.command("eval")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="Hugging Face model folder (input or pruned).")
+@click.option("--text", required=True, type=click.Path(path_type=Path), help="Held-out text file.")
+@click.option("--seq-len", default=0, help="Tokens per window (0: 2048, at most max_position_embeddings).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--batch-size", default=0, help="Windows per micro-batch (0: automatic).")
+@click.option("--max-windows", default=0, help="Use only the first N windows (0: the whole text).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Where the activation cache goes (default: temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_command(model, text, seq_len, device, batch_size, max_windows, cache_dir, as_json, quiet):
+    """Perplexity on held-out text, streaming one block at a time."""
+    from .evaluate import perplexity
+    if seq_len < 0 or batch_size < 0 or max_windows < 0:
+        raise StreamPruneError("--seq-len, --batch-size and --max-windows must be >= 0")
+    r = perplexity(model, text, seq_len or None, device, batch_size, max_windows or None, cache_dir,
+                   progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(dict(r.as_dict(), model=str(model)), indent=2))
+        return
+    click.echo(f"{model}: perplexity {r.ppl:.4f} on {text} ({r.windows} windows of {r.seq_len} tokens, "
+               f"{r.tokens:,} predicted; {r.seconds:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -28,17 +28,22 @@ class RunConfig:
     restart: bool = False
     progress: bool = True
     overlap: bool = True  # prefetch the next block and write shards in the background
+    eval: Path | None = None  # held-out text: perplexity before and after, in report.json
+    eval_seq_len: int = 0  # 0 = --seq-len, capped at max_position_embeddings
 
     def __post_init__(self):
         if not 0 <= self.sparsity < 1:
             raise StreamPruneError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.samples < 1 or self.seq_len < 2:
             raise StreamPruneError("--samples must be >= 1 and --seq-len >= 2")
+        if self.eval_seq_len and self.eval_seq_len < 2:
+            raise StreamPruneError("--eval-seq-len must be >= 2")
         if self.batch_size < 0:
             raise StreamPruneError("--batch-size must be >= 0")
 
     # Fields that do not change the output bytes, so a resumed run may differ in them.
-    NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "restart", "progress", "batch_size", "max_memory", "overlap")
+    NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "restart", "progress", "batch_size", "max_memory", "overlap",
+                         "eval", "eval_seq_len")
 
     def fingerprint(self) -> dict:
         """What must match for a re-run to resume into the same output folder."""

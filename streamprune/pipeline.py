@@ -20,6 +20,7 @@ from .cache import ActivationCache
 from .calibration import bos_id, gather_embeddings, load_tokenizer, token_windows, tokenize_file
 from .config import RunConfig
 from .errors import StreamPruneError
+from .evaluate import attach_eval, journaled_eval
 from .families import EMBED, ModelSpec, model_spec, pruned_config, read_config, rotary_tables
 from .fsutil import atomic_write, atomic_write_json
 from .journal import WORKDIR, Journal
@@ -279,7 +280,9 @@ def run(cfg: RunConfig) -> dict:
     cache = ActivationCache(cfg.cache_dir or cfg.out / WORKDIR / "cache", cfg.samples, cfg.seq_len, model.spec.hidden)
     if journal.complete and (cfg.out / "model.safetensors.index.json").is_file():
         log.info("%s is already complete", cfg.out)
-        return build_report(cfg, model, sizes, journal, out_config, time.time() - t0, batch)
+        return attach_eval(cfg, journal, build_report(cfg, model, sizes, journal, out_config, time.time() - t0, batch))
+    if cfg.eval is not None:  # the input's perplexity, once (journaled), before any pruning
+        journaled_eval(cfg, journal, "before", model.folder)
 
     L, start = model.spec.n_layers, journal.next_block
     if start < L and not cache.has(start):
@@ -297,6 +300,7 @@ def run(cfg: RunConfig) -> dict:
             runner.close()
     report = build_report(cfg, model, sizes, journal, out_config, time.time() - t0, batch)
     write_model_files(cfg, model, out_config, report)
+    report = attach_eval(cfg, journal, report)
     journal.finish()
     if not cfg.keep_cache:
         cache.remove()

@@ -1,0 +1,244 @@
+"""Streaming perplexity with the pruning engine: one block in memory at a time, activations through
+the on-disk cache, the final norm and lm_head applied in vocabulary chunks with a running
+log-sum-exp, so the (tokens x vocab) logits never exist at once.
+
+Convention (the one in shared/models/README.md): the whole text is tokenized as one stream, as the
+tokenizer does by default (a Llama tokenizer puts one BOS at the very start, Qwen's none), cut into
+non-overlapping windows of seq_len tokens (the tail shorter than a window is dropped), and every
+window predicts its seq_len - 1 next tokens. Perplexity = exp(mean negative log-likelihood)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .block import block_forward, rms_norm
+from .cache import ActivationCache
+from .calibration import gather_embeddings, load_tokenizer
+from .errors import StreamPruneError
+from .families import EMBED, FINAL_NORM, LM_HEAD, read_config, rotary_tables
+from .fsutil import atomic_write_json
+from .plan import activation_bytes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEQ_LEN = 2048
+WORKING_BYTES = 256 * 2**20  # activations of one micro-batch, and logits of one vocab chunk
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    text: str
+    text_sha256: str
+    seq_len: int
+    windows: int
+    tokens: int  # predicted tokens: windows * (seq_len - 1)
+    nll: float  # mean negative log-likelihood, nats per token
+    ppl: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_seq_len(config: dict, requested: int | None) -> int:
+    """The requested window, or 2048 capped at max_position_embeddings; never past it."""
+    max_pos = config.get("max_position_embeddings") or DEFAULT_SEQ_LEN
+    if not requested:
+        return min(DEFAULT_SEQ_LEN, max_pos)
+    if requested > max_pos:
+        raise StreamPruneError(f"--seq-len {requested} exceeds max_position_embeddings {max_pos}")
+    if requested < 2:
+        raise StreamPruneError("--seq-len must be >= 2")
+    return requested
+
+
+def tokenize_stream(tokenizer, path: Path) -> list[int]:
+    """The whole file as one token stream, with the tokenizer's default special tokens."""
+    path = Path(path)
+    if not path.is_file():
+        raise StreamPruneError(f"text file not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise StreamPruneError(f"text file is empty: {path}")
+    return tokenizer(text, verbose=False).input_ids
+
+
+def eval_windows(ids: list[int], seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows from the start of the stream: (n, seq_len) int64."""
+    n = len(ids) // seq_len
+    if max_windows:
+        n = min(n, max_windows)
+    if n == 0:
+        raise StreamPruneError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return torch.tensor(ids[:n * seq_len], dtype=torch.int64).view(n, seq_len)
+
+
+def micro_batch(spec, seq_len: int, windows: int, requested: int = 0) -> int:
+    if requested:
+        return min(requested, windows)
+    batch = 1
+    while batch < windows and activation_bytes(spec.blocks[0], seq_len, batch + 1) <= WORKING_BYTES:
+        batch += 1
+    return batch
+
+
+def vocab_chunk(vocab: int, hidden: int, tokens_per_batch: int) -> int:
+    """Rows of lm_head per chunk: the chunk (fp32) and one micro-batch of its logits each fit
+    in WORKING_BYTES."""
+    return max(1, min(vocab, WORKING_BYTES // (4 * max(hidden, tokens_per_batch))))
+
+
+# ---- the math: pure functions over tensors ----
+
+def nll_state(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp over the vocabulary seen so far, logit of the target) per token, fp64."""
+    return (torch.full(shape, -math.inf, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64))
+
+
+def update_nll(state, logits: torch.Tensor, targets: torch.Tensor, lo: int):
+    """Fold one vocab chunk [lo, lo + c) into the state. logits: (..., c); targets: (...) ids."""
+    lse, target_logit = state
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32
+    lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1).double().cpu())
+    local = (targets - lo).to(logits.device)
+    inside = (local >= 0) & (local < logits.shape[-1])
+    picked = logits.gather(-1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    target_logit = torch.where(inside.cpu(), picked.double().cpu(), target_logit)
+    return lse, target_logit
+
+
+def nll_sum(state) -> float:
+    lse, target_logit = state
+    return (lse - target_logit).sum().item()
+
+
+# ---- the I/O shell ----
+
+def run_blocks(model, cache: ActivationCache, windows: int, batch: int, device, cos, sin, progress) -> None:
+    """Pass the cached inputs through every block: inputs-i -> inputs-(i+1), one block loaded at a time."""
+    from .pipeline import compute_dtype
+    spec = model.spec
+    for layer in range(spec.n_layers):
+        names = spec.block_tensors(layer)
+        dtype = compute_dtype(device, model.index.load({"q": names["q"]})["q"].dtype)
+        W = model.index.load(names, device, dtype)
+        writer = cache.writer(layer + 1)
+        with torch.no_grad():
+            for start in range(0, windows, batch):
+                x = cache.batch(layer, start, min(start + batch, windows), device, dtype)
+                writer.write(start, block_forward(W, spec.blocks[layer], x, cos, sin))
+        writer.commit()
+        cache.drop(layer)
+        del W
+        progress(1)
+
+
+def head_nll(model, cache: ActivationCache, tokens: torch.Tensor, batch: int, device, chunk: int) -> float:
+    """Sum of -log p(next token) over all windows. Outer loop over vocab chunks (each row of
+    lm_head read once), inner over micro-batches of the final hidden states."""
+    from .pipeline import compute_dtype
+    spec, index = model.spec, model.index
+    n, T = tokens.shape
+    head = EMBED if spec.tied else LM_HEAD
+    dtype = compute_dtype(device, model.index.load({"n": FINAL_NORM})["n"].dtype)
+    norm = index.load({"n": FINAL_NORM}, device, dtype)["n"]
+    targets = tokens[:, 1:]  # (n, T-1): window position t predicts token t+1
+    state = nll_state(tuple(targets.shape))
+    L = spec.n_layers
+    with torch.no_grad():
+        for lo in range(0, spec.vocab, chunk):
+            hi = min(lo + chunk, spec.vocab)
+            W = index.rows(head, torch.arange(lo, hi)).to(device, dtype)  # (c, E)
+            for start in range(0, n, batch):
+                stop = min(start + batch, n)
+                x = cache.batch(L, start, stop, device, dtype)[:, :-1]  # (b, T-1, E)
+                logits = rms_norm(x, norm, spec.blocks[-1].eps) @ W.T  # (b, T-1, c)
+                part = (state[0][start:stop], state[1][start:stop])
+                lse, tl = update_nll(part, logits, targets[start:stop], lo)
+                state[0][start:stop], state[1][start:stop] = lse, tl
+            del W
+    return nll_sum(state)
+
+
+def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str = "cpu",
+               batch_size: int = 0, max_windows: int | None = None, cache_dir: Path | None = None,
+               progress: bool = False) -> EvalResult:
+    """Perplexity of the model in `folder` on `text`, streaming one block at a time."""
+    from tqdm import tqdm
+
+    from .pipeline import check_device, open_model
+    t0 = time.time()
+    dev = check_device(device)
+    model = open_model(folder)
+    T = choose_seq_len(model.spec.config, seq_len)
+    tokens = eval_windows(tokenize_stream(load_tokenizer(model.folder), text), T, max_windows)
+    n = tokens.shape[0]
+    batch = micro_batch(model.spec, T, n, batch_size)
+    cos, sin = rotary_tables(model.spec.config, T, dev)
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="streamprune-eval-", dir=cache_dir) as tmp:
+        cache = ActivationCache(Path(tmp), n, T, model.spec.hidden)
+        rows, where = gather_embeddings(model.index, EMBED, tokens)
+        writer = cache.writer(0)
+        for start in range(0, n, batch):
+            writer.write(start, rows[where[start:start + batch]].float())
+        writer.commit()
+        del rows
+        bar = tqdm(total=model.spec.n_layers + 1, unit="block", desc="evaluating", disable=not progress,
+                   dynamic_ncols=True)
+        run_blocks(model, cache, n, batch, dev, cos, sin, bar.update)
+        total = head_nll(model, cache, tokens, batch, dev, vocab_chunk(model.spec.vocab, model.spec.hidden, batch * T))
+        bar.update(1)
+        bar.close()
+    count = n * (T - 1)
+    nll = total / count
+    return EvalResult(text=str(text), text_sha256=hashlib.sha256(Path(text).read_bytes()).hexdigest(),
+                      seq_len=T, windows=n, tokens=count, nll=nll, ppl=math.exp(nll),
+                      seconds=round(time.time() - t0, 3))
+
+
+# ---- `run --eval`: before/after perplexity, journaled so a resumed run does not redo it ----
+
+def journaled_eval(cfg, journal, which: str, folder: Path) -> dict:
+    """The perplexity of `folder` ("before": the input, "after": the output) on cfg.eval, from the
+    journal when it was already measured on the same text and window, else measured now."""
+    max_pos = read_config(folder).get("max_position_embeddings") or DEFAULT_SEQ_LEN
+    seq_len = cfg.eval_seq_len or min(cfg.seq_len, max_pos)
+    sha = hashlib.sha256(Path(cfg.eval).read_bytes()).hexdigest() if Path(cfg.eval).is_file() else None
+    done = journal.state.setdefault("eval", {}).get(which)
+    if done and done["text_sha256"] == sha and done["seq_len"] == seq_len:
+        return done
+    log.info("measuring perplexity %s pruning on %s", which, cfg.eval)
+    cache_dir = Path(cfg.cache_dir or Path(cfg.out) / ".streamprune")
+    result = perplexity(folder, cfg.eval, seq_len, cfg.device, cfg.batch_size, cache_dir=cache_dir,
+                        progress=cfg.progress).as_dict()
+    journal.state["eval"][which] = result
+    journal.save()
+    return result
+
+
+def attach_eval(cfg, journal, report: dict) -> dict:
+    """Add {"eval": ...} (before and after) to a finished run's report and rewrite report.json.
+    No-op without --eval."""
+    if cfg.eval is None:
+        return report
+    before = journaled_eval(cfg, journal, "before", Path(cfg.shards))
+    after = journaled_eval(cfg, journal, "after", Path(cfg.out))
+    report = dict(report, eval={
+        "text": str(cfg.eval), "text_sha256": before["text_sha256"], "seq_len": before["seq_len"],
+        "windows": before["windows"], "tokens": before["tokens"],
+        "ppl_before": before["ppl"], "ppl_after": after["ppl"],
+        "nll_before": before["nll"], "nll_after": after["nll"]})
+    report["timing"] = dict(report.get("timing", {}), eval_seconds={"before": before["seconds"],
+                                                                    "after": after["seconds"]})
+    atomic_write_json(Path(cfg.out) / "report.json", report)
+    return report
