@@ -174,5 +174,23 @@ def eval_command(model, text, seq_len, device, batch_size, max_windows, cache_di
                f"{r.tokens:,} predicted; {r.seconds:.1f}s)")
 
 
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--png", type=click.Path(path_type=Path), help="Picture path (default: OUT_DIR/report.png).")
+@click.option("--no-png", is_flag=True, help="Terminal summary only.")
+def report(out_dir: Path, png: Path | None, no_png: bool):
+    """Summarize a pruned model's report.json; draw kept units, errors and params per layer."""
+    from .report import load_report, plot_report, render_report
+    data = load_report(out_dir)
+    click.echo(render_report(data))
+    if no_png:
+        return
+    path = png or Path(out_dir) / "report.png"
+    if plot_report(data, path):
+        click.echo(f"picture: {path}")
+    else:
+        click.echo("no picture: matplotlib is not installed (pip install 'streamprune[plot]')")
+
+
 if __name__ == "__main__":
     main()

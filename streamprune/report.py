@@ -1,0 +1,131 @@
+"""What pruning did, from report.json: a terminal summary (one table row per layer) and a picture
+(kept heads per layer as a map, kept neurons, per-block relative reconstruction error, params
+before/after). The picture needs matplotlib, an optional extra: pip install 'streamprune[plot]'."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import StreamPruneError
+
+
+def load_report(out_dir: Path) -> dict:
+    path = Path(out_dir)
+    path = path / "report.json" if path.is_dir() else path
+    if not path.is_file():
+        raise StreamPruneError(f"no report.json in {out_dir} (is it a finished streamprune output?)")
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StreamPruneError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("blocks"), list) or not report["blocks"]:
+        raise StreamPruneError(f"{path} has no per-block results")
+    return report
+
+
+def arrow(pair) -> str:
+    return f"{pair[0]}" if pair[0] == pair[1] else f"{pair[0]}->{pair[1]}"
+
+
+def table(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for k, r in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        out.append("  ".join(cells).rstrip())
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def render_report(report: dict) -> str:
+    """The terminal summary: arguments, one row per layer, totals, perplexity, time."""
+    args, model, blocks = report.get("arguments", {}), report.get("model", {}), report["blocks"]
+    lines = [f"{args.get('shards', '?')} ({model.get('model_type', '?')}, {model.get('layers', len(blocks))} layers) "
+             f"pruned to a {model.get('output_model_type', '?')}",
+             f"sparsity {args.get('sparsity', '?')}, method {args.get('method', '?')}, "
+             f"calibration {args.get('samples', '?')} x {args.get('seq_len', '?')} tokens of {args.get('calib', '?')}",
+             ""]
+    rows = [["layer", "heads", "kv", "neurons", "params", "rel.err", "kept heads"]]
+    for b in blocks:
+        rows.append([str(b["layer"]), arrow(b["heads"]), arrow(b["kv_heads"]), arrow(b["neurons"]),
+                     f"{b['params'][0]:,}->{b['params'][1]:,}", f"{b['relative_error']:.4f}",
+                     " ".join(str(h) for h in b.get("kept_heads", []))])
+    lines += table(rows, right={0, 1, 2, 3, 4, 5})
+    p = report.get("block_params")
+    if p:
+        lines += ["", f"block params {p['before']:,} -> {p['after']:,} ({100 * p['removed_fraction']:.1f}% removed)"]
+    e = report.get("eval")
+    if e:
+        change = 100 * (e["ppl_after"] / e["ppl_before"] - 1)
+        lines.append(f"perplexity {e['ppl_before']:.3f} -> {e['ppl_after']:.3f} ({change:+.1f}%) on {e['text']} "
+                     f"({e['tokens']:,} tokens, windows of {e['seq_len']})")
+    t = report.get("timing")
+    if t and "seconds" in t:
+        rss = f", peak RSS {t['peak_rss_bytes'] / 2**20:.0f} MiB" if t.get("peak_rss_bytes") else ""
+        lines.append(f"time {t['seconds']:.1f}s{rss}")
+    return "\n".join(lines)
+
+
+def kept_head_map(blocks: list[dict]) -> list[list[float]]:
+    """(layers, original heads): 1 where the head was kept, 0 where it was removed."""
+    rows = []
+    for b in blocks:
+        kept = set(b.get("kept_heads", range(b["heads"][1])))
+        rows.append([1.0 if h in kept else 0.0 for h in range(b["heads"][0])])
+    return rows
+
+
+def plot_report(report: dict, path: Path) -> bool:
+    """Write the picture to `path`; False (and nothing written) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    blocks = report["blocks"]
+    layers = [b["layer"] for b in blocks]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
+
+    heads = ax[0, 0]
+    heads.imshow(kept_head_map(blocks), aspect="auto", cmap="Greens", vmin=-0.3, vmax=1.0,
+                 interpolation="nearest")
+    heads.set(title="attention heads kept (green) per layer", xlabel="head", ylabel="layer",
+              yticks=range(len(layers)), yticklabels=layers)
+
+    neurons = ax[0, 1]
+    neurons.bar(layers, [b["neurons"][0] for b in blocks], color="#dddddd", label="before")
+    neurons.bar(layers, [b["neurons"][1] for b in blocks], color="#3a7d44", label="kept")
+    neurons.set(title="MLP neurons per layer", xlabel="layer", ylabel="neurons")
+    neurons.legend(loc="lower right")
+
+    error = ax[1, 0]
+    error.plot(layers, [b["relative_error"] for b in blocks], marker="o", color="#b5443b")
+    error.set(title="relative reconstruction error per block", xlabel="layer",
+              ylabel="|y - y_dense|² / |y_dense - x|²")
+    error.set_ylim(bottom=0)
+
+    params = ax[1, 1]
+    width = 0.4
+    params.bar([x - width / 2 for x in layers], [b["params"][0] for b in blocks], width, color="#999999", label="before")
+    params.bar([x + width / 2 for x in layers], [b["params"][1] for b in blocks], width, color="#3a7d44", label="after")
+    params.set(title="block parameters", xlabel="layer", ylabel="parameters")
+    params.legend(loc="lower right")
+    for a in (neurons, error, params):
+        a.set_xticks(layers)
+
+    args, e = report.get("arguments", {}), report.get("eval")
+    title = f"{Path(str(args.get('shards', 'model'))).name}: sparsity {args.get('sparsity', '?')} ({args.get('method', '?')})"
+    p = report.get("block_params")
+    if p:
+        title += f", block params {p['before']:,} -> {p['after']:,}"
+    if e:
+        title += f"\nperplexity {e['ppl_before']:.3f} -> {e['ppl_after']:.3f} on {Path(e['text']).name}"
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
