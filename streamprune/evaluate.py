@@ -26,6 +26,7 @@ from .errors import StreamPruneError
 from .families import EMBED, FINAL_NORM, LM_HEAD, read_config, rotary_tables
 from .fsutil import atomic_write_json
 from .plan import activation_bytes
+from .shards import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def run_blocks(model, cache: ActivationCache, windows: int, batch: int, device, 
     spec = model.spec
     for layer in range(spec.n_layers):
         names = spec.block_tensors(layer)
-        dtype = compute_dtype(device, model.index.load({"q": names["q"]})["q"].dtype)
+        dtype = compute_dtype(device, DTYPES[model.index.tensors[names["q"]].dtype])
         W = model.index.load(names, device, dtype)
         writer = cache.writer(layer + 1)
         with torch.no_grad():
@@ -148,7 +149,7 @@ def head_nll(model, cache: ActivationCache, tokens: torch.Tensor, batch: int, de
     spec, index = model.spec, model.index
     n, T = tokens.shape
     head = EMBED if spec.tied else LM_HEAD
-    dtype = compute_dtype(device, model.index.load({"n": FINAL_NORM})["n"].dtype)
+    dtype = compute_dtype(device, DTYPES[index.tensors[head].dtype])
     norm = index.load({"n": FINAL_NORM}, device, dtype)["n"]
     targets = tokens[:, 1:]  # (n, T-1): window position t predicts token t+1
     state = nll_state(tuple(targets.shape))
