@@ -20,15 +20,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.synthetic import run_streamprune, synthetic_config, write_random_model  # noqa: E402
 
 
+def drop_page_cache() -> bool:
+    """Make the run read its shards from disk, not from memory (needs root; Linux)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def measure(model: Path, out: Path, args, overlap: bool) -> dict:
     extra = [] if overlap else ["--no-overlap"]
+    cold = args.cold and drop_page_cache()
     report, wall = run_streamprune(model, out, "--samples", args.samples, "--seq-len", args.seq_len,
                                    "--method", args.method, *extra)
     blocks = report["timing"]["blocks"]
     read = sum(b["read_seconds"] for b in blocks)
     compute = sum(b["score_seconds"] + b["forward_seconds"] for b in blocks)
     total = report["timing"]["seconds"]
-    return {"overlap": overlap, "total_seconds": round(total, 2), "blocks_seconds": report["timing"]["blocks_seconds"],
+    return {"overlap": overlap, "cold_page_cache": cold, "total_seconds": round(total, 2), "blocks_seconds": report["timing"]["blocks_seconds"],
             "read_seconds": round(read, 2), "compute_seconds": round(compute, 2),
             "ratio": round(total / (read + compute), 3),
             "ratio_block_phase": round(report["timing"]["blocks_seconds"] / (read + compute), 3)}
@@ -44,6 +55,7 @@ def main():
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--method", default="magnitude")
+    p.add_argument("--cold", action="store_true", help="drop the OS page cache before each run (root)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
