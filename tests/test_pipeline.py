@@ -95,6 +95,14 @@ def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, f
     assert (model.model.norm(streamed) - hidden[-1]).abs().max() <= 1e-4
 
 
+def test_single_file_model_and_tied_embeddings(tmp_path):
+    src = tiny(tmp_path, "qwen3", shard_size="10GB", tie_word_embeddings=True)
+    assert (src / "model.safetensors").is_file() and not (src / "model.safetensors.index.json").exists()
+    pipeline.run(config(src, tmp_path / "out"))
+    model = load(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
 def test_llama_with_indivisible_head_count_is_written_as_mistral(tmp_path):
     src = tiny(tmp_path, "llama", heads=8, kv=4)  # at 25% keeps 3 KV groups x 2 = 6 heads; 64 % 6 != 0
     pipeline.run(config(src, tmp_path / "out", sparsity=0.25))

@@ -7,44 +7,38 @@ bf16) pruned alone with default settings: predicted (plan) and measured peak mem
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.synthetic import run_streamprune, synthetic_config, write_random_model  # noqa: E402
+from tools.synthetic import (ROOT, bench_parser, emit, method_args, run_streamprune,  # noqa: E402
+                             synthetic_config, write_random_model)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, samples=4, seq_len=256, hidden=8192, heads=64, kv=8, intermediate=28672)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--method", default=None, help="default: streamprune's default")
     p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--workdir", type=Path)
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
-    method = ["--method", args.method] if args.method else []
+    shape = dict(samples=args.samples, seq_len=args.seq_len)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        model = write_random_model(Path(tmp) / "block", synthetic_config(args.layers, 8192, 64, 8, 28672))
+        model = write_random_model(Path(tmp) / "block", synthetic_config(
+            args.layers, args.hidden, args.heads, args.kv, args.intermediate))
         plan = json.loads(subprocess.run(
             [sys.executable, "-m", "streamprune", "plan", "--shards", str(model), "--json", "--no-timing",
-             "--device", args.device, "--samples", str(args.samples), "--seq-len", str(args.seq_len), *method],
+             "--device", args.device, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+             *method_args(args)],
             check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout)
         report, wall = run_streamprune(model, Path(tmp) / "out", "--device", args.device, "--samples", args.samples,
-                                       "--seq-len", args.seq_len, *method)
+                                       "--seq-len", args.seq_len, *method_args(args))
     timing = report["timing"]
-    result = {
-        "benchmark": "70B-shaped block", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "device": args.device, "layers": args.layers, "samples": args.samples, "seq_len": args.seq_len,
+    emit({
+        "benchmark": "70B-shaped block", "device": args.device, "layers": args.layers, **shape,
         "method": report["arguments"]["method"], "micro_batch": timing["micro_batch"],
         "predicted_peak_host_gib": round(plan["peak_host_bytes"] / 2**30, 2),
         "predicted_peak_device_gib": round(plan["peak_device_bytes"] / 2**30, 2),
@@ -52,11 +46,7 @@ def main():
         "measured_peak_cuda_gib": round(timing.get("peak_cuda_bytes", 0) / 2**30, 2),
         "seconds_per_block": round(timing["blocks_seconds"] / args.layers, 1), "wall_seconds": round(wall, 1),
         "blocks": timing["blocks"],
-    }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    }, args.json)
 
 
 if __name__ == "__main__":

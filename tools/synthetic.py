@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -66,3 +68,32 @@ def run_streamprune(model: Path, out: Path, *args: str) -> tuple[dict, float]:
     t0 = time.time()
     subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
     return json.loads((Path(out) / "report.json").read_text()), time.time() - t0
+
+
+def bench_parser(doc: str, **defaults) -> argparse.ArgumentParser:
+    """The options every benchmark shares: model width, calibration size, method, output."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--method", default=None, help="default: streamprune's default")
+    p.add_argument("--workdir", type=Path, help="where the temporary models go")
+    p.add_argument("--json", type=Path, help="also write the result here")
+    p.set_defaults(**defaults)
+    return p
+
+
+def method_args(args) -> list[str]:
+    return ["--method", args.method] if args.method else []
+
+
+def emit(result: dict, path: Path | None) -> None:
+    """Print the result as JSON (with the machine it ran on) and write it to `path` if given."""
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", **result}
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
