@@ -59,7 +59,14 @@ def main(debug: bool):
 @click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--method", default="magnitude", show_default=True, help="Scoring method.")
+@click.option("--method", default=RunConfig.method, show_default=True,
+              help="Scoring method: perturb, magnitude, wanda-sp or flap.")
+@click.option("--budget", default=RunConfig.budget, show_default=True,
+              help="Scales perturbations and tokens per block (perturb).")
+@click.option("--compensate/--no-compensate", default=RunConfig.compensate, show_default=True,
+              help="Refit o_proj and down_proj by least squares after slicing.")
+@click.option("--calibrate-on", type=click.Choice(["pruned", "dense"]), default=RunConfig.calibrate_on,
+              show_default=True, help="Calibrate block i+1 on the outputs of the pruned or the dense block i.")
 @click.option("--batch-size", default=0, help="Calibration windows per micro-batch (0: from memory).")
 @click.option("--max-memory", help="Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; default: what is free).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Activation cache folder (default: inside --out).")
@@ -123,7 +130,7 @@ def gib(n: int) -> str:
 @click.option("--samples", default=128, show_default=True)
 @click.option("--seq-len", default=2048, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--method", default="magnitude", show_default=True)
+@click.option("--method", default=RunConfig.method, show_default=True)
 @click.option("--batch-size", default=0, help="Micro-batch (0: the largest that fits).")
 @click.option("--max-memory", help="Memory the run may use, e.g. 24GiB (default: what is free).")
 @click.option("--no-timing", is_flag=True, help="Skip the short speed calibration (no time estimate).")

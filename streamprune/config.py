@@ -20,7 +20,10 @@ class RunConfig:
     seq_len: int = 2048
     device: str = "cpu"
     seed: int = 0
-    method: str = "magnitude"
+    method: str = "perturb"
+    budget: float = 1.0  # scales the perturbations and tokens of sampling methods
+    compensate: bool = True  # refit o_proj and down_proj by least squares after slicing
+    calibrate_on: str = "pruned"  # block i+1's calibration inputs: outputs of the pruned or the dense block i
     batch_size: int = 0  # calibration samples per micro-batch; 0 = pick from memory
     max_memory: int | None = None  # bytes the run may use (host on CPU, GPU on CUDA); None = what is free
     cache_dir: Path | None = None
@@ -38,6 +41,10 @@ class RunConfig:
             raise StreamPruneError("--samples must be >= 1 and --seq-len >= 2")
         if self.eval_seq_len and self.eval_seq_len < 2:
             raise StreamPruneError("--eval-seq-len must be >= 2")
+        if self.budget <= 0:
+            raise StreamPruneError("--budget must be > 0")
+        if self.calibrate_on not in ("pruned", "dense"):
+            raise StreamPruneError("--calibrate-on must be pruned or dense")
         if self.batch_size < 0:
             raise StreamPruneError("--batch-size must be >= 0")
 

@@ -25,7 +25,8 @@ from .families import EMBED, ModelSpec, model_spec, pruned_config, read_config, 
 from .fsutil import atomic_write, atomic_write_json
 from .journal import WORKDIR, Journal
 from .plan import Plan, make_plan
-from .scoring import SCORERS, Calibration, make_scorer
+from .compensate import compensate
+from .scoring import SCORERS, Calibration, ScoringOptions, make_scorer
 from .selection import Sizes, plan_sizes, select_units
 from .shards import OutTensor, ShardIndex, read_header, shard_name, write_safetensors
 from .slicing import slice_block
@@ -116,7 +117,7 @@ class BlockRunner:
     def __init__(self, cfg: RunConfig, model: Model, sizes: Sizes, cache: ActivationCache, batch: int):
         self.cfg, self.model, self.sizes, self.cache, self.batch = cfg, model, sizes, cache, batch
         self.device = check_device(cfg.device)
-        self.scorer = make_scorer(cfg.method)
+        self.scorer = make_scorer(cfg.method, ScoringOptions(sizes=sizes, budget=cfg.budget))
         self.n_shards = model.spec.n_layers + 1
         self.cos, self.sin = rotary_tables(model.spec.config, cfg.seq_len, self.device)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamprune-read")
@@ -148,11 +149,14 @@ class BlockRunner:
         dtype = compute_dtype(self.device, stored["q"].dtype)
         W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + layer)
-        calib = Calibration(lambda: (x for _, x in self.batches(layer, dtype)), self.cos, self.sin, generator)
+        calib = Calibration(lambda: (x for _, x in self.batches(layer, dtype)), self.cos, self.sin, generator,
+                            self.cfg.samples)
         with torch.no_grad():
             scores = self.scorer.score(W, spec, calib)
             kept = select_units(scores.heads, scores.neurons, spec, self.sizes)
             W_new, spec_new = slice_block(W, spec, kept)
+            if self.cfg.compensate:
+                W_new = compensate(W, spec, W_new, spec_new, kept, calib.batches, self.cos, self.sin)
             t_score = time.time()
             out = [OutTensor.of(names[s], t.to("cpu", stored[s].dtype)) for s, t in W_new.items()]
             write = self.writer.submit(write_safetensors, self.model_path(layer + 1), out)
@@ -163,14 +167,15 @@ class BlockRunner:
             "neurons": [spec.intermediate, spec_new.intermediate],
             "params": [spec.n_params(), spec_new.n_params()],
             "kept_heads": kept.heads.tolist(), "kept_kv_heads": kept.kv.tolist(),
-            "relative_error": rel_error,
+            "relative_error": rel_error, "scoring": scores.info,
             "timing": {"score_seconds": round(t_score - t0, 3), "forward_seconds": round(time.time() - t_score, 3)},
         }, write
 
     def pass_outputs(self, layer, W, spec, W_new, spec_new, dtype) -> float:
         """Run the pruned block on the calibration inputs; its outputs are the next block's
-        inputs (so later blocks are calibrated on what they will really see). Returns the
-        relative squared error of the pruned against the dense block output."""
+        inputs (so later blocks are calibrated on what they will really see), or the dense
+        block's outputs with --calibrate-on dense. Returns the relative squared error of the
+        pruned against the dense block output."""
         writer = self.cache.writer(layer + 1)
         err = ref = 0.0
         for start, x in self.batches(layer, dtype):
@@ -178,7 +183,7 @@ class BlockRunner:
             y = block_forward(W_new, spec_new, x, self.cos, self.sin)
             err += (y - y_dense).double().pow(2).sum().item()
             ref += (y_dense - x).double().pow(2).sum().item()
-            writer.write(start, y)
+            writer.write(start, y_dense if self.cfg.calibrate_on == "dense" else y)
         writer.commit()
         return err / max(ref, 1e-30)
 

@@ -4,18 +4,20 @@ pipeline looks it up in SCORERS and never branches on the method."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 
 from ..families import BlockSpec
+from ..selection import Sizes
 
 
 @dataclass(frozen=True)
 class UnitScores:
     heads: torch.Tensor  # (H,) query heads, group-major (head h belongs to KV group h // group)
     neurons: torch.Tensor  # (I,)
+    info: dict = field(default_factory=dict)  # how they were obtained, for report.json
 
 
 @dataclass
@@ -26,22 +28,41 @@ class Calibration:
     cos: torch.Tensor  # (T, D) rotary tables
     sin: torch.Tensor
     generator: torch.Generator  # seeded per block, for methods that sample
+    samples: int = 0  # calibration windows in all batches (0: unknown)
 
 
-class Scorer(Protocol):
+@dataclass(frozen=True)
+class ScoringOptions:
+    """What a scorer may need beyond the block: the sizes the block will be cut to (so sampled
+    masks look like the real cut) and the compute budget for methods that sample."""
+
+    sizes: Sizes | None = None
+    budget: float = 1.0
+
+
+class Scorer:
+    """Base of every method: `score` maps a block's weights and calibration inputs to UnitScores."""
+
     name: str
-    needs_calibration: bool
+    needs_calibration: bool = True
 
-    def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores: ...
+    def __init__(self, options: ScoringOptions = ScoringOptions()):
+        self.options = options
+
+    def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores:
+        raise NotImplementedError
 
 
 def _registry() -> dict[str, type]:
+    from .flap import FlapScorer
     from .magnitude import MagnitudeScorer
-    return {cls.name: cls for cls in (MagnitudeScorer,)}
+    from .perturb import PerturbScorer
+    from .wanda_sp import WandaSPScorer
+    return {cls.name: cls for cls in (PerturbScorer, MagnitudeScorer, WandaSPScorer, FlapScorer)}
 
 
 SCORERS: dict[str, type] = _registry()
 
 
-def make_scorer(method: str, **options) -> Scorer:
-    return SCORERS[method](**options)
+def make_scorer(method: str, options: ScoringOptions = ScoringOptions()) -> Scorer:
+    return SCORERS[method](options)

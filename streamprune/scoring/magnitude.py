@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from ..families import BlockSpec
-from . import Calibration, UnitScores
+from . import Calibration, Scorer, UnitScores
 
 
-class MagnitudeScorer:
+class MagnitudeScorer(Scorer):
     name = "magnitude"
     needs_calibration = False
 

@@ -1,0 +1,22 @@
+"""FLAP (An et al., 2024): a channel's fluctuation — the variance of its activation over the
+calibration tokens — times the squared norm of the output-projection column that reads it. A
+channel that barely fluctuates can be replaced by its mean, which is what FLAP's bias
+compensation does (see compensate.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..families import BlockSpec
+from . import Calibration, Scorer, UnitScores
+from .activations import channel_stats, per_head
+
+
+class FlapScorer(Scorer):
+    name = "flap"
+
+    def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores:
+        stats = channel_stats(W, spec, calib)
+        o = stats.head_var * W["o"].double().pow(2).sum(0).cpu()
+        down = stats.neuron_var * W["down"].double().pow(2).sum(0).cpu()
+        return UnitScores(heads=per_head(o, spec), neurons=down)

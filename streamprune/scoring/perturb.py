@@ -1,0 +1,178 @@
+"""Perturbative regression (the idea of Bonsai, arXiv 2402.05406, applied locally to one block):
+run the block many times with random valid subsets of its heads and neurons removed, measure
+how far each pruned output lands from the dense output, and fit a linear model from "which units
+were removed" to that error. A unit's coefficient is its marginal cost of removal, averaged over
+the company it keeps — interactions that one-at-a-time metrics cannot see.
+
+Cheap by construction: head outputs do not depend on the masks, so attention runs once; every
+mask then needs only o_proj and the MLP, on a random subset of calibration tokens, many masks per
+pass. The regression is ridge regression towards a prior (each unit's error when removed alone,
+at its own sublayer), solved in its dual form (masks x masks), so 28672 neurons cost no more
+than a few hundred masks do."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..block import attention_heads, attention_output, mlp_activations, rms_norm
+from ..families import BlockSpec
+from ..selection import Sizes, masks, select_units
+from . import Calibration, Scorer, UnitScores
+
+MASKS = 256  # perturbations per block at --budget 1
+TOKENS = 2048  # calibration tokens each perturbation is measured on, at --budget 1
+PASS_BYTES = 256 * 2**20  # activations of one batch of masked forwards
+RIDGES = (0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried, relative to the mean squared feature norm
+SWAP = 0.25  # fraction of the kept neurons swapped out in the second, local round
+
+
+class TokenSample:
+    """Block inputs x, per-head outputs o and dense block outputs y at randomly chosen tokens."""
+
+    def __init__(self, W, spec: BlockSpec, calib: Calibration, n_tokens: int):
+        xs, os, ys, seen = [], [], [], 0
+        total = calib.samples
+        for x in calib.batches():
+            b, T, E = x.shape
+            if total:  # an even share of the budget per micro-batch
+                k = round(n_tokens * (seen + b) / total) - round(n_tokens * seen / total)
+            else:
+                k = n_tokens - sum(len(t) for t in xs)
+            seen += b
+            k = min(k, b * T)
+            if k <= 0:
+                continue
+            pick = torch.randperm(b * T, generator=calib.generator)[:k].sort().values.to(x.device)
+            heads = attention_heads(W, spec, x, calib.cos, calib.sin)
+            h = x + attention_output(W, heads)
+            y = h + F.linear(mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps)), W["down"], W.get("down_bias"))
+            xs.append(x.reshape(-1, E)[pick])
+            os.append(heads.reshape(b * T, spec.n_heads, spec.head_dim)[pick])
+            ys.append(y.reshape(-1, E)[pick])
+        self.x, self.o, self.y = torch.cat(xs), torch.cat(os), torch.cat(ys)
+        self.update_energy = (self.y - self.x).double().pow(2).sum().item() or 1.0
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def masked_errors(W, spec: BlockSpec, s: TokenSample, head_keep: torch.Tensor, neuron_keep: torch.Tensor,
+                  per_pass: int) -> torch.Tensor:
+    """Relative squared error of the block output for each of M masks: (M,) fp64."""
+    errors = []
+    for i in range(0, head_keep.shape[0], per_pass):
+        hk = head_keep[i:i + per_pass].to(s.o.device, s.o.dtype)
+        nk = neuron_keep[i:i + per_pass].to(s.o.device, s.o.dtype)
+        attn = F.linear((s.o[None] * hk[:, None, :, None]).flatten(-2), W["o"], W.get("o_bias"))
+        h = s.x[None] + attn  # (m, n, E)
+        a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps)) * nk[:, None, :]
+        y = h + F.linear(a, W["down"], W.get("down_bias"))
+        errors.append((y - s.y[None]).double().pow(2).sum((1, 2)).cpu())
+    return torch.cat(errors) / s.update_energy
+
+
+def alone_errors(W, spec: BlockSpec, s: TokenSample) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior: each unit's relative error when removed alone, measured at its own sublayer."""
+    Wo = W["o"].view(spec.hidden, spec.n_heads, spec.head_dim)
+    heads = torch.einsum("nhd,ehd->nhe", s.o, Wo).double().pow(2).sum((0, 2)).cpu()
+    h = s.x + F.linear(s.o.flatten(-2), W["o"], W.get("o_bias"))
+    a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps))
+    neurons = a.double().pow(2).sum(0).cpu() * W["down"].double().pow(2).sum(0).cpu()
+    return heads / s.update_energy, neurons / s.update_energy
+
+
+def sample_masks(spec: BlockSpec, sizes: Sizes, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random keep-masks shaped like the real cut: `sizes.n_kv` whole KV groups, `sizes.group`
+    query heads in each, `sizes.intermediate` neurons — every mask is a valid GQA block."""
+    heads = torch.zeros(n, spec.n_kv, spec.group)
+    groups = torch.rand(n, spec.n_kv, generator=g).argsort(1)[:, :sizes.n_kv]
+    within = torch.rand(n, sizes.n_kv, spec.group, generator=g).argsort(2)[:, :, :sizes.group]
+    heads[torch.arange(n)[:, None, None], groups[:, :, None], within] = 1
+    neurons = torch.zeros(n, spec.intermediate)
+    order = torch.rand(n, spec.intermediate, generator=g).argsort(1)[:, :sizes.intermediate]
+    neurons.scatter_(1, order, 1.0)
+    return heads.view(n, spec.n_heads), neurons
+
+
+def local_neuron_masks(keep: torch.Tensor, n: int, g: torch.Generator, swap: float = SWAP) -> torch.Tensor:
+    """n neuron keep-masks near a candidate cut `keep` (I,): each swaps a random `swap` fraction
+    of the kept neurons for removed ones, so the count stays that of the real cut."""
+    kept, dropped = keep.nonzero()[:, 0], (1 - keep).nonzero()[:, 0]
+    k = max(1, min(len(dropped), round(swap * len(kept))))
+    out = kept[torch.rand(n, len(kept), generator=g).argsort(1)[:, :k]]
+    back = dropped[torch.rand(n, len(dropped), generator=g).argsort(1)[:, :k]]
+    return keep.repeat(n, 1).scatter_(1, out, 0.0).scatter_(1, back, 1.0)
+
+
+def fit_removal_costs(removed: torch.Tensor, errors: torch.Tensor, prior: torch.Tensor,
+                      ridge: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Linear model errors ~ c + removed @ beta, with beta shrunk towards a scaled prior:
+    beta = s * prior + delta, (c, s) by least squares, delta by ridge regression in dual form.
+    The ridge strength (relative to the mean squared norm of the centred features) is `ridge`,
+    or, by default, the one of RIDGES with the least leave-one-out error: noisy measurements
+    lean on the prior, clean ones on the masks. removed: (M, U) 0/1; errors: (M,); prior: (U,).
+    Returns beta (U,) and fit diagnostics."""
+    R, e = removed.double(), errors.double()
+    p = R @ prior.double()
+    A = torch.stack([torch.ones_like(p), p], 1)
+    c, s = torch.linalg.lstsq(A, e[:, None]).solution[:, 0].tolist()
+    s = max(s, 0.0)
+    res = e - c - s * p
+    res = res - res.mean()
+    Rc = R - R.mean(0)
+    K = Rc @ Rc.T
+    scale, eye = max(K.diagonal().mean().item(), 1e-12), torch.eye(len(e), dtype=K.dtype)
+    best = None
+    for r in ([ridge] if ridge is not None else RIDGES):
+        inv = torch.linalg.inv(K + r * scale * eye)
+        alpha = inv @ res
+        loo = (alpha / inv.diagonal()).pow(2).mean().item()  # leave-one-out residuals of kernel ridge
+        if best is None or loo < best[0]:
+            best = (loo, r, alpha)
+    _, r, alpha = best
+    beta = s * prior.double() + Rc.T @ alpha
+    ss_tot = (e - e.mean()).pow(2).sum().item()
+    r2 = 1 - (e - e.mean() - Rc @ beta).pow(2).sum().item() / ss_tot if ss_tot > 0 else 1.0
+    return beta, {"prior_scale": round(s, 6), "ridge": r, "fit_r2": round(r2, 4)}
+
+
+class PerturbScorer(Scorer):
+    name = "perturb"
+
+    def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores:
+        budget = self.options.budget
+        n_masks = max(16, round(MASKS * budget))
+        sample = TokenSample(W, spec, calib, max(64, round(TOKENS * budget)))
+        prior_heads, prior_neurons = alone_errors(W, spec, sample)
+        sizes = self.options.sizes
+        if sizes is None or (sizes.n_heads == spec.n_heads and sizes.intermediate == spec.intermediate):
+            return UnitScores(prior_heads, prior_neurons, {"perturbations": 0})
+        per_token = 4 * spec.hidden + spec.n_heads * spec.head_dim + 3 * spec.intermediate
+        per_pass = max(1, min(n_masks, PASS_BYTES // (4 * len(sample) * per_token)))
+        g, info = calib.generator, {"perturbations": n_masks, "tokens": len(sample), "masks_per_pass": per_pass}
+
+        def fit(head_keep, neuron_keep, prior, units):
+            errors = masked_errors(W, spec, sample, head_keep, neuron_keep, per_pass)
+            beta, diag = fit_removal_costs(1 - units, errors, prior)
+            return beta, {"mean_error": round(errors.mean().item(), 6), **diag}
+
+        # heads first (all neurons present), on random valid head cuts
+        cut_heads = sizes.n_heads < spec.n_heads
+        n_head_masks = n_masks // 4 if cut_heads else 0
+        heads = prior_heads
+        if cut_heads:
+            head_keep = sample_masks(spec, sizes, n_head_masks, g)[0]
+            heads, info["heads"] = fit(head_keep, torch.ones(n_head_masks, spec.intermediate), prior_heads, head_keep)
+        chosen_heads = masks(spec, select_units(heads, prior_neurons, spec, sizes))[0]
+        # then neurons, behind the chosen heads: random cuts, then cuts near the best so far, so
+        # the interactions measured are those with the neurons that will really stay
+        neurons = prior_neurons
+        if sizes.intermediate < spec.intermediate:
+            for i, m in enumerate((n_masks - n_head_masks) // 2 for _ in range(2)):
+                if i == 0:
+                    neuron_keep = sample_masks(spec, sizes, m, g)[1]
+                else:
+                    neuron_keep = local_neuron_masks(masks(spec, select_units(heads, neurons, spec, sizes))[1], m, g)
+                neurons, info[f"neurons_{i + 1}"] = fit(chosen_heads.repeat(m, 1), neuron_keep, neurons, neuron_keep)
+        return UnitScores(heads, neurons, info)
