@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -26,6 +27,11 @@ from streamprune.scoring import SCORERS  # noqa: E402
 from tools.synthetic import ROOT, emit, run_streamprune  # noqa: E402
 
 DATA = {"kjv-": "kjv", "stories": "tinystories"}  # model name prefix -> folder under --data-dir
+
+
+def rel(path: Path) -> str:
+    """A path as written relative to the repository (so results don't carry this machine's paths)."""
+    return os.path.relpath(path, ROOT)
 
 
 def texts(model: str, data_dir: Path) -> tuple[Path, Path]:
@@ -134,7 +140,7 @@ def main():
                 for s in args.sparsities:
                     out = work / model / f"{label.replace('/', '_')}-{s}"
                     r = one_run(args.models_dir / model, out, calib, ev, method, extra, s, args)
-                    d = dense.setdefault(model, {"ppl": r["ppl_before"], "eval": str(ev), "calib": str(calib)})
+                    d = dense.setdefault(model, {"ppl": r["ppl_before"], "eval": rel(ev), "calib": rel(calib)})
                     if abs(r["ppl_before"] - d["ppl"]) > 1e-6 * d["ppl"]:
                         print(f"warning: dense perplexity differs between runs: {r['ppl_before']} vs {d['ppl']}",
                               file=sys.stderr)
@@ -148,7 +154,7 @@ def main():
             print(f"pruned models kept in {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    arguments = {k: rel(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     emit({"benchmark": "perplexity after pruning", "arguments": arguments, "seed": 0,
           "total_seconds": round(time.time() - t0, 1), "dense": dense, "rows": rows}, args.json)
     if args.markdown:
