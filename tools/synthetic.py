@@ -61,10 +61,10 @@ def write_random_model(folder: Path, config: dict, seed: int = 0) -> Path:
     return folder
 
 
-def run_streamprune(model: Path, out: Path, *args: str) -> tuple[dict, float]:
+def run_streamprune(model: Path, out: Path, *args: str, calib: Path = DEMO / "calib.txt") -> tuple[dict, float]:
     """`streamprune run` in a fresh process (so peak RSS is its own); returns report.json and wall seconds."""
     cmd = [sys.executable, "-m", "streamprune", "run", "--shards", str(model), "--out", str(out),
-           "--calib", str(DEMO / "calib.txt"), "--quiet", "--restart", *map(str, args)]
+           "--calib", str(calib), "--quiet", "--restart", *map(str, args)]
     t0 = time.time()
     subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
     return json.loads((Path(out) / "report.json").read_text()), time.time() - t0
