@@ -1,5 +1,6 @@
 """Weight compensation: after slicing, refit the block's output projections by least squares so
-the pruned block reproduces the dense block's output on the calibration tokens.
+the pruned block reproduces the dense block's output on the calibration tokens (each token's
+error weighed relative to its size, as the next block's RMSNorm sees it).
 
 o_proj is refit so the kept heads reproduce the dense attention output; then down_proj is refit
 so the kept neurons, fed by the already-compensated attention, reproduce the dense block output
@@ -10,6 +11,7 @@ alone, so a 0% prune stays the exact identity."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -17,9 +19,11 @@ import torch.nn.functional as F
 
 from .block import attention_heads, attention_output, mlp_activations, rms_norm
 from .families import BlockSpec
+from .numerics import one_thread
 from .selection import Kept
 
 RIDGE = 1e-2
+FP64_SOLVE_MAX = 4096  # larger Gram matrices are factored in fp32
 
 
 class NormalEquations:
@@ -28,20 +32,44 @@ class NormalEquations:
     def __init__(self):
         self.G = self.C = None
 
-    def add(self, A: torch.Tensor, Y: torch.Tensor) -> None:
-        A, Y = A.reshape(-1, A.shape[-1]).float(), Y.reshape(-1, Y.shape[-1]).float()
+    def add(self, A: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor) -> None:
+        """Rows of A and Y (tokens) weighted by `scale` (per token)."""
+        s = scale.reshape(-1, 1).float()
+        A, Y = A.reshape(-1, A.shape[-1]).float() * s, Y.reshape(-1, Y.shape[-1]).float() * s
         G, C = (A.T @ A).double(), (A.T @ Y).double()
         self.G = G if self.G is None else self.G + G
         self.C = C if self.C is None else self.C + C
 
     def solve(self, W0: torch.Tensor, ridge: float) -> torch.Tensor:
-        """The (out, in) weight minimising |A W^T - Y|^2 + lam |W - W0|^2."""
-        lam = ridge * self.G.diagonal().mean().clamp_min(1e-12)
-        G = self.G + lam * torch.eye(self.G.shape[0], dtype=self.G.dtype, device=self.G.device)
-        rhs = self.C + lam * W0.T.double()
-        L, info = torch.linalg.cholesky_ex(G)
-        Wt = torch.cholesky_solve(rhs, L) if info.item() == 0 else torch.linalg.lstsq(G, rhs).solution
+        """The (out, in) weight minimising |A W^T - Y|^2 + lam |W - W0|^2. Large systems are
+        factored in fp32 (the ridge keeps them well conditioned) to halve the memory."""
+        G, self.G = self.G, None
+        lam = ridge * G.diagonal().mean().clamp_min(1e-12)
+        G.diagonal().add_(lam)
+        rhs = self.C.add_(lam * W0.T.double())
+        if G.shape[0] > FP64_SOLVE_MAX:
+            G, rhs = G.float(), rhs.float()
+        with one_thread() if G.device.type == "cpu" else nullcontext():
+            L, info = torch.linalg.cholesky_ex(G)
+            Wt = torch.cholesky_solve(rhs, L) if info.item() == 0 else torch.linalg.solve(G, rhs)
         return Wt.T.to(W0.dtype).contiguous()
+
+
+def memory_bytes(n_in: int, n_out: int) -> int:
+    """Peak bytes of one refit with n_in kept input channels: fp64 G and C, then the fp32 factor."""
+    return 8 * n_in * (n_in + n_out) + (4 * n_in * n_in if n_in > FP64_SOLVE_MAX else 8 * n_in * n_in)
+
+
+def work_bytes(spec: BlockSpec, spec_new: BlockSpec) -> int:
+    """Peak memory of compensating a block cut to spec_new (the larger of the two refits)."""
+    return max(memory_bytes(spec_new.n_heads * spec_new.head_dim, spec.hidden),
+               memory_bytes(spec_new.intermediate, spec.hidden))
+
+
+def token_scale(y: torch.Tensor) -> torch.Tensor:
+    """1 / rms of each token of the residual stream: the next RMSNorm divides by it, so errors
+    are weighed as the next block will see them (the same weighting the perturb scorer uses)."""
+    return y.float().pow(2).mean(-1).clamp_min(1e-12).rsqrt()
 
 
 def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, torch.Tensor], spec_new: BlockSpec,
@@ -55,7 +83,7 @@ def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, tor
         for x in batches():
             heads = attention_heads(W, spec, x, cos, sin)
             target = attention_output(W, heads) - (W["o_bias"] if "o_bias" in W else 0)
-            eq.add(heads[:, :, kept.heads.to(x.device)].flatten(-2), target)
+            eq.add(heads[:, :, kept.heads.to(x.device)].flatten(-2), target, token_scale(x + target))
         W_new["o"] = eq.solve(W_new["o"], ridge)
     if heads_removed or spec_new.intermediate < spec.intermediate:
         eq = NormalEquations()
@@ -65,6 +93,6 @@ def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, tor
                                          W["down"], W.get("down_bias"))
             h = x + attention_output(W_new, attention_heads(W_new, spec_new, x, cos, sin))
             a = mlp_activations(W_new, rms_norm(h, W_new["mlp_norm"], spec.eps))
-            eq.add(a, y_dense - h - (W["down_bias"] if "down_bias" in W else 0))
+            eq.add(a, y_dense - h - (W["down_bias"] if "down_bias" in W else 0), token_scale(y_dense))
         W_new["down"] = eq.solve(W_new["down"], ridge)
     return W_new

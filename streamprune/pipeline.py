@@ -24,9 +24,9 @@ from .evaluate import attach_eval, journaled_eval
 from .families import EMBED, ModelSpec, model_spec, pruned_config, read_config, rotary_tables
 from .fsutil import atomic_write, atomic_write_json
 from .journal import WORKDIR, Journal
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, stage_work_bytes
 from .compensate import compensate
-from .scoring import SCORERS, Calibration, ScoringOptions, make_scorer
+from .scoring import Calibration, ScoringOptions, make_scorer
 from .selection import Sizes, plan_sizes, select_units
 from .shards import OutTensor, ShardIndex, read_header, shard_name, write_safetensors
 from .slicing import slice_block
@@ -68,7 +68,7 @@ def peak_rss_bytes() -> int:
 def memory_plan(cfg: RunConfig, model: Model, sizes: Sizes) -> Plan:
     """The micro-batch that fits in --max-memory (or what is free); refuses when none does."""
     p = make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity, cfg.max_memory,
-                  cfg.batch_size, getattr(SCORERS[cfg.method], "masks_per_pass", 1))
+                  cfg.batch_size, stage_work_bytes(cfg, model, sizes))
     if not p.fits:
         need = p.peak_device_bytes or p.peak_host_bytes
         raise StreamPruneError(

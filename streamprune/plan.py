@@ -8,6 +8,7 @@ activations; plus the Python process itself (torch, transformers, tokenizer)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -15,7 +16,9 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
+from .compensate import work_bytes as compensation_bytes
 from .errors import StreamPruneError
+from .scoring import ScoringOptions, make_scorer
 from .shards import ITEMSIZE
 
 BASE_PROCESS_BYTES = 700 * 2**20  # measured 440-660 MiB for `streamprune run` on CPU, rounded up
@@ -38,12 +41,12 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def activation_bytes(block, seq_len: int, batch: int, masks_per_pass: int = 1) -> int:
+def activation_bytes(block, seq_len: int, batch: int) -> int:
     """fp32 activations of one block forward on `batch` windows: residual, norms, q/k/v (k/v
     repeated to all heads), attention scores, SwiGLU, dense and pruned outputs side by side."""
     per_token = 10 * block.hidden + 4 * block.n_heads * block.head_dim + 3 * block.intermediate \
         + block.n_heads * seq_len
-    return 4 * batch * seq_len * per_token * masks_per_pass
+    return 4 * batch * seq_len * per_token
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,8 @@ def block_bytes(index, names: dict[str, str]) -> int:
 
 
 def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: float,
-              max_memory: int | None = None, batch_size: int = 0, masks_per_pass: int = 1) -> Plan:
+              max_memory: int | None = None, batch_size: int = 0, work_bytes: int = 0) -> Plan:
+    """work_bytes: what scoring or compensation holds beside the weights and a micro-batch."""
     dev = torch.device(device)
     spec, index = model.spec, model.index
     stored = max(block_bytes(index, spec.block_tensors(i)) for i in range(spec.n_layers))
@@ -84,7 +88,7 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
     embed_rows = min(spec.vocab, samples * seq_len) * spec.hidden * emb_item
 
     def peaks(batch: int) -> tuple[int, int]:
-        act = activation_bytes(spec.blocks[0], seq_len, batch, masks_per_pass)
+        act = activation_bytes(spec.blocks[0], seq_len, batch) + work_bytes
         weights = compute * (1 + kept)
         io = stored * (1 + kept)  # prefetch of the next block + the write buffer
         if dev.type == "cpu":
@@ -103,7 +107,7 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
         batch = 1
         cap = MAX_ACTIVATION_BYTES if dev.type == "cpu" else limit
         while batch < samples and fits(batch + 1) and \
-                activation_bytes(spec.blocks[0], seq_len, batch + 1, masks_per_pass) <= cap:
+                activation_bytes(spec.blocks[0], seq_len, batch + 1) <= cap:
             batch += 1
     host, device_bytes = peaks(batch)
     return Plan(device=str(dev), micro_batch=batch, block_stored_bytes=stored, block_compute_bytes=compute,
@@ -148,6 +152,21 @@ def estimate_seconds(model, samples: int, seq_len: int, device: str, forward_pas
     return flops / measure_flops(dev) + io / measure_read_speed(model.index)
 
 
+def stage_work_bytes(cfg, model, sizes) -> int:
+    """Memory held by scoring or compensation (they run one after the other) for the widest block."""
+    block = max(model.spec.blocks, key=lambda b: b.n_params())
+    scorer = make_scorer(cfg.method, ScoringOptions(sizes=sizes, budget=cfg.budget))
+    cut = dataclasses.replace(block, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
+    return max(scorer.work_bytes(block), compensation_bytes(block, cut) if cfg.compensate else 0)
+
+
+def stage_forward_passes(cfg) -> float:
+    """Block forwards per block over all calibration tokens: scoring, compensation (two passes,
+    each dense and pruned attention), and passing outputs on (dense and pruned)."""
+    scorer = make_scorer(cfg.method, ScoringOptions(budget=cfg.budget))
+    return scorer.forward_passes(cfg.samples * cfg.seq_len) + (3.0 if cfg.compensate else 0.0) + 2.0
+
+
 def describe_plan(cfg, max_memory: str | None = None, timing: bool = True) -> dict:
     """What `streamprune plan` prints: the memory plan plus, optionally, a time estimate."""
     from .pipeline import check_device, open_model, plan as size_plan
@@ -157,12 +176,10 @@ def describe_plan(cfg, max_memory: str | None = None, timing: bool = True) -> di
         raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
     model = open_model(cfg.shards)
     sizes, _ = size_plan(model, cfg.sparsity)
-    scorer = SCORERS[cfg.method]
     p = make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity,
-                  parse_bytes(max_memory) if max_memory else None, cfg.batch_size,
-                  getattr(scorer, "masks_per_pass", 1))
+                  parse_bytes(max_memory) if max_memory else None, cfg.batch_size, stage_work_bytes(cfg, model, sizes))
     info = p.as_dict()
     if timing:
-        passes = 2 + getattr(scorer, "forward_passes", 0)
+        passes = stage_forward_passes(cfg)
         info["estimated_seconds"] = round(estimate_seconds(model, cfg.samples, cfg.seq_len, cfg.device, passes), 1)
     return info

@@ -52,6 +52,14 @@ class Scorer:
     def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores:
         raise NotImplementedError
 
+    def forward_passes(self, calibration_tokens: int) -> float:
+        """Block forwards over all calibration tokens that scoring costs (for time estimates)."""
+        return 1.0 if self.needs_calibration else 0.0
+
+    def work_bytes(self, spec: BlockSpec) -> int:
+        """Memory scoring needs beyond the weights and one micro-batch (for the memory plan)."""
+        return 0
+
 
 def _registry() -> dict[str, type]:
     from .flap import FlapScorer

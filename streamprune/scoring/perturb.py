@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..block import attention_heads, attention_output, mlp_activations, rms_norm
 from ..families import BlockSpec
+from ..numerics import one_thread
 from ..selection import Sizes, masks, select_units
 from . import Calibration, Scorer, UnitScores
 
@@ -51,7 +52,14 @@ class TokenSample:
             os.append(heads.reshape(b * T, spec.n_heads, spec.head_dim)[pick])
             ys.append(y.reshape(-1, E)[pick])
         self.x, self.o, self.y = torch.cat(xs), torch.cat(os), torch.cat(ys)
-        self.update_energy = (self.y - self.x).double().pow(2).sum().item() or 1.0
+        # the next block reads y through an RMSNorm, so an error counts relative to the size of its
+        # token: weights 1 / mean(y_t^2) turn squared errors into errors after normalisation
+        self.weight = 1 / self.y.double().pow(2).mean(-1).clamp_min(1e-12)
+        self.update_energy = self.weighted((self.y - self.x).double().pow(2).sum(-1)).item() or 1.0
+
+    def weighted(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Sum over tokens (the last dim) of per-token squared errors times the token weights."""
+        return (per_token.double() * self.weight.to(per_token.device)).sum(-1)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -68,17 +76,17 @@ def masked_errors(W, spec: BlockSpec, s: TokenSample, head_keep: torch.Tensor, n
         h = s.x[None] + attn  # (m, n, E)
         a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps)) * nk[:, None, :]
         y = h + F.linear(a, W["down"], W.get("down_bias"))
-        errors.append((y - s.y[None]).double().pow(2).sum((1, 2)).cpu())
+        errors.append(s.weighted((y - s.y[None]).double().pow(2).sum(-1)).cpu())
     return torch.cat(errors) / s.update_energy
 
 
 def alone_errors(W, spec: BlockSpec, s: TokenSample) -> tuple[torch.Tensor, torch.Tensor]:
     """The prior: each unit's relative error when removed alone, measured at its own sublayer."""
     Wo = W["o"].view(spec.hidden, spec.n_heads, spec.head_dim)
-    heads = torch.einsum("nhd,ehd->nhe", s.o, Wo).double().pow(2).sum((0, 2)).cpu()
+    heads = s.weighted(torch.einsum("nhd,ehd->hne", s.o, Wo).double().pow(2).sum(-1)).cpu()
     h = s.x + F.linear(s.o.flatten(-2), W["o"], W.get("o_bias"))
     a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps))
-    neurons = a.double().pow(2).sum(0).cpu() * W["down"].double().pow(2).sum(0).cpu()
+    neurons = s.weighted(a.double().pow(2).T).cpu() * W["down"].double().pow(2).sum(0).cpu()
     return heads / s.update_energy, neurons / s.update_energy
 
 
@@ -105,6 +113,7 @@ def local_neuron_masks(keep: torch.Tensor, n: int, g: torch.Generator, swap: flo
     return keep.repeat(n, 1).scatter_(1, out, 0.0).scatter_(1, back, 1.0)
 
 
+@one_thread()
 def fit_removal_costs(removed: torch.Tensor, errors: torch.Tensor, prior: torch.Tensor,
                       ridge: float | None = None) -> tuple[torch.Tensor, dict]:
     """Linear model errors ~ c + removed @ beta, with beta shrunk towards a scaled prior:
@@ -115,9 +124,9 @@ def fit_removal_costs(removed: torch.Tensor, errors: torch.Tensor, prior: torch.
     Returns beta (U,) and fit diagnostics."""
     R, e = removed.double(), errors.double()
     p = R @ prior.double()
-    A = torch.stack([torch.ones_like(p), p], 1)
-    c, s = torch.linalg.lstsq(A, e[:, None]).solution[:, 0].tolist()
-    s = max(s, 0.0)
+    var_p = (p - p.mean()).pow(2).sum().item()  # (c, s) in closed form: lstsq's pivoting is not reproducible
+    s = max(((p - p.mean()) * (e - e.mean())).sum().item() / var_p, 0.0) if var_p > 0 else 0.0
+    c = (e.mean() - s * p.mean()).item()
     res = e - c - s * p
     res = res - res.mean()
     Rc = R - R.mean(0)
@@ -140,10 +149,23 @@ def fit_removal_costs(removed: torch.Tensor, errors: torch.Tensor, prior: torch.
 class PerturbScorer(Scorer):
     name = "perturb"
 
+    def budget(self) -> tuple[int, int]:
+        """Perturbations and tokens per block."""
+        return max(16, round(MASKS * self.options.budget)), max(64, round(TOKENS * self.options.budget))
+
+    def forward_passes(self, calibration_tokens: int) -> float:
+        n_masks, n_tokens = self.budget()
+        return 1.0 + n_masks * min(n_tokens, calibration_tokens) / calibration_tokens
+
+    def work_bytes(self, spec: BlockSpec) -> int:
+        n_masks, n_tokens = self.budget()
+        units = spec.n_heads + spec.intermediate
+        sample = 4 * n_tokens * (2 * spec.hidden + spec.n_heads * spec.head_dim)
+        return PASS_BYTES + sample + 3 * 8 * n_masks * units + 3 * 8 * n_masks ** 2
+
     def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores:
-        budget = self.options.budget
-        n_masks = max(16, round(MASKS * budget))
-        sample = TokenSample(W, spec, calib, max(64, round(TOKENS * budget)))
+        n_masks, n_tokens = self.budget()
+        sample = TokenSample(W, spec, calib, n_tokens)
         prior_heads, prior_neurons = alone_errors(W, spec, sample)
         sizes = self.options.sizes
         if sizes is None or (sizes.n_heads == spec.n_heads and sizes.intermediate == spec.intermediate):
