@@ -148,3 +148,18 @@ def test_refuses_foreign_non_empty_output_folder(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(StreamPruneError, match="not a streamprune output"):
         pipeline.run(config(src, out))
+
+
+@pytest.mark.parametrize("method", ["perturb", "magnitude", "wanda-sp", "flap"])
+def test_every_method_prunes_to_a_loadable_model_and_compensation_helps(tmp_path, method):
+    src = tiny(tmp_path, "llama")
+    errors = {}
+    for compensate in (False, True):
+        out = tmp_path / f"out-{compensate}"
+        report = pipeline.run(config(src, out, method=method, compensate=compensate, samples=8))
+        errors[compensate] = [b["relative_error"] for b in report["blocks"]]
+        assert report["arguments"]["method"] == method and report["arguments"]["compensate"] == compensate
+        load(out)
+    assert errors[True][0] < errors[False][0]
+    if method == "perturb":
+        assert report["blocks"][0]["scoring"]["perturbations"] == 256
