@@ -131,15 +131,18 @@ def gib(n: int) -> str:
 @click.option("--seq-len", default=2048, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--method", default=RunConfig.method, show_default=True)
+@click.option("--budget", default=RunConfig.budget, show_default=True, help="perturb's work per block.")
+@click.option("--compensate/--no-compensate", default=RunConfig.compensate, show_default=True)
 @click.option("--batch-size", default=0, help="Micro-batch (0: the largest that fits).")
 @click.option("--max-memory", help="Memory the run may use, e.g. 24GiB (default: what is free).")
 @click.option("--no-timing", is_flag=True, help="Skip the short speed calibration (no time estimate).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan_command(shards, sparsity, samples, seq_len, device, method, batch_size, max_memory, no_timing, as_json):
+def plan_command(shards, sparsity, samples, seq_len, device, method, budget, compensate, batch_size, max_memory,
+                 no_timing, as_json):
     """Predict disk, memory, micro-batch and time of a run, from headers only."""
     from .plan import describe_plan
     cfg = RunConfig(shards=shards, out=shards, sparsity=sparsity, samples=samples, seq_len=seq_len,
-                    device=device, method=method, batch_size=batch_size)
+                    device=device, method=method, budget=budget, compensate=compensate, batch_size=batch_size)
     info = describe_plan(cfg, max_memory, timing=not no_timing)
     if as_json:
         click.echo(json.dumps(info, indent=2))

@@ -1,7 +1,7 @@
 """One 70B-shaped block (Llama-3-70B: hidden 8192, 64 heads / 8 KV heads, intermediate 28672,
 bf16) pruned alone with default settings: predicted (plan) and measured peak memory, and seconds.
 
-    python tools/block_bench.py --samples 4 --seq-len 256                 # CPU
+    python tools/block_bench.py --samples 4 --seq-len 256 --budget 0.1    # CPU
     python tools/block_bench.py --device cuda --samples 128 --seq-len 2048 # GPU
 """
 
@@ -24,7 +24,9 @@ def main():
     p = bench_parser(__doc__, samples=4, seq_len=256, hidden=8192, heads=64, kv=8, intermediate=28672)
     p.add_argument("--device", default="cpu")
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--budget", type=float, help="perturb's --budget (default: streamprune's)")
     args = p.parse_args()
+    extra = [*method_args(args), *(["--budget", str(args.budget)] if args.budget else [])]
     shape = dict(samples=args.samples, seq_len=args.seq_len)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         model = write_random_model(Path(tmp) / "block", synthetic_config(
@@ -32,14 +34,15 @@ def main():
         plan = json.loads(subprocess.run(
             [sys.executable, "-m", "streamprune", "plan", "--shards", str(model), "--json", "--no-timing",
              "--device", args.device, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-             *method_args(args)],
+             *extra],
             check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout)
         report, wall = run_streamprune(model, Path(tmp) / "out", "--device", args.device, "--samples", args.samples,
-                                       "--seq-len", args.seq_len, *method_args(args))
+                                       "--seq-len", args.seq_len, *extra)
     timing = report["timing"]
     emit({
         "benchmark": "70B-shaped block", "device": args.device, "layers": args.layers, **shape,
-        "method": report["arguments"]["method"], "micro_batch": timing["micro_batch"],
+        "method": report["arguments"]["method"], "budget": report["arguments"]["budget"],
+        "compensate": report["arguments"]["compensate"], "micro_batch": timing["micro_batch"],
         "predicted_peak_host_gib": round(plan["peak_host_bytes"] / 2**30, 2),
         "predicted_peak_device_gib": round(plan["peak_device_bytes"] / 2**30, 2),
         "measured_peak_rss_gib": round(timing["peak_rss_bytes"] / 2**30, 2),
