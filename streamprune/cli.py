@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -38,7 +39,11 @@ class Group(click.Group):
         except OSError as e:
             if debug:
                 raise
-            click.echo(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
+            if e.errno == errno.ENOSPC:
+                click.echo(f"error: no space left on device{' writing ' + str(e.filename) if e.filename else ''}; "
+                           "free some space and re-run the same command to resume", err=True)
+            else:
+                click.echo(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
             sys.exit(EXIT_ERROR)
 
 
