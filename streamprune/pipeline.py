@@ -82,7 +82,10 @@ def memory_plan(cfg: RunConfig, model: Model, sizes: Sizes) -> Plan:
 
 
 def check_device(device: str) -> torch.device:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise StreamPruneError(f"unsupported device {device!r} (cpu or cuda)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise StreamPruneError("--device cuda requested but no CUDA GPU is available")
     if dev.type not in ("cpu", "cuda"):
