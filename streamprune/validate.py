@@ -11,6 +11,7 @@ import torch
 
 from .errors import StreamPruneError
 from .families import BlockSpec
+from .journal import WORKDIR
 from .selection import attention_params
 
 FINITE_CHUNK = 1 << 24  # elements checked at a time, so the check needs little extra memory
@@ -39,11 +40,13 @@ def check_paths(shards: Path, out: Path, cache_dir: Path | None) -> None:
 
 
 def check_writable(folder: Path, option: str = "--out") -> None:
-    """Create `folder` if needed and prove a file can be written in it."""
+    """Create `folder` and its work folder if needed and prove a file can be written there (the
+    probe goes in the work folder, so a run killed right here leaves nothing in `folder`)."""
     folder = Path(folder)
-    probe = folder / f".streamprune-probe-{os.getpid()}"
+    probe = folder / WORKDIR / f"probe-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        probe.parent.mkdir(exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
