@@ -138,9 +138,11 @@ def bench(sig_name: str, n_random: int, named: bool, layers: int, samples: int, 
         if ref.returncode != 0:
             raise SystemExit(f"the uninterrupted run failed: {ref.stderr}")
         reference = digests(tmp / "reference")
+        # random moments between the end of Python's start-up (imports) and the end of the run
+        startup = max(0.0, seconds - json.loads((tmp / "reference" / "report.json").read_text())["timing"]["seconds"])
         trials = []
         plan = [{"point": p} for p in NAMED] if named else []
-        plan += [{"delay": round(rng.uniform(0.02, 1.0) * seconds, 3)} for _ in range(n_random)]
+        plan += [{"delay": round(rng.uniform(startup, seconds), 3)} for _ in range(n_random)]
         for i, how in enumerate(plan):
             out = tmp / f"trial-{i}"
             r = trial(run_args(model, out, samples, seq_len), out, sig, reference, **how)
@@ -151,7 +153,7 @@ def bench(sig_name: str, n_random: int, named: bool, layers: int, samples: int, 
         "benchmark": "fault injection: interrupt, re-run, compare bytes",
         "signal": f"SIG{sig_name}", "model": {"family": "llama", "layers": layers, "shards": n_shards},
         "calibration": {"samples": samples, "seq_len": seq_len},
-        "uninterrupted_seconds": round(seconds, 2),
+        "uninterrupted_seconds": round(seconds, 2), "startup_seconds": round(startup, 2),
         "tried": len(trials), "interrupted": sum(t["interrupted"] for t in trials),
         "survived": sum(t["survived"] for t in trials),
         "failures": [t for t in trials if not t["survived"]],
@@ -164,9 +166,9 @@ def main():
     p.add_argument("--signal", choices=SIGNALS, default="KILL")
     p.add_argument("--random", type=int, default=20, help="Interruptions at random moments of the run.")
     p.add_argument("--no-named", dest="named", action="store_false", help="Skip the named fault points.")
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="Where the temporary model and outputs go.")
     p.add_argument("--json", help="Also write the result to this file.")
