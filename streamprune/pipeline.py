@@ -309,7 +309,7 @@ def run_locked(cfg: RunConfig, model: Model, sizes: Sizes, out_config: dict, mem
     batch = journal.state.setdefault("micro_batch", memory.micro_batch)
     journal.save()
     cache = ActivationCache(cfg.cache_dir or cfg.out / WORKDIR / "cache", cfg.samples, cfg.seq_len, model.spec.hidden)
-    for folder in (cfg.out, cache.folder):
+    for folder in (cfg.out, cfg.out / WORKDIR, cache.folder):
         remove_temporaries(folder)
     if journal.complete and (cfg.out / "model.safetensors.index.json").is_file():
         log.info("%s is already complete", cfg.out)
