@@ -82,12 +82,18 @@ def blocks_done(out: Path) -> int | str:
     return "complete" if state.get("complete") else len(state["blocks"])
 
 
+def default_sigint() -> None:
+    """Undo an inherited SIG_IGN (a background job of a non-interactive shell ignores SIGINT),
+    so the run gets Python's Ctrl-C handling as it would in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(args: list[str], sig: int, point: tuple[str, int] | None = None,
               delay: float | None = None) -> tuple[int, str]:
     """Start a run and stop it with `sig`: at a named point, or after `delay` seconds."""
     fault = f"{point[0]}:{point[1]}" + (":INT" if sig == signal.SIGINT else "") if point else None
     p = subprocess.Popen([sys.executable, "-m", "streamprune", *args], env=child_env(fault),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     if delay is not None:
         try:
             p.wait(timeout=delay)
