@@ -1,9 +1,9 @@
 import sys
 
 try:
-    from .cli import main
+    from .cli import entry_point
 except KeyboardInterrupt:  # Ctrl-C while Python is still importing: nothing was started
     print("\ninterrupted before the run started; re-run the same command", file=sys.stderr)
     sys.exit(130)
 
-main(prog_name="streamprune")
+entry_point()

@@ -14,6 +14,7 @@ from .config import RunConfig
 from .errors import StreamPruneError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+INTERRUPTED = "\ninterrupted; finished blocks are saved: re-run the same command to resume"
 
 
 class Group(click.Group):
@@ -29,7 +30,7 @@ class Group(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_ERROR)
         except KeyboardInterrupt:
-            click.echo("\ninterrupted; finished blocks are saved: re-run the same command to resume", err=True)
+            click.echo(INTERRUPTED, err=True)
             sys.exit(EXIT_INTERRUPTED)
         except MemoryError:
             if debug:
@@ -197,5 +198,19 @@ def report(out_dir: Path, png: Path | None, no_png: bool):
         click.echo("no picture: matplotlib is not installed (pip install 'streamprune[plot]')")
 
 
+def entry_point():
+    """The `streamprune` command. A Ctrl-C that lands after a command returned (in click or while
+    Python shuts down) still exits 130 with the resume message, never with a traceback."""
+    import signal
+    try:
+        main(prog_name="streamprune")
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        click.echo(INTERRUPTED, err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done or saved; shut down quietly
+
+
 if __name__ == "__main__":
-    main()
+    entry_point()
