@@ -199,17 +199,28 @@ def report(out_dir: Path, png: Path | None, no_png: bool):
 
 
 def entry_point():
-    """The `streamprune` command. A Ctrl-C that lands after a command returned (in click or while
-    Python shuts down) still exits 130 with the resume message, never with a traceback."""
+    """The `streamprune` command. Ctrl-C always ends in exit code 130 and the resume message, also
+    when it lands after a command returned (in click, or while Python shuts down)."""
+    import os
     import signal
     try:
         main(prog_name="streamprune")
+        code = 0
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         click.echo(INTERRUPTED, err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done or saved; shut down quietly
+        code = EXIT_INTERRUPTED
+    except SystemExit as e:
+        code = e.code
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done or saved; shut down quietly
+    if code == EXIT_INTERRUPTED:
+        # Everything is fsynced and the worker threads are joined; skip interpreter finalization,
+        # which turns an exit into a SIGINT death (-2) when an interrupted library left a
+        # KeyboardInterrupt flagged.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
