@@ -3,6 +3,7 @@ memory-mapped float32 file per block boundary. Only a micro-batch is ever in RAM
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fsutil import fsync_dir
+from .faults import fault_point, spend_disk
+from .fsutil import fsync_dir, no_space
 
 
 class ActivationCache:
@@ -44,7 +46,31 @@ class ActivationCache:
         self.path(block).unlink(missing_ok=True)
 
     def remove(self) -> None:
+        if self.folder.is_dir():
+            for p in sorted(self.folder.iterdir()):
+                fault_point("cache_delete")
+                p.unlink(missing_ok=True)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def preallocate(path: Path, nbytes: int) -> None:
+    """Create `path` with `nbytes` of disk really reserved: writing through a memory map into a
+    sparse file on a full disk kills the process (SIGBUS); reserving first gives ENOSPC here."""
+    with open(path, "wb") as f:
+        try:
+            spend_disk(nbytes)
+            try:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                f.truncate(nbytes)
+        except OSError as e:
+            f.close()
+            path.unlink(missing_ok=True)
+            if e.errno == errno.ENOSPC:
+                raise no_space(path) from None
+            raise
 
 
 class CacheWriter:
@@ -54,9 +80,11 @@ class CacheWriter:
     def __init__(self, cache: ActivationCache, block: int):
         self.final = cache.path(block)
         self.tmp = self.final.with_name(self.final.name + ".tmp")
-        self.mm = np.memmap(self.tmp, dtype=np.float32, mode="w+", shape=cache.shape)
+        preallocate(self.tmp, cache.nbytes)
+        self.mm = np.memmap(self.tmp, dtype=np.float32, mode="r+", shape=cache.shape)
 
     def write(self, start: int, x: torch.Tensor) -> None:
+        fault_point("cache_write")
         self.mm[start:start + x.shape[0]] = x.detach().float().cpu().numpy()
 
     def commit(self) -> None:

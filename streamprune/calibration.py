@@ -43,7 +43,8 @@ def token_windows(ids: list[int], n: int, seq_len: int, bos: int | None, what: s
     body = seq_len - (bos is not None)
     if len(ids) < n * body:
         raise StreamPruneError(
-            f"{what} text has {len(ids)} tokens; --samples {n} x --seq-len {seq_len} needs {n * body}")
+            f"{what} text has {len(ids)} tokens; --samples {n} x --seq-len {seq_len} needs {n * body}: "
+            "use a longer text, fewer --samples or a shorter --seq-len")
     stride = (len(ids) - body) // max(n - 1, 1)
     rows = [ids[i * stride:i * stride + body] for i in range(n)]
     if bos is not None:

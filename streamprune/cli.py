@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -13,6 +14,7 @@ from .config import RunConfig
 from .errors import StreamPruneError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+INTERRUPTED = "\ninterrupted; finished blocks are saved: re-run the same command to resume"
 
 
 class Group(click.Group):
@@ -28,7 +30,7 @@ class Group(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_ERROR)
         except KeyboardInterrupt:
-            click.echo("\ninterrupted; finished blocks are saved: re-run the same command to resume", err=True)
+            click.echo(INTERRUPTED, err=True)
             sys.exit(EXIT_INTERRUPTED)
         except MemoryError:
             if debug:
@@ -38,7 +40,11 @@ class Group(click.Group):
         except OSError as e:
             if debug:
                 raise
-            click.echo(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
+            if e.errno == errno.ENOSPC:
+                click.echo(f"error: no space left on device{' writing ' + str(e.filename) if e.filename else ''}; "
+                           "free some space and re-run the same command to resume", err=True)
+            else:
+                click.echo(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
             sys.exit(EXIT_ERROR)
 
 
@@ -202,5 +208,30 @@ def report(out_dir: Path, png: Path | None, no_png: bool):
         click.echo("no picture: matplotlib is not installed (pip install 'streamprune[plot]')")
 
 
+def entry_point():
+    """The `streamprune` command. Ctrl-C always ends in exit code 130 and the resume message, also
+    when it lands after a command returned (in click, or while Python shuts down)."""
+    import os
+    import signal
+    try:
+        main(prog_name="streamprune")
+        code = 0
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        click.echo(INTERRUPTED, err=True)
+        code = EXIT_INTERRUPTED
+    except SystemExit as e:
+        code = e.code
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done or saved; shut down quietly
+    if code == EXIT_INTERRUPTED:
+        # Everything is fsynced and the worker threads are joined; skip interpreter finalization,
+        # which turns an exit into a SIGINT death (-2) when an interrupted library left a
+        # KeyboardInterrupt flagged.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry_point()

@@ -12,6 +12,15 @@ from .fsutil import atomic_write_json
 WORKDIR = ".streamprune"
 
 
+def refuse_foreign_folder(out: Path) -> None:
+    """Refuse a non-empty folder that holds no streamprune journal (someone else's files)."""
+    out = Path(out)
+    if (out / WORKDIR / "journal.json").is_file() or not out.is_dir():
+        return
+    if any(p.name != WORKDIR for p in out.iterdir()):
+        raise StreamPruneError(f"{out} exists and is not a streamprune output; choose an empty folder or pass --restart")
+
+
 class Journal:
     def __init__(self, path: Path, state: dict):
         self.path = path
@@ -35,8 +44,8 @@ class Journal:
                     f"{out} holds a run with different arguments ({', '.join(diff)}); "
                     "use the same arguments to resume, or --restart to start over")
             return cls(path, state)
-        if out.exists() and any(out.iterdir()) and not path.is_file() and not restart:
-            raise StreamPruneError(f"{out} exists and is not a streamprune output; choose an empty folder or pass --restart")
+        if not restart:
+            refuse_foreign_folder(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         journal = cls(path, {"fingerprint": fingerprint, "blocks": {}, "complete": False})
         journal.save()

@@ -22,14 +22,18 @@ from .config import RunConfig
 from .errors import StreamPruneError
 from .evaluate import attach_eval, journaled_eval
 from .families import EMBED, ModelSpec, model_spec, pruned_config, read_config, rotary_tables
-from .fsutil import atomic_write, atomic_write_json
-from .journal import WORKDIR, Journal
-from .plan import Plan, make_plan, stage_work_bytes
 from .compensate import compensate
+from .faults import fault_point
+from .fsutil import atomic_write, atomic_write_json, remove_temporaries
+from .journal import WORKDIR, Journal, refuse_foreign_folder
+from .lock import LOCK_NAME, OutputLock
+from .plan import Plan, make_plan, stage_work_bytes
 from .scoring import Calibration, ScoringOptions, make_scorer
 from .selection import Sizes, plan_sizes, select_units
 from .shards import OutTensor, ShardIndex, read_header, shard_name, write_safetensors
 from .slicing import slice_block
+from .validate import (check_finite_activations, check_finite_weights, check_free_disk, check_paths,
+                       check_sparsity, check_writable)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,10 @@ def memory_plan(cfg: RunConfig, model: Model, sizes: Sizes) -> Plan:
 
 
 def check_device(device: str) -> torch.device:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise StreamPruneError(f"unsupported device {device!r} (cpu or cuda)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise StreamPruneError("--device cuda requested but no CUDA GPU is available")
     if dev.type not in ("cpu", "cuda"):
@@ -93,7 +100,10 @@ def compute_dtype(dev: torch.device, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def clear_output(out: Path) -> None:
-    shutil.rmtree(out / WORKDIR, ignore_errors=True)
+    """Forget a previous run in `out` (the lock file, held by this run, stays)."""
+    for p in (out / WORKDIR).glob("*"):
+        if p.name != LOCK_NAME:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     for p in list(out.glob("model-*.safetensors*")) + [out / n for n in MODEL_FILES]:
         p.unlink(missing_ok=True)
 
@@ -103,6 +113,7 @@ def write_block_inputs(cfg: RunConfig, model: Model, cache: ActivationCache, bat
     tokenizer = load_tokenizer(model.folder)
     tokens = token_windows(tokenize_file(tokenizer, cfg.calib), cfg.samples, cfg.seq_len, bos_id(tokenizer))
     rows, where = gather_embeddings(model.index, EMBED, tokens)
+    check_finite_weights({"embed": rows}, {"embed": EMBED})
     writer = cache.writer(0)
     for start in range(0, cfg.samples, batch):
         writer.write(start, rows[where[start:start + batch]].float())
@@ -131,7 +142,9 @@ class BlockRunner:
         """Start reading block `layer` (stored dtype, host memory; pinned for a CUDA device)."""
         def read():
             t0 = time.time()
-            W = self.model.index.load(self.model.spec.block_tensors(layer))
+            names = self.model.spec.block_tensors(layer)
+            W = self.model.index.load(names)
+            check_finite_weights(W, names)
             # copy out of the memory map now, so the disk reads happen on this thread
             W = {k: t.pin_memory() if self.device.type == "cuda" else t.clone() for k, t in W.items()}
             return W, time.time() - t0
@@ -181,6 +194,7 @@ class BlockRunner:
         for start, x in self.batches(layer, dtype):
             y_dense = block_forward(W, spec, x, self.cos, self.sin)
             y = block_forward(W_new, spec_new, x, self.cos, self.sin)
+            check_finite_activations(y, layer, start)
             err += (y - y_dense).double().pow(2).sum().item()
             ref += (y_dense - x).double().pow(2).sum().item()
             writer.write(start, y_dense if self.cfg.calibrate_on == "dense" else y)
@@ -204,6 +218,7 @@ class BlockRunner:
                 wait = time.time() - t0
                 next_read = self.prefetch(layer + 1) if layer + 1 < L and self.cfg.overlap else None
                 record, write = self.prune(layer, W)
+                fault_point("after_scoring")
                 del W
                 if not self.cfg.overlap:
                     write.result()
@@ -220,6 +235,7 @@ class BlockRunner:
     def finish(self, journal: Journal, layer: int, record: dict, write: Future, t_done: float) -> None:
         t0 = time.time()
         write.result()
+        fault_point("before_journal")
         record["timing"]["write_wait_seconds"] = round(time.time() - t0, 3)
         record["timing"]["seconds"] = round(sum(v for k, v in record["timing"].items() if k != "read_seconds"), 3)
         journal.finish_block(layer, record)
@@ -231,12 +247,16 @@ def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: di
     n = model.spec.n_layers + 1
     rest = shard_name(n, n)
     write_safetensors(cfg.out / rest, [OutTensor.copy(name, model.index) for name in model.spec.other_tensors()])
+    fault_point("final_files")
     for src in sorted(model.folder.iterdir()):
         if src.is_file() and not src.name.startswith(".") and src.name not in MODEL_FILES \
                 and not src.name.endswith(".safetensors"):
             atomic_write(cfg.out / src.name, lambda f, src=src: shutil.copyfileobj(open(src, "rb"), f))
+    fault_point("final_files")
     atomic_write_json(cfg.out / "config.json", out_config)
+    fault_point("final_files")
     atomic_write_json(cfg.out / "report.json", report)
+    fault_point("final_files")
     weight_map, total = {}, 0
     for k in range(1, n + 1):
         for name, info in read_header(cfg.out / shard_name(k, n)).items():
@@ -269,23 +289,39 @@ def run(cfg: RunConfig) -> dict:
     """Prune cfg.shards into cfg.out; resumes from the journal. Returns the report."""
     t0 = time.time()
     model = open_model(cfg.shards)
-    if cfg.out.resolve() == model.folder.resolve():
-        raise StreamPruneError("--out must differ from --shards")
+    check_paths(model.folder, cfg.out, cfg.cache_dir)
     if cfg.calib is None:
         raise StreamPruneError("--calib FILE is required (plain text in the model's domain)")
+    if not Path(cfg.calib).is_file():
+        raise StreamPruneError(f"text file not found: {cfg.calib}")
     check_device(cfg.device)
+    check_sparsity(model.spec.blocks[0], cfg.sparsity)
     sizes, out_config = plan(model, cfg.sparsity)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    memory = memory_plan(cfg, model, sizes)
+    if not cfg.restart:
+        refuse_foreign_folder(cfg.out)
+    check_writable(cfg.out)
+    with OutputLock(cfg.out):
+        return run_locked(cfg, model, sizes, out_config, memory, t0)
+
+
+def run_locked(cfg: RunConfig, model: Model, sizes: Sizes, out_config: dict, memory: Plan, t0: float) -> dict:
+    """The run proper, with the output folder locked against a second run."""
     if cfg.restart:
         clear_output(cfg.out)
     journal = Journal.open(cfg.out, cfg.fingerprint(), cfg.restart)
     # a resumed run keeps its micro-batch: float sums depend on it, and resume must be byte-identical
-    batch = journal.state.setdefault("micro_batch", memory_plan(cfg, model, sizes).micro_batch)
+    batch = journal.state.setdefault("micro_batch", memory.micro_batch)
     journal.save()
     cache = ActivationCache(cfg.cache_dir or cfg.out / WORKDIR / "cache", cfg.samples, cfg.seq_len, model.spec.hidden)
+    for folder in (cfg.out, cfg.out / WORKDIR, cache.folder):
+        remove_temporaries(folder)
     if journal.complete and (cfg.out / "model.safetensors.index.json").is_file():
         log.info("%s is already complete", cfg.out)
+        if not cfg.keep_cache:
+            cache.remove()  # a run killed while deleting its cache
         return attach_eval(cfg, journal, build_report(cfg, model, sizes, journal, out_config, time.time() - t0, batch))
+    check_free_disk(cfg.out, cache.folder, memory.output_bytes, memory.cache_bytes)
     if cfg.eval is not None:  # the input's perplexity, once (journaled), before any pruning
         journaled_eval(cfg, journal, "before", model.folder)
 

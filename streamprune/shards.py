@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+from math import prod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -13,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import StreamPruneError
+from .faults import fault_point
 from .fsutil import atomic_write
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -60,6 +62,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             dtype, shape, (a, b) = h["dtype"], tuple(h["shape"]), h["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise StreamPruneError(f"{path.name}: corrupt safetensors header entry for {name}") from None
+        if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b):
+            raise StreamPruneError(f"{path.name}: corrupt safetensors header (data offsets of {name})")
         if 8 + n + b > size:
             raise StreamPruneError(f"{path.name}: truncated (tensor {name} ends past end of file)")
         infos[name] = TensorInfo(path, dtype, shape, 8 + n + a, 8 + n + b)
@@ -106,6 +110,9 @@ class ShardIndex:
                 raise StreamPruneError(f"tensor {name} has shape {list(info.shape)}, config says {list(shape)}")
             if info.dtype not in DTYPES:
                 raise StreamPruneError(f"tensor {name} has unsupported dtype {info.dtype} (F32, F16, BF16 only)")
+            if info.nbytes != ITEMSIZE[info.dtype] * prod(shape):
+                raise StreamPruneError(f"{info.file.name}: corrupt safetensors header ({name} holds {info.nbytes} "
+                                       f"bytes, {info.dtype} {list(shape)} needs {ITEMSIZE[info.dtype] * prod(shape)})")
 
     def load(self, names: dict[str, str], device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Read the named tensors (short name -> stored name), memory-mapped, one file at a time."""
@@ -114,6 +121,7 @@ class ShardIndex:
             by_file.setdefault(self.tensors[name].file, []).append((short, name))
         out = {}
         for file, pairs in by_file.items():
+            fault_point("shard_read")
             with safe_open(str(file), framework="pt") as f:
                 for short, name in pairs:
                     t = f.get_tensor(name)
@@ -197,6 +205,7 @@ def write_safetensors(path: Path, tensors: list[OutTensor]) -> None:
     def write(f: BinaryIO) -> None:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
+        fault_point("shard_mid_write")
         for t in tensors:
             for chunk in t.chunks():
                 f.write(chunk)

@@ -1,0 +1,127 @@
+"""Checks that refuse a run before it writes anything (paths, sparsity, free disk) and the
+NaN/Inf checks made on every block's weights after loading and on its outputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import StreamPruneError
+from .families import BlockSpec
+from .journal import WORKDIR
+from .selection import attention_params
+
+FINITE_CHUNK = 1 << 24  # elements checked at a time, so the check needs little extra memory
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def same_folder(a: Path, b: Path) -> bool:
+    """True when a and b are the same folder, through symlinks too."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_paths(shards: Path, out: Path, cache_dir: Path | None) -> None:
+    if same_folder(out, shards):
+        raise StreamPruneError(f"--out {out} is the input folder {shards}; choose another output folder")
+    if cache_dir is not None and same_folder(cache_dir, shards):
+        raise StreamPruneError(f"--cache-dir {cache_dir} is the input folder {shards}; choose another folder")
+
+
+def check_writable(folder: Path, option: str = "--out") -> None:
+    """Create `folder` and its work folder if needed and prove a file can be written there (the
+    probe goes in the work folder, so a run killed right here leaves nothing in `folder`)."""
+    folder = Path(folder)
+    probe = folder / WORKDIR / f"probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.parent.mkdir(exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StreamPruneError(f"cannot write to {option} {folder}: {e.strerror or e}") from None
+
+
+def max_sparsity(block: BlockSpec) -> float:
+    """The most a block can lose while keeping one KV head, one query head and one neuron."""
+    full = attention_params(block, block.n_kv, block.group) + 3 * block.hidden * block.intermediate
+    least = attention_params(block, 1, 1) + 3 * block.hidden
+    return 1 - least / full
+
+
+def check_sparsity(block: BlockSpec, sparsity: float) -> None:
+    if not 0 <= sparsity < 1:
+        raise StreamPruneError(f"--sparsity must be in [0, 1), got {sparsity}")
+    most = max_sparsity(block)
+    if sparsity > most:
+        raise StreamPruneError(f"--sparsity {sparsity} would remove every attention head of each block; "
+                               f"this model allows at most {most:.3f}")
+
+
+def existing_ancestor(folder: Path) -> Path:
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def folder_bytes(folder: Path, pattern: str) -> int:
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file()) if folder.is_dir() else 0
+
+
+def check_free_disk(out: Path, cache_folder: Path, output_bytes: int, cache_bytes: int) -> None:
+    """Refuse up front when the output plus the activation cache will not fit. What a previous,
+    interrupted run already wrote is counted as written."""
+    output_left = max(0, output_bytes - folder_bytes(out, "model-*.safetensors"))
+    cache_left = max(0, cache_bytes - folder_bytes(cache_folder, "inputs-*.f32"))
+    needs: dict[int, list] = {}  # filesystem -> [bytes, folder, what]
+    for folder, n, what in ((out, output_left, "output"), (cache_folder, cache_left, "activation cache")):
+        where = existing_ancestor(folder)
+        need = needs.setdefault(where.stat().st_dev, [0, where, []])
+        need[0] += n
+        need[2].append(f"{what} {gib(n)}")
+    for n, where, parts in needs.values():
+        free = shutil.disk_usage(where).free
+        if n > free:
+            raise StreamPruneError(f"not enough free disk in {where}: this run needs about {gib(n)} "
+                                   f"({', '.join(parts)}), {gib(free)} free; free some space or use --cache-dir "
+                                   "on another disk")
+
+
+def first_bad_value(t: torch.Tensor) -> str | None:
+    """'NaN' or 'Inf' if t holds one (checked in chunks), else None."""
+    flat = t.detach().reshape(-1)
+    if not flat.is_floating_point():
+        return None
+    for start in range(0, flat.numel(), FINITE_CHUNK):
+        chunk = flat[start:start + FINITE_CHUNK]
+        if not torch.isfinite(chunk).all():
+            return "NaN" if torch.isnan(chunk).any() else "Inf"
+    return None
+
+
+def check_finite_weights(tensors: dict[str, torch.Tensor], names: dict[str, str]) -> None:
+    """`tensors` by short name; `names` maps short names to the stored tensor names."""
+    for short, t in tensors.items():
+        bad = first_bad_value(t)
+        if bad:
+            raise StreamPruneError(f"tensor {names[short]} contains {bad} values; the input model is damaged")
+
+
+def check_finite_activations(y: torch.Tensor, layer: int, first_sample: int) -> None:
+    bad = first_bad_value(y)
+    if bad:
+        raise StreamPruneError(f"layer {layer} produced {bad} activations on calibration samples from "
+                               f"{first_sample}; the model's weights or dtype overflow on this input")
