@@ -180,7 +180,7 @@ def test_bad_input_is_refused_cleanly(pristine, tmp_path, case):
 def test_not_enough_free_disk_is_refused_up_front(pristine, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
-    r = refused(pristine, tmp_path / "out", {}, r"not enough free disk in .*: this run needs about "
+    refused(pristine, tmp_path / "out", {}, r"not enough free disk in .*: this run needs about "
                 r"[\d.]+ MiB \(output [\d.]+ MiB, activation cache [\d.]+ MiB\), 0.0 MiB free")
     assert not list((tmp_path / "out").glob("*.safetensors"))
 

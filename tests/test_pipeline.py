@@ -16,6 +16,7 @@ from streamprune.calibration import bos_id, load_tokenizer, token_windows, token
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
 from tests.models import save_tiny_model
+from tools.fault_bench import digests
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
@@ -38,20 +39,6 @@ def tensors(folder):
     for f in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as s:
             out.update({k: s.get_tensor(k) for k in s.keys()})
-    return out
-
-
-def digests(folder):
-    """sha256 of every output file; report.json without its timing section."""
-    out = {}
-    for f in sorted(Path(folder).iterdir()):
-        if f.is_file():
-            data = f.read_bytes()
-            if f.name == "report.json":
-                report = json.loads(data)
-                report.pop("timing")
-                data = json.dumps(report, sort_keys=True).encode()
-            out[f.name] = hashlib.sha256(data).hexdigest()
     return out
 
 

@@ -72,7 +72,7 @@ def one_run(model: Path, out: Path, calib: Path, ev: Path, method: str, extra: l
 
 
 def markdown(rows: list[dict], dense: dict, args) -> str:
-    lines = [f"# Pruning quality\n",
+    lines = ["# Pruning quality\n",
              f"Perplexity on held-out text after pruning (calibration: {args.samples} windows of "
              f"{args.seq_len} tokens, seed 0; evaluation windows of {args.seq_len} tokens). In parentheses: "
              "the increase over the dense model. Columns: --sparsity, with the fraction of block parameters "
