@@ -2,7 +2,6 @@
 output against the input (sparsity 0), against transformers (loads, same computation), and
 against itself (resume is byte-identical)."""
 
-import hashlib
 import json
 from pathlib import Path
 
