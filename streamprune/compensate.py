@@ -15,9 +15,8 @@ from contextlib import nullcontext
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from .block import attention_heads, attention_output, mlp_activations, rms_norm
+from .block import attention_heads, attention_output, block_forward, mlp_activations, rms_norm
 from .families import BlockSpec
 from .numerics import one_thread
 from .selection import Kept
@@ -82,17 +81,15 @@ def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, tor
         eq = NormalEquations()
         for x in batches():
             heads = attention_heads(W, spec, x, cos, sin)
-            target = attention_output(W, heads) - (W["o_bias"] if "o_bias" in W else 0)
+            target = attention_output(W, heads) - W.get("o_bias", 0)
             eq.add(heads[:, :, kept.heads.to(x.device)].flatten(-2), target, token_scale(x + target))
         W_new["o"] = eq.solve(W_new["o"], ridge)
     if heads_removed or spec_new.intermediate < spec.intermediate:
         eq = NormalEquations()
         for x in batches():
-            h_dense = x + attention_output(W, attention_heads(W, spec, x, cos, sin))
-            y_dense = h_dense + F.linear(mlp_activations(W, rms_norm(h_dense, W["mlp_norm"], spec.eps)),
-                                         W["down"], W.get("down_bias"))
+            y_dense = block_forward(W, spec, x, cos, sin)
             h = x + attention_output(W_new, attention_heads(W_new, spec_new, x, cos, sin))
             a = mlp_activations(W_new, rms_norm(h, W_new["mlp_norm"], spec.eps))
-            eq.add(a, y_dense - h - (W["down_bias"] if "down_bias" in W else 0), token_scale(y_dense))
+            eq.add(a, y_dense - h - W.get("down_bias", 0), token_scale(y_dense))
         W_new["down"] = eq.solve(W_new["down"], ridge)
     return W_new

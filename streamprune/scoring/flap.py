@@ -1,7 +1,8 @@
 """FLAP (An et al., 2024): a channel's fluctuation — the variance of its activation over the
 calibration tokens — times the squared norm of the output-projection column that reads it. A
-channel that barely fluctuates can be replaced by its mean, which is what FLAP's bias
-compensation does (see compensate.py)."""
+channel that barely fluctuates can be replaced by its mean, which FLAP does with a bias; stock
+configs cannot carry that bias for every family, so streamprune offers least-squares
+compensation (compensate.py) instead (docs/scoring.md)."""
 
 from __future__ import annotations
 

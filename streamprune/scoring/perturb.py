@@ -13,9 +13,8 @@ than a few hundred masks do."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..block import attention_heads, attention_output, mlp_activations, rms_norm
+from ..block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from ..families import BlockSpec
 from ..numerics import one_thread
 from ..selection import Sizes, masks, select_units
@@ -47,7 +46,7 @@ class TokenSample:
             pick = torch.randperm(b * T, generator=calib.generator)[:k].sort().values.to(x.device)
             heads = attention_heads(W, spec, x, calib.cos, calib.sin)
             h = x + attention_output(W, heads)
-            y = h + F.linear(mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps)), W["down"], W.get("down_bias"))
+            y = h + mlp_output(W, spec, h)
             xs.append(x.reshape(-1, E)[pick])
             os.append(heads.reshape(b * T, spec.n_heads, spec.head_dim)[pick])
             ys.append(y.reshape(-1, E)[pick])
@@ -70,12 +69,11 @@ def masked_errors(W, spec: BlockSpec, s: TokenSample, head_keep: torch.Tensor, n
     """Relative squared error of the block output for each of M masks: (M,) fp64."""
     errors = []
     for i in range(0, head_keep.shape[0], per_pass):
-        hk = head_keep[i:i + per_pass].to(s.o.device, s.o.dtype)
-        nk = neuron_keep[i:i + per_pass].to(s.o.device, s.o.dtype)
-        attn = F.linear((s.o[None] * hk[:, None, :, None]).flatten(-2), W["o"], W.get("o_bias"))
-        h = s.x[None] + attn  # (m, n, E)
-        a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps)) * nk[:, None, :]
-        y = h + F.linear(a, W["down"], W.get("down_bias"))
+        hk = head_keep[i:i + per_pass].to(s.o.device)
+        nk = neuron_keep[i:i + per_pass].to(s.o.device)
+        # the token sample is one batch of n tokens: (1, n, H, D) -> outputs (m, 1, n, E)
+        h = s.x + attention_output(W, s.o[None], hk)
+        y = (h + mlp_output(W, spec, h, nk))[:, 0]
         errors.append(s.weighted((y - s.y[None]).double().pow(2).sum(-1)).cpu())
     return torch.cat(errors) / s.update_energy
 
@@ -84,7 +82,7 @@ def alone_errors(W, spec: BlockSpec, s: TokenSample) -> tuple[torch.Tensor, torc
     """The prior: each unit's relative error when removed alone, measured at its own sublayer."""
     Wo = W["o"].view(spec.hidden, spec.n_heads, spec.head_dim)
     heads = s.weighted(torch.einsum("nhd,ehd->hne", s.o, Wo).double().pow(2).sum(-1)).cpu()
-    h = s.x + F.linear(s.o.flatten(-2), W["o"], W.get("o_bias"))
+    h = s.x + attention_output(W, s.o)
     a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps))
     neurons = s.weighted(a.double().pow(2).T).cpu() * W["down"].double().pow(2).sum(0).cpu()
     return heads / s.update_energy, neurons / s.update_energy
