@@ -16,7 +16,7 @@ from streamprune import evaluate, pipeline
 from streamprune.cli import main
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
-from tests.models import SHARED, save_tiny_model
+from tests.models import DEVICES, SHARED, save_tiny_model
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 SEQ = 32
@@ -57,10 +57,11 @@ def rel(a, b):
     return abs(a - b) / abs(b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family,tied", [("llama", False), ("mistral", False), ("qwen3", True)])
-def test_streaming_perplexity_equals_transformers(tmp_path, text, small_chunks, family, tied):
+def test_streaming_perplexity_equals_transformers(tmp_path, text, small_chunks, family, tied, device):
     folder = tiny(tmp_path, family, tie_word_embeddings=tied)  # mistral: sliding window 16 < 32
-    r = evaluate.perplexity(folder, text, SEQ)
+    r = evaluate.perplexity(folder, text, SEQ, device)
     assert r.windows > 3 and r.tokens == r.windows * (SEQ - 1)
     assert rel(r.ppl, transformers_ppl(folder, text, SEQ)) <= 1e-4
 

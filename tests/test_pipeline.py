@@ -1,6 +1,7 @@
 """End to end: run the streaming pipeline on tiny sharded models of every family and check the
 output against the input (sparsity 0), against transformers (loads, same computation), and
-against itself (resume is byte-identical)."""
+against itself (resume is byte-identical). The device-parametrized tests also run on CUDA where
+a GPU is present, and the CUDA run is compared with the CPU run."""
 
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ from streamprune import pipeline
 from streamprune.calibration import bos_id, load_tokenizer, token_windows, tokenize_file
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
-from tests.models import save_tiny_model
+from tests.models import DEVICES, save_tiny_model
 from tools.fault_bench import digests
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
@@ -49,9 +50,10 @@ def load(folder):
 
 @pytest.mark.parametrize("family,dtype", [(f, torch.float32) for f in FAMILIES] + [("llama", torch.bfloat16),
                                                                                   ("qwen2", torch.float16)])
-def test_sparsity_zero_is_identity(tmp_path, family, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparsity_zero_is_identity(tmp_path, family, dtype, device):
     src = tiny(tmp_path, family, dtype=dtype)
-    pipeline.run(config(src, tmp_path / "out", sparsity=0.0))
+    pipeline.run(config(src, tmp_path / "out", sparsity=0.0, device=device))
     before, after = tensors(src), tensors(tmp_path / "out")
     assert before.keys() == after.keys()
     assert all(before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
@@ -60,12 +62,13 @@ def test_sparsity_zero_is_identity(tmp_path, family, dtype):
         assert torch.equal(load(src)(ids).logits, load(tmp_path / "out")(ids).logits)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, family):
+def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, family, device):
     """The last cached activations (pruned blocks run in our engine) equal the pruned model
     run by stock transformers on the same calibration windows."""
     src, out = tiny(tmp_path, family), tmp_path / "out"
-    cfg = config(src, out, sparsity=0.5, keep_cache=True)
+    cfg = config(src, out, sparsity=0.5, keep_cache=True, device=device)
     report = pipeline.run(cfg)
     assert 0.45 < report["block_params"]["removed_fraction"] < 0.55
     model = load(out)
@@ -98,9 +101,10 @@ def test_llama_with_indivisible_head_count_is_written_as_mistral(tmp_path):
     load(tmp_path / "out")
 
 
-def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch, device):
     src = tiny(tmp_path, "qwen3", layers=4)
-    pipeline.run(config(src, tmp_path / "whole"))
+    pipeline.run(config(src, tmp_path / "whole", device=device))
     real_prune = pipeline.BlockRunner.prune
 
     def interrupted(self, layer, W):
@@ -110,10 +114,10 @@ def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline.BlockRunner, "prune", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run(config(src, tmp_path / "resumed"))
+        pipeline.run(config(src, tmp_path / "resumed", device=device))
     assert not (tmp_path / "resumed" / "model.safetensors.index.json").exists()
     monkeypatch.setattr(pipeline.BlockRunner, "prune", real_prune)
-    pipeline.run(config(src, tmp_path / "resumed"))
+    pipeline.run(config(src, tmp_path / "resumed", device=device))
     assert digests(tmp_path / "whole") == digests(tmp_path / "resumed")
     assert not (tmp_path / "resumed" / ".streamprune" / "cache").exists()
 
@@ -136,16 +140,28 @@ def test_refuses_foreign_non_empty_output_folder(tmp_path):
         pipeline.run(config(src, out))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["perturb", "magnitude", "wanda-sp", "flap"])
-def test_every_method_prunes_to_a_loadable_model_and_compensation_helps(tmp_path, method):
-    src = tiny(tmp_path, "llama")
+def test_every_method_prunes_to_a_loadable_model_and_compensation_helps(tmp_path, method, device):
+    src = tiny(tmp_path, "llama", dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     errors = {}
     for compensate in (False, True):
         out = tmp_path / f"out-{compensate}"
-        report = pipeline.run(config(src, out, method=method, compensate=compensate, samples=8))
+        report = pipeline.run(config(src, out, method=method, compensate=compensate, samples=8, device=device))
         errors[compensate] = [b["relative_error"] for b in report["blocks"]]
         assert report["arguments"]["method"] == method and report["arguments"]["compensate"] == compensate
         load(out)
     assert errors[True][0] < errors[False][0]
     if method == "perturb":
         assert report["blocks"][0]["scoring"]["perturbations"] == 256
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_gpu_prunes_the_demo_model_like_the_cpu(tmp_path, device):
+    """fp32 on both devices: the block errors agree (the same units win, up to near-ties)."""
+    errors, kept = {}, {}
+    for d in ("cpu", device):
+        report = pipeline.run(config(DEMO / "stories260K", tmp_path / d, device=d, samples=16, seq_len=64))
+        errors[d] = [b["relative_error"] for b in report["blocks"]]
+        kept[d] = [b["kept_heads"] for b in report["blocks"]]
+    assert errors[device] == pytest.approx(errors["cpu"], rel=0.1), kept

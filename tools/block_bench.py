@@ -2,7 +2,9 @@
 bf16) pruned alone with default settings: predicted (plan) and measured peak memory, and seconds.
 
     python tools/block_bench.py --samples 4 --seq-len 256 --budget 0.1    # CPU
-    python tools/block_bench.py --device cuda --samples 128 --seq-len 2048 # GPU
+    python tools/block_bench.py --device cuda --samples 128 --seq-len 2048 --calib LONG.txt  # GPU
+
+(128 x 2048 tokens need a longer calibration text than the demo's ~148k tokens.)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.synthetic import (ROOT, bench_parser, emit, method_args, run_streamprune,  # noqa: E402
+from tools.synthetic import (DEMO, ROOT, bench_parser, emit, method_args, run_streamprune,  # noqa: E402
                              synthetic_config, write_random_model)
 
 
@@ -25,6 +27,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--budget", type=float, help="perturb's --budget (default: streamprune's)")
+    p.add_argument("--calib", type=Path, default=DEMO / "calib.txt", help="calibration text")
     args = p.parse_args()
     extra = [*method_args(args), *(["--budget", str(args.budget)] if args.budget else [])]
     shape = dict(samples=args.samples, seq_len=args.seq_len)
@@ -37,7 +40,8 @@ def main():
              *extra],
             check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout)
         report, wall = run_streamprune(model, Path(tmp) / "out", "--device", args.device, "--samples", args.samples,
-                                       "--seq-len", args.seq_len, *extra)
+                                       "--seq-len", args.seq_len, *extra,
+                                       calib=args.calib)
     timing = report["timing"]
     emit({
         "benchmark": "70B-shaped block", "device": args.device, "layers": args.layers, **shape,

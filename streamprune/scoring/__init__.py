@@ -19,6 +19,10 @@ class UnitScores:
     neurons: torch.Tensor  # (I,)
     info: dict = field(default_factory=dict)  # how they were obtained, for report.json
 
+    def __post_init__(self):  # selection works on the host, whichever device scored
+        object.__setattr__(self, "heads", self.heads.cpu())  # (frozen dataclass)
+        object.__setattr__(self, "neurons", self.neurons.cpu())
+
 
 @dataclass
 class Calibration:
