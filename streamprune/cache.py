@@ -14,6 +14,8 @@ import torch
 from .faults import fault_point, spend_disk
 from .fsutil import fsync_dir, no_space
 
+CHUNK_BYTES = 64 * 2**20  # host staging per copy between the cache and the compute device
+
 
 class ActivationCache:
     def __init__(self, folder: Path, samples: int, seq_len: int, hidden: int):
@@ -36,8 +38,14 @@ class ActivationCache:
         return np.memmap(self.path(block), dtype=np.float32, mode="r", shape=self.shape)
 
     def batch(self, block: int, start: int, stop: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
-        """Samples [start, stop) of block's inputs, copied into a tensor: (b, T, E)."""
-        return torch.from_numpy(np.array(self.reader(block)[start:stop])).to(device=device, dtype=dtype)
+        """Samples [start, stop) of block's inputs, copied into a tensor: (b, T, E). Copied a
+        chunk at a time, so a GPU micro-batch needs no host copy of its own size."""
+        rows = self.reader(block)[start:stop]
+        out = torch.empty(rows.shape, dtype=dtype, device=device)
+        step = chunk_rows(rows.shape)
+        for i in range(0, len(rows), step):
+            out[i:i + step] = torch.from_numpy(np.array(rows[i:i + step]))
+        return out
 
     def writer(self, block: int) -> "CacheWriter":
         return CacheWriter(self, block)
@@ -51,6 +59,11 @@ class ActivationCache:
                 fault_point("cache_delete")
                 p.unlink(missing_ok=True)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def chunk_rows(shape) -> int:
+    """Samples per host copy: as many as fit in CHUNK_BYTES of fp32, at least one."""
+    return max(1, CHUNK_BYTES // (4 * int(np.prod(shape[1:]))))
 
 
 def preallocate(path: Path, nbytes: int) -> None:
@@ -85,7 +98,10 @@ class CacheWriter:
 
     def write(self, start: int, x: torch.Tensor) -> None:
         fault_point("cache_write")
-        self.mm[start:start + x.shape[0]] = x.detach().float().cpu().numpy()
+        step = chunk_rows(x.shape)
+        for i in range(0, x.shape[0], step):
+            part = x[i:i + step].detach().float().cpu().numpy()
+            self.mm[start + i:start + i + len(part)] = part
 
     def commit(self) -> None:
         self.mm.flush()

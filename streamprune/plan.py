@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
+from .cache import chunk_rows
 from .compensate import work_bytes as compensation_bytes
 from .errors import StreamPruneError
 from .scoring import ScoringOptions, make_scorer
 from .shards import ITEMSIZE
 
 BASE_PROCESS_BYTES = 700 * 2**20  # measured 440-660 MiB for `streamprune run` on CPU, rounded up
+CUDA_PROCESS_BYTES = 1700 * 2**20  # host RSS with the CUDA libraries loaded: 1.6 GiB measured (H200)
 MAX_ACTIVATION_BYTES = 1 * 2**30  # larger micro-batches stop paying off on a CPU
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -41,12 +43,15 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def activation_bytes(block, seq_len: int, batch: int) -> int:
-    """fp32 activations of one block forward on `batch` windows: residual, norms, q/k/v (k/v
-    repeated to all heads), attention scores, SwiGLU, dense and pruned outputs side by side."""
+def activation_bytes(block, seq_len: int, batch: int, itemsize: int = 4, scores: bool = True) -> int:
+    """Activations of one block forward on `batch` windows: residual, norms, q/k/v (k/v repeated
+    to all heads), SwiGLU, dense and pruned outputs side by side, in the compute dtype (fp32 on
+    a CPU); plus the attention scores where they are materialized (`scores`: the CPU; a GPU's
+    fused attention kernels never hold them). On a GPU, compensation's fp32 copies of the
+    down_proj inputs are about as large as the bf16 forward and are covered by it."""
     per_token = 10 * block.hidden + 4 * block.n_heads * block.head_dim + 3 * block.intermediate \
-        + block.n_heads * seq_len
-    return 4 * batch * seq_len * per_token
+        + (block.n_heads * seq_len if scores else 0)
+    return itemsize * batch * seq_len * per_token
 
 
 @dataclass(frozen=True)
@@ -87,13 +92,20 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
     emb_item = ITEMSIZE[index.tensors[spec.other_tensors()[0]].dtype]
     embed_rows = min(spec.vocab, samples * seq_len) * spec.hidden * emb_item
 
+    itemsize = 4 if dev.type == "cpu" else max(1, round(stored / n_params))  # of the compute dtype
+
+    def act_bytes(batch: int) -> int:
+        return activation_bytes(spec.blocks[0], seq_len, batch, itemsize, scores=dev.type == "cpu")
+
     def peaks(batch: int) -> tuple[int, int]:
-        act = activation_bytes(spec.blocks[0], seq_len, batch) + work_bytes
+        act = act_bytes(batch) + work_bytes
         weights = compute * (1 + kept)
         io = stored * (1 + kept)  # prefetch of the next block + the write buffer
         if dev.type == "cpu":
             return BASE_PROCESS_BYTES + max(weights + io + act, embed_rows), 0
-        return BASE_PROCESS_BYTES + io + stored + embed_rows, weights + act
+        # a GPU micro-batch passes through host memory a chunk at a time (read and write)
+        staging = 2 * 4 * seq_len * spec.hidden * min(batch, chunk_rows((batch, seq_len, spec.hidden)))
+        return CUDA_PROCESS_BYTES + io + stored + max(embed_rows, staging), weights + act
 
     host_limit = limit if dev.type == "cpu" else psutil.virtual_memory().available
 
@@ -106,8 +118,7 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
     else:
         batch = 1
         cap = MAX_ACTIVATION_BYTES if dev.type == "cpu" else limit
-        while batch < samples and fits(batch + 1) and \
-                activation_bytes(spec.blocks[0], seq_len, batch + 1) <= cap:
+        while batch < samples and fits(batch + 1) and act_bytes(batch + 1) <= cap:
             batch += 1
     host, device_bytes = peaks(batch)
     return Plan(device=str(dev), micro_batch=batch, block_stored_bytes=stored, block_compute_bytes=compute,

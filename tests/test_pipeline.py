@@ -165,3 +165,19 @@ def test_gpu_prunes_the_demo_model_like_the_cpu(tmp_path, device):
         errors[d] = [b["relative_error"] for b in report["blocks"]]
         kept[d] = [b["kept_heads"] for b in report["blocks"]]
     assert errors[device] == pytest.approx(errors["cpu"], rel=0.1), kept
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_activation_cache_round_trip_in_chunks(tmp_path, monkeypatch, device):
+    """Micro-batches larger than the host staging chunk are copied in pieces, exactly."""
+    from streamprune import cache as cache_module
+    monkeypatch.setattr(cache_module, "CHUNK_BYTES", 2 * 5 * 3 * 4)  # two samples of (5, 3) fp32
+    c = pipeline.ActivationCache(tmp_path, samples=7, seq_len=5, hidden=3)
+    x = torch.randn(7, 5, 3)
+    w = c.writer(0)
+    w.write(0, x[:5].to(device))  # 2 + 2 + 1 samples
+    w.write(5, x[5:].to(device))
+    w.commit()
+    assert torch.equal(c.batch(0, 0, 7), x)
+    assert torch.equal(c.batch(0, 1, 6, device).cpu(), x[1:6])
+    assert torch.equal(c.batch(0, 2, 7, device, torch.bfloat16).cpu(), x[2:7].to(torch.bfloat16))

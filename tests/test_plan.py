@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from streamprune import pipeline
 from streamprune.cli import main
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
-from streamprune.plan import make_plan, parse_bytes
+from streamprune.plan import activation_bytes, make_plan, parse_bytes
+from tests.models import DEVICES, save_tiny_model
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 
@@ -53,6 +55,31 @@ def test_prediction_covers_the_measured_peak(tmp_path):
     model = pipeline.open_model(DEMO / "stories260K")
     predicted = make_plan(model, pipeline.plan(model, 0.3)[0], 8, 128, "cpu", 0.3)
     assert predicted.peak_host_bytes >= report["timing"]["peak_rss_bytes"]
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_gpu_prediction_covers_the_measured_gpu_peak(tmp_path, device):
+    src = save_tiny_model(tmp_path / "bf16", "llama", layers=2, hidden=256, heads=8, kv=2, intermediate=768,
+                          vocab=512, dtype=torch.bfloat16, tokenizer_from=DEMO / "stories260K")
+    cfg = RunConfig(shards=src, out=tmp_path / "out", calib=DEMO / "calib.txt", samples=16, seq_len=512,
+                    device=device, progress=False)
+    torch.cuda.reset_peak_memory_stats()
+    report = pipeline.run(cfg)
+    model = pipeline.open_model(src)
+    sizes = pipeline.plan(model, cfg.sparsity)[0]
+    predicted = make_plan(model, sizes, 16, 512, device, cfg.sparsity, batch_size=report["timing"]["micro_batch"],
+                          work_bytes=pipeline.stage_work_bytes(cfg, model, sizes))
+    assert predicted.peak_device_bytes >= report["timing"]["peak_cuda_bytes"]
+
+
+def test_gpu_plan_counts_activations_in_the_compute_dtype_without_attention_scores(tmp_path):
+    """No GPU needed: the plan is arithmetic (bf16 activations; fused attention holds no scores)."""
+    model = pipeline.open_model(save_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16))
+    sizes, _ = pipeline.plan(model, 0.3)
+    gpu = make_plan(model, sizes, 4, 256, "cuda", 0.3, max_memory=2**30, batch_size=4)
+    act = activation_bytes(model.spec.blocks[0], 256, 4, itemsize=2, scores=False)
+    assert gpu.peak_device_bytes == pytest.approx(gpu.block_compute_bytes * 1.7 + act)
+    assert act < activation_bytes(model.spec.blocks[0], 256, 4) / 2
 
 
 def test_plan_command_prints_disk_memory_and_time():

@@ -22,6 +22,13 @@ from tools.synthetic import (DEMO, ROOT, bench_parser, emit, method_args, run_st
                              synthetic_config, write_random_model)
 
 
+def gpu_name(device: str) -> dict:
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+    return {"gpu": torch.cuda.get_device_name(torch.device(device))}
+
+
 def main():
     p = bench_parser(__doc__, samples=4, seq_len=256, hidden=8192, heads=64, kv=8, intermediate=28672)
     p.add_argument("--device", default="cpu")
@@ -44,7 +51,8 @@ def main():
                                        calib=args.calib)
     timing = report["timing"]
     emit({
-        "benchmark": "70B-shaped block", "device": args.device, "layers": args.layers, **shape,
+        "benchmark": "block", "device": args.device, **gpu_name(args.device), "layers": args.layers,
+        "shape": dict(hidden=args.hidden, heads=args.heads, kv=args.kv, intermediate=args.intermediate), **shape,
         "method": report["arguments"]["method"], "budget": report["arguments"]["budget"],
         "compensate": report["arguments"]["compensate"], "micro_batch": timing["micro_batch"],
         "predicted_peak_host_gib": round(plan["peak_host_bytes"] / 2**30, 2),

@@ -4,8 +4,9 @@
 #   1. the CUDA variants of the comparison tests (pytest -k cuda): streamed forward and perplexity
 #      against transformers, 0% identity, sliced == computed, resume byte-identical, every method
 #   2. the 70B-shaped block benchmark at default settings, 128 x 2048 calibration tokens
-#   3. the demo pruned on the GPU and on the CPU: perplexity, seconds, peak GPU memory
-#   4. if MODEL, CALIB and EVAL are set: a bf16 copy of MODEL pruned on the GPU (bf16 compute)
+#   3. peak GPU memory against depth: 2 and 8 Llama-3-8B-shaped blocks
+#   4. the demo pruned on the GPU and on the CPU: perplexity, seconds, peak GPU memory
+#   5. if MODEL, CALIB and EVAL are set: a bf16 copy of MODEL pruned on the GPU (bf16 compute)
 #
 #   bash tools/cuda_check.sh [RESULTS_DIR]      (default: ./cuda-check)
 set -u -o pipefail
@@ -35,6 +36,14 @@ echo "== 70B-shaped block, default method, 128 x 2048 tokens"
 cat demo/calib.txt demo/calib.txt > "$W/calib.txt"
 timeout 400 $PY tools/block_bench.py --device cuda --samples 128 --seq-len 2048 --calib "$W/calib.txt" \
     --workdir "$W" --json "$R/bench-block-70b-cuda.json"
+
+echo "== peak GPU memory against depth, 8B-shaped blocks, 16 x 2048 tokens"
+for n in 2 8; do
+    timeout 200 $PY tools/block_bench.py --device cuda --layers $n --hidden 4096 --heads 32 --kv 8 \
+        --intermediate 14336 --samples 16 --seq-len 2048 --workdir "$W" --json "$R/bench-depth-$n-cuda.json" \
+        | grep -E '"(layers|predicted_peak_device_gib|measured_peak_cuda_gib|seconds_per_block)"' | tr -d '\n'
+    echo
+done
 
 echo "== demo (stories260K, 30%), GPU and CPU"
 for dev in cuda cpu; do
