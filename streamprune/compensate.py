@@ -93,3 +93,29 @@ def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, tor
             eq.add(a, y_dense - h - W.get("down_bias", 0), token_scale(y_dense))
         W_new["down"] = eq.solve(W_new["down"], ridge)
     return W_new
+
+
+def restore_means(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, torch.Tensor], kept: Kept,
+                  batches: Callable[[], Iterator[torch.Tensor]], cos, sin, biases: frozenset[str]
+                  ) -> dict[str, torch.Tensor]:
+    """FLAP's compensation (An et al., arXiv 2312.11983): what the removed heads and neurons output
+    on average over the calibration tokens (dense block) is added to o_proj's and down_proj's
+    bias, for the sublayers in `biases` (those whose output can carry a bias)."""
+    W_new, n = dict(W_new), 0
+    head_sum = act_sum = 0
+    for x in batches():
+        heads = attention_heads(W, spec, x, cos, sin)
+        a = mlp_activations(W, rms_norm(x + attention_output(W, heads), W["mlp_norm"], spec.eps))
+        head_sum = head_sum + heads.double().sum((0, 1))  # (H, D)
+        act_sum = act_sum + a.double().sum((0, 1))  # (I,)
+        n += x.shape[0] * x.shape[1]
+    for sublayer, proj, bias, total, kept_units in (("attention", "o", "o_bias", head_sum, kept.heads),
+                                                    ("mlp", "down", "down_bias", act_sum, kept.neurons)):
+        removed = torch.ones(total.shape[0], dtype=torch.float64, device=W[proj].device)
+        removed[kept_units.to(removed.device)] = 0
+        if sublayer not in biases or not removed.any():
+            continue
+        mean = (total / n * (removed[:, None] if total.dim() == 2 else removed)).flatten()
+        shift = W[proj].double() @ mean
+        W_new[bias] = (W[bias].double() + shift if bias in W else shift).to(W[proj].dtype)
+    return W_new

@@ -10,6 +10,9 @@ from pathlib import Path
 from .errors import StreamPruneError
 
 
+COMPENSATIONS = ("lsq", "mean", "none")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     shards: Path
@@ -22,7 +25,9 @@ class RunConfig:
     seed: int = 0
     method: str = "perturb"
     budget: float = 1.0  # scales the perturbations and tokens of sampling methods
-    compensate: bool = True  # refit o_proj and down_proj by least squares after slicing
+    # after slicing: "lsq" refits o_proj and down_proj by least squares; "mean" puts the removed
+    # units' mean output into their biases (FLAP's compensation); "none". True/False mean lsq/none.
+    compensate: str = "lsq"
     calibrate_on: str = "pruned"  # block i+1's calibration inputs: outputs of the pruned or the dense block i
     batch_size: int = 0  # calibration samples per micro-batch; 0 = pick from memory
     max_memory: int | None = None  # bytes the run may use (host on CPU, GPU on CUDA); None = what is free
@@ -45,6 +50,10 @@ class RunConfig:
             raise StreamPruneError("--budget must be > 0")
         if self.calibrate_on not in ("pruned", "dense"):
             raise StreamPruneError("--calibrate-on must be pruned or dense")
+        if isinstance(self.compensate, bool):
+            object.__setattr__(self, "compensate", "lsq" if self.compensate else "none")
+        if self.compensate not in COMPENSATIONS:
+            raise StreamPruneError(f"--compensate must be one of {', '.join(COMPENSATIONS)}")
         if self.batch_size < 0:
             raise StreamPruneError("--batch-size must be >= 0")
 

@@ -5,6 +5,7 @@ the model family."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ BLOCK_TENSORS = {
     "up_bias": "mlp.up_proj.bias",
     "down_bias": "mlp.down_proj.bias",
 }
+# Sublayers whose output projection a stock config of the family can give a bias, and the key that
+# does it: attention_bias adds q/k/v/o biases, mlp_bias gate/up/down biases. Compensation puts
+# its intercept there (zeros in the others); Mistral and Qwen2 have no such key.
+BIAS_KEYS = {"llama": {"attention": "attention_bias", "mlp": "mlp_bias"}, "qwen3": {"attention": "attention_bias"}}
+
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
@@ -92,6 +98,12 @@ class BlockSpec:
             "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (E,),
         }
         return {n: full[n] for n in self.tensor_names()}
+
+    def with_biases(self, sublayers) -> "BlockSpec":
+        """This block with the biases a stock config adds for `sublayers` (see BIAS_KEYS)."""
+        return dataclasses.replace(self, qkv_bias=self.qkv_bias or "attention" in sublayers,
+                                   o_bias=self.o_bias or "attention" in sublayers,
+                                   mlp_bias=self.mlp_bias or "mlp" in sublayers)
 
     def n_params(self) -> int:
         total = 0
@@ -203,8 +215,14 @@ def rotary_tables(config: dict, seq_len: int, device="cpu") -> tuple[torch.Tenso
     return cos[0].float(), sin[0].float()
 
 
-def pruned_config(config: dict, n_heads: int, n_kv: int, intermediate: int) -> dict:
-    """config.json for the pruned model, in a form stock transformers loads.
+def bias_sublayers(config: dict) -> frozenset[str]:
+    """The sublayers whose output projection has a bias under this config."""
+    return frozenset(s for s, key in BIAS_KEYS.get(config["model_type"], {}).items() if config.get(key))
+
+
+def pruned_config(config: dict, n_heads: int, n_kv: int, intermediate: int, biases=()) -> dict:
+    """config.json for the pruned model, in a form stock transformers loads, with bias slots for
+    the sublayers in `biases` where the family has them (BIAS_KEYS).
 
     LlamaConfig insists on hidden_size % num_attention_heads == 0, which most pruned head
     counts break. Mistral's architecture is the same computation as Llama's (no biases, same
@@ -222,5 +240,9 @@ def pruned_config(config: dict, n_heads: int, n_kv: int, intermediate: int) -> d
         for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
             out.pop(key, None)
         out.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
+    for sublayer in biases:
+        key = BIAS_KEYS.get(out["model_type"], {}).get(sublayer)
+        if key:
+            out[key] = True
     hf_config(out)  # raises if transformers would refuse it
     return out

@@ -21,8 +21,8 @@ from .calibration import bos_id, gather_embeddings, load_tokenizer, token_window
 from .config import RunConfig
 from .errors import StreamPruneError
 from .evaluate import attach_eval, journaled_eval
-from .families import EMBED, ModelSpec, model_spec, pruned_config, read_config, rotary_tables
-from .compensate import compensate
+from .families import EMBED, ModelSpec, bias_sublayers, model_spec, pruned_config, read_config, rotary_tables
+from .compensate import compensate, restore_means
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
 from .journal import WORKDIR, Journal, refuse_foreign_folder
@@ -31,7 +31,7 @@ from .plan import Plan, make_plan, stage_work_bytes
 from .scoring import Calibration, ScoringOptions, make_scorer
 from .selection import Sizes, plan_sizes, select_units
 from .shards import OutTensor, ShardIndex, read_header, shard_name, write_safetensors
-from .slicing import slice_block
+from .slicing import add_zero_biases, slice_block
 from .validate import (check_finite_activations, check_finite_weights, check_free_disk, check_paths,
                        check_sparsity, check_writable)
 
@@ -59,10 +59,20 @@ def open_model(folder: Path) -> Model:
     return Model(folder, spec, index)
 
 
-def plan(model: Model, sparsity: float) -> tuple[Sizes, dict]:
-    """Uniform sizes for every block, and the output config.json (validated by transformers)."""
+def plan(model: Model, sparsity: float, compensate: str = "none") -> tuple[Sizes, dict]:
+    """Uniform sizes for every block, and the output config.json (validated by transformers).
+    With mean compensation, each sublayer that loses units gets a bias slot where the output
+    family has one."""
     sizes = plan_sizes(model.spec.blocks[0], sparsity)
-    return sizes, pruned_config(model.spec.config, sizes.n_heads, sizes.n_kv, sizes.intermediate)
+    biases = cut_sublayers(model, sizes) if compensate == "mean" else ()
+    return sizes, pruned_config(model.spec.config, sizes.n_heads, sizes.n_kv, sizes.intermediate, biases)
+
+
+def cut_sublayers(model: Model, sizes: Sizes) -> frozenset[str]:
+    """"attention" if heads are removed, "mlp" if neurons are."""
+    block = model.spec.blocks[0]
+    return frozenset(s for s, cut in (("attention", sizes.n_heads < block.n_heads),
+                                      ("mlp", sizes.intermediate < block.intermediate)) if cut)
 
 
 def peak_rss_bytes() -> int:
@@ -125,8 +135,10 @@ class BlockRunner:
     shards (prefetch) and writing block i's shard run on background threads while block i is
     scored; a block is journaled only once its shard is durable."""
 
-    def __init__(self, cfg: RunConfig, model: Model, sizes: Sizes, cache: ActivationCache, batch: int):
+    def __init__(self, cfg: RunConfig, model: Model, sizes: Sizes, cache: ActivationCache, batch: int,
+                 biases: frozenset[str] = frozenset()):
         self.cfg, self.model, self.sizes, self.cache, self.batch = cfg, model, sizes, cache, batch
+        self.biases = biases  # sublayers whose output projection has a bias in the output
         self.device = check_device(cfg.device)
         self.scorer = make_scorer(cfg.method, ScoringOptions(sizes=sizes, budget=cfg.budget))
         self.n_shards = model.spec.n_layers + 1
@@ -158,7 +170,7 @@ class BlockRunner:
     def prune(self, layer: int, stored: dict[str, torch.Tensor]) -> tuple[dict, Future]:
         """Score, slice and pass on block `layer`; returns its record and the future of its shard write."""
         t0 = time.time()
-        spec, names = self.model.spec.blocks[layer], self.model.spec.block_tensors(layer)
+        spec = self.model.spec.blocks[layer]
         dtype = compute_dtype(self.device, stored["q"].dtype)
         W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + layer)
@@ -168,10 +180,15 @@ class BlockRunner:
             scores = self.scorer.score(W, spec, calib)
             kept = select_units(scores.heads, scores.neurons, spec, self.sizes)
             W_new, spec_new = slice_block(W, spec, kept)
-            if self.cfg.compensate:
+            if self.cfg.compensate == "lsq":
                 W_new = compensate(W, spec, W_new, spec_new, kept, calib.batches, self.cos, self.sin)
+            elif self.cfg.compensate == "mean":
+                W_new = restore_means(W, spec, W_new, kept, calib.batches, self.cos, self.sin, self.biases)
+            spec_new = spec_new.with_biases(self.biases)
+            W_new = add_zero_biases(W_new, spec_new)
             t_score = time.time()
-            out = [OutTensor.of(names[s], t.to("cpu", stored[s].dtype)) for s, t in W_new.items()]
+            out = [OutTensor.of(self.model.spec.layer_tensor(layer, s), t.to("cpu", stored.get(s, stored["o"]).dtype))
+                   for s, t in W_new.items()]
             write = self.writer.submit(write_safetensors, self.model_path(layer + 1), out)
             rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype)
         return {
@@ -275,7 +292,8 @@ def build_report(cfg: RunConfig, model: Model, sizes: Sizes, journal: Journal, o
         "arguments": {k: v for k, v in cfg.as_dict().items() if k not in RunConfig.NOT_FINGERPRINTED},
         "model": {"model_type": model.spec.model_type, "layers": model.spec.n_layers,
                   "output_model_type": out_config["model_type"]},
-        "plan": {"heads": sizes.n_heads, "kv_heads": sizes.n_kv, "neurons": sizes.intermediate},
+        "plan": {"heads": sizes.n_heads, "kv_heads": sizes.n_kv, "neurons": sizes.intermediate,
+                 "biases_added": sorted(bias_sublayers(out_config) - bias_sublayers(model.spec.config))},
         "blocks": [{k: v for k, v in b.items() if k != "timing"} for b in blocks],
         "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
         "timing": {"seconds": round(seconds, 3), "blocks_seconds": journal.state.get("blocks_seconds"),
@@ -296,7 +314,10 @@ def run(cfg: RunConfig) -> dict:
         raise StreamPruneError(f"text file not found: {cfg.calib}")
     check_device(cfg.device)
     check_sparsity(model.spec.blocks[0], cfg.sparsity)
-    sizes, out_config = plan(model, cfg.sparsity)
+    sizes, out_config = plan(model, cfg.sparsity, cfg.compensate)
+    if cfg.compensate == "mean" and cut_sublayers(model, sizes) - bias_sublayers(out_config):
+        log.warning("--compensate mean: a %s output has no bias for %s, which stays uncompensated",
+                    out_config["model_type"], " or ".join(sorted(cut_sublayers(model, sizes) - bias_sublayers(out_config))))
     memory = memory_plan(cfg, model, sizes)
     if not cfg.restart:
         refuse_foreign_folder(cfg.out)
@@ -332,7 +353,7 @@ def run_locked(cfg: RunConfig, model: Model, sizes: Sizes, out_config: dict, mem
                                    "re-run with --restart")
         write_block_inputs(cfg, model, cache, batch)
     if start < L:
-        runner = BlockRunner(cfg, model, sizes, cache, batch)
+        runner = BlockRunner(cfg, model, sizes, cache, batch, bias_sublayers(out_config))
         try:
             t_blocks = time.time()
             runner.run_blocks(journal, start)

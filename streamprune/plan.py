@@ -168,14 +168,15 @@ def stage_work_bytes(cfg, model, sizes) -> int:
     block = max(model.spec.blocks, key=lambda b: b.n_params())
     scorer = make_scorer(cfg.method, ScoringOptions(sizes=sizes, budget=cfg.budget))
     cut = dataclasses.replace(block, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
-    return max(scorer.work_bytes(block), compensation_bytes(block, cut) if cfg.compensate else 0)
+    return max(scorer.work_bytes(block), compensation_bytes(block, cut) if cfg.compensate == "lsq" else 0)
 
 
 def stage_forward_passes(cfg) -> float:
     """Block forwards per block over all calibration tokens: scoring, compensation (two passes,
     each dense and pruned attention), and passing outputs on (dense and pruned)."""
     scorer = make_scorer(cfg.method, ScoringOptions(budget=cfg.budget))
-    return scorer.forward_passes(cfg.samples * cfg.seq_len) + (3.0 if cfg.compensate else 0.0) + 2.0
+    compensation = {"lsq": 3.0, "mean": 1.0, "none": 0.0}[cfg.compensate]
+    return scorer.forward_passes(cfg.samples * cfg.seq_len) + compensation + 2.0
 
 
 def describe_plan(cfg, max_memory: str | None = None, timing: bool = True) -> dict:

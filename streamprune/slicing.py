@@ -41,3 +41,11 @@ def slice_block(W: dict[str, torch.Tensor], spec: BlockSpec, kept: Kept) -> tupl
     new_spec = dataclasses.replace(spec, n_heads=len(kept.heads), n_kv=len(kept.kv),
                                    intermediate=len(kept.neurons))
     return out, new_spec
+
+
+def add_zero_biases(W: dict[str, torch.Tensor], spec: BlockSpec) -> dict[str, torch.Tensor]:
+    """W with a zero bias wherever `spec` has one that W lacks: a bias slot added so that
+    compensation can use o_proj's or down_proj's bias brings its siblings (q/k/v, gate/up)."""
+    like = W["o"]
+    return {**W, **{name: torch.zeros(shape, dtype=like.dtype, device=like.device)
+                    for name, shape in spec.shapes().items() if name not in W}}

@@ -31,6 +31,14 @@ def test_run_prunes_the_demo_model(tmp_path):
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
 
 
+def test_compensation_options():
+    from streamprune.cli import run
+    parse = lambda *a: run.make_context("run", ["--shards", "m", "--out", "o", *a]).params["compensate"]  # noqa: E731
+    assert parse() == "lsq"
+    assert parse("--no-compensate") == parse("--compensate", "none") == "none"
+    assert parse("--compensate", "mean") == "mean"
+
+
 def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     cases = [
         ("run", "--shards", DEMO / "stories260K", "--out", tmp_path / "o", "--sparsity", 1.5),

@@ -63,12 +63,13 @@ def test_sparsity_zero_is_identity(tmp_path, family, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, family, device):
+@pytest.mark.parametrize("family,compensate", [(f, "lsq") for f in FAMILIES] + [("llama", "mean"), ("qwen3", "mean")])
+def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, family, compensate, device):
     """The last cached activations (pruned blocks run in our engine) equal the pruned model
-    run by stock transformers on the same calibration windows."""
+    run by stock transformers on the same calibration windows (with mean compensation: with
+    the biases it adds)."""
     src, out = tiny(tmp_path, family), tmp_path / "out"
-    cfg = config(src, out, sparsity=0.5, keep_cache=True, device=device)
+    cfg = config(src, out, sparsity=0.5, keep_cache=True, device=device, compensate=compensate)
     report = pipeline.run(cfg)
     assert 0.45 < report["block_params"]["removed_fraction"] < 0.55
     model = load(out)
@@ -145,15 +146,15 @@ def test_refuses_foreign_non_empty_output_folder(tmp_path):
 def test_every_method_prunes_to_a_loadable_model_and_compensation_helps(tmp_path, method, device):
     src = tiny(tmp_path, "llama", dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     errors = {}
-    for compensate in (False, True):
+    for compensate in ("none", "lsq"):
         out = tmp_path / f"out-{compensate}"
         report = pipeline.run(config(src, out, method=method, compensate=compensate, samples=8, device=device))
         errors[compensate] = [b["relative_error"] for b in report["blocks"]]
         assert report["arguments"]["method"] == method and report["arguments"]["compensate"] == compensate
         load(out)
-    assert errors[True][0] < errors[False][0]
+    assert errors["lsq"][0] < errors["none"][0]
     if method == "perturb":
-        assert report["blocks"][0]["scoring"]["perturbations"] == 256
+        assert report["blocks"][0]["scoring"]["perturbations"] == 64
 
 
 @pytest.mark.parametrize("device", DEVICES[1:])
@@ -181,3 +182,22 @@ def test_activation_cache_round_trip_in_chunks(tmp_path, monkeypatch, device):
     assert torch.equal(c.batch(0, 0, 7), x)
     assert torch.equal(c.batch(0, 1, 6, device).cpu(), x[1:6])
     assert torch.equal(c.batch(0, 2, 7, device, torch.bfloat16).cpu(), x[2:7].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("family,added", [("llama", ["attention", "mlp"]), ("qwen3", ["attention"]), ("qwen2", [])])
+def test_mean_compensation_adds_the_biases_the_family_can_carry_and_lowers_the_error(tmp_path, family, added):
+    src = tiny(tmp_path, family)
+    errors = {}
+    for compensate in ("none", "mean"):
+        report = pipeline.run(config(src, tmp_path / compensate, method="flap", compensate=compensate,
+                                     sparsity=0.5, samples=8))
+        errors[compensate] = sum(b["relative_error"] for b in report["blocks"])
+    assert report["plan"]["biases_added"] == added
+    saved = json.loads((tmp_path / "mean" / "config.json").read_text())
+    assert bool(saved.get("attention_bias")) == ("attention" in added)
+    assert bool(saved.get("mlp_bias")) == ("mlp" in added)
+    model = load(tmp_path / "mean")
+    if added:
+        assert model.model.layers[0].self_attn.o_proj.bias.abs().sum() > 0
+        assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() == 0
+        assert errors["mean"] < errors["none"]

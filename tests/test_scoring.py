@@ -1,6 +1,7 @@
 """Scorers and compensation on synthetic blocks where the answer is known: the perturbative
-regression recovers planted importances, its masks are valid GQA cuts, it is deterministic
-under a seed, and least-squares compensation lowers the reconstruction error."""
+regression recovers planted importances, its masks are valid GQA cuts, greedy OBS removes what
+compensation can make up for, scoring is deterministic under a seed, and least-squares
+compensation lowers the reconstruction error."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from streamprune.block import attention_heads, attention_output, block_forward, 
 from streamprune.compensate import compensate
 from streamprune.families import BlockSpec
 from streamprune.scoring import SCORERS, Calibration, ScoringOptions, make_scorer
+from streamprune.scoring.obs import greedy_removal_scores
 from streamprune.scoring.perturb import fit_removal_costs, sample_masks
 from streamprune.selection import Sizes, plan_sizes, select_units
 from streamprune.slicing import slice_block
@@ -76,8 +78,9 @@ def test_scorers_find_planted_units(method):
 
 
 def test_perturb_recovers_the_known_removal_costs_of_neurons():
-    """With orthogonal neuron directions the cost of removing neuron i from the MLP output is
-    exactly scale_i^2 * sum_t a_ti^2; the regression must rank neurons like that."""
+    """With orthogonal neuron directions and unrelated activations the cost of removing neuron i
+    from the MLP output is about scale_i^2 * sum_t a_ti^2, refit or not; perturb must rank
+    neurons like that."""
     W, calib = planted_block([2, 5], [0, 7, 40], [3, 11, 20, 33]), calibration(spec=WIDE)
     scores = make_scorer("perturb", ScoringOptions(sizes=plan_sizes(WIDE, 0.4))).score(W, WIDE, calib)
     a = torch.cat([mlp_activations(W, rms_norm(x + attention_output(W, attention_heads(W, WIDE, x, calib.cos, calib.sin)),
@@ -85,6 +88,18 @@ def test_perturb_recovers_the_known_removal_costs_of_neurons():
     truth = a.pow(2).sum(0) * W["down"].pow(2).sum(0)
     rank = lambda v: v.argsort().argsort().double()
     assert torch.corrcoef(torch.stack([rank(scores.neurons), rank(truth)]))[0, 1] > 0.9
+
+
+def test_obs_removes_a_duplicated_neuron_first():
+    """Neurons 4 and 5 have the same activations and the largest weights: alone, each matters
+    most, but once the other absorbs its weights (what compensation does) one of them is free."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(200, 6, generator=g)
+    A[:, 5] = A[:, 4]
+    W_down = torch.randn(16, 6, generator=g) * torch.tensor([1.0, 1.0, 1.0, 1.0, 5.0, 5.0])
+    scores = greedy_removal_scores(A.T.double() @ A.double(), W_down, n_remove=2, chunks=2)
+    assert scores.argsort()[0].item() in (4, 5)
+    assert set(scores.argsort()[:2].tolist()) != {4, 5}  # the twin that absorbed it stays
 
 
 def test_perturb_masks_are_valid_gqa_cuts():

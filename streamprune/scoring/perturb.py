@@ -1,14 +1,15 @@
-"""Perturbative regression (the idea of Bonsai, arXiv 2402.05406, applied locally to one block):
-run the block many times with random valid subsets of its heads and neurons removed, measure
-how far each pruned output lands from the dense output, and fit a linear model from "which units
-were removed" to that error. A unit's coefficient is its marginal cost of removal, averaged over
-the company it keeps — interactions that one-at-a-time metrics cannot see.
+"""The default scorer. Heads by perturbative regression (the idea of Bonsai, arXiv 2402.05406,
+applied locally to one block): run the block many times with random valid subsets of its heads
+removed, measure how far each pruned output lands from the dense output, and fit a linear model
+from "which heads were removed" to that error. A head's coefficient is its marginal cost of
+removal, averaged over the company it keeps, and it counts the MLP's reaction: interactions that
+one-at-a-time metrics cannot see. Then neurons, behind the chosen heads, by greedy Optimal Brain
+Surgeon on down_proj (obs.py): their cost once least-squares compensation has refit the rest.
 
 Cheap by construction: head outputs do not depend on the masks, so attention runs once; every
 mask then needs only o_proj and the MLP, on a random subset of calibration tokens, many masks per
 pass. The regression is ridge regression towards a prior (each unit's error when removed alone,
-at its own sublayer), solved in its dual form (masks x masks), so 28672 neurons cost no more
-than a few hundred masks do."""
+at its own sublayer), solved in its dual form (masks x masks)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,12 @@ from ..block import attention_heads, attention_output, mlp_activations, mlp_outp
 from ..families import BlockSpec
 from ..numerics import one_thread
 from ..selection import Sizes, masks, select_units
-from . import Calibration, Scorer, UnitScores
+from . import Calibration, Scorer, UnitScores, obs
 
-MASKS = 256  # perturbations per block at --budget 1
+MASKS = 64  # head perturbations per block at --budget 1
 TOKENS = 2048  # calibration tokens each perturbation is measured on, at --budget 1
 PASS_BYTES = 256 * 2**20  # activations of one batch of masked forwards
 RIDGES = (0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried, relative to the mean squared feature norm
-SWAP = 0.25  # fraction of the kept neurons swapped out in the second, local round
 
 
 class TokenSample:
@@ -64,16 +64,14 @@ class TokenSample:
         return self.x.shape[0]
 
 
-def masked_errors(W, spec: BlockSpec, s: TokenSample, head_keep: torch.Tensor, neuron_keep: torch.Tensor,
-                  per_pass: int) -> torch.Tensor:
-    """Relative squared error of the block output for each of M masks: (M,) fp64."""
+def masked_errors(W, spec: BlockSpec, s: TokenSample, head_keep: torch.Tensor, per_pass: int) -> torch.Tensor:
+    """Relative squared error of the block output for each of M head masks: (M,) fp64."""
     errors = []
     for i in range(0, head_keep.shape[0], per_pass):
         hk = head_keep[i:i + per_pass].to(s.o.device)
-        nk = neuron_keep[i:i + per_pass].to(s.o.device)
         # the token sample is one batch of n tokens: (1, n, H, D) -> outputs (m, 1, n, E)
         h = s.x + attention_output(W, s.o[None], hk)
-        y = (h + mlp_output(W, spec, h, nk))[:, 0]
+        y = (h + mlp_output(W, spec, h))[:, 0]
         errors.append(s.weighted((y - s.y[None]).double().pow(2).sum(-1)).cpu())
     return torch.cat(errors) / s.update_energy
 
@@ -99,16 +97,6 @@ def sample_masks(spec: BlockSpec, sizes: Sizes, n: int, g: torch.Generator) -> t
     order = torch.rand(n, spec.intermediate, generator=g).argsort(1)[:, :sizes.intermediate]
     neurons.scatter_(1, order, 1.0)
     return heads.view(n, spec.n_heads), neurons
-
-
-def local_neuron_masks(keep: torch.Tensor, n: int, g: torch.Generator, swap: float = SWAP) -> torch.Tensor:
-    """n neuron keep-masks near a candidate cut `keep` (I,): each swaps a random `swap` fraction
-    of the kept neurons for removed ones, so the count stays that of the real cut."""
-    kept, dropped = keep.nonzero()[:, 0], (1 - keep).nonzero()[:, 0]
-    k = max(1, min(len(dropped), round(swap * len(kept))))
-    out = kept[torch.rand(n, len(kept), generator=g).argsort(1)[:, :k]]
-    back = dropped[torch.rand(n, len(dropped), generator=g).argsort(1)[:, :k]]
-    return keep.repeat(n, 1).scatter_(1, out, 0.0).scatter_(1, back, 1.0)
 
 
 @one_thread()
@@ -148,18 +136,19 @@ class PerturbScorer(Scorer):
     name = "perturb"
 
     def budget(self) -> tuple[int, int]:
-        """Perturbations and tokens per block."""
+        """Head perturbations and tokens per block."""
         return max(16, round(MASKS * self.options.budget)), max(64, round(TOKENS * self.options.budget))
 
     def forward_passes(self, calibration_tokens: int) -> float:
+        """The token sample's dense pass, the masked passes, and the Gram pass behind the heads."""
         n_masks, n_tokens = self.budget()
-        return 1.0 + n_masks * min(n_tokens, calibration_tokens) / calibration_tokens
+        return 2.0 + n_masks * min(n_tokens, calibration_tokens) / calibration_tokens
 
     def work_bytes(self, spec: BlockSpec) -> int:
         n_masks, n_tokens = self.budget()
-        units = spec.n_heads + spec.intermediate
-        sample = 4 * n_tokens * (2 * spec.hidden + spec.n_heads * spec.head_dim)
-        return PASS_BYTES + sample + 3 * 8 * n_masks * units + 3 * 8 * n_masks ** 2
+        sample = 4 * n_tokens * (2 * spec.hidden + spec.n_heads * spec.head_dim + spec.intermediate)
+        regression = PASS_BYTES + sample + 3 * 8 * n_masks * spec.n_heads + 3 * 8 * n_masks ** 2
+        return max(regression, obs.memory_bytes(spec))
 
     def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores:
         n_masks, n_tokens = self.budget()
@@ -168,31 +157,21 @@ class PerturbScorer(Scorer):
         sizes = self.options.sizes
         if sizes is None or (sizes.n_heads == spec.n_heads and sizes.intermediate == spec.intermediate):
             return UnitScores(prior_heads, prior_neurons, {"perturbations": 0})
-        per_token = 4 * spec.hidden + spec.n_heads * spec.head_dim + 3 * spec.intermediate
-        per_pass = max(1, min(n_masks, PASS_BYTES // (4 * len(sample) * per_token)))
-        g, info = calib.generator, {"perturbations": n_masks, "tokens": len(sample), "masks_per_pass": per_pass}
-
-        def fit(head_keep, neuron_keep, prior, units):
-            errors = masked_errors(W, spec, sample, head_keep, neuron_keep, per_pass)
-            beta, diag = fit_removal_costs(1 - units, errors, prior)
-            return beta, {"mean_error": round(errors.mean().item(), 6), **diag}
-
-        # heads first (all neurons present), on random valid head cuts
-        cut_heads = sizes.n_heads < spec.n_heads
-        n_head_masks = n_masks // 4 if cut_heads else 0
+        info = {"perturbations": 0, "tokens": len(sample)}
         heads = prior_heads
-        if cut_heads:
-            head_keep = sample_masks(spec, sizes, n_head_masks, g)[0]
-            heads, info["heads"] = fit(head_keep, torch.ones(n_head_masks, spec.intermediate), prior_heads, head_keep)
-        chosen_heads = masks(spec, select_units(heads, prior_neurons, spec, sizes))[0]
-        # then neurons, behind the chosen heads: random cuts, then cuts near the best so far, so
-        # the interactions measured are those with the neurons that will really stay
+        if sizes.n_heads < spec.n_heads:  # heads, all neurons present, on random valid head cuts
+            per_token = 4 * spec.hidden + spec.n_heads * spec.head_dim + 3 * spec.intermediate
+            per_pass = max(1, min(n_masks, PASS_BYTES // (4 * len(sample) * per_token)))
+            head_keep = sample_masks(spec, sizes, n_masks, calib.generator)[0]
+            errors = masked_errors(W, spec, sample, head_keep, per_pass)
+            heads, fit = fit_removal_costs(1 - head_keep, errors, prior_heads)
+            info.update(perturbations=n_masks, masks_per_pass=per_pass,
+                        heads={"mean_error": round(errors.mean().item(), 6), **fit})
+        del sample
         neurons = prior_neurons
-        if sizes.intermediate < spec.intermediate:
-            for i, m in enumerate((n_masks - n_head_masks) // 2 for _ in range(2)):
-                if i == 0:
-                    neuron_keep = sample_masks(spec, sizes, m, g)[1]
-                else:
-                    neuron_keep = local_neuron_masks(masks(spec, select_units(heads, neurons, spec, sizes))[1], m, g)
-                neurons, info[f"neurons_{i + 1}"] = fit(chosen_heads.repeat(m, 1), neuron_keep, neurons, neuron_keep)
+        if sizes.intermediate < spec.intermediate:  # neurons behind the chosen heads, by greedy OBS
+            chosen_heads = masks(spec, select_units(heads, prior_neurons, spec, sizes))[0]
+            G = obs.activation_gram(W, spec, chosen_heads, calib.batches, calib.cos, calib.sin)
+            neurons = obs.greedy_removal_scores(G, W["down"], spec.intermediate - sizes.intermediate)
+            info["neurons"] = "greedy OBS"
         return UnitScores(heads, neurons, info)

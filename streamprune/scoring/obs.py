@@ -1,0 +1,88 @@
+"""Compensation-aware neuron selection: Optimal Brain Surgeon on down_proj, one block at a time.
+
+Least-squares compensation (compensate.py) refits down_proj on the kept neurons. So a neuron's
+true cost is not what its output contributes but what the *other* neurons cannot make up for
+once refit. For a linear layer with input Gram matrix G = A^T A (A: the neurons' activations on
+the calibration tokens) and weight W, removing neuron j and refitting the rest optimally
+costs |W[:, j]|^2 / [G^-1]_jj (Hassibi & Stork's OBS, applied to whole input channels as in
+SlimGPT and ZipLM). Greedily: remove the cheapest neurons, update W and G^-1 as OBS does
+(the kept weights absorb the removed ones), and repeat. The greedy runs in `chunks` steps, so
+its cost is about 2 I^2 x (neurons removed) multiply-adds plus one I x I factorization.
+
+Forward passes only: G comes from the block's activations behind the already chosen heads, with
+tokens weighted as compensation weighs them."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Iterator
+
+import torch
+
+from ..block import attention_heads, attention_output, block_forward, mlp_activations, rms_norm
+from ..families import BlockSpec
+from ..numerics import one_thread
+
+CHUNKS = 32  # greedy steps
+RIDGE = 1e-2  # relative to the mean of diag(G), as compensation's
+FP64_MAX = 4096  # larger Gram matrices are inverted and updated in fp32, to halve the memory
+
+
+def activation_gram(W, spec: BlockSpec, head_keep: torch.Tensor, batches: Callable[[], Iterator[torch.Tensor]],
+                    cos, sin) -> torch.Tensor:
+    """G = sum_t w_t a_t a_t^T over the calibration tokens, a_t the MLP activations behind the
+    heads in `head_keep` (H,) and w_t = 1 / mean(y_t^2) of the dense block output."""
+    dtype = torch.float64 if spec.intermediate <= FP64_MAX else torch.float32
+    G = None
+    for x in batches():
+        y = block_forward(W, spec, x, cos, sin)
+        h = x + attention_output(W, attention_heads(W, spec, x, cos, sin), head_keep.to(x.device))
+        a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps)).reshape(-1, spec.intermediate).float()
+        a = a * y.float().pow(2).mean(-1).clamp_min(1e-12).rsqrt().reshape(-1, 1)
+        part = (a.T @ a).to(dtype)
+        G = part if G is None else G.add_(part)
+    return G
+
+
+def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, chunks: int = CHUNKS,
+                          ridge: float = RIDGE) -> torch.Tensor:
+    """Scores (I,) from greedy OBS: removed neurons score their removal step (earliest = least
+    important), kept ones score above all of them. G: (I, I) Gram; W_down: (E, I)."""
+    I = G.shape[0]
+    G.diagonal().add_(ridge * G.diagonal().mean().clamp_min(1e-12))
+    with one_thread() if G.device.type == "cpu" else nullcontext():  # reproducible factorization
+        L, info = torch.linalg.cholesky_ex(G)
+        if info.item() == 0:
+            del G  # two I x I matrices at most: G and L, then L and the inverse
+            Hinv = torch.cholesky_inverse(L)
+        else:
+            Hinv = torch.linalg.inv(G)
+            del G
+        del L
+    W = W_down.to(Hinv.device, Hinv.dtype).clone()
+    alive = torch.ones(I, dtype=torch.bool, device=Hinv.device)
+    scores = torch.empty(I, dtype=torch.float64, device=Hinv.device)
+    done, step = 0, max(1, -(-n_remove // chunks))
+    while done < n_remove:
+        k = min(step, n_remove - done)
+        cost = W.pow(2).sum(0) / Hinv.diagonal().clamp_min(1e-30)
+        cost[~alive] = float("inf")
+        R = cost.argsort()[:k]
+        with one_thread() if Hinv.device.type == "cpu" else nullcontext():
+            M = torch.linalg.solve(Hinv[R][:, R], Hinv[R, :])  # (k, I)
+        W.addmm_(W[:, R], M, alpha=-1)  # the kept weights absorb the removed neurons (OBS update)
+        Hinv.addmm_(Hinv[:, R], M, alpha=-1)  # the inverse Gram of the neurons that remain
+        alive[R] = False
+        scores[R] = torch.arange(done, done + k, dtype=torch.float64, device=scores.device)
+        done += k
+    if alive.any():
+        cost = (W.pow(2).sum(0) / Hinv.diagonal().clamp_min(1e-30)).double()[alive]
+        scores[alive] = n_remove + 1 + cost / cost.max().clamp_min(1e-30)
+    return scores.cpu()
+
+
+def memory_bytes(spec: BlockSpec) -> int:
+    """Peak bytes: two I x I matrices (the Gram matrix and its factor, then the factor and the
+    inverse) and two copies of down_proj's size (its updated weights and their squares)."""
+    item = 8 if spec.intermediate <= FP64_MAX else 4
+    return 2 * item * spec.intermediate ** 2 + 2 * item * spec.hidden * spec.intermediate
