@@ -45,8 +45,9 @@ BLOCK_TENSORS = {
     "down_bias": "mlp.down_proj.bias",
 }
 # Sublayers whose output projection a stock config of the family can give a bias, and the key that
-# does it: attention_bias adds q/k/v/o biases, mlp_bias gate/up/down biases. Compensation puts
-# its intercept there (zeros in the others); Mistral and Qwen2 have no such key.
+# does it: attention_bias adds q/k/v/o biases, mlp_bias gate/up/down biases. Mean compensation
+# (FLAP's) puts the removed units' mean output in o/down (zeros in the others); Mistral and Qwen2
+# have no such key.
 BIAS_KEYS = {"llama": {"attention": "attention_bias", "mlp": "mlp_bias"}, "qwen3": {"attention": "attention_bias"}}
 
 EMBED = "model.embed_tokens.weight"

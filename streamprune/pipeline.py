@@ -140,7 +140,8 @@ class BlockRunner:
         self.cfg, self.model, self.sizes, self.cache, self.batch = cfg, model, sizes, cache, batch
         self.biases = biases  # sublayers whose output projection has a bias in the output
         self.device = check_device(cfg.device)
-        self.scorer = make_scorer(cfg.method, ScoringOptions(sizes=sizes, budget=cfg.budget))
+        self.scorer = make_scorer(cfg.method, ScoringOptions(sizes=sizes, budget=cfg.budget,
+                                                             refit=cfg.compensate == "lsq"))
         self.n_shards = model.spec.n_layers + 1
         self.cos, self.sin = rotary_tables(model.spec.config, cfg.seq_len, self.device)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamprune-read")

@@ -38,10 +38,12 @@ class Calibration:
 @dataclass(frozen=True)
 class ScoringOptions:
     """What a scorer may need beyond the block: the sizes the block will be cut to (so sampled
-    masks look like the real cut) and the compute budget for methods that sample."""
+    masks look like the real cut), the compute budget for methods that sample, and whether the
+    kept weights will be refit (a unit then costs only what the others cannot make up for)."""
 
     sizes: Sizes | None = None
     budget: float = 1.0
+    refit: bool = True  # least-squares compensation will refit the output projections
 
 
 class Scorer:

@@ -140,15 +140,15 @@ class PerturbScorer(Scorer):
         return max(16, round(MASKS * self.options.budget)), max(64, round(TOKENS * self.options.budget))
 
     def forward_passes(self, calibration_tokens: int) -> float:
-        """The token sample's dense pass, the masked passes, and the Gram pass behind the heads."""
+        """The token sample's dense pass, the masked passes, and (with a refit) the Gram pass."""
         n_masks, n_tokens = self.budget()
-        return 2.0 + n_masks * min(n_tokens, calibration_tokens) / calibration_tokens
+        return 1.0 + self.options.refit + n_masks * min(n_tokens, calibration_tokens) / calibration_tokens
 
     def work_bytes(self, spec: BlockSpec) -> int:
         n_masks, n_tokens = self.budget()
         sample = 4 * n_tokens * (2 * spec.hidden + spec.n_heads * spec.head_dim + spec.intermediate)
         regression = PASS_BYTES + sample + 3 * 8 * n_masks * spec.n_heads + 3 * 8 * n_masks ** 2
-        return max(regression, obs.memory_bytes(spec))
+        return max(regression, obs.memory_bytes(spec) if self.options.refit else 0)
 
     def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores:
         n_masks, n_tokens = self.budget()
@@ -168,8 +168,8 @@ class PerturbScorer(Scorer):
             info.update(perturbations=n_masks, masks_per_pass=per_pass,
                         heads={"mean_error": round(errors.mean().item(), 6), **fit})
         del sample
-        neurons = prior_neurons
-        if sizes.intermediate < spec.intermediate:  # neurons behind the chosen heads, by greedy OBS
+        neurons = prior_neurons  # without a refit a neuron costs what it contributes alone
+        if sizes.intermediate < spec.intermediate and self.options.refit:  # behind the chosen heads, by greedy OBS
             chosen_heads = masks(spec, select_units(heads, prior_neurons, spec, sizes))[0]
             G = obs.activation_gram(W, spec, chosen_heads, calib.batches, calib.cos, calib.sin)
             neurons = obs.greedy_removal_scores(G, W["down"], spec.intermediate - sizes.intermediate)
