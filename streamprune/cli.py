@@ -56,6 +56,15 @@ def main(debug: bool):
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
 
 
+def compensation_options(command):
+    """--compensate lsq|mean|none and its shorthand --no-compensate (run and plan share them)."""
+    command = click.option("--no-compensate", "compensate", flag_value="none", help="Same as --compensate none.")(command)
+    return click.option(
+        "--compensate", type=click.Choice(COMPENSATIONS), default=RunConfig.compensate, show_default=True,
+        help="After slicing: lsq refits o_proj and down_proj by least squares; mean adds the removed units' "
+             "mean output to their biases (FLAP; Llama, and Qwen3 attention); none.")(command)
+
+
 @main.command()
 @click.option("--shards", required=True, type=click.Path(path_type=Path), help="Hugging Face model folder (safetensors).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (resumable).")
@@ -69,10 +78,7 @@ def main(debug: bool):
               help="Scoring method: perturb, magnitude, wanda-sp or flap.")
 @click.option("--budget", default=RunConfig.budget, show_default=True,
               help="Scales perturbations and tokens per block (perturb).")
-@click.option("--compensate", type=click.Choice(COMPENSATIONS), default=RunConfig.compensate, show_default=True,
-              help="After slicing: lsq refits o_proj and down_proj by least squares; mean adds the removed "
-                   "units' mean output to their biases (FLAP; Llama, and Qwen3 attention); none.")
-@click.option("--no-compensate", "compensate", flag_value="none", help="Same as --compensate none.")
+@compensation_options
 @click.option("--calibrate-on", type=click.Choice(["pruned", "dense"]), default=RunConfig.calibrate_on,
               show_default=True, help="Calibrate block i+1 on the outputs of the pruned or the dense block i.")
 @click.option("--batch-size", default=0, help="Calibration windows per micro-batch (0: from memory).")
@@ -140,10 +146,7 @@ def gib(n: int) -> str:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--method", default=RunConfig.method, show_default=True)
 @click.option("--budget", default=RunConfig.budget, show_default=True, help="perturb's work per block.")
-@click.option("--compensate", type=click.Choice(COMPENSATIONS), default=RunConfig.compensate, show_default=True,
-              help="After slicing: lsq refits o_proj and down_proj by least squares; mean adds the removed "
-                   "units' mean output to their biases (FLAP; Llama, and Qwen3 attention); none.")
-@click.option("--no-compensate", "compensate", flag_value="none", help="Same as --compensate none.")
+@compensation_options
 @click.option("--batch-size", default=0, help="Micro-batch (0: the largest that fits).")
 @click.option("--max-memory", help="Memory the run may use, e.g. 24GiB (default: what is free).")
 @click.option("--no-timing", is_flag=True, help="Skip the short speed calibration (no time estimate).")

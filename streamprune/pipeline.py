@@ -27,8 +27,8 @@ from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
 from .journal import WORKDIR, Journal, refuse_foreign_folder
 from .lock import LOCK_NAME, OutputLock
-from .plan import Plan, make_plan, stage_work_bytes
-from .scoring import Calibration, ScoringOptions, make_scorer
+from .plan import Plan, make_plan, scoring_options, stage_work_bytes
+from .scoring import Calibration, make_scorer
 from .selection import Sizes, plan_sizes, select_units
 from .shards import OutTensor, ShardIndex, read_header, shard_name, write_safetensors
 from .slicing import add_zero_biases, slice_block
@@ -140,8 +140,7 @@ class BlockRunner:
         self.cfg, self.model, self.sizes, self.cache, self.batch = cfg, model, sizes, cache, batch
         self.biases = biases  # sublayers whose output projection has a bias in the output
         self.device = check_device(cfg.device)
-        self.scorer = make_scorer(cfg.method, ScoringOptions(sizes=sizes, budget=cfg.budget,
-                                                             refit=cfg.compensate == "lsq"))
+        self.scorer = make_scorer(cfg.method, scoring_options(cfg, sizes))
         self.n_shards = model.spec.n_layers + 1
         self.cos, self.sin = rotary_tables(model.spec.config, cfg.seq_len, self.device)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamprune-read")
@@ -316,9 +315,10 @@ def run(cfg: RunConfig) -> dict:
     check_device(cfg.device)
     check_sparsity(model.spec.blocks[0], cfg.sparsity)
     sizes, out_config = plan(model, cfg.sparsity, cfg.compensate)
-    if cfg.compensate == "mean" and cut_sublayers(model, sizes) - bias_sublayers(out_config):
+    uncompensated = cut_sublayers(model, sizes) - bias_sublayers(out_config)
+    if cfg.compensate == "mean" and uncompensated:
         log.warning("--compensate mean: a %s output has no bias for %s, which stays uncompensated",
-                    out_config["model_type"], " or ".join(sorted(cut_sublayers(model, sizes) - bias_sublayers(out_config))))
+                    out_config["model_type"], " or ".join(sorted(uncompensated)))
     memory = memory_plan(cfg, model, sizes)
     if not cfg.restart:
         refuse_foreign_folder(cfg.out)

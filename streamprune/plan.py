@@ -163,10 +163,15 @@ def estimate_seconds(model, samples: int, seq_len: int, device: str, forward_pas
     return flops / measure_flops(dev) + io / measure_read_speed(model.index)
 
 
+def scoring_options(cfg, sizes=None) -> ScoringOptions:
+    """What the run's scorer is told: the cut, the budget, and whether least squares will refit."""
+    return ScoringOptions(sizes=sizes, budget=cfg.budget, refit=cfg.compensate == "lsq")
+
+
 def stage_work_bytes(cfg, model, sizes) -> int:
     """Memory held by scoring or compensation (they run one after the other) for the widest block."""
     block = max(model.spec.blocks, key=lambda b: b.n_params())
-    scorer = make_scorer(cfg.method, ScoringOptions(sizes=sizes, budget=cfg.budget, refit=cfg.compensate == "lsq"))
+    scorer = make_scorer(cfg.method, scoring_options(cfg, sizes))
     cut = dataclasses.replace(block, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
     return max(scorer.work_bytes(block), compensation_bytes(block, cut) if cfg.compensate == "lsq" else 0)
 
@@ -174,7 +179,7 @@ def stage_work_bytes(cfg, model, sizes) -> int:
 def stage_forward_passes(cfg) -> float:
     """Block forwards per block over all calibration tokens: scoring, compensation (two passes,
     each dense and pruned attention), and passing outputs on (dense and pruned)."""
-    scorer = make_scorer(cfg.method, ScoringOptions(budget=cfg.budget, refit=cfg.compensate == "lsq"))
+    scorer = make_scorer(cfg.method, scoring_options(cfg))
     compensation = {"lsq": 3.0, "mean": 1.0, "none": 0.0}[cfg.compensate]
     return scorer.forward_passes(cfg.samples * cfg.seq_len) + compensation + 2.0
 

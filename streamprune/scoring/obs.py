@@ -19,26 +19,28 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..block import attention_heads, attention_output, block_forward, mlp_activations, rms_norm
+from ..block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
+from ..compensate import FP64_SOLVE_MAX, RIDGE, token_scale
 from ..families import BlockSpec
 from ..numerics import one_thread
 
 CHUNKS = 32  # greedy steps
-RIDGE = 1e-2  # relative to the mean of diag(G), as compensation's
-FP64_MAX = 4096  # larger Gram matrices are inverted and updated in fp32, to halve the memory
 
 
 def activation_gram(W, spec: BlockSpec, head_keep: torch.Tensor, batches: Callable[[], Iterator[torch.Tensor]],
                     cos, sin) -> torch.Tensor:
     """G = sum_t w_t a_t a_t^T over the calibration tokens, a_t the MLP activations behind the
-    heads in `head_keep` (H,) and w_t = 1 / mean(y_t^2) of the dense block output."""
-    dtype = torch.float64 if spec.intermediate <= FP64_MAX else torch.float32
+    heads in `head_keep` (H,) and w_t = 1 / mean(y_t^2) of the dense block output. Large Gram
+    matrices are kept in fp32, as compensation keeps its factors."""
+    dtype = torch.float64 if spec.intermediate <= FP64_SOLVE_MAX else torch.float32
     G = None
     for x in batches():
-        y = block_forward(W, spec, x, cos, sin)
-        h = x + attention_output(W, attention_heads(W, spec, x, cos, sin), head_keep.to(x.device))
+        heads = attention_heads(W, spec, x, cos, sin)  # once: the dense and the cut block share it
+        h_dense = x + attention_output(W, heads)
+        y = h_dense + mlp_output(W, spec, h_dense)
+        h = x + attention_output(W, heads, head_keep.to(x.device))
         a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps)).reshape(-1, spec.intermediate).float()
-        a = a * y.float().pow(2).mean(-1).clamp_min(1e-12).rsqrt().reshape(-1, 1)
+        a = a * token_scale(y).reshape(-1, 1)
         part = (a.T @ a).to(dtype)
         G = part if G is None else G.add_(part)
     return G
@@ -84,5 +86,5 @@ def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, 
 def memory_bytes(spec: BlockSpec) -> int:
     """Peak bytes: two I x I matrices (the Gram matrix and its factor, then the factor and the
     inverse) and two copies of down_proj's size (its updated weights and their squares)."""
-    item = 8 if spec.intermediate <= FP64_MAX else 4
+    item = 8 if spec.intermediate <= FP64_SOLVE_MAX else 4
     return 2 * item * spec.intermediate ** 2 + 2 * item * spec.hidden * spec.intermediate
