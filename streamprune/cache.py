@@ -1,20 +1,64 @@
 """On-disk activation cache: the inputs of block i for every calibration sample, as one
-memory-mapped float32 file per block boundary. Only a micro-batch is ever in RAM."""
+memory-mapped float32 file per block boundary. Only a micro-batch is ever in RAM.
+
+A run's cache folder belongs to that run alone: it is created by streamprune, carries an owner
+mark naming the output folder and the run, and removing it deletes only the files streamprune
+names (never a user's file, never the folder given as --cache-dir)."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .errors import StreamPruneError
 from .faults import fault_point, spend_disk
-from .fsutil import fsync_dir, no_space
+from .fsutil import atomic_write_json, fsync_dir, no_space
 
 CHUNK_BYTES = 64 * 2**20  # host staging per copy between the cache and the compute device
+OWNER_MARK = "streamprune-cache.json"
+OWN_FILE = re.compile(r"inputs-\d{5}\.f32(\.tmp)?")  # what a cache folder may hold besides the mark
+EVAL_PREFIX = "streamprune-eval-"  # temporary caches of evaluations (a run's: inside its cache folder)
+
+
+def run_cache_folder(out: Path, workdir: Path, cache_dir: Path | None) -> Path:
+    """The cache folder of the run into `out`: in its work folder, or a folder of its own inside
+    --cache-dir, named after the output folder, so runs into different outputs never share one."""
+    if cache_dir is None:
+        return Path(workdir) / "cache"
+    key = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"streamprune-cache-{key}"
+
+
+def read_owner(folder: Path) -> dict | None:
+    try:
+        owner = json.loads((Path(folder) / OWNER_MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def check_cache_folder(folder: Path, out: Path) -> None:
+    """Refuse a cache folder that exists, is not empty and is not this output's (up front, writes nothing)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise StreamPruneError(f"activation cache folder {folder} exists and is not a folder")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    owner = read_owner(folder)
+    if owner is None:
+        raise StreamPruneError(f"activation cache folder {folder} is not empty and was not made by streamprune; "
+                               "choose another --cache-dir")
+    if owner.get("out") != str(Path(out).resolve()):
+        raise StreamPruneError(f"activation cache folder {folder} belongs to the run into {owner.get('out')}; "
+                               "choose another --cache-dir")
 
 
 class ActivationCache:
@@ -22,6 +66,18 @@ class ActivationCache:
         self.folder = Path(folder)
         self.shape = (samples, seq_len, hidden)
         self.folder.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def claim(cls, folder: Path, out: Path, run_id: str, samples: int, seq_len: int, hidden: int) -> "ActivationCache":
+        """The cache of run `run_id` into `out`. What another run (an earlier one into the same
+        output, restarted) left in the folder is deleted, so stale activations are never read."""
+        check_cache_folder(folder, out)
+        cache = cls(folder, samples, seq_len, hidden)
+        owner = read_owner(cache.folder)
+        if owner is None or owner.get("run") != run_id:
+            cache.remove_contents()
+            atomic_write_json(cache.folder / OWNER_MARK, {"out": str(Path(out).resolve()), "run": run_id})
+        return cache
 
     @property
     def nbytes(self) -> int:
@@ -53,12 +109,25 @@ class ActivationCache:
     def drop(self, block: int) -> None:
         self.path(block).unlink(missing_ok=True)
 
-    def remove(self) -> None:
-        if self.folder.is_dir():
-            for p in sorted(self.folder.iterdir()):
+    def remove_contents(self) -> None:
+        """Delete the files streamprune writes here (and leftover evaluation caches), nothing else."""
+        if not self.folder.is_dir():
+            return
+        for p in sorted(self.folder.iterdir()):
+            if p.is_file() and OWN_FILE.fullmatch(p.name):
                 fault_point("cache_delete")
                 p.unlink(missing_ok=True)
-        shutil.rmtree(self.folder, ignore_errors=True)
+            elif p.is_dir() and not p.is_symlink() and p.name.startswith(EVAL_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def remove(self) -> None:
+        """Delete the cache: its own files, its mark, then the folder if nothing else is left in it."""
+        self.remove_contents()
+        (self.folder / OWNER_MARK).unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:  # gone already, or holds something streamprune did not write
+            pass
 
 
 def chunk_rows(shape) -> int:

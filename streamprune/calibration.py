@@ -14,10 +14,15 @@ log = logging.getLogger(__name__)
 
 
 def load_tokenizer(folder: Path):
+    """The model's tokenizer, built from transformers' own classes only: code shipped with a model
+    (auto_map) is never run, and nothing is asked on the terminal."""
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing/bad tokenizer
+        if "trust_remote_code" in str(e):
+            raise StreamPruneError(f"the tokenizer in {folder} needs code shipped with the model (auto_map); "
+                                   "streamprune never runs a model's code") from None
         raise StreamPruneError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0][:200]}") from None
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .block import block_forward, rms_norm
-from .cache import ActivationCache
+from .cache import EVAL_PREFIX, ActivationCache
 from .calibration import gather_embeddings, load_tokenizer
 from .errors import StreamPruneError
 from .families import EMBED, FINAL_NORM, LM_HEAD, read_config, rotary_tables
@@ -186,7 +186,7 @@ def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str
     cos, sin = rotary_tables(model.spec.config, T, dev)
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="streamprune-eval-", dir=cache_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=EVAL_PREFIX, dir=cache_dir) as tmp:
         cache = ActivationCache(Path(tmp), n, T, model.spec.hidden)
         rows, where = gather_embeddings(model.index, EMBED, tokens)
         writer = cache.writer(0)
@@ -209,9 +209,10 @@ def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str
 
 # ---- `run --eval`: before/after perplexity, journaled so a resumed run does not redo it ----
 
-def journaled_eval(cfg, journal, which: str, folder: Path) -> dict:
+def journaled_eval(cfg, journal, which: str, folder: Path, cache_folder: Path) -> dict:
     """The perplexity of `folder` ("before": the input, "after": the output) on cfg.eval, from the
-    journal when it was already measured on the same text and window, else measured now."""
+    journal when it was already measured on the same text and window, else measured now (its
+    temporary cache inside the run's own cache folder)."""
     max_pos = read_config(folder).get("max_position_embeddings") or DEFAULT_SEQ_LEN
     seq_len = cfg.eval_seq_len or min(cfg.seq_len, max_pos)
     sha = hashlib.sha256(Path(cfg.eval).read_bytes()).hexdigest() if Path(cfg.eval).is_file() else None
@@ -219,21 +220,20 @@ def journaled_eval(cfg, journal, which: str, folder: Path) -> dict:
     if done and done["text_sha256"] == sha and done["seq_len"] == seq_len:
         return done
     log.info("measuring perplexity %s pruning on %s", which, cfg.eval)
-    cache_dir = Path(cfg.cache_dir or Path(cfg.out) / ".streamprune")
-    result = perplexity(folder, cfg.eval, seq_len, cfg.device, cfg.batch_size, cache_dir=cache_dir,
+    result = perplexity(folder, cfg.eval, seq_len, cfg.device, cfg.batch_size, cache_dir=cache_folder,
                         progress=cfg.progress).as_dict()
     journal.state["eval"][which] = result
     journal.save()
     return result
 
 
-def attach_eval(cfg, journal, report: dict) -> dict:
+def attach_eval(cfg, journal, report: dict, cache_folder: Path) -> dict:
     """Add {"eval": ...} (before and after) to a finished run's report and rewrite report.json.
     No-op without --eval."""
     if cfg.eval is None:
         return report
-    before = journaled_eval(cfg, journal, "before", Path(cfg.shards))
-    after = journaled_eval(cfg, journal, "after", Path(cfg.out))
+    before = journaled_eval(cfg, journal, "before", Path(cfg.shards), cache_folder)
+    after = journaled_eval(cfg, journal, "after", Path(cfg.out), cache_folder)
     report = dict(report, eval={
         "text": str(cfg.eval), "text_sha256": before["text_sha256"], "seq_len": before["seq_len"],
         "windows": before["windows"], "tokens": before["tokens"],

@@ -230,6 +230,7 @@ def pruned_config(config: dict, n_heads: int, n_kv: int, intermediate: int, bias
     RMSNorm, rotary and SwiGLU) and accepts any head count with an explicit head_dim, so such a
     Llama is written as a Mistral with sliding_window null (see docs/output-format.md)."""
     out = copy.deepcopy(config)
+    out.pop("auto_map", None)  # the output is built from stock classes only
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     out.update(num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
                intermediate_size=intermediate)

@@ -18,7 +18,20 @@ def refuse_foreign_folder(out: Path) -> None:
     if (out / WORKDIR / "journal.json").is_file() or not out.is_dir():
         return
     if any(p.name != WORKDIR for p in out.iterdir()):
-        raise StreamPruneError(f"{out} exists and is not a streamprune output; choose an empty folder or pass --restart")
+        raise StreamPruneError(f"{out} exists, is not empty and is not a streamprune output; choose an empty or new "
+                               "folder (streamprune never deletes files it did not write)")
+
+
+def mismatch(out: Path, before: dict, now: dict) -> StreamPruneError:
+    """Why a run cannot resume: its input files (keys `input:NAME`) or its arguments changed."""
+    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    changed = [k.removeprefix("input:") for k in diff if k.startswith("input:")]
+    if changed:
+        return StreamPruneError(
+            f"the input model changed since the run in {out} began ({', '.join(changed)}); resuming would mix "
+            "blocks pruned from different inputs: restore the input, or pass --restart to start over")
+    return StreamPruneError(f"{out} holds a run with different arguments ({', '.join(diff)}); "
+                            "use the same arguments to resume, or --restart to start over")
 
 
 class Journal:
@@ -38,13 +51,9 @@ class Journal:
             except json.JSONDecodeError:
                 raise StreamPruneError(f"{path} is corrupt; re-run with --restart") from None
             if state.get("fingerprint") != fingerprint:
-                diff = sorted(k for k in set(fingerprint) | set(state.get("fingerprint", {}))
-                              if fingerprint.get(k) != state.get("fingerprint", {}).get(k))
-                raise StreamPruneError(
-                    f"{out} holds a run with different arguments ({', '.join(diff)}); "
-                    "use the same arguments to resume, or --restart to start over")
+                raise mismatch(out, state.get("fingerprint", {}), fingerprint)
             return cls(path, state)
-        if not restart:
+        if not restart:  # (a restarted run checked before it cleared the folder)
             refuse_foreign_folder(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         journal = cls(path, {"fingerprint": fingerprint, "blocks": {}, "complete": False})

@@ -8,6 +8,7 @@ import logging
 import resource
 import shutil
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .block import block_forward
-from .cache import ActivationCache
+from .cache import ActivationCache, check_cache_folder, run_cache_folder
 from .calibration import bos_id, gather_embeddings, load_tokenizer, token_windows, tokenize_file
 from .config import RunConfig
 from .errors import StreamPruneError
@@ -26,7 +27,8 @@ from .compensate import compensate, restore_means
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
 from .journal import WORKDIR, Journal, refuse_foreign_folder
-from .lock import LOCK_NAME, OutputLock
+from .lock import OutputLock
+from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from .plan import Plan, make_plan, scoring_options, stage_work_bytes
 from .scoring import Calibration, make_scorer
 from .selection import Sizes, plan_sizes, select_units
@@ -36,8 +38,6 @@ from .validate import (check_finite_activations, check_finite_weights, check_fre
                        check_sparsity, check_writable)
 
 log = logging.getLogger(__name__)
-
-MODEL_FILES = ("config.json", "model.safetensors.index.json", "report.json")
 
 
 @dataclass(frozen=True)
@@ -110,18 +110,22 @@ def compute_dtype(dev: torch.device, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def clear_output(out: Path) -> None:
-    """Forget a previous run in `out` (the lock file, held by this run, stays)."""
-    for p in (out / WORKDIR).glob("*"):
-        if p.name != LOCK_NAME:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    for p in list(out.glob("model-*.safetensors*")) + [out / n for n in MODEL_FILES]:
+    """Forget a previous run in `out`, a folder streamprune wrote: its journal and the files a run
+    writes (shards, config, index, report). The lock, held by this run, stays; the activation
+    cache is cleared when the new run claims it."""
+    for p in [out / WORKDIR / "journal.json", *out.glob("model-*.safetensors*"), *(out / n for n in OUTPUT_FILES)]:
         p.unlink(missing_ok=True)
 
 
-def write_block_inputs(cfg: RunConfig, model: Model, cache: ActivationCache, batch: int) -> None:
-    """Block 0's inputs: the embeddings of the calibration windows, into the cache."""
+def calibration_tokens(cfg: RunConfig, model: Model) -> torch.Tensor:
+    """The calibration windows, (samples, seq_len) token ids (read before anything is written, so a
+    tokenizer or text that does not do is refused up front)."""
     tokenizer = load_tokenizer(model.folder)
-    tokens = token_windows(tokenize_file(tokenizer, cfg.calib), cfg.samples, cfg.seq_len, bos_id(tokenizer))
+    return token_windows(tokenize_file(tokenizer, cfg.calib), cfg.samples, cfg.seq_len, bos_id(tokenizer))
+
+
+def write_block_inputs(cfg: RunConfig, model: Model, cache: ActivationCache, batch: int, tokens: torch.Tensor) -> None:
+    """Block 0's inputs: the embeddings of the calibration windows, into the cache."""
     rows, where = gather_embeddings(model.index, EMBED, tokens)
     check_finite_weights({"embed": rows}, {"embed": EMBED})
     writer = cache.writer(0)
@@ -259,16 +263,19 @@ class BlockRunner:
         self.cache.drop(layer)
 
 
+def copy_file(src: Path, f) -> None:
+    with open(src, "rb") as s:
+        shutil.copyfileobj(s, f)
+
+
 def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: dict) -> None:
     """Everything but the block shards; the index, which makes the folder loadable, comes last."""
     n = model.spec.n_layers + 1
     rest = shard_name(n, n)
     write_safetensors(cfg.out / rest, [OutTensor.copy(name, model.index) for name in model.spec.other_tensors()])
     fault_point("final_files")
-    for src in sorted(model.folder.iterdir()):
-        if src.is_file() and not src.name.startswith(".") and src.name not in MODEL_FILES \
-                and not src.name.endswith(".safetensors"):
-            atomic_write(cfg.out / src.name, lambda f, src=src: shutil.copyfileobj(open(src, "rb"), f))
+    for src in companion_files(model.folder):
+        atomic_write(cfg.out / src.name, lambda f, src=src: copy_file(src, f))
     fault_point("final_files")
     atomic_write_json(cfg.out / "config.json", out_config)
     fault_point("final_files")
@@ -308,6 +315,8 @@ def run(cfg: RunConfig) -> dict:
     t0 = time.time()
     model = open_model(cfg.shards)
     check_paths(model.folder, cfg.out, cfg.cache_dir)
+    refuse_foreign_folder(cfg.out)  # --restart too: it deletes only what a streamprune run writes
+    check_cache_folder(run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir), cfg.out)
     if cfg.calib is None:
         raise StreamPruneError("--calib FILE is required (plain text in the model's domain)")
     if not Path(cfg.calib).is_file():
@@ -320,39 +329,44 @@ def run(cfg: RunConfig) -> dict:
         log.warning("--compensate mean: a %s output has no bias for %s, which stays uncompensated",
                     out_config["model_type"], " or ".join(sorted(uncompensated)))
     memory = memory_plan(cfg, model, sizes)
-    if not cfg.restart:
-        refuse_foreign_folder(cfg.out)
+    tokens = calibration_tokens(cfg, model)
     check_writable(cfg.out)
     with OutputLock(cfg.out):
-        return run_locked(cfg, model, sizes, out_config, memory, t0)
+        return run_locked(cfg, model, sizes, out_config, memory, tokens, t0)
 
 
-def run_locked(cfg: RunConfig, model: Model, sizes: Sizes, out_config: dict, memory: Plan, t0: float) -> dict:
+def run_locked(cfg: RunConfig, model: Model, sizes: Sizes, out_config: dict, memory: Plan, tokens: torch.Tensor,
+               t0: float) -> dict:
     """The run proper, with the output folder locked against a second run."""
     if cfg.restart:
         clear_output(cfg.out)
-    journal = Journal.open(cfg.out, cfg.fingerprint(), cfg.restart)
+    fingerprint = dict(cfg.fingerprint(), **input_fingerprint(model.folder, {t.file for t in model.index.tensors.values()}))
+    journal = Journal.open(cfg.out, fingerprint, cfg.restart)
     # a resumed run keeps its micro-batch: float sums depend on it, and resume must be byte-identical
     batch = journal.state.setdefault("micro_batch", memory.micro_batch)
+    run_id = journal.state.setdefault("run", uuid.uuid4().hex)  # the activation cache belongs to this run
     journal.save()
-    cache = ActivationCache(cfg.cache_dir or cfg.out / WORKDIR / "cache", cfg.samples, cfg.seq_len, model.spec.hidden)
+    cache = ActivationCache.claim(run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir), cfg.out, run_id,
+                                  cfg.samples, cfg.seq_len, model.spec.hidden)
     for folder in (cfg.out, cfg.out / WORKDIR, cache.folder):
         remove_temporaries(folder)
     if journal.complete and (cfg.out / "model.safetensors.index.json").is_file():
         log.info("%s is already complete", cfg.out)
+        report = attach_eval(cfg, journal, build_report(cfg, model, sizes, journal, out_config, time.time() - t0,
+                                                        batch), cache.folder)
         if not cfg.keep_cache:
             cache.remove()  # a run killed while deleting its cache
-        return attach_eval(cfg, journal, build_report(cfg, model, sizes, journal, out_config, time.time() - t0, batch))
+        return report
     check_free_disk(cfg.out, cache.folder, memory.output_bytes, memory.cache_bytes)
     if cfg.eval is not None:  # the input's perplexity, once (journaled), before any pruning
-        journaled_eval(cfg, journal, "before", model.folder)
+        journaled_eval(cfg, journal, "before", model.folder, cache.folder)
 
     L, start = model.spec.n_layers, journal.next_block
     if start < L and not cache.has(start):
         if start > 0:
             raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}); "
                                    "re-run with --restart")
-        write_block_inputs(cfg, model, cache, batch)
+        write_block_inputs(cfg, model, cache, batch, tokens)
     if start < L:
         runner = BlockRunner(cfg, model, sizes, cache, batch, bias_sublayers(out_config))
         try:
@@ -363,7 +377,7 @@ def run_locked(cfg: RunConfig, model: Model, sizes: Sizes, out_config: dict, mem
             runner.close()
     report = build_report(cfg, model, sizes, journal, out_config, time.time() - t0, batch)
     write_model_files(cfg, model, out_config, report)
-    report = attach_eval(cfg, journal, report)
+    report = attach_eval(cfg, journal, report, cache.folder)
     journal.finish()
     if not cfg.keep_cache:
         cache.remove()

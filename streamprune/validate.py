@@ -32,11 +32,23 @@ def same_folder(a: Path, b: Path) -> bool:
         return False
 
 
+def inside(a: Path, b: Path) -> bool:
+    """True when folder a is b or lies inside it (symlinks resolved)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a.is_relative_to(b) or same_folder(a, b)
+
+
 def check_paths(shards: Path, out: Path, cache_dir: Path | None) -> None:
-    if same_folder(out, shards):
-        raise StreamPruneError(f"--out {out} is the input folder {shards}; choose another output folder")
-    if cache_dir is not None and same_folder(cache_dir, shards):
-        raise StreamPruneError(f"--cache-dir {cache_dir} is the input folder {shards}; choose another folder")
+    """The run never writes into its input: --out and --cache-dir lie outside the model folder,
+    and the model folder is not inside --out (where a restart deletes files)."""
+    if inside(out, shards):
+        where = "is" if same_folder(out, shards) else "is inside"
+        raise StreamPruneError(f"--out {out} {where} the input folder {shards}; choose an output folder outside it")
+    if inside(shards, out):
+        raise StreamPruneError(f"the input folder {shards} is inside --out {out}; choose an output folder outside it")
+    if cache_dir is not None and inside(cache_dir, shards):
+        where = "is" if same_folder(cache_dir, shards) else "is inside"
+        raise StreamPruneError(f"--cache-dir {cache_dir} {where} the input folder {shards}; choose a folder outside it")
 
 
 def check_writable(folder: Path, option: str = "--out") -> None:
