@@ -1,6 +1,9 @@
-"""Weight compensation: after slicing, refit the block's output projections by least squares so
-the pruned block reproduces the dense block's output on the calibration tokens (each token's
-error weighed relative to its size, as the next block's RMSNorm sees it).
+"""Weight compensation: after slicing, adjust the kept weights so the pruned block reproduces the
+dense block on the calibration tokens. Each method is a `Compensation` in COMPENSATIONS (lsq,
+mean, none); the loop calls `apply` and never branches on the method.
+
+lsq refits the block's output projections by least squares (each token's error weighed
+relative to its size, as the next block's RMSNorm sees it).
 
 o_proj is refit so the kept heads reproduce the dense attention output; then down_proj is refit
 so the kept neurons, fed by the already-compensated attention, reproduce the dense block output
@@ -11,18 +14,15 @@ alone, so a 0% prune stays the exact identity."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Iterator
 
 import torch
 
 from .block import attention_heads, attention_output, block_forward, mlp_activations, rms_norm
 from .families import BlockSpec
-from .numerics import one_thread
+from .scoring.base import Calibration
+from .numerics import FP64_SOLVE_MAX, RIDGE, add_ridge, solve_spd, token_scale
 from .selection import Kept
-
-RIDGE = 1e-2
-FP64_SOLVE_MAX = 4096  # larger Gram matrices are factored in fp32
 
 
 class NormalEquations:
@@ -43,15 +43,11 @@ class NormalEquations:
         """The (out, in) weight minimising |A W^T - Y|^2 + lam |W - W0|^2. Large systems are
         factored in fp32 (the ridge keeps them well conditioned) to halve the memory."""
         G, self.G = self.G, None
-        lam = ridge * G.diagonal().mean().clamp_min(1e-12)
-        G.diagonal().add_(lam)
+        lam = add_ridge(G, ridge)
         rhs = self.C.add_(lam * W0.T.double())
         if G.shape[0] > FP64_SOLVE_MAX:
             G, rhs = G.float(), rhs.float()
-        with one_thread() if G.device.type == "cpu" else nullcontext():
-            L, info = torch.linalg.cholesky_ex(G)
-            Wt = torch.cholesky_solve(rhs, L) if info.item() == 0 else torch.linalg.solve(G, rhs)
-        return Wt.T.to(W0.dtype).contiguous()
+        return solve_spd(G, rhs).T.to(W0.dtype).contiguous()
 
 
 def memory_bytes(n_in: int, n_out: int) -> int:
@@ -63,12 +59,6 @@ def work_bytes(spec: BlockSpec, spec_new: BlockSpec) -> int:
     """Peak memory of compensating a block cut to spec_new (the larger of the two refits)."""
     return max(memory_bytes(spec_new.n_heads * spec_new.head_dim, spec.hidden),
                memory_bytes(spec_new.intermediate, spec.hidden))
-
-
-def token_scale(y: torch.Tensor) -> torch.Tensor:
-    """1 / rms of each token of the residual stream: the next RMSNorm divides by it, so errors
-    are weighed as the next block will see them (the same weighting the perturb scorer uses)."""
-    return y.float().pow(2).mean(-1).clamp_min(1e-12).rsqrt()
 
 
 def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, torch.Tensor], spec_new: BlockSpec,
@@ -119,3 +109,41 @@ def restore_means(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, 
         shift = W[proj].double() @ mean
         W_new[bias] = (W[bias].double() + shift if bias in W else shift).to(W[proj].dtype)
     return W_new
+
+
+class Compensation:
+    """How a sliced block's kept weights are adjusted; the default does nothing."""
+
+    name = "none"
+    refits = False  # output projections are refit by least squares (a unit costs what the rest cannot make up)
+    needs_biases = False  # the output gets bias slots for the sublayers that lose units
+    forward_passes = 0.0  # block forwards over all calibration tokens (for time estimates)
+
+    def apply(self, W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, torch.Tensor],
+              spec_new: BlockSpec, kept: Kept, calib: Calibration, biases: frozenset[str]) -> dict[str, torch.Tensor]:
+        """W_new adjusted; W (dense) gives the targets; `biases`: sublayers with an output bias."""
+        return W_new
+
+    def work_bytes(self, spec: BlockSpec, spec_new: BlockSpec) -> int:
+        """Memory held beside the weights and a micro-batch (for the memory plan)."""
+        return 0
+
+
+class LeastSquares(Compensation):
+    name, refits, forward_passes = "lsq", True, 3.0  # two passes, dense and pruned attention in each
+
+    def apply(self, W, spec, W_new, spec_new, kept, calib, biases):
+        return compensate(W, spec, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin)
+
+    def work_bytes(self, spec, spec_new):
+        return work_bytes(spec, spec_new)
+
+
+class MeanBias(Compensation):
+    name, needs_biases, forward_passes = "mean", True, 1.0
+
+    def apply(self, W, spec, W_new, spec_new, kept, calib, biases):
+        return restore_means(W, spec, W_new, kept, calib.batches, calib.cos, calib.sin, biases)
+
+
+COMPENSATIONS: dict[str, Compensation] = {c.name: c() for c in (LeastSquares, MeanBias, Compensation)}

@@ -23,8 +23,8 @@ from .block import block_forward, rms_norm
 from .cache import EVAL_PREFIX, ActivationCache
 from .calibration import gather_embeddings, load_tokenizer
 from .errors import StreamPruneError
-from .families import EMBED, FINAL_NORM, LM_HEAD, read_config, rotary_tables
-from .fsutil import atomic_write_json
+from .families import EMBED, FINAL_NORM, LM_HEAD, rotary_tables
+from .model import check_device, compute_dtype, open_model
 from .plan import activation_bytes
 from .shards import DTYPES
 
@@ -125,7 +125,6 @@ def nll_sum(state) -> float:
 
 def run_blocks(model, cache: ActivationCache, windows: int, batch: int, device, cos, sin, progress) -> None:
     """Pass the cached inputs through every block: inputs-i -> inputs-(i+1), one block loaded at a time."""
-    from .pipeline import compute_dtype
     spec = model.spec
     for layer in range(spec.n_layers):
         names = spec.block_tensors(layer)
@@ -145,7 +144,6 @@ def run_blocks(model, cache: ActivationCache, windows: int, batch: int, device, 
 def head_nll(model, cache: ActivationCache, tokens: torch.Tensor, batch: int, device, chunk: int) -> float:
     """Sum of -log p(next token) over all windows. Outer loop over vocab chunks (each row of
     lm_head read once), inner over micro-batches of the final hidden states."""
-    from .pipeline import compute_dtype
     spec, index = model.spec, model.index
     n, T = tokens.shape
     head = EMBED if spec.tied else LM_HEAD
@@ -175,7 +173,6 @@ def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str
     """Perplexity of the model in `folder` on `text`, streaming one block at a time."""
     from tqdm import tqdm
 
-    from .pipeline import check_device, open_model
     t0 = time.time()
     dev = check_device(device)
     model = open_model(folder)
@@ -205,41 +202,3 @@ def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str
     return EvalResult(text=str(text), text_sha256=hashlib.sha256(Path(text).read_bytes()).hexdigest(),
                       seq_len=T, windows=n, tokens=count, nll=nll, ppl=math.exp(nll),
                       seconds=round(time.time() - t0, 3))
-
-
-# ---- `run --eval`: before/after perplexity, journaled so a resumed run does not redo it ----
-
-def journaled_eval(cfg, journal, which: str, folder: Path, cache_folder: Path) -> dict:
-    """The perplexity of `folder` ("before": the input, "after": the output) on cfg.eval, from the
-    journal when it was already measured on the same text and window, else measured now (its
-    temporary cache inside the run's own cache folder)."""
-    max_pos = read_config(folder).get("max_position_embeddings") or DEFAULT_SEQ_LEN
-    seq_len = cfg.eval_seq_len or min(cfg.seq_len, max_pos)
-    sha = hashlib.sha256(Path(cfg.eval).read_bytes()).hexdigest() if Path(cfg.eval).is_file() else None
-    done = journal.state.setdefault("eval", {}).get(which)
-    if done and done["text_sha256"] == sha and done["seq_len"] == seq_len:
-        return done
-    log.info("measuring perplexity %s pruning on %s", which, cfg.eval)
-    result = perplexity(folder, cfg.eval, seq_len, cfg.device, cfg.batch_size, cache_dir=cache_folder,
-                        progress=cfg.progress).as_dict()
-    journal.state["eval"][which] = result
-    journal.save()
-    return result
-
-
-def attach_eval(cfg, journal, report: dict, cache_folder: Path) -> dict:
-    """Add {"eval": ...} (before and after) to a finished run's report and rewrite report.json.
-    No-op without --eval."""
-    if cfg.eval is None:
-        return report
-    before = journaled_eval(cfg, journal, "before", Path(cfg.shards), cache_folder)
-    after = journaled_eval(cfg, journal, "after", Path(cfg.out), cache_folder)
-    report = dict(report, eval={
-        "text": str(cfg.eval), "text_sha256": before["text_sha256"], "seq_len": before["seq_len"],
-        "windows": before["windows"], "tokens": before["tokens"],
-        "ppl_before": before["ppl"], "ppl_after": after["ppl"],
-        "nll_before": before["nll"], "nll_after": after["nll"]})
-    report["timing"] = dict(report.get("timing", {}), eval_seconds={"before": before["seconds"],
-                                                                    "after": after["seconds"]})
-    atomic_write_json(Path(cfg.out) / "report.json", report)
-    return report

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .pipeline import open_model, plan
+from .model import open_model, output_shape
 
 
 def describe(folder: Path, sparsity: float) -> dict:
     model = open_model(folder)
     spec, b = model.spec, model.spec.blocks[0]
-    sizes, out_config = plan(model, sparsity)
+    sizes, out_config = output_shape(model, sparsity)
     new_block = dataclasses.replace(b, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
     block_params = sum(x.n_params() for x in spec.blocks)
     after = new_block.n_params() * spec.n_layers

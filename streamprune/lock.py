@@ -11,12 +11,13 @@ import os
 from pathlib import Path
 
 from .errors import StreamPruneError
+from .journal import WORKDIR
 
 LOCK_NAME = "lock"
 
 
-def lock_path(out: Path, workdir: str = ".streamprune") -> Path:
-    return Path(out) / workdir / LOCK_NAME
+def lock_path(out: Path) -> Path:
+    return Path(out) / WORKDIR / LOCK_NAME
 
 
 def read_owner(fd: int) -> str:

@@ -1,14 +1,19 @@
-"""Reproducible numerics. Resume must write the same bytes as an uninterrupted run, so every
-result must be bit-identical across processes. Two things in LAPACK (MKL) are not: pivoted least
-squares (`torch.linalg.lstsq`'s default driver; streamprune never calls it) and, under load,
-multithreaded factorizations. Solves therefore run on one thread (they are small next to the
-forwards: ridge systems of masks x masks, and one Cholesky per compensated projection)."""
+"""Shared numerics: the per-token weighting of errors, ridge strength, and reproducible solves.
+
+Resume must write the same bytes as an uninterrupted run, so every result must be bit-identical
+across processes. Two things in LAPACK (MKL) are not: pivoted least squares (`torch.linalg.lstsq`'s
+default driver; streamprune never calls it) and, under load, multithreaded factorizations. Solves
+therefore run on one thread on a CPU (they are small next to the forwards: ridge systems of masks
+x masks, one Cholesky per compensated projection, the OBS inverse)."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
+
+RIDGE = 1e-2  # ridge of least-squares refits and OBS, relative to the mean of diag(G)
+FP64_SOLVE_MAX = 4096  # larger Gram matrices are kept and factored in fp32 (half the memory)
 
 
 @contextmanager
@@ -19,3 +24,51 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def reproducible(t: torch.Tensor):
+    """One thread for a factorization on the CPU; nothing to do on a GPU."""
+    return one_thread() if t.device.type == "cpu" else nullcontext()
+
+
+def mean_square(y: torch.Tensor) -> torch.Tensor:
+    """mean(y_t^2) of each token (the last dim): what the next RMSNorm divides by, squared."""
+    return y.pow(2).mean(-1).clamp_min(1e-12)
+
+
+def token_scale(y: torch.Tensor) -> torch.Tensor:
+    """1 / rms of each token of the residual stream (fp32). Errors times this are errors as the
+    next block's RMSNorm sees them; squared, it is the perturb scorer's token weight."""
+    return mean_square(y.float()).rsqrt()
+
+
+def token_weight(y: torch.Tensor) -> torch.Tensor:
+    """1 / mean(y_t^2) of each token (fp64): the weight of a token's squared error."""
+    return 1 / mean_square(y.double())
+
+
+def add_ridge(G: torch.Tensor, ridge: float) -> torch.Tensor:
+    """G + lam I in place, lam = ridge * mean(diag G); returns lam."""
+    lam = ridge * G.diagonal().mean().clamp_min(1e-12)
+    G.diagonal().add_(lam)
+    return lam
+
+
+def solve_spd(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """X with G X = rhs for a symmetric positive definite G: by Cholesky, or a general solve
+    where the factorization fails."""
+    with reproducible(G):
+        L, info = torch.linalg.cholesky_ex(G)
+        return torch.cholesky_solve(rhs, L) if info.item() == 0 else torch.linalg.solve(G, rhs)
+
+
+def invert_spd(G: torch.Tensor) -> torch.Tensor:
+    """G^-1 for a symmetric positive definite G: by Cholesky, or a general inverse where it fails."""
+    with reproducible(G):
+        L, info = torch.linalg.cholesky_ex(G)
+        return torch.cholesky_inverse(L) if info.item() == 0 else torch.linalg.inv(G)
+
+
+def solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    with reproducible(A):
+        return torch.linalg.solve(A, B)

@@ -4,13 +4,13 @@ Only this module and the I/O modules touch files; the math lives in block/scorin
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import resource
 import shutil
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,58 +21,24 @@ from .cache import ActivationCache, check_cache_folder, run_cache_folder
 from .calibration import bos_id, gather_embeddings, load_tokenizer, token_windows, tokenize_file
 from .config import RunConfig
 from .errors import StreamPruneError
-from .evaluate import attach_eval, journaled_eval
-from .families import EMBED, ModelSpec, bias_sublayers, model_spec, pruned_config, read_config, rotary_tables
-from .compensate import compensate, restore_means
+from .evaluate import DEFAULT_SEQ_LEN, perplexity
+from .families import EMBED, bias_sublayers, read_config, rotary_tables
+from .compensate import COMPENSATIONS
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
+from .model import Model, check_device, compute_dtype, cut_sublayers, open_model, output_shape
 from .journal import WORKDIR, Journal, refuse_foreign_folder
 from .lock import OutputLock
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from .plan import Plan, make_plan, scoring_options, stage_work_bytes
 from .scoring import Calibration, make_scorer
-from .selection import Sizes, plan_sizes, select_units
-from .shards import OutTensor, ShardIndex, read_header, shard_name, write_safetensors
+from .selection import Sizes, select_units
+from .shards import OutTensor, read_header, shard_name, write_safetensors
 from .slicing import add_zero_biases, slice_block
 from .validate import (check_finite_activations, check_finite_weights, check_free_disk, check_paths,
                        check_sparsity, check_writable)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Model:
-    """Everything known about the input model before any weight is read."""
-
-    folder: Path
-    spec: ModelSpec
-    index: ShardIndex
-
-
-def open_model(folder: Path) -> Model:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise StreamPruneError(f"model folder not found: {folder}")
-    spec = model_spec(read_config(folder))
-    index = ShardIndex.open(folder)
-    index.check(spec.expected_shapes())
-    return Model(folder, spec, index)
-
-
-def plan(model: Model, sparsity: float, compensate: str = "none") -> tuple[Sizes, dict]:
-    """Uniform sizes for every block, and the output config.json (validated by transformers).
-    With mean compensation, each sublayer that loses units gets a bias slot where the output
-    family has one."""
-    sizes = plan_sizes(model.spec.blocks[0], sparsity)
-    biases = cut_sublayers(model, sizes) if compensate == "mean" else ()
-    return sizes, pruned_config(model.spec.config, sizes.n_heads, sizes.n_kv, sizes.intermediate, biases)
-
-
-def cut_sublayers(model: Model, sizes: Sizes) -> frozenset[str]:
-    """"attention" if heads are removed, "mlp" if neurons are."""
-    block = model.spec.blocks[0]
-    return frozenset(s for s, cut in (("attention", sizes.n_heads < block.n_heads),
-                                      ("mlp", sizes.intermediate < block.intermediate)) if cut)
 
 
 def peak_rss_bytes() -> int:
@@ -90,23 +56,6 @@ def memory_plan(cfg: RunConfig, model: Model, sizes: Sizes) -> Plan:
             f"with micro-batch {p.micro_batch}, {p.max_memory_bytes / 2**30:.1f} GiB available; "
             "lower --seq-len or --batch-size, or raise --max-memory")
     return p
-
-
-def check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise StreamPruneError(f"unsupported device {device!r} (cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StreamPruneError("--device cuda requested but no CUDA GPU is available")
-    if dev.type not in ("cpu", "cuda"):
-        raise StreamPruneError(f"unsupported device {device!r} (cpu or cuda)")
-    return dev
-
-
-def compute_dtype(dev: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    """fp32 on CPU; the model's own dtype on a GPU."""
-    return torch.float32 if dev.type == "cpu" else model_dtype
 
 
 def clear_output(out: Path) -> None:
@@ -145,6 +94,7 @@ class BlockRunner:
         self.biases = biases  # sublayers whose output projection has a bias in the output
         self.device = check_device(cfg.device)
         self.scorer = make_scorer(cfg.method, scoring_options(cfg, sizes))
+        self.compensation = COMPENSATIONS[cfg.compensate]
         self.n_shards = model.spec.n_layers + 1
         self.cos, self.sin = rotary_tables(model.spec.config, cfg.seq_len, self.device)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamprune-read")
@@ -184,10 +134,7 @@ class BlockRunner:
             scores = self.scorer.score(W, spec, calib)
             kept = select_units(scores.heads, scores.neurons, spec, self.sizes)
             W_new, spec_new = slice_block(W, spec, kept)
-            if self.cfg.compensate == "lsq":
-                W_new = compensate(W, spec, W_new, spec_new, kept, calib.batches, self.cos, self.sin)
-            elif self.cfg.compensate == "mean":
-                W_new = restore_means(W, spec, W_new, kept, calib.batches, self.cos, self.sin, self.biases)
+            W_new = self.compensation.apply(W, spec, W_new, spec_new, kept, calib, self.biases)
             spec_new = spec_new.with_biases(self.biases)
             W_new = add_zero_biases(W_new, spec_new)
             t_score = time.time()
@@ -310,6 +257,42 @@ def build_report(cfg: RunConfig, model: Model, sizes: Sizes, journal: Journal, o
     }
 
 
+def journaled_eval(cfg: RunConfig, journal: Journal, which: str, folder: Path, cache_folder: Path) -> dict:
+    """The perplexity of `folder` ("before": the input, "after": the output) on cfg.eval, from the
+    journal when it was already measured on the same text and window, else measured now (its
+    temporary cache inside the run's own cache folder)."""
+    max_pos = read_config(folder).get("max_position_embeddings") or DEFAULT_SEQ_LEN
+    seq_len = cfg.eval_seq_len or min(cfg.seq_len, max_pos)
+    sha = hashlib.sha256(Path(cfg.eval).read_bytes()).hexdigest() if Path(cfg.eval).is_file() else None
+    done = journal.state.setdefault("eval", {}).get(which)
+    if done and done["text_sha256"] == sha and done["seq_len"] == seq_len:
+        return done
+    log.info("measuring perplexity %s pruning on %s", which, cfg.eval)
+    result = perplexity(folder, cfg.eval, seq_len, cfg.device, cfg.batch_size, cache_dir=cache_folder,
+                        progress=cfg.progress).as_dict()
+    journal.state["eval"][which] = result
+    journal.save()
+    return result
+
+
+def attach_eval(cfg: RunConfig, journal: Journal, report: dict, cache_folder: Path) -> dict:
+    """Add {"eval": ...} (before and after) to a finished run's report and rewrite report.json.
+    No-op without --eval."""
+    if cfg.eval is None:
+        return report
+    before = journaled_eval(cfg, journal, "before", Path(cfg.shards), cache_folder)
+    after = journaled_eval(cfg, journal, "after", Path(cfg.out), cache_folder)
+    report = dict(report, eval={
+        "text": str(cfg.eval), "text_sha256": before["text_sha256"], "seq_len": before["seq_len"],
+        "windows": before["windows"], "tokens": before["tokens"],
+        "ppl_before": before["ppl"], "ppl_after": after["ppl"],
+        "nll_before": before["nll"], "nll_after": after["nll"]})
+    report["timing"] = dict(report.get("timing", {}), eval_seconds={"before": before["seconds"],
+                                                                    "after": after["seconds"]})
+    atomic_write_json(Path(cfg.out) / "report.json", report)
+    return report
+
+
 def run(cfg: RunConfig) -> dict:
     """Prune cfg.shards into cfg.out; resumes from the journal. Returns the report."""
     t0 = time.time()
@@ -323,11 +306,12 @@ def run(cfg: RunConfig) -> dict:
         raise StreamPruneError(f"text file not found: {cfg.calib}")
     check_device(cfg.device)
     check_sparsity(model.spec.blocks[0], cfg.sparsity)
-    sizes, out_config = plan(model, cfg.sparsity, cfg.compensate)
-    uncompensated = cut_sublayers(model, sizes) - bias_sublayers(out_config)
-    if cfg.compensate == "mean" and uncompensated:
-        log.warning("--compensate mean: a %s output has no bias for %s, which stays uncompensated",
-                    out_config["model_type"], " or ".join(sorted(uncompensated)))
+    compensation = COMPENSATIONS[cfg.compensate]
+    sizes, out_config = output_shape(model, cfg.sparsity, compensation.needs_biases)
+    uncompensated = cut_sublayers(model.spec.blocks[0], sizes) - bias_sublayers(out_config)
+    if compensation.needs_biases and uncompensated:
+        log.warning("--compensate %s: a %s output has no bias for %s, which stays uncompensated",
+                    compensation.name, out_config["model_type"], " or ".join(sorted(uncompensated)))
     memory = memory_plan(cfg, model, sizes)
     tokens = calibration_tokens(cfg, model)
     check_writable(cfg.out)

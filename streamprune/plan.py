@@ -17,9 +17,10 @@ import psutil
 import torch
 
 from .cache import chunk_rows
-from .compensate import work_bytes as compensation_bytes
+from .compensate import COMPENSATIONS
 from .errors import StreamPruneError
-from .scoring import ScoringOptions, make_scorer
+from .model import check_device, open_model, output_shape
+from .scoring import SCORERS, ScoringOptions, make_scorer
 from .shards import ITEMSIZE
 
 BASE_PROCESS_BYTES = 700 * 2**20  # measured 440-660 MiB for `streamprune run` on CPU, rounded up
@@ -165,7 +166,7 @@ def estimate_seconds(model, samples: int, seq_len: int, device: str, forward_pas
 
 def scoring_options(cfg, sizes=None) -> ScoringOptions:
     """What the run's scorer is told: the cut, the budget, and whether least squares will refit."""
-    return ScoringOptions(sizes=sizes, budget=cfg.budget, refit=cfg.compensate == "lsq")
+    return ScoringOptions(sizes=sizes, budget=cfg.budget, refit=COMPENSATIONS[cfg.compensate].refits)
 
 
 def stage_work_bytes(cfg, model, sizes) -> int:
@@ -173,26 +174,24 @@ def stage_work_bytes(cfg, model, sizes) -> int:
     block = max(model.spec.blocks, key=lambda b: b.n_params())
     scorer = make_scorer(cfg.method, scoring_options(cfg, sizes))
     cut = dataclasses.replace(block, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
-    return max(scorer.work_bytes(block), compensation_bytes(block, cut) if cfg.compensate == "lsq" else 0)
+    return max(scorer.work_bytes(block), COMPENSATIONS[cfg.compensate].work_bytes(block, cut))
 
 
 def stage_forward_passes(cfg) -> float:
     """Block forwards per block over all calibration tokens: scoring, compensation (two passes,
     each dense and pruned attention), and passing outputs on (dense and pruned)."""
     scorer = make_scorer(cfg.method, scoring_options(cfg))
-    compensation = {"lsq": 3.0, "mean": 1.0, "none": 0.0}[cfg.compensate]
+    compensation = COMPENSATIONS[cfg.compensate].forward_passes
     return scorer.forward_passes(cfg.samples * cfg.seq_len) + compensation + 2.0
 
 
 def describe_plan(cfg, max_memory: str | None = None, timing: bool = True) -> dict:
     """What `streamprune plan` prints: the memory plan plus, optionally, a time estimate."""
-    from .pipeline import check_device, open_model, plan as size_plan
-    from .scoring import SCORERS
     check_device(cfg.device)
     if cfg.method not in SCORERS:
         raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
     model = open_model(cfg.shards)
-    sizes, _ = size_plan(model, cfg.sparsity)
+    sizes, _ = output_shape(model, cfg.sparsity)
     p = make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity,
                   parse_bytes(max_memory) if max_memory else None, cfg.batch_size, stage_work_bytes(cfg, model, sizes))
     info = p.as_dict()

@@ -34,7 +34,7 @@ def attention_params(spec: BlockSpec, n_kv: int, group: int) -> int:
     return 2 * spec.head_dim * spec.hidden * (n_kv * group + n_kv)
 
 
-def plan_sizes(spec: BlockSpec, sparsity: float, align: int | None = None) -> Sizes:
+def uniform_sizes(spec: BlockSpec, sparsity: float, align: int | None = None) -> Sizes:
     """Remove about `sparsity` of the block's weights. Attention takes the GQA layout whose kept
     fraction is closest to 1 - sparsity (ties: more query heads); the MLP width absorbs the
     rest, so the block total lands on target. Intermediate sizes are rounded to `align`

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from streamprune import pipeline
+from streamprune.cache import ActivationCache
 from streamprune.calibration import bos_id, load_tokenizer, token_windows, tokenize_file
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
@@ -80,7 +81,7 @@ def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, f
     with torch.no_grad():
         hidden = model.model(windows, output_hidden_states=True).hidden_states
     # hidden_states[-1] has the final norm applied; recompute the pre-norm residual from the layers
-    cache = pipeline.ActivationCache(out / ".streamprune" / "cache", cfg.samples, cfg.seq_len, model.config.hidden_size)
+    cache = ActivationCache(out / ".streamprune" / "cache", cfg.samples, cfg.seq_len, model.config.hidden_size)
     streamed = cache.batch(model.config.num_hidden_layers, 0, cfg.samples)
     assert (model.model.norm(streamed) - hidden[-1]).abs().max() <= 1e-4
 
@@ -173,7 +174,7 @@ def test_activation_cache_round_trip_in_chunks(tmp_path, monkeypatch, device):
     """Micro-batches larger than the host staging chunk are copied in pieces, exactly."""
     from streamprune import cache as cache_module
     monkeypatch.setattr(cache_module, "CHUNK_BYTES", 2 * 5 * 3 * 4)  # two samples of (5, 3) fp32
-    c = pipeline.ActivationCache(tmp_path, samples=7, seq_len=5, hidden=3)
+    c = ActivationCache(tmp_path, samples=7, seq_len=5, hidden=3)
     x = torch.randn(7, 5, 3)
     w = c.writer(0)
     w.write(0, x[:5].to(device))  # 2 + 2 + 1 samples

@@ -15,7 +15,8 @@ from streamprune import pipeline
 from streamprune.cli import main
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
-from streamprune.plan import activation_bytes, make_plan, parse_bytes
+from streamprune.model import open_model, output_shape
+from streamprune.plan import activation_bytes, make_plan, parse_bytes, stage_work_bytes
 from tests.models import DEVICES, save_tiny_model
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
@@ -30,8 +31,8 @@ def test_parse_bytes():
 
 
 def test_micro_batch_shrinks_with_the_memory_limit():
-    model = pipeline.open_model(DEMO / "stories260K")
-    sizes, _ = pipeline.plan(model, 0.3)
+    model = open_model(DEMO / "stories260K")
+    sizes, _ = output_shape(model, 0.3)
     roomy = make_plan(model, sizes, 64, 256, "cpu", 0.3, max_memory=8 * 2**30)
     tight = make_plan(model, sizes, 64, 256, "cpu", 0.3, max_memory=1000 * 2**20)
     assert roomy.fits and tight.fits and tight.micro_batch < roomy.micro_batch == 64
@@ -52,8 +53,8 @@ def test_prediction_covers_the_measured_peak(tmp_path):
                     tmp_path / "out", "--calib", DEMO / "calib.txt", "--samples", "8", "--seq-len", "128",
                     "--quiet"], check=True, env=dict(os.environ, PYTHONPATH=str(DEMO.parent)))
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    model = pipeline.open_model(DEMO / "stories260K")
-    predicted = make_plan(model, pipeline.plan(model, 0.3)[0], 8, 128, "cpu", 0.3)
+    model = open_model(DEMO / "stories260K")
+    predicted = make_plan(model, output_shape(model, 0.3)[0], 8, 128, "cpu", 0.3)
     assert predicted.peak_host_bytes >= report["timing"]["peak_rss_bytes"]
 
 
@@ -65,17 +66,17 @@ def test_gpu_prediction_covers_the_measured_gpu_peak(tmp_path, device):
                     device=device, progress=False)
     torch.cuda.reset_peak_memory_stats()
     report = pipeline.run(cfg)
-    model = pipeline.open_model(src)
-    sizes = pipeline.plan(model, cfg.sparsity)[0]
+    model = open_model(src)
+    sizes = output_shape(model, cfg.sparsity)[0]
     predicted = make_plan(model, sizes, 16, 512, device, cfg.sparsity, batch_size=report["timing"]["micro_batch"],
-                          work_bytes=pipeline.stage_work_bytes(cfg, model, sizes))
+                          work_bytes=stage_work_bytes(cfg, model, sizes))
     assert predicted.peak_device_bytes >= report["timing"]["peak_cuda_bytes"]
 
 
 def test_gpu_plan_counts_activations_in_the_compute_dtype_without_attention_scores(tmp_path):
     """No GPU needed: the plan is arithmetic (bf16 activations; fused attention holds no scores)."""
-    model = pipeline.open_model(save_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16))
-    sizes, _ = pipeline.plan(model, 0.3)
+    model = open_model(save_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16))
+    sizes, _ = output_shape(model, 0.3)
     gpu = make_plan(model, sizes, 4, 256, "cuda", 0.3, max_memory=2**30, batch_size=4)
     act = activation_bytes(model.spec.blocks[0], 256, 4, itemsize=2, scores=False)
     assert gpu.peak_device_bytes == pytest.approx(gpu.block_compute_bytes * 1.7 + act)

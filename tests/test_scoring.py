@@ -12,7 +12,7 @@ from streamprune.families import BlockSpec
 from streamprune.scoring import SCORERS, Calibration, ScoringOptions, make_scorer
 from streamprune.scoring.obs import greedy_removal_scores
 from streamprune.scoring.perturb import fit_removal_costs, sample_masks
-from streamprune.selection import Sizes, plan_sizes, select_units
+from streamprune.selection import Sizes, uniform_sizes, select_units
 from streamprune.slicing import slice_block
 
 SPEC = BlockSpec(hidden=32, n_heads=8, n_kv=4, head_dim=4, intermediate=48, eps=1e-5)
@@ -69,7 +69,7 @@ def test_regression_recovers_a_planted_linear_model():
 def test_scorers_find_planted_units(method):
     strong_heads, strong_neurons, weak_neurons = [2, 5], [0, 7, 40], [3, 11, 20, 33]
     W = planted_block(strong_heads, strong_neurons, weak_neurons)
-    scores = make_scorer(method, ScoringOptions(sizes=plan_sizes(WIDE, 0.4))).score(W, WIDE, calibration(spec=WIDE))
+    scores = make_scorer(method, ScoringOptions(sizes=uniform_sizes(WIDE, 0.4))).score(W, WIDE, calibration(spec=WIDE))
     top_heads = set(scores.heads.argsort(descending=True)[:2].tolist())
     assert top_heads == set(strong_heads)
     order = scores.neurons.argsort(descending=True).tolist()
@@ -82,7 +82,7 @@ def test_perturb_recovers_the_known_removal_costs_of_neurons():
     from the MLP output is about scale_i^2 * sum_t a_ti^2, refit or not; perturb must rank
     neurons like that."""
     W, calib = planted_block([2, 5], [0, 7, 40], [3, 11, 20, 33]), calibration(spec=WIDE)
-    scores = make_scorer("perturb", ScoringOptions(sizes=plan_sizes(WIDE, 0.4))).score(W, WIDE, calib)
+    scores = make_scorer("perturb", ScoringOptions(sizes=uniform_sizes(WIDE, 0.4))).score(W, WIDE, calib)
     a = torch.cat([mlp_activations(W, rms_norm(x + attention_output(W, attention_heads(W, WIDE, x, calib.cos, calib.sin)),
                                                  W["mlp_norm"], WIDE.eps)).flatten(0, 1) for x in calib.batches()])
     truth = a.pow(2).sum(0) * W["down"].pow(2).sum(0)
@@ -113,7 +113,7 @@ def test_perturb_masks_are_valid_gqa_cuts():
 
 
 def test_perturb_is_deterministic_under_a_seed():
-    W, sizes = random_block(), plan_sizes(SPEC, 0.3)
+    W, sizes = random_block(), uniform_sizes(SPEC, 0.3)
     a = make_scorer("perturb", ScoringOptions(sizes=sizes)).score(W, SPEC, calibration(seed=1))
     b = make_scorer("perturb", ScoringOptions(sizes=sizes)).score(W, SPEC, calibration(seed=1))
     assert torch.equal(a.heads, b.heads) and torch.equal(a.neurons, b.neurons)
@@ -124,7 +124,7 @@ def test_perturb_is_deterministic_under_a_seed():
 @pytest.mark.parametrize("sparsity", [0.2, 0.5])
 def test_compensation_lowers_the_reconstruction_error(sparsity):
     W, calib = random_block(), calibration()
-    kept = select_units(torch.rand(SPEC.n_heads), torch.rand(SPEC.intermediate), SPEC, plan_sizes(SPEC, sparsity))
+    kept = select_units(torch.rand(SPEC.n_heads), torch.rand(SPEC.intermediate), SPEC, uniform_sizes(SPEC, sparsity))
     W_new, spec_new = slice_block(W, SPEC, kept)
     W_comp = compensate(W, SPEC, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin)
 
@@ -138,7 +138,7 @@ def test_compensation_lowers_the_reconstruction_error(sparsity):
 
 def test_compensation_leaves_an_unpruned_block_alone():
     W, calib = random_block(), calibration()
-    kept = select_units(torch.rand(SPEC.n_heads), torch.rand(SPEC.intermediate), SPEC, plan_sizes(SPEC, 0.0))
+    kept = select_units(torch.rand(SPEC.n_heads), torch.rand(SPEC.intermediate), SPEC, uniform_sizes(SPEC, 0.0))
     W_new, spec_new = slice_block(W, SPEC, kept)
     W_comp = compensate(W, SPEC, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin)
     assert all(torch.equal(W_comp[k], W[k]) for k in W)

@@ -5,7 +5,7 @@ import torch
 
 from streamprune.block import block_forward
 from streamprune.families import BlockSpec, model_spec, read_config, rotary_tables
-from streamprune.selection import attention_params, masks, plan_sizes, select_units
+from streamprune.selection import attention_params, masks, uniform_sizes, select_units
 from streamprune.shards import ShardIndex
 from streamprune.slicing import slice_block
 from tests.models import save_tiny_model
@@ -15,7 +15,7 @@ SPEC = BlockSpec(hidden=8192, n_heads=64, n_kv=8, head_dim=128, intermediate=286
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.2, 0.3, 0.5, 0.7])
 def test_plan_is_gqa_valid_and_on_target(sparsity):
-    sizes = plan_sizes(SPEC, sparsity)
+    sizes = uniform_sizes(SPEC, sparsity)
     assert 1 <= sizes.n_kv <= SPEC.n_kv and 1 <= sizes.group <= SPEC.group
     assert sizes.intermediate % 64 == 0
     full = attention_params(SPEC, SPEC.n_kv, SPEC.group) + 3 * SPEC.hidden * SPEC.intermediate
@@ -26,7 +26,7 @@ def test_plan_is_gqa_valid_and_on_target(sparsity):
 def test_selection_keeps_best_heads_per_group():
     spec = BlockSpec(hidden=64, n_heads=8, n_kv=4, head_dim=8, intermediate=10, eps=1e-5)
     heads = torch.tensor([1.0, 9.0, 5.0, 4.0, 0.1, 0.2, 8.0, 7.0])
-    kept = select_units(heads, torch.arange(10.0), spec, plan_sizes(spec, 0.0).__class__(2, 1, 3))
+    kept = select_units(heads, torch.arange(10.0), spec, uniform_sizes(spec, 0.0).__class__(2, 1, 3))
     assert kept.kv.tolist() == [0, 3] and kept.heads.tolist() == [1, 6]
     assert kept.neurons.tolist() == [7, 8, 9]
 
@@ -39,7 +39,7 @@ def test_sliced_block_equals_masked_block(tmp_path, family):
     b = spec.blocks[0]
     g = torch.Generator().manual_seed(1)
     kept = select_units(torch.rand(b.n_heads, generator=g), torch.rand(b.intermediate, generator=g), b,
-                        plan_sizes(b, 0.5))
+                        uniform_sizes(b, 0.5))
     W2, b2 = slice_block(W, b, kept)
     x = torch.randn(2, 24, b.hidden, generator=g)
     cos, sin = rotary_tables(spec.config, 24)

@@ -9,7 +9,7 @@ import torch
 
 from ..block import attention_heads, attention_output, mlp_activations, rms_norm
 from ..families import BlockSpec
-from . import Calibration
+from .base import Calibration
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,15 @@
 """FLAP (An et al., 2024): a channel's fluctuation — the variance of its activation over the
 calibration tokens — times the squared norm of the output-projection column that reads it. A
-channel that barely fluctuates can be replaced by its mean, which FLAP does with a bias; stock
-configs cannot carry that bias for every family, so streamprune offers least-squares
-compensation (compensate.py) instead (docs/scoring.md)."""
+channel that barely fluctuates can be replaced by its mean, which FLAP does with a bias:
+`--compensate mean` (compensate.MeanBias) where the output family can carry biases (Llama, and
+Qwen3's attention); `--compensate lsq` refits instead (docs/scoring.md)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..families import BlockSpec
-from . import Calibration, Scorer, UnitScores
+from .base import Calibration, Scorer, UnitScores
 from .activations import channel_stats, per_head
 
 

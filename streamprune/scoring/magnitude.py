@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..families import BlockSpec
-from . import Calibration, Scorer, UnitScores
+from .base import Calibration, Scorer, UnitScores
 
 
 class MagnitudeScorer(Scorer):

@@ -14,15 +14,13 @@ tokens weighted as compensation weighs them."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Iterator
 
 import torch
 
 from ..block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
-from ..compensate import FP64_SOLVE_MAX, RIDGE, token_scale
 from ..families import BlockSpec
-from ..numerics import one_thread
+from ..numerics import FP64_SOLVE_MAX, RIDGE, add_ridge, invert_spd, solve, token_scale
 
 CHUNKS = 32  # greedy steps
 
@@ -51,16 +49,8 @@ def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, 
     """Scores (I,) from greedy OBS: removed neurons score their removal step (earliest = least
     important), kept ones score above all of them. G: (I, I) Gram; W_down: (E, I)."""
     I = G.shape[0]
-    G.diagonal().add_(ridge * G.diagonal().mean().clamp_min(1e-12))
-    with one_thread() if G.device.type == "cpu" else nullcontext():  # reproducible factorization
-        L, info = torch.linalg.cholesky_ex(G)
-        if info.item() == 0:
-            del G  # two I x I matrices at most: G and L, then L and the inverse
-            Hinv = torch.cholesky_inverse(L)
-        else:
-            Hinv = torch.linalg.inv(G)
-            del G
-        del L
+    add_ridge(G, ridge)
+    Hinv = invert_spd(G)
     W = W_down.to(Hinv.device, Hinv.dtype).clone()
     alive = torch.ones(I, dtype=torch.bool, device=Hinv.device)
     scores = torch.empty(I, dtype=torch.float64, device=Hinv.device)
@@ -70,8 +60,7 @@ def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, 
         cost = W.pow(2).sum(0) / Hinv.diagonal().clamp_min(1e-30)
         cost[~alive] = float("inf")
         R = cost.argsort()[:k]
-        with one_thread() if Hinv.device.type == "cpu" else nullcontext():
-            M = torch.linalg.solve(Hinv[R][:, R], Hinv[R, :])  # (k, I)
+        M = solve(Hinv[R][:, R], Hinv[R, :])  # (k, I)
         W.addmm_(W[:, R], M, alpha=-1)  # the kept weights absorb the removed neurons (OBS update)
         Hinv.addmm_(Hinv[:, R], M, alpha=-1)  # the inverse Gram of the neurons that remain
         alive[R] = False
@@ -84,7 +73,8 @@ def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, 
 
 
 def memory_bytes(spec: BlockSpec) -> int:
-    """Peak bytes: two I x I matrices (the Gram matrix and its factor, then the factor and the
-    inverse) and two copies of down_proj's size (its updated weights and their squares)."""
+    """Peak bytes: two I x I matrices (the factor and the inverse; the caller's Gram matrix is a
+    third while they are computed, not counted yet: see issue 16) and two copies of down_proj's
+    size (its updated weights and their squares)."""
     item = 8 if spec.intermediate <= FP64_SOLVE_MAX else 4
     return 2 * item * spec.intermediate ** 2 + 2 * item * spec.hidden * spec.intermediate

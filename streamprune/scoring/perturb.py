@@ -17,9 +17,10 @@ import torch
 
 from ..block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from ..families import BlockSpec
-from ..numerics import one_thread
+from ..numerics import one_thread, token_weight
 from ..selection import Sizes, masks, select_units
-from . import Calibration, Scorer, UnitScores, obs
+from .base import Calibration, Scorer, UnitScores
+from .obs import activation_gram, greedy_removal_scores, memory_bytes as obs_memory_bytes
 
 MASKS = 64  # head perturbations per block at --budget 1
 TOKENS = 2048  # calibration tokens each perturbation is measured on, at --budget 1
@@ -53,7 +54,7 @@ class TokenSample:
         self.x, self.o, self.y = torch.cat(xs), torch.cat(os), torch.cat(ys)
         # the next block reads y through an RMSNorm, so an error counts relative to the size of its
         # token: weights 1 / mean(y_t^2) turn squared errors into errors after normalisation
-        self.weight = 1 / self.y.double().pow(2).mean(-1).clamp_min(1e-12)
+        self.weight = token_weight(self.y)
         self.update_energy = self.weighted((self.y - self.x).double().pow(2).sum(-1)).item() or 1.0
 
     def weighted(self, per_token: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ class PerturbScorer(Scorer):
         n_masks, n_tokens = self.budget()
         sample = 4 * n_tokens * (2 * spec.hidden + spec.n_heads * spec.head_dim + spec.intermediate)
         regression = PASS_BYTES + sample + 3 * 8 * n_masks * spec.n_heads + 3 * 8 * n_masks ** 2
-        return max(regression, obs.memory_bytes(spec) if self.options.refit else 0)
+        return max(regression, obs_memory_bytes(spec) if self.options.refit else 0)
 
     def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores:
         n_masks, n_tokens = self.budget()
@@ -171,7 +172,7 @@ class PerturbScorer(Scorer):
         neurons = prior_neurons  # without a refit a neuron costs what it contributes alone
         if sizes.intermediate < spec.intermediate and self.options.refit:  # behind the chosen heads, by greedy OBS
             chosen_heads = masks(spec, select_units(heads, prior_neurons, spec, sizes))[0]
-            G = obs.activation_gram(W, spec, chosen_heads, calib.batches, calib.cos, calib.sin)
-            neurons = obs.greedy_removal_scores(G, W["down"], spec.intermediate - sizes.intermediate)
+            G = activation_gram(W, spec, chosen_heads, calib.batches, calib.cos, calib.sin)
+            neurons = greedy_removal_scores(G, W["down"], spec.intermediate - sizes.intermediate)
             info["neurons"] = "greedy OBS"
         return UnitScores(heads, neurons, info)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..families import BlockSpec
-from . import Calibration, Scorer, UnitScores
+from .base import Calibration, Scorer, UnitScores
 from .activations import channel_stats, per_head
 
 

@@ -1,0 +1,66 @@
+"""The scorer interface: what every method gets (a block's weights, its calibration inputs, the
+options) and returns (UnitScores)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from ..families import BlockSpec
+from ..selection import Sizes
+
+
+@dataclass(frozen=True)
+class UnitScores:
+    heads: torch.Tensor  # (H,) query heads, group-major (head h belongs to KV group h // group)
+    neurons: torch.Tensor  # (I,)
+    info: dict = field(default_factory=dict)  # how they were obtained, for report.json
+
+    def __post_init__(self):  # selection works on the host, whichever device scored
+        object.__setattr__(self, "heads", self.heads.cpu())  # (frozen dataclass)
+        object.__setattr__(self, "neurons", self.neurons.cpu())
+
+
+@dataclass
+class Calibration:
+    """A block's calibration inputs, streamed from the activation cache in micro-batches."""
+
+    batches: Callable[[], Iterator[torch.Tensor]]  # each call starts a fresh pass: (b, T, E) tensors
+    cos: torch.Tensor  # (T, D) rotary tables
+    sin: torch.Tensor
+    generator: torch.Generator  # seeded per block, for methods that sample
+    samples: int = 0  # calibration windows in all batches (0: unknown)
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """What a scorer may need beyond the block: the sizes the block will be cut to (so sampled
+    masks look like the real cut), the compute budget for methods that sample, and whether the
+    kept weights will be refit (a unit then costs only what the others cannot make up for)."""
+
+    sizes: Sizes | None = None
+    budget: float = 1.0
+    refit: bool = True  # least-squares compensation will refit the output projections
+
+
+class Scorer:
+    """Base of every method: `score` maps a block's weights and calibration inputs to UnitScores."""
+
+    name: str
+    needs_calibration: bool = True
+
+    def __init__(self, options: ScoringOptions = ScoringOptions()):
+        self.options = options
+
+    def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores:
+        raise NotImplementedError
+
+    def forward_passes(self, calibration_tokens: int) -> float:
+        """Block forwards over all calibration tokens that scoring costs (for time estimates)."""
+        return 1.0 if self.needs_calibration else 0.0
+
+    def work_bytes(self, spec: BlockSpec) -> int:
+        """Memory scoring needs beyond the weights and one micro-batch (for the memory plan)."""
+        return 0
