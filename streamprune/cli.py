@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .config import COMPENSATIONS, RunConfig
+from .config import ALLOCATIONS, COMPENSATIONS, RunConfig
 from .errors import StreamPruneError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -79,6 +79,9 @@ def compensation_options(command):
 @click.option("--budget", default=RunConfig.budget, show_default=True,
               help="Scales perturbations and tokens per block (perturb).")
 @compensation_options
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default=RunConfig.allocation, show_default=True,
+              help="How each block's shape is chosen: global (each block its own, from measured costs, whole blocks "
+                   "may go), uniform (one shape for all, from measured costs), rule (one shape by a fixed rule).")
 @click.option("--calibrate-on", type=click.Choice(["pruned", "dense"]), default=RunConfig.calibrate_on,
               show_default=True, help="Calibrate block i+1 on the outputs of the pruned or the dense block i.")
 @click.option("--batch-size", default=0, help="Calibration windows per micro-batch (0: from memory).")

@@ -11,6 +11,7 @@ from .errors import StreamPruneError
 
 
 COMPENSATIONS = ("lsq", "mean", "none")
+ALLOCATIONS = ("global", "uniform", "rule")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class RunConfig:
     seed: int = 0
     method: str = "perturb"
     budget: float = 1.0  # scales the perturbations and tokens of sampling methods
+    # how each block's shape is chosen: "global" (per block, from measured costs, under one budget),
+    # "uniform" (one shape for all, from measured costs), "rule" (one shape by a fixed rule, no survey)
+    allocation: str = "global"
     # after slicing: "lsq" refits o_proj and down_proj by least squares; "mean" puts the removed
     # units' mean output into their biases (FLAP's compensation); "none". True/False mean lsq/none.
     compensate: str = "lsq"
@@ -48,6 +52,8 @@ class RunConfig:
             raise StreamPruneError("--eval-seq-len must be >= 2")
         if self.budget <= 0:
             raise StreamPruneError("--budget must be > 0")
+        if self.allocation not in ALLOCATIONS:
+            raise StreamPruneError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
         if self.calibrate_on not in ("pruned", "dense"):
             raise StreamPruneError("--calibrate-on must be pruned or dense")
         if isinstance(self.compensate, bool):

@@ -248,3 +248,4 @@ def pruned_config(config: dict, n_heads: int, n_kv: int, intermediate: int, bias
             out[key] = True
     hf_config(out)  # raises if transformers would refuse it
     return out
+

@@ -11,7 +11,8 @@ from .model import open_model, output_shape
 def describe(folder: Path, sparsity: float) -> dict:
     model = open_model(folder)
     spec, b = model.spec, model.spec.blocks[0]
-    sizes, out_config = output_shape(model, sparsity)
+    shape = output_shape(model, sparsity)
+    sizes, out_config = shape.sizes[0], shape.config
     new_block = dataclasses.replace(b, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
     block_params = sum(x.n_params() for x in spec.blocks)
     after = new_block.n_params() * spec.n_layers

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import StreamPruneError
-from .families import BlockSpec, ModelSpec, model_spec, pruned_config, read_config
+from .families import BlockSpec, ModelSpec, heterogeneous_config, model_spec, pruned_config, read_config
 from .selection import Sizes, uniform_sizes
 from .shards import ShardIndex
 
@@ -51,17 +51,55 @@ def compute_dtype(dev: torch.device, model_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dev.type == "cpu" else model_dtype
 
 
-def cut_sublayers(block: BlockSpec, sizes: Sizes) -> frozenset[str]:
-    """"attention" if heads are removed, "mlp" if neurons are."""
+def cut_sublayers(block: BlockSpec, sizes: Sizes | None) -> frozenset[str]:
+    """"attention" if heads are removed, "mlp" if neurons are (both for a dropped block)."""
+    if sizes is None:
+        return frozenset(("attention", "mlp"))
     return frozenset(s for s, cut in (("attention", sizes.n_heads < block.n_heads),
                                       ("mlp", sizes.intermediate < block.intermediate)) if cut)
 
 
-def output_shape(model: Model, sparsity: float, needs_biases: bool = False) -> tuple[Sizes, dict]:
-    """Uniform sizes for every block, and the output config.json (validated by transformers).
-    `needs_biases` (mean compensation): each sublayer that loses units gets a bias slot where the
-    output family has one."""
-    block = model.spec.blocks[0]
-    sizes = uniform_sizes(block, sparsity)
-    biases = cut_sublayers(block, sizes) if needs_biases else ()
-    return sizes, pruned_config(model.spec.config, sizes.n_heads, sizes.n_kv, sizes.intermediate, biases)
+@dataclass(frozen=True)
+class Shape:
+    """The cut: each block's sizes (None: the block is dropped) and the output's config.json."""
+
+    sizes: tuple[Sizes | None, ...]
+    config: dict
+
+    def out_layer(self, layer: int) -> int | None:
+        """Block `layer`'s index in the output (dropped blocks close up), None if dropped."""
+        if self.sizes[layer] is None:
+            return None
+        return sum(s is not None for s in self.sizes[:layer])
+
+    @property
+    def uniform(self) -> bool:
+        kept = {s for s in self.sizes if s is not None}
+        return len(kept) == 1
+
+    def describe(self) -> dict:
+        """For report.json: the sizes, one number when every kept block has the same."""
+        kept = [s for s in self.sizes if s is not None]
+        def each(f):
+            values = [None if s is None else f(s) for s in self.sizes]
+            return values[0] if self.uniform and None not in values else values
+        return {"heads": each(lambda s: s.n_heads), "kv_heads": each(lambda s: s.n_kv),
+                "neurons": each(lambda s: s.intermediate), "dropped_blocks": [i for i, s in enumerate(self.sizes)
+                                                                            if s is None],
+                "blocks_kept": len(kept)}
+
+
+def shape_of(model: Model, sizes: list[Sizes | None], needs_biases: bool = False) -> Shape:
+    """The Shape of a cut to `sizes`, with its output config.json (families.heterogeneous_config:
+    a stock config when the kept blocks share one shape). `needs_biases` (mean compensation): each
+    sublayer that loses units in some block gets bias slots where the output family has them."""
+    blocks = model.spec.blocks
+    biases = frozenset().union(*(cut_sublayers(b, s) for b, s in zip(blocks, sizes))) if needs_biases else ()
+    per_layer = [None if s is None else {"n_heads": s.n_heads, "n_kv": s.n_kv, "intermediate": s.intermediate}
+                 for s in sizes]
+    return Shape(tuple(sizes), heterogeneous_config(model.spec.config, per_layer, biases))
+
+
+def output_shape(model: Model, sparsity: float, needs_biases: bool = False) -> Shape:
+    """The fixed rule: uniform sizes for every block (selection.uniform_sizes)."""
+    return shape_of(model, [uniform_sizes(model.spec.blocks[0], sparsity)] * model.spec.n_layers, needs_biases)

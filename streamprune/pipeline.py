@@ -26,13 +26,15 @@ from .families import EMBED, bias_sublayers, read_config, rotary_tables
 from .compensate import COMPENSATIONS
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
-from .model import Model, check_device, compute_dtype, cut_sublayers, open_model, output_shape
+from .allocation import allocate_global, allocate_uniform
+from .model import Model, Shape, check_device, compute_dtype, cut_sublayers, open_model, output_shape, shape_of
 from .journal import WORKDIR, Journal, refuse_foreign_folder
 from .lock import OutputLock
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from .plan import Plan, make_plan, scoring_options, stage_work_bytes
 from .scoring import Calibration, make_scorer
 from .selection import Sizes, select_units
+from .survey import survey
 from .shards import OutTensor, read_header, shard_name, write_safetensors
 from .slicing import add_zero_biases, slice_block
 from .validate import (check_finite_activations, check_finite_weights, check_free_disk, check_paths,
@@ -88,12 +90,10 @@ class BlockRunner:
     shards (prefetch) and writing block i's shard run on background threads while block i is
     scored; a block is journaled only once its shard is durable."""
 
-    def __init__(self, cfg: RunConfig, model: Model, sizes: Sizes, cache: ActivationCache, batch: int,
-                 biases: frozenset[str] = frozenset()):
-        self.cfg, self.model, self.sizes, self.cache, self.batch = cfg, model, sizes, cache, batch
-        self.biases = biases  # sublayers whose output projection has a bias in the output
+    def __init__(self, cfg: RunConfig, model: Model, shape: Shape, cache: ActivationCache, batch: int):
+        self.cfg, self.model, self.shape, self.cache, self.batch = cfg, model, shape, cache, batch
+        self.biases = bias_sublayers(shape.config)  # sublayers whose output projection has a bias in the output
         self.device = check_device(cfg.device)
-        self.scorer = make_scorer(cfg.method, scoring_options(cfg, sizes))
         self.compensation = COMPENSATIONS[cfg.compensate]
         self.n_shards = model.spec.n_layers + 1
         self.cos, self.sin = rotary_tables(model.spec.config, cfg.seq_len, self.device)
@@ -124,21 +124,24 @@ class BlockRunner:
     def prune(self, layer: int, stored: dict[str, torch.Tensor]) -> tuple[dict, Future]:
         """Score, slice and pass on block `layer`; returns its record and the future of its shard write."""
         t0 = time.time()
-        spec = self.model.spec.blocks[layer]
+        spec, sizes = self.model.spec.blocks[layer], self.shape.sizes[layer]
         dtype = compute_dtype(self.device, stored["q"].dtype)
+        if sizes is None:
+            return self.drop(layer, spec, dtype, t0)
+        out_layer = self.shape.out_layer(layer)
         W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + layer)
         calib = Calibration(lambda: (x for _, x in self.batches(layer, dtype)), self.cos, self.sin, generator,
                             self.cfg.samples)
         with torch.no_grad():
-            scores = self.scorer.score(W, spec, calib)
-            kept = select_units(scores.heads, scores.neurons, spec, self.sizes)
+            scores = make_scorer(self.cfg.method, scoring_options(self.cfg, sizes)).score(W, spec, calib)
+            kept = select_units(scores.heads, scores.neurons, spec, sizes)
             W_new, spec_new = slice_block(W, spec, kept)
             W_new = self.compensation.apply(W, spec, W_new, spec_new, kept, calib, self.biases)
             spec_new = spec_new.with_biases(self.biases)
             W_new = add_zero_biases(W_new, spec_new)
             t_score = time.time()
-            out = [OutTensor.of(self.model.spec.layer_tensor(layer, s), t.to("cpu", stored.get(s, stored["o"]).dtype))
+            out = [OutTensor.of(self.model.spec.layer_tensor(out_layer, s), t.to("cpu", stored.get(s, stored["o"]).dtype))
                    for s, t in W_new.items()]
             write = self.writer.submit(write_safetensors, self.model_path(layer + 1), out)
             rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype)
@@ -150,6 +153,20 @@ class BlockRunner:
             "kept_heads": kept.heads.tolist(), "kept_kv_heads": kept.kv.tolist(),
             "relative_error": rel_error, "scoring": scores.info,
             "timing": {"score_seconds": round(t_score - t0, 3), "forward_seconds": round(time.time() - t_score, 3)},
+        }, write
+
+    def drop(self, layer: int, spec, dtype, t0: float) -> tuple[dict, Future]:
+        """A dropped block: its inputs pass on unchanged, and its shard holds no tensor."""
+        write = self.writer.submit(write_safetensors, self.model_path(layer + 1), [])
+        writer = self.cache.writer(layer + 1)
+        for start, x in self.batches(layer, dtype):
+            writer.write(start, x)
+        writer.commit()
+        return {
+            "layer": layer, "dropped": True,
+            "heads": [spec.n_heads, 0], "kv_heads": [spec.n_kv, 0], "neurons": [spec.intermediate, 0],
+            "params": [spec.n_params(), 0], "kept_heads": [], "kept_kv_heads": [], "relative_error": 1.0,
+            "scoring": {}, "timing": {"score_seconds": 0.0, "forward_seconds": round(time.time() - t0, 3)},
         }, write
 
     def pass_outputs(self, layer, W, spec, W_new, spec_new, dtype) -> float:
@@ -237,8 +254,8 @@ def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: di
                       {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def build_report(cfg: RunConfig, model: Model, sizes: Sizes, journal: Journal, out_config: dict,
-                 seconds: float, batch: int) -> dict:
+def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, seconds: float, batch: int) -> dict:
+    out_config = shape.config
     blocks = [journal.record(i) for i in range(model.spec.n_layers)]
     before = sum(b["params"][0] for b in blocks)
     after = sum(b["params"][1] for b in blocks)
@@ -246,8 +263,8 @@ def build_report(cfg: RunConfig, model: Model, sizes: Sizes, journal: Journal, o
         "arguments": {k: v for k, v in cfg.as_dict().items() if k not in RunConfig.NOT_FINGERPRINTED},
         "model": {"model_type": model.spec.model_type, "layers": model.spec.n_layers,
                   "output_model_type": out_config["model_type"]},
-        "plan": {"heads": sizes.n_heads, "kv_heads": sizes.n_kv, "neurons": sizes.intermediate,
-                 "biases_added": sorted(bias_sublayers(out_config) - bias_sublayers(model.spec.config))},
+        "plan": dict(shape.describe(), allocation=cfg.allocation,
+                     biases_added=sorted(bias_sublayers(out_config) - bias_sublayers(model.spec.config))),
         "blocks": [{k: v for k, v in b.items() if k != "timing"} for b in blocks],
         "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
         "timing": {"seconds": round(seconds, 3), "blocks_seconds": journal.state.get("blocks_seconds"),
@@ -307,20 +324,40 @@ def run(cfg: RunConfig) -> dict:
     check_device(cfg.device)
     check_sparsity(model.spec.blocks[0], cfg.sparsity)
     compensation = COMPENSATIONS[cfg.compensate]
-    sizes, out_config = output_shape(model, cfg.sparsity, compensation.needs_biases)
-    uncompensated = cut_sublayers(model.spec.blocks[0], sizes) - bias_sublayers(out_config)
+    rule = output_shape(model, cfg.sparsity, compensation.needs_biases)  # a model that cannot be written fails now
+    uncompensated = cut_sublayers(model.spec.blocks[0], rule.sizes[0]) - bias_sublayers(rule.config)
     if compensation.needs_biases and uncompensated:
         log.warning("--compensate %s: a %s output has no bias for %s, which stays uncompensated",
-                    compensation.name, out_config["model_type"], " or ".join(sorted(uncompensated)))
-    memory = memory_plan(cfg, model, sizes)
+                    compensation.name, rule.config["model_type"], " or ".join(sorted(uncompensated)))
+    memory = memory_plan(cfg, model, rule.sizes[0])
     tokens = calibration_tokens(cfg, model)
     check_writable(cfg.out)
     with OutputLock(cfg.out):
-        return run_locked(cfg, model, sizes, out_config, memory, tokens, t0)
+        return run_locked(cfg, model, rule, memory, tokens, t0)
 
 
-def run_locked(cfg: RunConfig, model: Model, sizes: Sizes, out_config: dict, memory: Plan, tokens: torch.Tensor,
-               t0: float) -> dict:
+def decide_shape(cfg: RunConfig, model: Model, rule: Shape, cache: ActivationCache, journal: Journal, batch: int,
+                 tokens: torch.Tensor) -> Shape:
+    """Every block's sizes: the fixed rule, or from the survey's measured costs (run now for the
+    blocks not surveyed yet) by the allocation asked for."""
+    if cfg.allocation == "rule":
+        return rule
+    L, start = model.spec.n_layers, len(journal.state.get("survey", {}))
+    if start < L and not cache.has(start):
+        if start > 0:
+            raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}); "
+                                   "re-run with --restart")
+        write_block_inputs(cfg, model, cache, batch, tokens)
+    device = check_device(cfg.device)
+    cos, sin = rotary_tables(model.spec.config, cfg.seq_len, device)
+    costs = survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits,
+                   cfg.progress)
+    allocate = allocate_global if cfg.allocation == "global" else allocate_uniform
+    sizes = allocate(model.spec.blocks, costs, cfg.sparsity)
+    return shape_of(model, sizes, COMPENSATIONS[cfg.compensate].needs_biases)
+
+
+def run_locked(cfg: RunConfig, model: Model, rule: Shape, memory: Plan, tokens: torch.Tensor, t0: float) -> dict:
     """The run proper, with the output folder locked against a second run."""
     if cfg.restart:
         clear_output(cfg.out)
@@ -336,14 +373,16 @@ def run_locked(cfg: RunConfig, model: Model, sizes: Sizes, out_config: dict, mem
         remove_temporaries(folder)
     if journal.complete and (cfg.out / "model.safetensors.index.json").is_file():
         log.info("%s is already complete", cfg.out)
-        report = attach_eval(cfg, journal, build_report(cfg, model, sizes, journal, out_config, time.time() - t0,
-                                                        batch), cache.folder)
+        shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens)  # from the journal: runs nothing
+        report = attach_eval(cfg, journal, build_report(cfg, model, shape, journal, time.time() - t0, batch),
+                             cache.folder)
         if not cfg.keep_cache:
             cache.remove()  # a run killed while deleting its cache
         return report
     check_free_disk(cfg.out, cache.folder, memory.output_bytes, memory.cache_bytes)
     if cfg.eval is not None:  # the input's perplexity, once (journaled), before any pruning
         journaled_eval(cfg, journal, "before", model.folder, cache.folder)
+    shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens)
 
     L, start = model.spec.n_layers, journal.next_block
     if start < L and not cache.has(start):
@@ -352,15 +391,15 @@ def run_locked(cfg: RunConfig, model: Model, sizes: Sizes, out_config: dict, mem
                                    "re-run with --restart")
         write_block_inputs(cfg, model, cache, batch, tokens)
     if start < L:
-        runner = BlockRunner(cfg, model, sizes, cache, batch, bias_sublayers(out_config))
+        runner = BlockRunner(cfg, model, shape, cache, batch)
         try:
             t_blocks = time.time()
             runner.run_blocks(journal, start)
             journal.state["blocks_seconds"] = round(time.time() - t_blocks, 3)
         finally:
             runner.close()
-    report = build_report(cfg, model, sizes, journal, out_config, time.time() - t0, batch)
-    write_model_files(cfg, model, out_config, report)
+    report = build_report(cfg, model, shape, journal, time.time() - t0, batch)
+    write_model_files(cfg, model, shape.config, report)
     report = attach_eval(cfg, journal, report, cache.folder)
     journal.finish()
     if not cfg.keep_cache:

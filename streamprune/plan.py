@@ -191,7 +191,7 @@ def describe_plan(cfg, max_memory: str | None = None, timing: bool = True) -> di
     if cfg.method not in SCORERS:
         raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
     model = open_model(cfg.shards)
-    sizes, _ = output_shape(model, cfg.sparsity)
+    sizes = output_shape(model, cfg.sparsity).sizes[0]
     p = make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity,
                   parse_bytes(max_memory) if max_memory else None, cfg.batch_size, stage_work_bytes(cfg, model, sizes))
     info = p.as_dict()

@@ -32,7 +32,7 @@ def test_parse_bytes():
 
 def test_micro_batch_shrinks_with_the_memory_limit():
     model = open_model(DEMO / "stories260K")
-    sizes, _ = output_shape(model, 0.3)
+    sizes = output_shape(model, 0.3).sizes[0]
     roomy = make_plan(model, sizes, 64, 256, "cpu", 0.3, max_memory=8 * 2**30)
     tight = make_plan(model, sizes, 64, 256, "cpu", 0.3, max_memory=1000 * 2**20)
     assert roomy.fits and tight.fits and tight.micro_batch < roomy.micro_batch == 64
@@ -54,7 +54,7 @@ def test_prediction_covers_the_measured_peak(tmp_path):
                     "--quiet"], check=True, env=dict(os.environ, PYTHONPATH=str(DEMO.parent)))
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     model = open_model(DEMO / "stories260K")
-    predicted = make_plan(model, output_shape(model, 0.3)[0], 8, 128, "cpu", 0.3)
+    predicted = make_plan(model, output_shape(model, 0.3).sizes[0], 8, 128, "cpu", 0.3)
     assert predicted.peak_host_bytes >= report["timing"]["peak_rss_bytes"]
 
 
@@ -67,7 +67,7 @@ def test_gpu_prediction_covers_the_measured_gpu_peak(tmp_path, device):
     torch.cuda.reset_peak_memory_stats()
     report = pipeline.run(cfg)
     model = open_model(src)
-    sizes = output_shape(model, cfg.sparsity)[0]
+    sizes = output_shape(model, cfg.sparsity).sizes[0]
     predicted = make_plan(model, sizes, 16, 512, device, cfg.sparsity, batch_size=report["timing"]["micro_batch"],
                           work_bytes=stage_work_bytes(cfg, model, sizes))
     assert predicted.peak_device_bytes >= report["timing"]["peak_cuda_bytes"]
@@ -76,7 +76,7 @@ def test_gpu_prediction_covers_the_measured_gpu_peak(tmp_path, device):
 def test_gpu_plan_counts_activations_in_the_compute_dtype_without_attention_scores(tmp_path):
     """No GPU needed: the plan is arithmetic (bf16 activations; fused attention holds no scores)."""
     model = open_model(save_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16))
-    sizes, _ = output_shape(model, 0.3)
+    sizes = output_shape(model, 0.3).sizes[0]
     gpu = make_plan(model, sizes, 4, 256, "cuda", 0.3, max_memory=2**30, batch_size=4)
     act = activation_bytes(model.spec.blocks[0], 256, 4, itemsize=2, scores=False)
     assert gpu.peak_device_bytes == pytest.approx(gpu.block_compute_bytes * 1.7 + act)

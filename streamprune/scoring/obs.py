@@ -45,9 +45,11 @@ def activation_gram(W, spec: BlockSpec, head_keep: torch.Tensor, batches: Callab
 
 
 def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, chunks: int = CHUNKS,
-                          ridge: float = RIDGE) -> torch.Tensor:
+                          ridge: float = RIDGE, curve: list | None = None) -> torch.Tensor:
     """Scores (I,) from greedy OBS: removed neurons score their removal step (earliest = least
-    important), kept ones score above all of them. G: (I, I) Gram; W_down: (E, I)."""
+    important), kept ones score above all of them. G: (I, I) Gram (ridge added in place); W_down:
+    (E, I). `curve`, if given, receives (neurons removed, total cost) after each step: the
+    weighted squared output error of the removal once the rest are refit."""
     I = G.shape[0]
     add_ridge(G, ridge)
     Hinv = invert_spd(G)
@@ -61,6 +63,9 @@ def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, 
         cost[~alive] = float("inf")
         R = cost.argsort()[:k]
         M = solve(Hinv[R][:, R], Hinv[R, :])  # (k, I)
+        if curve is not None:  # the chunk's joint OBS cost, W_R Hinv_RR^-1 W_R^T
+            total = (curve[-1][1] if curve else 0.0) + (W[:, R].T * solve(Hinv[R][:, R], W[:, R].T)).sum().item()
+            curve.append((done + k, total))
         W.addmm_(W[:, R], M, alpha=-1)  # the kept weights absorb the removed neurons (OBS update)
         Hinv.addmm_(Hinv[:, R], M, alpha=-1)  # the inverse Gram of the neurons that remain
         alive[R] = False

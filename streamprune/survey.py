@@ -1,0 +1,59 @@
+"""The survey: a first streaming pass over every block, before any is cut. Each block runs dense on
+its calibration inputs (the dense outputs of the block before it), and what each of its cuts would
+cost (costs.py) goes into the journal; nothing is written to the output. One block in memory at
+a time, resumable block by block like the pruning pass. The allocation then decides every
+block's shape from these costs at once (allocation.py)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from .cache import ActivationCache
+from .costs import BlockCosts, block_costs
+from .journal import Journal
+from .model import Model, compute_dtype
+from .validate import check_finite_activations, check_finite_weights
+
+
+def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, device: torch.device, cos, sin,
+           refit: bool, progress: bool) -> list[BlockCosts]:
+    """Costs of every block; blocks already surveyed (journal) are not run again. Expects the cache
+    to hold the inputs of the first block not surveyed yet; leaves no cache file behind."""
+    L, samples = model.spec.n_layers, cache.shape[0]
+    done = journal.state.setdefault("survey", {})
+    start = len(done)
+    bar = tqdm(total=L, initial=start, unit="block", desc="surveying", disable=not progress, dynamic_ncols=True)
+    try:
+        for layer in range(start, L):
+            t0 = time.time()
+            names = model.spec.block_tensors(layer)
+            stored = model.index.load(names)
+            check_finite_weights(stored, names)
+            dtype = compute_dtype(device, stored["q"].dtype)
+            W = {k: t.to(device, dtype) for k, t in stored.items()}
+            del stored
+            writer = cache.writer(layer + 1)
+
+            def batches():
+                for s in range(0, samples, batch):
+                    yield cache.batch(layer, s, min(s + batch, samples), device, dtype)
+
+            def write(s: int, y: torch.Tensor) -> None:
+                check_finite_activations(y, layer, s)
+                writer.write(s, y)
+
+            with torch.no_grad():
+                costs = block_costs(W, model.spec.blocks[layer], batches, cos, sin, refit, write)
+            writer.commit()
+            done[str(layer)] = dict(costs.as_json(), seconds=round(time.time() - t0, 3))
+            journal.save()
+            cache.drop(layer)
+            bar.update(1)
+    finally:
+        bar.close()
+    if start < L:
+        cache.drop(L)  # the dense outputs of the last block: nothing reads them
+    return [BlockCosts.from_json(done[str(i)]) for i in range(L)]
