@@ -8,3 +8,14 @@ import os as _os
 # different low bits in two processes; resume must be byte-identical, so ask for reproducible
 # results (must be set before MKL's first call; a value the user set wins).
 _os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+__all__ = ["load_pretrained"]
+
+
+def __getattr__(name):
+    """streamprune.load_pretrained, imported on first use: `import streamprune` stays light (no
+    torch, no transformers) for the CLI's fast paths."""
+    if name == "load_pretrained":
+        from .loading import load_pretrained
+        return load_pretrained
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

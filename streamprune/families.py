@@ -172,36 +172,42 @@ def hf_config(config: dict):
 
 
 def model_spec(config: dict) -> ModelSpec:
+    """Shapes of every block, read per layer: a config with `per_layer_config` (the per-block
+    output, see heterogeneous_config) gives each block its own head and neuron counts."""
     cfg = hf_config(config)
     model_type = config["model_type"]
     if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
         raise StreamPruneError(f"unsupported hidden_act {cfg.hidden_act!r} (only silu)")
-    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
-    if H % KV:
-        raise StreamPruneError(f"num_attention_heads {H} is not a multiple of num_key_value_heads {KV}")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-    attn_bias = bool(getattr(cfg, "attention_bias", False))
-    layer_types = getattr(cfg, "layer_types", None)
-    blocks = []
-    for i in range(cfg.num_hidden_layers):
-        window = None
-        if model_type == "mistral":
-            window = cfg.sliding_window
-        elif layer_types is not None and layer_types[i] == "sliding_attention":
-            window = cfg.sliding_window
-        blocks.append(BlockSpec(
-            hidden=cfg.hidden_size, n_heads=H, n_kv=KV, head_dim=head_dim,
-            intermediate=cfg.intermediate_size, eps=cfg.rms_norm_eps,
-            qk_norm=model_type == "qwen3",
-            qkv_bias=model_type == "qwen2" or attn_bias,
-            o_bias=model_type in ("llama", "qwen3") and attn_bias,
-            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
-            sliding_window=window,
-        ))
+    blocks = [_block_spec(cfg, layer, model_type, i) for i, layer in enumerate(layer_configs(cfg))]
     return ModelSpec(
         model_type=model_type, n_layers=cfg.num_hidden_layers, vocab=cfg.vocab_size,
         hidden=cfg.hidden_size, tied=bool(cfg.tie_word_embeddings), blocks=tuple(blocks),
         config=config,
+    )
+
+
+def _block_spec(cfg, layer, model_type: str, i: int) -> BlockSpec:
+    """One block's shapes from its layer config (the model config itself when all are alike)."""
+    where = f"layer {i}: " if cfg.is_heterogeneous else ""
+    H, KV = layer.num_attention_heads, layer.num_key_value_heads or layer.num_attention_heads
+    if H % KV:
+        raise StreamPruneError(f"{where}num_attention_heads {H} is not a multiple of num_key_value_heads {KV}")
+    attn_bias = bool(getattr(layer, "attention_bias", False))
+    layer_types = getattr(cfg, "layer_types", None)
+    window = None
+    if model_type == "mistral":
+        window = cfg.sliding_window
+    elif layer_types is not None and layer_types[i] == "sliding_attention":
+        window = cfg.sliding_window
+    return BlockSpec(
+        hidden=cfg.hidden_size, n_heads=H, n_kv=KV,
+        head_dim=getattr(layer, "head_dim", None) or cfg.hidden_size // H,
+        intermediate=layer.intermediate_size, eps=cfg.rms_norm_eps,
+        qk_norm=model_type == "qwen3",
+        qkv_bias=model_type == "qwen2" or attn_bias,
+        o_bias=model_type in ("llama", "qwen3") and attn_bias,
+        mlp_bias=bool(getattr(layer, "mlp_bias", False)),
+        sliding_window=window,
     )
 
 
@@ -231,6 +237,7 @@ def pruned_config(config: dict, n_heads: int, n_kv: int, intermediate: int, bias
     Llama is written as a Mistral with sliding_window null (see docs/output-format.md)."""
     out = copy.deepcopy(config)
     out.pop("auto_map", None)  # the output is built from stock classes only
+    out.pop("per_layer_config", None)  # an input cut per block: every block now has the one shape below
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     out.update(num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
                intermediate_size=intermediate)
@@ -249,3 +256,118 @@ def pruned_config(config: dict, n_heads: int, n_kv: int, intermediate: int, bias
     hf_config(out)  # raises if transformers would refuse it
     return out
 
+
+# What a block of a per-block output may change, by config key (transformers' `per_layer_config`,
+# see docs/output-format.md). Anything else per layer (head_dim, rope, sliding windows, skipped
+# sublayers) changes a computation streamprune does not model, so such a config is refused.
+PER_LAYER_SHAPE = {"n_heads": "num_attention_heads", "n_kv": "num_key_value_heads", "intermediate": "intermediate_size"}
+PER_LAYER_KEYS = frozenset(PER_LAYER_SHAPE.values()) | {"attention_bias", "mlp_bias"}
+
+
+def layer_configs(cfg) -> list:
+    """The transformers config of every layer (the model config itself when the model is uniform),
+    refusing per-layer overrides that are not shapes or bias switches, and skipped sublayers."""
+    if not cfg.is_heterogeneous:
+        return [cfg] * cfg.num_hidden_layers
+    unknown = sorted(set(cfg.per_layer_attributes) - PER_LAYER_KEYS)
+    if unknown:
+        raise StreamPruneError(f"per_layer_config overrides {', '.join(unknown)}; streamprune supports "
+                               f"per-layer {', '.join(sorted(PER_LAYER_KEYS))} only")
+    layers = list(cfg.per_layer_config)
+    for i, layer in enumerate(layers):
+        if getattr(layer, "skip", None):
+            raise StreamPruneError(f"per_layer_config skips {', '.join(layer.skip)} in layer {i}; "
+                                   "streamprune supports whole blocks only (a dropped block is removed, not skipped)")
+    return layers
+
+
+def heterogeneous_config(config: dict, per_layer: list[dict | None], biases=()) -> dict:
+    """config.json for a model whose blocks were cut to different shapes: `per_layer[i]` is block
+    i's {"n_heads", "n_kv", "intermediate"}, or None when the block is dropped.
+
+    Dropped blocks are removed and the rest renumbered (num_hidden_layers shrinks), so a model
+    whose kept blocks share one shape is still a stock config that every loader reads; that case
+    is pruned_config's output exactly (byte-identical when nothing is dropped). Otherwise the
+    input's shape stays the global one and each block that differs gets its sizes in
+    transformers' `per_layer_config` (keys zero-padded as transformers writes them). Stock
+    transformers 5.x reads that config but cannot build the model (it refuses loudly):
+    streamprune.load_pretrained can. `biases` as in pruned_config, for every block."""
+    if len(per_layer) != config["num_hidden_layers"]:
+        raise ValueError(f"{len(per_layer)} block shapes for {config['num_hidden_layers']} layers")
+    kept = [i for i, shape in enumerate(per_layer) if shape is not None]
+    if not kept:
+        raise StreamPruneError("every block would be dropped")
+    shapes = [_layer_shape(i, per_layer[i]) for i in kept]
+    if len(set(shapes)) == 1:
+        out = pruned_config(config, *shapes[0], biases)
+    else:
+        out = _per_layer_config(config, shapes, biases)
+    if len(kept) < len(per_layer):
+        _drop_layers(out, config, kept)
+    _check_layer_shapes(hf_config(out), shapes)
+    return out
+
+
+def _layer_shape(i: int, shape: dict) -> tuple[int, int, int]:
+    """(n_heads, n_kv, intermediate) of block i, refused when no decoder layer can have it."""
+    if set(shape) != set(PER_LAYER_SHAPE):
+        raise ValueError(f"block {i}: shape keys must be {sorted(PER_LAYER_SHAPE)}, got {sorted(shape)}")
+    n_heads, n_kv, inter = (int(shape[k]) for k in PER_LAYER_SHAPE)
+    if n_kv < 1 or n_heads < n_kv or n_heads % n_kv or inter < 1:
+        raise StreamPruneError(f"block {i}: {n_heads} heads, {n_kv} KV heads, {inter} neurons is not a valid "
+                               "layer (at least one KV group, each with the same number of query heads, and a neuron)")
+    return n_heads, n_kv, inter
+
+
+def _per_layer_config(config: dict, shapes: list[tuple[int, int, int]], biases) -> dict:
+    """The input's config with per-layer overrides for the blocks whose shape differs from it.
+    LlamaConfig validates hidden_size % num_attention_heads on the global value, which transformers
+    refuses to read once heads vary per layer; such a Llama is written as the Mistral it computes
+    exactly (see pruned_config)."""
+    out = copy.deepcopy(config)
+    out.pop("auto_map", None)  # the output is built from stock classes only
+    out.pop("per_layer_config", None)  # an input cut per block: its own overrides are replaced
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    out.update(head_dim=head_dim, num_key_value_heads=config.get("num_key_value_heads") or config["num_attention_heads"])
+    overrides = {}
+    for j, shape in enumerate(shapes):
+        differ = {key: n for key, n in zip(PER_LAYER_SHAPE.values(), shape) if n != out[key]}
+        if differ:
+            overrides[j] = differ
+    width = len(str(max(overrides)))
+    out["per_layer_config"] = {str(j).zfill(width): o for j, o in overrides.items()}
+    if out["model_type"] == "llama" and any("num_attention_heads" in o for o in overrides.values()):
+        _llama_as_mistral(out)
+    for sublayer in biases:
+        key = BIAS_KEYS.get(out["model_type"], {}).get(sublayer)
+        if key:
+            out[key] = True
+    return out
+
+
+def _llama_as_mistral(out: dict) -> None:
+    if out.get("attention_bias") or out.get("mlp_bias"):
+        raise StreamPruneError("a Llama with biases and a different head count per block has no stock equivalent "
+                               "(LlamaConfig cannot vary heads per layer); cut every block to the same head count")
+    for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
+        out.pop(key, None)
+    out.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
+
+
+def _drop_layers(out: dict, config: dict, kept: list[int]) -> None:
+    """Renumber to the kept blocks. Per-layer attention types (Qwen2/Qwen3 sliding windows) are
+    written explicitly, since the rule that derives them (max_window_layers) counts layers."""
+    out["num_hidden_layers"] = len(kept)
+    layer_types = getattr(hf_config(config), "layer_types", None)
+    if layer_types is not None and out["model_type"] == config["model_type"]:
+        kept_types = [layer_types[i] for i in kept]
+        if "layer_types" in config or set(kept_types) != {"full_attention"}:
+            out["layer_types"] = kept_types
+
+
+def _check_layer_shapes(cfg, shapes: list[tuple[int, int, int]]) -> None:
+    """transformers read back the shape written for every block (nothing dropped or misnumbered)."""
+    for j, (layer, shape) in enumerate(zip(layer_configs(cfg), shapes, strict=True)):
+        got = tuple(getattr(layer, key) for key in PER_LAYER_SHAPE.values())
+        if got != shape:
+            raise AssertionError(f"layer {j}: config reads back {got}, {shape} was written")
