@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import struct
 from math import prod
@@ -251,6 +252,29 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+INDEX = "model.safetensors.index.json"
+LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The index's weight_map: tensor name -> shard file name, a plain name inside the model
+    folder (no path separator, no '..')."""
+    invalid = f"{index} is not a valid safetensors index"
+    data = read_json(index, invalid)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise StreamPruneError(f"{invalid}: needs a non-empty object weight_map")
+    for name, file in weight_map.items():
+        if not (isinstance(file, str) and file not in ("", ".", "..") and "/" not in file and "\\" not in file
+                and os.sep not in file and "\0" not in file):
+            raise StreamPruneError(f"{invalid}: tensor {name} is in {file!r}, not a file name in the model folder")
+    return weight_map
+
+
+def layer_numbers(names) -> set[int]:
+    return {int(m.group(1)) for m in map(LAYER.match, names) if m}
+
+
 class ShardIndex:
     """Where every tensor of a Hugging Face model folder lives, from headers alone."""
 
@@ -261,20 +285,21 @@ class ShardIndex:
     @classmethod
     def open(cls, folder: Path) -> "ShardIndex":
         folder = Path(folder)
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise StreamPruneError(f"{index} is not a valid safetensors index") from None
+        check_folder_files(folder)
+        index = folder / INDEX
+        if is_input_file(index):
+            weight_map = read_weight_map(index)
             files = sorted(set(weight_map.values()))
-        elif (folder / "model.safetensors").is_file():
+        elif is_input_file(folder / "model.safetensors"):
             weight_map, files = None, ["model.safetensors"]
         else:
-            raise StreamPruneError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+            raise StreamPruneError(f"no model.safetensors or {INDEX} in {folder}")
         tensors: dict[str, TensorInfo] = {}
         for name in files:
-            tensors.update(read_header(folder / name))
+            for tensor, info in read_header(folder / name).items():
+                if tensor in tensors:
+                    raise StreamPruneError(f"tensor {tensor} is in both {tensors[tensor].file.name} and {name}")
+                tensors[tensor] = info
         if weight_map is not None:
             for name, file in weight_map.items():
                 if name not in tensors or tensors[name].file.name != file:
@@ -282,7 +307,9 @@ class ShardIndex:
         return cls(folder, tensors)
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
-        """Every expected tensor is present with the expected shape and a supported dtype."""
+        """The shards hold the layers the config implies, and every expected tensor is present
+        with the expected shape and a supported dtype."""
+        self.check_layers(expected)
         for name, shape in expected.items():
             info = self.tensors.get(name)
             if info is None:
@@ -291,9 +318,38 @@ class ShardIndex:
                 raise StreamPruneError(f"tensor {name} has shape {list(info.shape)}, config says {list(shape)}")
             if info.dtype not in DTYPES:
                 raise StreamPruneError(f"tensor {name} has unsupported dtype {info.dtype} (F32, F16, BF16 only)")
-            if info.nbytes != ITEMSIZE[info.dtype] * prod(shape):
-                raise StreamPruneError(f"{info.file.name}: corrupt safetensors header ({name} holds {info.nbytes} "
-                                       f"bytes, {info.dtype} {list(shape)} needs {ITEMSIZE[info.dtype] * prod(shape)})")
+
+    def check_layers(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """config.json's num_hidden_layers against the decoder layers the shards hold: a config
+        that claims fewer layers would silently drop the others, one that claims more fails later."""
+        want, have = layer_numbers(expected), layer_numbers(self.tensors)
+        if have - want:
+            raise StreamPruneError(f"config.json has num_hidden_layers {len(want)}, but the shards hold layers "
+                                   f"up to {max(have)}")
+        if want - have:
+            raise StreamPruneError(f"config.json has num_hidden_layers {len(want)}, but the shards hold no tensor "
+                                   f"of layer {min(want - have)}")
+
+    def check_finite(self, names: list[str]) -> None:
+        """The named tensors (those copied byte for byte into the output: embedding, final norm,
+        lm_head) hold no NaN or Inf; read in chunks of rows, so it costs little memory."""
+        from .validate import FINITE_CHUNK, first_bad_value  # validate imports families, which imports this
+        for name in names:
+            for part in self.row_chunks(name, FINITE_CHUNK):
+                bad = first_bad_value(part)
+                if bad:
+                    raise StreamPruneError(f"tensor {name} contains {bad} values; the input model is damaged")
+
+    def row_chunks(self, name: str, elements: int) -> Iterator[torch.Tensor]:
+        """Tensor `name` in consecutive slices of whole rows, about `elements` at a time."""
+        shape = self.tensors[name].shape
+        with safe_open(str(self.tensors[name].file), framework="pt") as f:
+            if len(shape) < 2:
+                yield f.get_tensor(name)
+                return
+            sl, step = f.get_slice(name), max(1, elements // max(1, prod(shape[1:])))
+            for lo in range(0, shape[0], step):
+                yield sl[lo:lo + step]
 
     def load(self, names: dict[str, str], device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Read the named tensors (short name -> stored name), memory-mapped, one file at a time."""
@@ -325,7 +381,7 @@ class ShardIndex:
 
     def raw_chunks(self, name: str) -> Iterator[bytes]:
         info = self.tensors[name]
-        with open(info.file, "rb") as f:
+        with open_input(info.file) as f:
             f.seek(info.start)
             left = info.nbytes
             while left:
