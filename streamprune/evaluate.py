@@ -21,7 +21,7 @@ import torch
 
 from .block import block_forward, rms_norm
 from .cache import ActivationCache
-from .calibration import gather_embeddings, load_tokenizer
+from .calibration import gather_embeddings, load_tokenizer, read_text
 from .errors import StreamPruneError
 from .families import EMBED, FINAL_NORM, LM_HEAD, read_config, rotary_tables
 from .fsutil import atomic_write_json
@@ -63,13 +63,7 @@ def choose_seq_len(config: dict, requested: int | None) -> int:
 
 def tokenize_stream(tokenizer, path: Path) -> list[int]:
     """The whole file as one token stream, with the tokenizer's default special tokens."""
-    path = Path(path)
-    if not path.is_file():
-        raise StreamPruneError(f"text file not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise StreamPruneError(f"text file is empty: {path}")
-    return tokenizer(text, verbose=False).input_ids
+    return tokenizer(read_text(path), verbose=False).input_ids
 
 
 def eval_windows(ids: list[int], seq_len: int, max_windows: int | None = None) -> torch.Tensor:
