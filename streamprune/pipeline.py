@@ -56,6 +56,7 @@ def open_model(folder: Path) -> Model:
     spec = model_spec(read_config(folder))
     index = ShardIndex.open(folder)
     index.check(spec.expected_shapes())
+    index.check_finite(spec.other_tensors())  # copied byte for byte into the output: check them here
     return Model(folder, spec, index)
 
 
