@@ -21,7 +21,7 @@ import torch
 
 from .block import block_forward, rms_norm
 from .cache import ActivationCache
-from .calibration import gather_embeddings, load_tokenizer, read_text
+from .calibration import check_token_ids, gather_embeddings, load_tokenizer, read_text
 from .errors import StreamPruneError
 from .families import EMBED, FINAL_NORM, LM_HEAD, read_config, rotary_tables
 from .fsutil import atomic_write_json
@@ -175,6 +175,7 @@ def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str
     model = open_model(folder)
     T = choose_seq_len(model.spec.config, seq_len)
     tokens = eval_windows(tokenize_stream(load_tokenizer(model.folder), text), T, max_windows)
+    check_token_ids(torch.unique(tokens), model.index.tensors[EMBED].shape[0], EMBED)  # before any cache exists
     n = tokens.shape[0]
     batch = micro_batch(model.spec, T, n, batch_size)
     cos, sin = rotary_tables(model.spec.config, T, dev)
