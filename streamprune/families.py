@@ -232,9 +232,20 @@ def check_rotary(config: dict, head_dim: int) -> None:
         raise StreamPruneError(f"config.json: rope parameters ({kind}) give NaN or Inf rotary angles")
 
 
+def check_unquantized(config: dict) -> None:
+    """A quantization_config over float weights would be copied into an output transformers
+    then loads as quantized; a really quantized model fails the dtype check less clearly."""
+    quant = config.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise StreamPruneError(f"config.json has a quantization_config ({method}); only unquantized models "
+                               "(F32, F16, BF16 weights) can be pruned")
+
+
 def model_spec(config: dict) -> ModelSpec:
     family(config)
     check_sizes(config)
+    check_unquantized(config)
     cfg = hf_config(config)
     model_type = config["model_type"]
     if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
