@@ -3,12 +3,14 @@ gather the embedding rows those tokens need (and no others)."""
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
 import torch
 
 from .errors import StreamPruneError
+from .shards import check_folder_files, is_input_file, open_input
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +19,7 @@ def load_tokenizer(folder: Path):
     """The model's tokenizer, built from transformers' own classes only: code shipped with a model
     (auto_map) is never run, and nothing is asked on the terminal."""
     from transformers import AutoTokenizer
+    check_folder_files(folder)  # a FIFO or a device among the tokenizer files would block or never end
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing/bad tokenizer
@@ -32,14 +35,20 @@ def bos_id(tokenizer) -> int | None:
     return bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
 
 
-def tokenize_file(tokenizer, path: Path) -> list[int]:
+def read_text(path: Path) -> str:
+    """A calibration or evaluation text: a regular file (never a FIFO or a device), not blank."""
     path = Path(path)
-    if not path.is_file():
+    if not is_input_file(path):
         raise StreamPruneError(f"text file not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    with io.TextIOWrapper(open_input(path), encoding="utf-8", errors="replace") as f:  # as Path.read_text
+        text = f.read()
     if not text.strip():
         raise StreamPruneError(f"text file is empty: {path}")
-    return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    return text
+
+
+def tokenize_file(tokenizer, path: Path) -> list[int]:
+    return tokenizer(read_text(path), add_special_tokens=False, verbose=False).input_ids
 
 
 def token_windows(ids: list[int], n: int, seq_len: int, bos: int | None, what: str = "calibration") -> torch.Tensor:
@@ -61,4 +70,14 @@ def gather_embeddings(index, name: str, tokens: torch.Tensor) -> tuple[torch.Ten
     """The embedding rows of the distinct tokens, and each token's position among them:
     rows[where] is the embedding of `tokens`."""
     distinct, where = torch.unique(tokens, return_inverse=True)
+    check_token_ids(distinct, index.tensors[name].shape[0], name)
     return index.rows(name, distinct), where
+
+
+def check_token_ids(distinct: torch.Tensor, rows: int, name: str) -> None:
+    """Every token id (sorted, unique) has a row in the embedding: a tokenizer with a larger
+    vocabulary than the model's would otherwise fail deep in the run."""
+    if len(distinct) and (distinct[0] < 0 or distinct[-1] >= rows):
+        bad = int(distinct[-1] if distinct[-1] >= rows else distinct[0])
+        raise StreamPruneError(f"the tokenizer produced token id {bad}, but {name} has {rows} rows "
+                               "(vocab_size); the tokenizer does not belong to this model")

@@ -21,7 +21,7 @@ import torch
 
 from .block import block_forward, rms_norm
 from .cache import EVAL_PREFIX, ActivationCache
-from .calibration import gather_embeddings, load_tokenizer
+from .calibration import check_token_ids, gather_embeddings, load_tokenizer, read_text
 from .errors import StreamPruneError
 from .families import EMBED, FINAL_NORM, LM_HEAD, rotary_tables
 from .model import check_device, compute_dtype, open_model
@@ -63,13 +63,7 @@ def choose_seq_len(config: dict, requested: int | None) -> int:
 
 def tokenize_stream(tokenizer, path: Path) -> list[int]:
     """The whole file as one token stream, with the tokenizer's default special tokens."""
-    path = Path(path)
-    if not path.is_file():
-        raise StreamPruneError(f"text file not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise StreamPruneError(f"text file is empty: {path}")
-    return tokenizer(text, verbose=False).input_ids
+    return tokenizer(read_text(path), verbose=False).input_ids
 
 
 def eval_windows(ids: list[int], seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -178,6 +172,7 @@ def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str
     model = open_model(folder)
     T = choose_seq_len(model.spec.config, seq_len)
     tokens = eval_windows(tokenize_stream(load_tokenizer(model.folder), text), T, max_windows)
+    check_token_ids(torch.unique(tokens), model.index.tensors[EMBED].shape[0], EMBED)  # before any cache exists
     n = tokens.shape[0]
     batch = micro_batch(model.spec, T, n, batch_size)
     cos, sin = rotary_tables(model.spec.config, T, dev)

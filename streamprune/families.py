@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import StreamPruneError
+from .shards import is_input_file, read_json
 
 # model_type -> (transformers module, class-name prefix)
 FAMILIES = {
@@ -147,22 +148,27 @@ class ModelSpec:
 
 def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
-    if not path.is_file():
+    if not is_input_file(path):
         raise StreamPruneError(f"no config.json in {folder}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StreamPruneError(f"{path} is not valid JSON: {e}") from None
+    config = read_json(path, f"{path} is not valid JSON")
+    if not isinstance(config, dict):
+        raise StreamPruneError(f"{path} is not a JSON object (it is {type(config).__name__})")
+    return config
+
+
+def family(config: dict) -> tuple[str, str]:
+    """(transformers module, class-name prefix) of config.json's model_type."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise StreamPruneError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]
 
 
 def hf_config(config: dict):
     """The transformers config object of this family, validated by transformers itself."""
-    model_type = config.get("model_type")
-    if model_type not in FAMILIES:
-        raise StreamPruneError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
-        )
-    module, prefix = FAMILIES[model_type]
+    module, prefix = family(config)
     cls = getattr(importlib.import_module(f"transformers.models.{module}"), f"{prefix}Config")
     kwargs = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
     try:
@@ -171,14 +177,89 @@ def hf_config(config: dict):
         raise StreamPruneError(f"config.json rejected by transformers: {str(e).splitlines()[-1].strip()}") from None
 
 
+# Sizes config.json must state (transformers' defaults are some other model's), and ones it may.
+# Checked before transformers sees them: Qwen2Config builds a per-layer list, so a huge
+# num_hidden_layers hangs it.
+REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+MAX_LAYERS = 4096  # the deepest released models have under 200
+MAX_SIZE = 2**31 - 1
+
+
+def check_sizes(config: dict) -> None:
+    for key in REQUIRED_SIZES:
+        if key not in config:
+            raise StreamPruneError(f"config.json: {key} is missing")
+    for key in REQUIRED_SIZES + OPTIONAL_SIZES:
+        value = config.get(key)
+        if value is None and key in OPTIONAL_SIZES:
+            continue
+        if type(value) is not int or value < 1:
+            raise StreamPruneError(f"config.json: {key} must be a positive integer, got {value!r}")
+        most = MAX_LAYERS if key == "num_hidden_layers" else MAX_SIZE
+        if value > most:
+            raise StreamPruneError(f"config.json: {key} {value} is too large (at most {most})")
+
+
+def check_eps(cfg) -> None:
+    eps = getattr(cfg, "rms_norm_eps", None)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise StreamPruneError(f"config.json: rms_norm_eps must be a finite number >= 0, got {eps!r}")
+
+
+def rope_type(cfg) -> str:
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+
+
+def check_rotary(config: dict, head_dim: int) -> None:
+    """The rotary embedding transformers would build: a rope_type it knows, parameters it can
+    compute with, finite angles of width head_dim. Computed for two positions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    kind = rope_type(hf_config(config))
+    known = {"default", *ROPE_INIT_FUNCTIONS}
+    if kind not in known:
+        raise StreamPruneError(f"config.json: unknown rope_type {kind!r} (known: {', '.join(sorted(known))})")
+    try:
+        cos, sin = rotary_tables(config, 2)
+    except Exception as e:  # transformers' rope functions fail with KeyError, TypeError, ValueError...
+        raise StreamPruneError(f"config.json: rope parameters ({kind}) rejected: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]}") from None
+    if cos.shape[-1] != head_dim:
+        raise StreamPruneError(f"config.json: the rotary embedding is {cos.shape[-1]} wide, head_dim is {head_dim} "
+                               "(partial rotary embeddings are not supported)")
+    if not (torch.isfinite(cos).all() and torch.isfinite(sin).all()):
+        raise StreamPruneError(f"config.json: rope parameters ({kind}) give NaN or Inf rotary angles")
+
+
+def check_unquantized(config: dict) -> None:
+    """A quantization_config over float weights would be copied into an output transformers
+    then loads as quantized; a really quantized model fails the dtype check less clearly."""
+    quant = config.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise StreamPruneError(f"config.json has a quantization_config ({method}); only unquantized models "
+                               "(F32, F16, BF16 weights) can be pruned")
+
+
 def model_spec(config: dict) -> ModelSpec:
     """Shapes of every block, read per layer: a config with `per_layer_config` (the per-block
-    output, see heterogeneous_config) gives each block its own head and neuron counts."""
+    output, see heterogeneous_config) gives each block its own head and neuron counts. The config
+    is checked before transformers sees it and before any per-layer spec is built."""
+    family(config)
+    check_sizes(config)
+    check_unquantized(config)
     cfg = hf_config(config)
     model_type = config["model_type"]
     if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
         raise StreamPruneError(f"unsupported hidden_act {cfg.hidden_act!r} (only silu)")
+    check_eps(cfg)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and len(layer_types) != cfg.num_hidden_layers:
+        raise StreamPruneError(f"config.json: layer_types has {len(layer_types)} entries, num_hidden_layers is "
+                               f"{cfg.num_hidden_layers}")
     blocks = [_block_spec(cfg, layer, model_type, i) for i, layer in enumerate(layer_configs(cfg))]
+    check_rotary(config, blocks[0].head_dim)
     return ModelSpec(
         model_type=model_type, n_layers=cfg.num_hidden_layers, vocab=cfg.vocab_size,
         hidden=cfg.hidden_size, tied=bool(cfg.tie_word_embeddings), blocks=tuple(blocks),
@@ -192,6 +273,10 @@ def _block_spec(cfg, layer, model_type: str, i: int) -> BlockSpec:
     H, KV = layer.num_attention_heads, layer.num_key_value_heads or layer.num_attention_heads
     if H % KV:
         raise StreamPruneError(f"{where}num_attention_heads {H} is not a multiple of num_key_value_heads {KV}")
+    head_dim = getattr(layer, "head_dim", None) or cfg.hidden_size // H
+    if head_dim < 1:
+        raise StreamPruneError(f"config.json: {where}hidden_size {cfg.hidden_size} is smaller than "
+                               f"num_attention_heads {H} and there is no head_dim")
     attn_bias = bool(getattr(layer, "attention_bias", False))
     layer_types = getattr(cfg, "layer_types", None)
     window = None
@@ -201,7 +286,7 @@ def _block_spec(cfg, layer, model_type: str, i: int) -> BlockSpec:
         window = cfg.sliding_window
     return BlockSpec(
         hidden=cfg.hidden_size, n_heads=H, n_kv=KV,
-        head_dim=getattr(layer, "head_dim", None) or cfg.hidden_size // H,
+        head_dim=head_dim,
         intermediate=layer.intermediate_size, eps=cfg.rms_norm_eps,
         qk_norm=model_type == "qwen3",
         qkv_bias=model_type == "qwen2" or attn_bias,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import StreamPruneError
-from .families import BlockSpec, ModelSpec, heterogeneous_config, model_spec, pruned_config, read_config
+from .families import BlockSpec, ModelSpec, heterogeneous_config, model_spec, read_config
 from .selection import Sizes, uniform_sizes
 from .shards import ShardIndex
 
@@ -31,6 +31,7 @@ def open_model(folder: Path) -> Model:
     spec = model_spec(read_config(folder))
     index = ShardIndex.open(folder)
     index.check(spec.expected_shapes())
+    index.check_finite(spec.other_tensors())  # copied byte for byte into the output: check them here
     return Model(folder, spec, index)
 
 
