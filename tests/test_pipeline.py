@@ -86,6 +86,30 @@ def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, f
     assert (model.model.norm(streamed) - hidden[-1]).abs().max() <= 1e-4
 
 
+def test_global_allocation_output_loads_and_computes_what_the_pipeline_computed(tmp_path):
+    """Per-block shapes and a dropped block (one whose update is almost nothing): the output loads
+    with streamprune.load_pretrained and equals the pipeline's own computation."""
+    from streamprune import load_pretrained
+    from tests.test_bad_inputs import change_tensor
+    src, out = tiny(tmp_path, "llama", layers=4), tmp_path / "out"
+    for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+        change_tensor(src, f"model.layers.1.{name}", lambda t: t * 1e-4)
+    cfg = config(src, out, sparsity=0.4, keep_cache=True, allocation="global", samples=8)
+    report = pipeline.run(cfg)
+    assert report["plan"]["dropped_blocks"] == [1] and report["blocks"][1]["dropped"]
+    assert report["block_params"]["removed_fraction"] == pytest.approx(0.4, abs=0.02)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 3
+    model = load_pretrained(out)
+    tok = load_tokenizer(out)
+    windows = token_windows(tokenize_file(tok, cfg.calib), cfg.samples, cfg.seq_len, bos_id(tok))
+    with torch.no_grad():
+        hidden = model.model(windows, output_hidden_states=True).hidden_states
+    cache = ActivationCache(out / ".streamprune" / "cache", cfg.samples, cfg.seq_len, model.config.hidden_size)
+    streamed = cache.batch(4, 0, cfg.samples)  # the outputs of the input's last block
+    assert (model.model.norm(streamed) - hidden[-1]).abs().max() <= 1e-4
+
+
 def test_single_file_model_and_tied_embeddings(tmp_path):
     src = tiny(tmp_path, "qwen3", shard_size="10GB", tie_word_embeddings=True)
     assert (src / "model.safetensors").is_file() and not (src / "model.safetensors.index.json").exists()
@@ -96,7 +120,7 @@ def test_single_file_model_and_tied_embeddings(tmp_path):
 
 def test_llama_with_indivisible_head_count_is_written_as_mistral(tmp_path):
     src = tiny(tmp_path, "llama", heads=8, kv=4)  # at 25% keeps 3 KV groups x 2 = 6 heads; 64 % 6 != 0
-    pipeline.run(config(src, tmp_path / "out", sparsity=0.25))
+    pipeline.run(config(src, tmp_path / "out", sparsity=0.25, allocation="rule"))
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["num_attention_heads"] == 6 and saved["model_type"] == "mistral"
     assert saved["sliding_window"] is None
@@ -149,7 +173,8 @@ def test_every_method_prunes_to_a_loadable_model_and_compensation_helps(tmp_path
     errors = {}
     for compensate in ("none", "lsq"):
         out = tmp_path / f"out-{compensate}"
-        report = pipeline.run(config(src, out, method=method, compensate=compensate, samples=8, device=device))
+        report = pipeline.run(config(src, out, method=method, compensate=compensate, samples=8, device=device,
+                                     allocation="rule"))  # the rule cuts heads too
         errors[compensate] = [b["relative_error"] for b in report["blocks"]]
         assert report["arguments"]["method"] == method and report["arguments"]["compensate"] == compensate
         load(out)
@@ -191,7 +216,7 @@ def test_mean_compensation_adds_the_biases_the_family_can_carry_and_lowers_the_e
     errors = {}
     for compensate in ("none", "mean"):
         report = pipeline.run(config(src, tmp_path / compensate, method="flap", compensate=compensate,
-                                     sparsity=0.5, samples=8))
+                                     sparsity=0.5, samples=8, allocation="rule"))
         errors[compensate] = sum(b["relative_error"] for b in report["blocks"])
     assert report["plan"]["biases_added"] == added
     saved = json.loads((tmp_path / "mean" / "config.json").read_text())
