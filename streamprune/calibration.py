@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import StreamPruneError
+from .families import EMBED
 from .shards import check_folder_files, is_input_file, open_input
 
 log = logging.getLogger(__name__)
@@ -47,17 +48,19 @@ def read_text(path: Path) -> str:
     return text
 
 
-def tokenize_file(tokenizer, path: Path) -> list[int]:
-    return tokenizer(read_text(path), add_special_tokens=False, verbose=False).input_ids
+def tokenize_file(tokenizer, path: Path, special_tokens: bool = False) -> list[int]:
+    """The whole file as one token stream; with the tokenizer's default special tokens (a Llama
+    BOS at the very start: evaluation) or without (calibration windows get their own BOS)."""
+    return tokenizer(read_text(path), add_special_tokens=special_tokens, verbose=False).input_ids
 
 
-def token_windows(ids: list[int], n: int, seq_len: int, bos: int | None, what: str = "calibration") -> torch.Tensor:
+def token_windows(ids: list[int], n: int, seq_len: int, bos: int | None) -> torch.Tensor:
     """n windows of seq_len tokens, spread evenly over the text and never overlapping; each starts
     with BOS when the tokenizer uses one. Returns (n, seq_len) int64."""
     body = seq_len - (bos is not None)
     if len(ids) < n * body:
         raise StreamPruneError(
-            f"{what} text has {len(ids)} tokens; --samples {n} x --seq-len {seq_len} needs {n * body}: "
+            f"calibration text has {len(ids)} tokens; --samples {n} x --seq-len {seq_len} needs {n * body}: "
             "use a longer text, fewer --samples or a shorter --seq-len")
     stride = (len(ids) - body) // max(n - 1, 1)
     rows = [ids[i * stride:i * stride + body] for i in range(n)]
@@ -81,3 +84,13 @@ def check_token_ids(distinct: torch.Tensor, rows: int, name: str) -> None:
         bad = int(distinct[-1] if distinct[-1] >= rows else distinct[0])
         raise StreamPruneError(f"the tokenizer produced token id {bad}, but {name} has {rows} rows "
                                "(vocab_size); the tokenizer does not belong to this model")
+
+
+def write_embeddings(cache, index, tokens: torch.Tensor, batch: int) -> None:
+    """Block 0's inputs: the embeddings of the windows `tokens` (n, T), into the activation cache a
+    micro-batch at a time (only the embedding rows of the tokens used are read)."""
+    rows, where = gather_embeddings(index, EMBED, tokens)
+    writer = cache.writer(0)
+    for start in range(0, tokens.shape[0], batch):
+        writer.write(start, rows[where[start:start + batch]].float())
+    writer.commit()

@@ -21,7 +21,7 @@ import torch
 
 from .block import block_forward, rms_norm
 from .cache import EVAL_PREFIX, ActivationCache
-from .calibration import check_token_ids, gather_embeddings, load_tokenizer, read_text
+from .calibration import check_token_ids, load_tokenizer, tokenize_file, write_embeddings
 from .errors import StreamPruneError
 from .families import EMBED, FINAL_NORM, LM_HEAD, rotary_tables
 from .model import check_device, compute_dtype, open_model
@@ -59,11 +59,6 @@ def choose_seq_len(config: dict, requested: int | None) -> int:
     if requested < 2:
         raise StreamPruneError("--seq-len must be >= 2")
     return requested
-
-
-def tokenize_stream(tokenizer, path: Path) -> list[int]:
-    """The whole file as one token stream, with the tokenizer's default special tokens."""
-    return tokenizer(read_text(path), verbose=False).input_ids
 
 
 def eval_windows(ids: list[int], seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -171,7 +166,7 @@ def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str
     dev = check_device(device)
     model = open_model(folder)
     T = choose_seq_len(model.spec.config, seq_len)
-    tokens = eval_windows(tokenize_stream(load_tokenizer(model.folder), text), T, max_windows)
+    tokens = eval_windows(tokenize_file(load_tokenizer(model.folder), text, special_tokens=True), T, max_windows)
     check_token_ids(torch.unique(tokens), model.index.tensors[EMBED].shape[0], EMBED)  # before any cache exists
     n = tokens.shape[0]
     batch = micro_batch(model.spec, T, n, batch_size)
@@ -180,12 +175,7 @@ def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=EVAL_PREFIX, dir=cache_dir) as tmp:
         cache = ActivationCache(Path(tmp), n, T, model.spec.hidden)
-        rows, where = gather_embeddings(model.index, EMBED, tokens)
-        writer = cache.writer(0)
-        for start in range(0, n, batch):
-            writer.write(start, rows[where[start:start + batch]].float())
-        writer.commit()
-        del rows
+        write_embeddings(cache, model.index, tokens, batch)
         bar = tqdm(total=model.spec.n_layers + 1, unit="block", desc="evaluating", disable=not progress,
                    dynamic_ncols=True)
         run_blocks(model, cache, n, batch, dev, cos, sin, bar.update)

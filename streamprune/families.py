@@ -4,7 +4,6 @@ the model family."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import math
@@ -16,12 +15,30 @@ import torch
 from .errors import StreamPruneError
 from .shards import is_input_file, read_json
 
-# model_type -> (transformers module, class-name prefix)
+@dataclass(frozen=True)
+class Family:
+    """What differs between the supported families; nothing else in streamprune branches on them."""
+
+    module: str  # transformers.models.<module>
+    prefix: str  # class-name prefix: <prefix>Config, <prefix>ForCausalLM, <prefix>DecoderLayer, ...
+    qk_norm: bool = False  # an RMSNorm on each query and key head (Qwen3)
+    qkv_bias: bool = False  # q/k/v biases in every config (Qwen2)
+    sliding_window_everywhere: bool = False  # sliding_window bites in every layer (Mistral), else per layer_types
+    # sublayer -> the config key that gives its output projection a bias: attention_bias adds q/k/v/o
+    # biases, mlp_bias gate/up/down biases. Mean compensation (FLAP's) puts the removed units' mean
+    # output in o/down (zeros in the others); Mistral and Qwen2 have no such key.
+    bias_keys: tuple[tuple[str, str], ...] = ()
+    # the family a pruned config is written as when this one's config class refuses a head count
+    # (LlamaConfig wants hidden_size % num_attention_heads == 0; Mistral computes the same block)
+    written_as: str | None = None
+
+
 FAMILIES = {
-    "llama": ("llama", "Llama"),
-    "mistral": ("mistral", "Mistral"),
-    "qwen2": ("qwen2", "Qwen2"),
-    "qwen3": ("qwen3", "Qwen3"),
+    "llama": Family("llama", "Llama", bias_keys=(("attention", "attention_bias"), ("mlp", "mlp_bias")),
+                    written_as="mistral"),
+    "mistral": Family("mistral", "Mistral", sliding_window_everywhere=True),
+    "qwen2": Family("qwen2", "Qwen2", qkv_bias=True),
+    "qwen3": Family("qwen3", "Qwen3", qk_norm=True, bias_keys=(("attention", "attention_bias"),)),
 }
 
 # Short names used by the math, mapped to the per-layer Hugging Face tensor names.
@@ -45,12 +62,6 @@ BLOCK_TENSORS = {
     "up_bias": "mlp.up_proj.bias",
     "down_bias": "mlp.down_proj.bias",
 }
-# Sublayers whose output projection a stock config of the family can give a bias, and the key that
-# does it: attention_bias adds q/k/v/o biases, mlp_bias gate/up/down biases. Mean compensation
-# (FLAP's) puts the removed units' mean output in o/down (zeros in the others); Mistral and Qwen2
-# have no such key.
-BIAS_KEYS = {"llama": {"attention": "attention_bias", "mlp": "mlp_bias"}, "qwen3": {"attention": "attention_bias"}}
-
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
@@ -102,7 +113,7 @@ class BlockSpec:
         return {n: full[n] for n in self.tensor_names()}
 
     def with_biases(self, sublayers) -> "BlockSpec":
-        """This block with the biases a stock config adds for `sublayers` (see BIAS_KEYS)."""
+        """This block with the biases a stock config adds for `sublayers` (see Family.bias_keys)."""
         return dataclasses.replace(self, qkv_bias=self.qkv_bias or "attention" in sublayers,
                                    o_bias=self.o_bias or "attention" in sublayers,
                                    mlp_bias=self.mlp_bias or "mlp" in sublayers)
@@ -156,8 +167,8 @@ def read_config(folder: Path) -> dict:
     return config
 
 
-def family(config: dict) -> tuple[str, str]:
-    """(transformers module, class-name prefix) of config.json's model_type."""
+def family(config: dict) -> Family:
+    """The Family of config.json's model_type."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise StreamPruneError(
@@ -168,8 +179,8 @@ def family(config: dict) -> tuple[str, str]:
 
 def hf_config(config: dict):
     """The transformers config object of this family, validated by transformers itself."""
-    module, prefix = family(config)
-    cls = getattr(importlib.import_module(f"transformers.models.{module}"), f"{prefix}Config")
+    fam = family(config)
+    cls = getattr(importlib.import_module(f"transformers.models.{fam.module}"), f"{fam.prefix}Config")
     kwargs = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
     try:
         return cls(**kwargs)
@@ -258,7 +269,7 @@ def model_spec(config: dict) -> ModelSpec:
     if layer_types is not None and len(layer_types) != cfg.num_hidden_layers:
         raise StreamPruneError(f"config.json: layer_types has {len(layer_types)} entries, num_hidden_layers is "
                                f"{cfg.num_hidden_layers}")
-    blocks = [_block_spec(cfg, layer, model_type, i) for i, layer in enumerate(layer_configs(cfg))]
+    blocks = [_block_spec(cfg, layer, FAMILIES[model_type], i) for i, layer in enumerate(layer_configs(cfg))]
     check_rotary(config, blocks[0].head_dim)
     return ModelSpec(
         model_type=model_type, n_layers=cfg.num_hidden_layers, vocab=cfg.vocab_size,
@@ -267,7 +278,7 @@ def model_spec(config: dict) -> ModelSpec:
     )
 
 
-def _block_spec(cfg, layer, model_type: str, i: int) -> BlockSpec:
+def _block_spec(cfg, layer, fam: Family, i: int) -> BlockSpec:
     """One block's shapes from its layer config (the model config itself when all are alike)."""
     where = f"layer {i}: " if cfg.is_heterogeneous else ""
     H, KV = layer.num_attention_heads, layer.num_key_value_heads or layer.num_attention_heads
@@ -279,29 +290,25 @@ def _block_spec(cfg, layer, model_type: str, i: int) -> BlockSpec:
                                f"num_attention_heads {H} and there is no head_dim")
     attn_bias = bool(getattr(layer, "attention_bias", False))
     layer_types = getattr(cfg, "layer_types", None)
-    window = None
-    if model_type == "mistral":
-        window = cfg.sliding_window
-    elif layer_types is not None and layer_types[i] == "sliding_attention":
-        window = cfg.sliding_window
+    sliding = fam.sliding_window_everywhere or (layer_types is not None and layer_types[i] == "sliding_attention")
     return BlockSpec(
         hidden=cfg.hidden_size, n_heads=H, n_kv=KV,
         head_dim=head_dim,
         intermediate=layer.intermediate_size, eps=cfg.rms_norm_eps,
-        qk_norm=model_type == "qwen3",
-        qkv_bias=model_type == "qwen2" or attn_bias,
-        o_bias=model_type in ("llama", "qwen3") and attn_bias,
+        qk_norm=fam.qk_norm,
+        qkv_bias=fam.qkv_bias or attn_bias,
+        o_bias=attn_bias and "attention" in dict(fam.bias_keys),
         mlp_bias=bool(getattr(layer, "mlp_bias", False)),
-        sliding_window=window,
+        sliding_window=cfg.sliding_window if sliding else None,
     )
 
 
 def rotary_tables(config: dict, seq_len: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (seq_len, head_dim), fp32, from the family's own rotary module, so every
     rope_type transformers knows (llama3, yarn, ...) is computed exactly as transformers does."""
-    module, prefix = FAMILIES[config["model_type"]]
-    mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
-    rotary = getattr(mod, f"{prefix}RotaryEmbedding")(hf_config(config)).to(device)
+    fam = FAMILIES[config["model_type"]]
+    mod = importlib.import_module(f"transformers.models.{fam.module}.modeling_{fam.module}")
+    rotary = getattr(mod, f"{fam.prefix}RotaryEmbedding")(hf_config(config)).to(device)
     x = torch.zeros(1, dtype=torch.float32, device=device)
     cos, sin = rotary(x, torch.arange(seq_len, device=device)[None])
     return cos[0].float(), sin[0].float()
@@ -309,37 +316,7 @@ def rotary_tables(config: dict, seq_len: int, device="cpu") -> tuple[torch.Tenso
 
 def bias_sublayers(config: dict) -> frozenset[str]:
     """The sublayers whose output projection has a bias under this config."""
-    return frozenset(s for s, key in BIAS_KEYS.get(config["model_type"], {}).items() if config.get(key))
-
-
-def pruned_config(config: dict, n_heads: int, n_kv: int, intermediate: int, biases=()) -> dict:
-    """config.json for the pruned model, in a form stock transformers loads, with bias slots for
-    the sublayers in `biases` where the family has them (BIAS_KEYS).
-
-    LlamaConfig insists on hidden_size % num_attention_heads == 0, which most pruned head
-    counts break. Mistral's architecture is the same computation as Llama's (no biases, same
-    RMSNorm, rotary and SwiGLU) and accepts any head count with an explicit head_dim, so such a
-    Llama is written as a Mistral with sliding_window null (see docs/output-format.md)."""
-    out = copy.deepcopy(config)
-    out.pop("auto_map", None)  # the output is built from stock classes only
-    out.pop("per_layer_config", None)  # an input cut per block: every block now has the one shape below
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    out.update(num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
-               intermediate_size=intermediate)
-    if out["model_type"] == "llama" and out["hidden_size"] % n_heads:
-        if out.get("attention_bias") or out.get("mlp_bias"):
-            raise StreamPruneError(
-                f"{n_heads} heads do not divide hidden_size {out['hidden_size']} and a Llama with "
-                "biases has no stock equivalent; choose a sparsity that keeps a divisor of hidden_size")
-        for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
-            out.pop(key, None)
-        out.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
-    for sublayer in biases:
-        key = BIAS_KEYS.get(out["model_type"], {}).get(sublayer)
-        if key:
-            out[key] = True
-    hf_config(out)  # raises if transformers would refuse it
-    return out
+    return frozenset(s for s, key in FAMILIES[config["model_type"]].bias_keys if config.get(key))
 
 
 # What a block of a per-block output may change, by config key (transformers' `per_layer_config`,
@@ -364,95 +341,3 @@ def layer_configs(cfg) -> list:
             raise StreamPruneError(f"per_layer_config skips {', '.join(layer.skip)} in layer {i}; "
                                    "streamprune supports whole blocks only (a dropped block is removed, not skipped)")
     return layers
-
-
-def heterogeneous_config(config: dict, per_layer: list[dict | None], biases=()) -> dict:
-    """config.json for a model whose blocks were cut to different shapes: `per_layer[i]` is block
-    i's {"n_heads", "n_kv", "intermediate"}, or None when the block is dropped.
-
-    Dropped blocks are removed and the rest renumbered (num_hidden_layers shrinks), so a model
-    whose kept blocks share one shape is still a stock config that every loader reads; that case
-    is pruned_config's output exactly (byte-identical when nothing is dropped). Otherwise the
-    input's shape stays the global one and each block that differs gets its sizes in
-    transformers' `per_layer_config` (keys zero-padded as transformers writes them). Stock
-    transformers 5.x reads that config but cannot build the model (it refuses loudly):
-    streamprune.load_pretrained can. `biases` as in pruned_config, for every block."""
-    if len(per_layer) != config["num_hidden_layers"]:
-        raise ValueError(f"{len(per_layer)} block shapes for {config['num_hidden_layers']} layers")
-    kept = [i for i, shape in enumerate(per_layer) if shape is not None]
-    if not kept:
-        raise StreamPruneError("every block would be dropped")
-    shapes = [_layer_shape(i, per_layer[i]) for i in kept]
-    if len(set(shapes)) == 1:
-        out = pruned_config(config, *shapes[0], biases)
-    else:
-        out = _per_layer_config(config, shapes, biases)
-    if len(kept) < len(per_layer):
-        _drop_layers(out, config, kept)
-    _check_layer_shapes(hf_config(out), shapes)
-    return out
-
-
-def _layer_shape(i: int, shape: dict) -> tuple[int, int, int]:
-    """(n_heads, n_kv, intermediate) of block i, refused when no decoder layer can have it."""
-    if set(shape) != set(PER_LAYER_SHAPE):
-        raise ValueError(f"block {i}: shape keys must be {sorted(PER_LAYER_SHAPE)}, got {sorted(shape)}")
-    n_heads, n_kv, inter = (int(shape[k]) for k in PER_LAYER_SHAPE)
-    if n_kv < 1 or n_heads < n_kv or n_heads % n_kv or inter < 1:
-        raise StreamPruneError(f"block {i}: {n_heads} heads, {n_kv} KV heads, {inter} neurons is not a valid "
-                               "layer (at least one KV group, each with the same number of query heads, and a neuron)")
-    return n_heads, n_kv, inter
-
-
-def _per_layer_config(config: dict, shapes: list[tuple[int, int, int]], biases) -> dict:
-    """The input's config with per-layer overrides for the blocks whose shape differs from it.
-    LlamaConfig validates hidden_size % num_attention_heads on the global value, which transformers
-    refuses to read once heads vary per layer; such a Llama is written as the Mistral it computes
-    exactly (see pruned_config)."""
-    out = copy.deepcopy(config)
-    out.pop("auto_map", None)  # the output is built from stock classes only
-    out.pop("per_layer_config", None)  # an input cut per block: its own overrides are replaced
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    out.update(head_dim=head_dim, num_key_value_heads=config.get("num_key_value_heads") or config["num_attention_heads"])
-    overrides = {}
-    for j, shape in enumerate(shapes):
-        differ = {key: n for key, n in zip(PER_LAYER_SHAPE.values(), shape) if n != out[key]}
-        if differ:
-            overrides[j] = differ
-    width = len(str(max(overrides)))
-    out["per_layer_config"] = {str(j).zfill(width): o for j, o in overrides.items()}
-    if out["model_type"] == "llama" and any("num_attention_heads" in o for o in overrides.values()):
-        _llama_as_mistral(out)
-    for sublayer in biases:
-        key = BIAS_KEYS.get(out["model_type"], {}).get(sublayer)
-        if key:
-            out[key] = True
-    return out
-
-
-def _llama_as_mistral(out: dict) -> None:
-    if out.get("attention_bias") or out.get("mlp_bias"):
-        raise StreamPruneError("a Llama with biases and a different head count per block has no stock equivalent "
-                               "(LlamaConfig cannot vary heads per layer); cut every block to the same head count")
-    for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
-        out.pop(key, None)
-    out.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
-
-
-def _drop_layers(out: dict, config: dict, kept: list[int]) -> None:
-    """Renumber to the kept blocks. Per-layer attention types (Qwen2/Qwen3 sliding windows) are
-    written explicitly, since the rule that derives them (max_window_layers) counts layers."""
-    out["num_hidden_layers"] = len(kept)
-    layer_types = getattr(hf_config(config), "layer_types", None)
-    if layer_types is not None and out["model_type"] == config["model_type"]:
-        kept_types = [layer_types[i] for i in kept]
-        if "layer_types" in config or set(kept_types) != {"full_attention"}:
-            out["layer_types"] = kept_types
-
-
-def _check_layer_shapes(cfg, shapes: list[tuple[int, int, int]]) -> None:
-    """transformers read back the shape written for every block (nothing dropped or misnumbered)."""
-    for j, (layer, shape) in enumerate(zip(layer_configs(cfg), shapes, strict=True)):
-        got = tuple(getattr(layer, key) for key in PER_LAYER_SHAPE.values())
-        if got != shape:
-            raise AssertionError(f"layer {j}: config reads back {got}, {shape} was written")

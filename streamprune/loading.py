@@ -41,9 +41,9 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None):
 
 def family_classes(model_type: str) -> tuple[type, type]:
     """(ForCausalLM, DecoderLayer) of the family, looked up in transformers itself."""
-    module, prefix = FAMILIES[model_type]
-    mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
-    return getattr(mod, f"{prefix}ForCausalLM"), getattr(mod, f"{prefix}DecoderLayer")
+    fam = FAMILIES[model_type]
+    mod = importlib.import_module(f"transformers.models.{fam.module}.modeling_{fam.module}")
+    return getattr(mod, f"{fam.prefix}ForCausalLM"), getattr(mod, f"{fam.prefix}DecoderLayer")
 
 
 def _load_uniform(folder: Path, config: dict, dtype, device):

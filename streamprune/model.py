@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .errors import StreamPruneError
-from .families import BlockSpec, ModelSpec, heterogeneous_config, model_spec, read_config
+from .families import BlockSpec, ModelSpec, model_spec, read_config
+from .output_config import heterogeneous_config
 from .selection import Sizes, uniform_sizes
 from .shards import ShardIndex
 

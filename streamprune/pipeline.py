@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from .block import block_forward
 from .cache import ActivationCache, check_cache_folder, run_cache_folder
-from .calibration import bos_id, gather_embeddings, load_tokenizer, token_windows, tokenize_file
+from .calibration import bos_id, load_tokenizer, token_windows, tokenize_file, write_embeddings
 from .config import RunConfig
 from .errors import StreamPruneError
 from .evaluate import DEFAULT_SEQ_LEN, perplexity
-from .families import EMBED, bias_sublayers, read_config, rotary_tables
+from .families import bias_sublayers, read_config, rotary_tables
 from .compensate import COMPENSATIONS
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
@@ -73,16 +73,6 @@ def calibration_tokens(cfg: RunConfig, model: Model) -> torch.Tensor:
     tokenizer or text that does not do is refused up front)."""
     tokenizer = load_tokenizer(model.folder)
     return token_windows(tokenize_file(tokenizer, cfg.calib), cfg.samples, cfg.seq_len, bos_id(tokenizer))
-
-
-def write_block_inputs(cfg: RunConfig, model: Model, cache: ActivationCache, batch: int, tokens: torch.Tensor) -> None:
-    """Block 0's inputs: the embeddings of the calibration windows, into the cache."""
-    rows, where = gather_embeddings(model.index, EMBED, tokens)
-    check_finite_weights({"embed": rows}, {"embed": EMBED})
-    writer = cache.writer(0)
-    for start in range(0, cfg.samples, batch):
-        writer.write(start, rows[where[start:start + batch]].float())
-    writer.commit()
 
 
 class BlockRunner:
@@ -347,7 +337,7 @@ def decide_shape(cfg: RunConfig, model: Model, rule: Shape, cache: ActivationCac
         if start > 0:
             raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}); "
                                    "re-run with --restart")
-        write_block_inputs(cfg, model, cache, batch, tokens)
+        write_embeddings(cache, model.index, tokens, batch)
     device = check_device(cfg.device)
     cos, sin = rotary_tables(model.spec.config, cfg.seq_len, device)
     costs = survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits,
@@ -389,7 +379,7 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape, memory: Plan, tokens: 
         if start > 0:
             raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}); "
                                    "re-run with --restart")
-        write_block_inputs(cfg, model, cache, batch, tokens)
+        write_embeddings(cache, model.index, tokens, batch)
     if start < L:
         runner = BlockRunner(cfg, model, shape, cache, batch)
         try:

@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import streamprune
 from streamprune import evaluate
 from streamprune.errors import StreamPruneError
-from streamprune.families import heterogeneous_config, model_spec, pruned_config, read_config
+from streamprune.families import model_spec, read_config
+from streamprune.output_config import heterogeneous_config, pruned_config
 from streamprune.model import open_model
 from tests.models import DEVICES, TINYSTORIES, save_tiny_model
 
