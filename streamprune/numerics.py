@@ -14,6 +14,7 @@ import torch
 
 RIDGE = 1e-2  # ridge of least-squares refits and OBS, relative to the mean of diag(G)
 FP64_SOLVE_MAX = 4096  # larger Gram matrices are kept and factored in fp32 (half the memory)
+FINITE_CHUNK = 1 << 24  # elements checked for NaN/Inf at a time, so the check needs little extra memory
 
 
 @contextmanager
@@ -72,3 +73,16 @@ def invert_spd(G: torch.Tensor) -> torch.Tensor:
 def solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     with reproducible(A):
         return torch.linalg.solve(A, B)
+
+
+def first_bad_value(t: torch.Tensor) -> str | None:
+    """'NaN' or 'Inf' if t holds one (checked in chunks), else None."""
+    flat = t.detach().reshape(-1)
+    if not flat.is_floating_point():
+        return None
+    for start in range(0, flat.numel(), FINITE_CHUNK):
+        chunk = flat[start:start + FINITE_CHUNK]
+        # min and max carry a NaN or an Inf through; about 10x faster than isfinite().all() on a CPU
+        if not torch.isfinite(torch.stack(torch.aminmax(chunk))).all():
+            return "NaN" if torch.isnan(chunk).any() else "Inf"
+    return None

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from .errors import StreamPruneError
 from .faults import fault_point
 from .fsutil import atomic_write
+from .numerics import FINITE_CHUNK, first_bad_value
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
@@ -333,7 +334,6 @@ class ShardIndex:
     def check_finite(self, names: list[str]) -> None:
         """The named tensors (those copied byte for byte into the output: embedding, final norm,
         lm_head) hold no NaN or Inf; read in chunks of rows, so it costs little memory."""
-        from .validate import FINITE_CHUNK, first_bad_value  # validate imports families, which imports this
         for name in names:
             for part in self.row_chunks(name, FINITE_CHUNK):
                 bad = first_bad_value(part)
