@@ -22,13 +22,14 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .block import attention_heads, attention_output, mlp_activations, rms_norm
+from .block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from .families import BlockSpec
-from .numerics import FP64_SOLVE_MAX, RIDGE, add_ridge, invert_spd, solve, token_scale
+from .numerics import FP64_SOLVE_MAX, RIDGE, add_ridge, invert_spd, mean_square, solve, token_scale
 from .scoring.obs import greedy_removal_scores
 from .selection import Sizes, select_units
 
 CURVE_STEPS = 48  # points of a block's neuron curve
+SAMPLE_TOKENS = 2048  # calibration tokens the head layouts are measured on (the perturb scorer's default)
 CURVE_KEEP = 1 / 16  # the curve runs down to this fraction of the neurons (then extrapolates)
 
 
@@ -66,11 +67,13 @@ class Grams:
     """Token-weighted Gram matrices of one block's head outputs (H*D)^2 and MLP activations I^2,
     accumulated over micro-batches, with the update energy and the token count."""
 
-    def __init__(self, spec: BlockSpec):
+    def __init__(self, spec: BlockSpec, generator: torch.Generator | None = None, per_batch: int = 0):
         self.spec = spec
         self.heads = self.mlp = None
         self.update = 0.0
         self.tokens = 0
+        self.generator, self.per_batch = generator, per_batch  # tokens kept per batch for `sample`
+        self.sample: list[tuple[torch.Tensor, ...]] = []  # (x, head outputs, y) at those tokens
 
     def add(self, W, x: torch.Tensor, cos, sin) -> torch.Tensor:
         """Accumulate the batch x (B, T, E); returns the dense block output (B, T, E)."""
@@ -86,6 +89,10 @@ class Grams:
         self.mlp = accumulate(self.mlp, a)
         self.update += ((y - x).reshape(-1, spec.hidden).float() * s).double().pow(2).sum().item()
         self.tokens += s.shape[0]
+        if self.per_batch:
+            pick = torch.randperm(s.shape[0], generator=self.generator)[:self.per_batch].sort().values.to(x.device)
+            self.sample.append((x.reshape(-1, spec.hidden)[pick], heads.reshape(-1, spec.n_heads * spec.head_dim)[pick],
+                                y.reshape(-1, spec.hidden)[pick]))
         return y
 
     @property
@@ -117,19 +124,39 @@ def removal_cost(W: torch.Tensor, G: torch.Tensor, Hinv: torch.Tensor | None, co
     return (Wr.T * solve(Hinv[cols][:, cols], Wr.T)).sum().item()
 
 
-def head_costs(W_o: torch.Tensor, G: torch.Tensor, spec: BlockSpec, refit: bool) -> dict[tuple[int, int], float]:
-    """Cost of every GQA head layout (n_kv, group): the heads a layout removes are chosen by each
-    head's cost alone, the way selection.select_units keeps the best ones."""
-    D = spec.head_dim
+def head_costs(W, G: torch.Tensor, spec: BlockSpec, refit: bool, sample) -> dict[tuple[int, int], float]:
+    """Cost of every GQA head layout (n_kv, group), measured at the block output on `sample` (x,
+    head outputs, y at some tokens), so the MLP's reaction to the attention error counts. The
+    heads a layout removes are chosen by each head's cost alone (as selection.select_units keeps
+    the best); o_proj is then refit (OBS: the kept heads absorb the removed ones) or not."""
+    D, W_o = spec.head_dim, W["o"]
     Hinv = invert_spd(with_ridge(G)) if refit else None
     alone = torch.tensor([removal_cost(W_o, G, Hinv, columns(torch.tensor([h]), D)) for h in range(spec.n_heads)])
+    x, o, y = (torch.cat(t) for t in zip(*sample))
+    weight = 1 / mean_square(y.double())  # as the next RMSNorm sees each token
     costs = {}
     for kv in range(1, spec.n_kv + 1):
         for g in range(1, spec.group + 1):
             kept = select_units(alone, torch.zeros(spec.intermediate), spec, Sizes(kv, g, spec.intermediate)).heads
             removed = torch.tensor(sorted(set(range(spec.n_heads)) - set(kept.tolist())), dtype=torch.long)
-            costs[(kv, g)] = removal_cost(W_o, G, Hinv, columns(removed, D))
+            W_new = refit_columns(W_o, Hinv, columns(removed, D).to(W_o.device))
+            h = x + F.linear(o, W_new, W.get("o_bias"))
+            y_cut = h + mlp_output(W, spec, h)
+            costs[(kv, g)] = ((y_cut - y).double().pow(2).sum(-1) * weight).sum().item() / (spec.hidden * len(y))
     return costs
+
+
+def refit_columns(W: torch.Tensor, Hinv: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
+    """W (out, in) without its input columns `cols`: the others refit by OBS (W - W_R Hinv_RR^-1 Hinv_R:),
+    or (Hinv None) just zeroed."""
+    W_new = W.clone()
+    if cols.numel() == 0:
+        return W_new
+    if Hinv is not None:
+        M = solve(Hinv[cols][:, cols], Hinv[cols, :])  # (|R|, in)
+        W_new = (W.to(Hinv.dtype) - W[:, cols].to(Hinv.dtype) @ M).to(W.dtype)
+    W_new[:, cols] = 0
+    return W_new
 
 
 def with_ridge(G: torch.Tensor) -> torch.Tensor:
@@ -161,15 +188,17 @@ def neuron_curve(W_down: torch.Tensor, G: torch.Tensor, refit: bool) -> list[tup
 
 
 def block_costs(W, spec: BlockSpec, batches: Callable[[], Iterator[torch.Tensor]], cos, sin, refit: bool,
-                write: Callable[[int, torch.Tensor], None]) -> BlockCosts:
+                write: Callable[[int, torch.Tensor], None], samples: int = 1,
+                generator: torch.Generator | None = None) -> BlockCosts:
     """One pass over the block's dense calibration inputs: the costs of its cuts, in the unit of
     this module; `write(start, y)` receives the dense outputs (the next block's inputs)."""
-    grams, start = Grams(spec), 0
+    per_batch = -(-SAMPLE_TOKENS // max(1, samples))  # tokens of each window in the head sample
+    grams, start = Grams(spec, generator), 0
     for x in batches():
+        grams.per_batch = per_batch * x.shape[0]
         write(start, grams.add(W, x, cos, sin))
         start += x.shape[0]
     norm = grams.norm
-    heads = head_costs(W["o"], grams.heads, spec, refit)
+    heads = head_costs(W, grams.heads, spec, refit, grams.sample)
     neurons = neuron_curve(W["down"], grams.mlp, refit)
-    return BlockCosts({k: c / norm for k, c in heads.items()}, [(n, c / norm) for n, c in neurons],
-                      grams.update / norm)
+    return BlockCosts(heads, [(n, c / norm) for n, c in neurons], grams.update / norm)

@@ -340,7 +340,7 @@ def decide_shape(cfg: RunConfig, model: Model, rule: Shape, cache: ActivationCac
         write_embeddings(cache, model.index, tokens, batch)
     device = check_device(cfg.device)
     cos, sin = rotary_tables(model.spec.config, cfg.seq_len, device)
-    costs = survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits,
+    costs = survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits, cfg.seed,
                    cfg.progress)
     allocate = allocate_global if cfg.allocation == "global" else allocate_uniform
     sizes = allocate(model.spec.blocks, costs, cfg.sparsity)

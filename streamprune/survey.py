@@ -19,7 +19,7 @@ from .validate import check_finite_activations, check_finite_weights
 
 
 def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, device: torch.device, cos, sin,
-           refit: bool, progress: bool) -> list[BlockCosts]:
+           refit: bool, seed: int, progress: bool) -> list[BlockCosts]:
     """Costs of every block; blocks already surveyed (journal) are not run again. Expects the cache
     to hold the inputs of the first block not surveyed yet; leaves no cache file behind."""
     L, samples = model.spec.n_layers, cache.shape[0]
@@ -46,7 +46,8 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
                 writer.write(s, y)
 
             with torch.no_grad():
-                costs = block_costs(W, model.spec.blocks[layer], batches, cos, sin, refit, write)
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+                costs = block_costs(W, model.spec.blocks[layer], batches, cos, sin, refit, write, samples, generator)
             writer.commit()
             done[str(layer)] = dict(costs.as_json(), seconds=round(time.time() - t0, 3))
             journal.save()
