@@ -6,10 +6,13 @@ import dataclasses
 from pathlib import Path
 
 from .pipeline import open_model, plan
+from .validate import check_sparsity
 
 
 def describe(folder: Path, sparsity: float) -> dict:
+    """Refuses a sparsity that `run` would refuse, with the same check."""
     model = open_model(folder)
+    check_sparsity(model.spec.blocks[0], sparsity)
     spec, b = model.spec, model.spec.blocks[0]
     sizes, out_config = plan(model, sparsity)
     new_block = dataclasses.replace(b, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
