@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -167,6 +168,30 @@ def gib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
+CACHE_FILE = re.compile(r"inputs-\d+\.f32(\.tmp)?|streamprune-eval-.*")  # what a run puts in --cache-dir
+
+
+def check_cache_dir(shards: Path, out: Path, cache_dir: Path | None) -> None:
+    """The run deletes its cache folder's files when it ends: refuse a folder that holds anything
+    else (someone's files, --out, the work folder) rather than delete it. The run's own path
+    checks come first, for their more specific messages (the input folder)."""
+    from .validate import check_paths
+    check_paths(shards, out, cache_dir)
+    if cache_dir is None:
+        return
+    cache_dir = Path(cache_dir)
+    if Path(out).resolve().is_relative_to(cache_dir.resolve()):
+        raise StreamPruneError(f"--cache-dir {cache_dir} holds --out {out}; the cache folder is deleted when the "
+                               "run ends: choose a folder of its own")
+    if not cache_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in cache_dir.iterdir() if not CACHE_FILE.fullmatch(p.name))
+    if foreign:
+        raise StreamPruneError(f"--cache-dir {cache_dir} holds other files ({', '.join(foreign[:3])}"
+                               f"{', ...' if len(foreign) > 3 else ''}); the cache folder is deleted when the run "
+                               "ends: choose an empty or new folder")
+
+
 def compensation_options(command):
     """--compensate lsq|mean|none and its shorthand --no-compensate (run and plan share them)."""
     command = click.option("--no-compensate", "compensate", flag_value="none", help="Same as --compensate none.")(command)
@@ -210,6 +235,7 @@ def run(quiet: bool, **kwargs):
     if kwargs["method"] not in SCORERS:
         raise StreamPruneError(f"unknown --method {kwargs['method']!r}; choose from {', '.join(SCORERS)}")
     cfg = RunConfig(progress=not quiet, **kwargs)
+    check_cache_dir(cfg.shards, cfg.out, cfg.cache_dir)
     warn_beyond_physical(cfg.max_memory, cfg.device)
     report = run_pipeline(cfg)
     p = report["block_params"]
