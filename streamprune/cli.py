@@ -16,7 +16,7 @@ import click
 from .config import COMPENSATIONS, RunConfig
 from .errors import StreamPruneError
 
-EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 128 + signal.SIGINT, 128 + signal.SIGTERM
 INTERRUPTED = "\ninterrupted; finished blocks are saved: re-run the same command to resume"
 
 
@@ -43,6 +43,60 @@ def usage_message(e: click.ClickException) -> str:
     return f"{text} (see {ctx.command_path} --help)" if ctx is not None else text
 
 
+# ---- signals: SIGTERM is handled like Ctrl-C; either one, at any moment, ends in the resume message ----
+
+class Terminated(KeyboardInterrupt):
+    """Raised by SIGTERM (timeout, Slurm, docker stop), so every path that saves work on Ctrl-C runs."""
+
+
+received: list[int] = []  # signals this process got, in order
+ignored_at_start = {s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.SIG_IGN}
+MAX_REDELIVERIES, REDELIVERY_DELAY = 4, 0.01  # seconds
+armed = False  # raise on a signal (while a command may be running), or only record it
+
+
+def on_signal(signum, frame) -> None:
+    received.append(signum)
+    if armed:
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def on_unraisable(unraisable) -> None:
+    """A signal's KeyboardInterrupt raised where Python cannot propagate it (a weakref callback
+    during an import, a __del__) would be printed as "Exception ignored in ..." and lost: send the
+    signal again a moment later, from another thread, so that it raises in the main thread's
+    ordinary code (a few times at most). Sending it from here would raise it in this hook."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+    elif armed and received and len(received) <= MAX_REDELIVERIES:
+        import threading
+        threading.Timer(REDELIVERY_DELAY, os.kill, (os.getpid(), received[-1])).start()
+
+
+def handle_signals(arm: bool, handler=on_signal) -> None:
+    """Route SIGINT and SIGTERM to `handler`; one that was ignored when we started (nohup, a
+    background job) stays ignored."""
+    global armed
+    armed = arm
+    sys.unraisablehook = on_unraisable
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if sig not in ignored_at_start:
+            signal.signal(sig, handler)
+
+
+def interrupted_code(e: BaseException | None = None) -> int:
+    """130 for Ctrl-C, 143 for SIGTERM (the first signal received decides)."""
+    if received:
+        return 128 + received[0]
+    return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+
+
+def report_interrupt(e: BaseException | None = None, newline: bool = True) -> int:
+    """Print the resume message (after a newline, so it does not follow a ^C); the exit code."""
+    click.echo(INTERRUPTED if newline else INTERRUPTED.lstrip("\n"), err=True)
+    return interrupted_code(e)
+
+
 NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
@@ -63,8 +117,7 @@ class Group(click.Group):
             fail(usage_message(e))
         except click.Abort as e:  # click's name for a KeyboardInterrupt outside a command
             if isinstance(e.__context__, KeyboardInterrupt):  # click already started a new line
-                click.echo(INTERRUPTED.lstrip("\n"), err=True)
-                sys.exit(EXIT_INTERRUPTED)
+                sys.exit(report_interrupt(e.__context__, newline=False))
             fail("aborted")
         sys.exit(rv if isinstance(rv, int) else 0)  # an int is click's exit code (--help, --version)
 
@@ -72,10 +125,11 @@ class Group(click.Group):
         debug = ctx.params.get("debug") or "--debug" in sys.argv
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            click.echo(INTERRUPTED, err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt as e:
+            sys.exit(report_interrupt(e))
         except Exception as e:
+            if received:  # a library swallowed the signal's KeyboardInterrupt and failed after it
+                sys.exit(report_interrupt())
             if debug or not isinstance(e, (StreamPruneError, MemoryError, OSError)):
                 raise
             fail(error_message(e))
@@ -350,25 +404,40 @@ def report(out_dir: Path, png: Path | None, no_png: bool):
 
 
 def entry_point():
-    """The `streamprune` command. Ctrl-C always ends in exit code 130 and the resume message, also
-    when it lands after a command returned (in click, or while Python shuts down)."""
+    """The `streamprune` command. Ctrl-C (SIGINT) and SIGTERM end in the resume message and exit
+    130 / 143 whenever they land: during the run, in click before or after the command, after it
+    returned, or when a library swallowed the exception the signal raised."""
+    handle_signals(arm=True)
     try:
-        main(prog_name="streamprune")
-        code = 0
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        click.echo(INTERRUPTED, err=True)
-        code = EXIT_INTERRUPTED
+        try:
+            main(prog_name="streamprune")
+            code = 0
+        finally:
+            handle_signals(arm=False)  # from here on a signal is only recorded
+    except KeyboardInterrupt as e:
+        handle_signals(arm=False)
+        code = report_interrupt(e)
     except SystemExit as e:
         code = e.code
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done or saved; shut down quietly
-    if code == EXIT_INTERRUPTED:
+    except Exception:
+        if not received:
+            raise
+        code = report_interrupt()  # a library swallowed the signal's KeyboardInterrupt and failed after it
+    finish(code)
+
+
+def finish(code) -> None:
+    """Exit with `code`, or as interrupted if a signal came that did not end the command yet."""
+    handle_signals(arm=False, handler=signal.SIG_IGN)  # the work is done or saved; shut down quietly
+    if received and code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        code = report_interrupt()
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
         # Everything is fsynced and the worker threads are joined; skip interpreter finalization,
-        # which turns an exit into a SIGINT death (-2) when an interrupted library left a
+        # which turns an exit into a death by signal when an interrupted library left a
         # KeyboardInterrupt flagged.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
+        os._exit(code)
     sys.exit(code)
 
 
