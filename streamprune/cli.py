@@ -272,7 +272,8 @@ def compensation_options(command):
 @click.option("--calibrate-on", type=click.Choice(["pruned", "dense"]), default=RunConfig.calibrate_on,
               show_default=True, help="Calibrate block i+1 on the outputs of the pruned or the dense block i.")
 @click.option("--batch-size", default=0, help="Calibration windows per micro-batch (0: from memory).")
-@click.option("--max-memory", type=Size(), help="Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; default: what is free).")
+@click.option("--max-memory", type=Size(),
+              help="Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; default: what is free).")
 @click.option("--cache-dir", type=PathArg(), help="Activation cache folder (default: inside --out).")
 @click.option("--keep-cache", is_flag=True, help="Keep the activation cache after a finished run.")
 @click.option("--restart", is_flag=True, help="Discard any previous run in --out and start over.")
