@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,39 +15,134 @@ import click
 from .config import ALLOCATIONS, COMPENSATIONS, RunConfig
 from .errors import StreamPruneError
 
-EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 128 + signal.SIGINT, 128 + signal.SIGTERM
 INTERRUPTED = "\ninterrupted; finished blocks are saved: re-run the same command to resume"
 
 
+def one_line(text: str) -> str:
+    """`text` as one printable line: newlines and other control characters escaped, the bytes of
+    a non-UTF-8 path (surrogate escapes) shown as \\xNN."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {one_line(message)}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def usage_message(e: click.ClickException) -> str:
+    """click's message ("Invalid value for '--seed': ...") in the style of the others, plus where help is."""
+    text = e.format_message().rstrip(".")
+    text = text[:1].lower() + text[1:]
+    ctx = getattr(e, "ctx", None)
+    return f"{text} (see {ctx.command_path} --help)" if ctx is not None else text
+
+
+# ---- signals: SIGTERM is handled like Ctrl-C; either one, at any moment, ends in the resume message ----
+
+class Terminated(KeyboardInterrupt):
+    """Raised by SIGTERM (timeout, Slurm, docker stop), so every path that saves work on Ctrl-C runs."""
+
+
+received: list[int] = []  # signals this process got, in order
+ignored_at_start = {s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.SIG_IGN}
+MAX_REDELIVERIES, REDELIVERY_DELAY = 4, 0.01  # seconds
+armed = False  # raise on a signal (while a command may be running), or only record it
+
+
+def on_signal(signum, frame) -> None:
+    received.append(signum)
+    if armed:
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def on_unraisable(unraisable) -> None:
+    """A signal's KeyboardInterrupt raised where Python cannot propagate it (a weakref callback
+    during an import, a __del__) would be printed as "Exception ignored in ..." and lost: send the
+    signal again a moment later, from another thread, so that it raises in the main thread's
+    ordinary code (a few times at most). Sending it from here would raise it in this hook."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+    elif armed and received and len(received) <= MAX_REDELIVERIES:
+        import threading
+        threading.Timer(REDELIVERY_DELAY, os.kill, (os.getpid(), received[-1])).start()
+
+
+def handle_signals(arm: bool, handler=on_signal) -> None:
+    """Route SIGINT and SIGTERM to `handler`; one that was ignored when we started (nohup, a
+    background job) stays ignored."""
+    global armed
+    armed = arm
+    sys.unraisablehook = on_unraisable
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if sig not in ignored_at_start:
+            signal.signal(sig, handler)
+
+
+def interrupted_code(e: BaseException | None = None) -> int:
+    """130 for Ctrl-C, 143 for SIGTERM (the first signal received decides)."""
+    if received:
+        return 128 + received[0]
+    return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+
+
+def report_interrupt(e: BaseException | None = None, newline: bool = True) -> int:
+    """Print the resume message (after a newline, so it does not follow a ^C); the exit code."""
+    click.echo(INTERRUPTED if newline else INTERRUPTED.lstrip("\n"), err=True)
+    return interrupted_code(e)
+
+
+NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
 class Group(click.Group):
-    """Turns known failures into one line on stderr and a non-zero exit (traceback with --debug)."""
+    """Turns known failures into one line on stderr and a non-zero exit (traceback with --debug):
+    refusals (StreamPruneError), usage errors (bad, missing or unknown options), out of memory,
+    OS errors. --help and --version work as usual."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except NO_ARGS_HELP as e:  # a bare `streamprune`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:  # usage errors while parsing the top level or a command
+            fail(usage_message(e))
+        except click.Abort as e:  # click's name for a KeyboardInterrupt outside a command
+            if isinstance(e.__context__, KeyboardInterrupt):  # click already started a new line
+                sys.exit(report_interrupt(e.__context__, newline=False))
+            fail("aborted")
+        sys.exit(rv if isinstance(rv, int) else 0)  # an int is click's exit code (--help, --version)
 
     def invoke(self, ctx):
         debug = ctx.params.get("debug") or "--debug" in sys.argv
         try:
             return super().invoke(ctx)
-        except StreamPruneError as e:
-            if debug:
+        except KeyboardInterrupt as e:
+            sys.exit(report_interrupt(e))
+        except Exception as e:
+            if received:  # a library swallowed the signal's KeyboardInterrupt and failed after it
+                sys.exit(report_interrupt())
+            if debug or not isinstance(e, (StreamPruneError, MemoryError, OSError)):
                 raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_ERROR)
-        except KeyboardInterrupt:
-            click.echo(INTERRUPTED, err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        except MemoryError:
-            if debug:
-                raise
-            click.echo("error: out of memory; lower --batch-size or --samples", err=True)
-            sys.exit(EXIT_ERROR)
-        except OSError as e:
-            if debug:
-                raise
-            if e.errno == errno.ENOSPC:
-                click.echo(f"error: no space left on device{' writing ' + str(e.filename) if e.filename else ''}; "
-                           "free some space and re-run the same command to resume", err=True)
-            else:
-                click.echo(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
-            sys.exit(EXIT_ERROR)
+            fail(error_message(e))
+
+
+def error_message(e: StreamPruneError | MemoryError | OSError) -> str:
+    if isinstance(e, MemoryError):
+        return "out of memory; lower --batch-size or --samples"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"no space left on device{' writing ' + str(e.filename) if e.filename else ''}; "
+                "free some space and re-run the same command to resume")
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+    return str(e)
 
 
 @click.group(cls=Group)
@@ -54,6 +151,74 @@ class Group(click.Group):
 def main(debug: bool):
     """Structured pruning of Llama-family LLMs, one decoder block in memory at a time."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
+
+
+class PathArg(click.Path):
+    """A path option; an empty value (an unset shell variable: --out "$OUT") is refused, not read as '.'."""
+
+    def __init__(self, **kwargs):
+        super().__init__(path_type=Path, **kwargs)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and (not value.strip() or "\0" in value):
+            self.fail(f"{value!r} is not a usable path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class Size(click.ParamType):
+    """--max-memory: '24GiB', '512MB', '1.5g' -> bytes."""
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from .plan import parse_bytes
+        try:
+            return value if isinstance(value, int) else parse_bytes(value)
+        except StreamPruneError as e:
+            self.fail(str(e), param, ctx)
+
+
+class Device(click.ParamType):
+    """--device: refused while parsing, with the run's own message, unless it names a device here."""
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        check_device(value)
+        return value
+
+
+def check_device(device: str) -> None:
+    """pipeline.check_device, plus the GPU number: cuda:N must exist."""
+    import torch
+
+    from .pipeline import check_device as check_device_type
+    dev = check_device_type(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise StreamPruneError(f"--device {device}: this machine has {n} CUDA GPU{'s' if n > 1 else ''} "
+                               f"(cuda:0 to cuda:{n - 1})")
+
+
+def physical_memory(device: str) -> tuple[int, str]:
+    """Total memory of the device --max-memory limits: (bytes, what it is)."""
+    import torch
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory, "GPU memory"
+    import psutil
+    return psutil.virtual_memory().total, "memory"
+
+
+def warn_beyond_physical(max_memory: int | None, device: str) -> None:
+    """A --max-memory above what the machine has is allowed (the plan still has to fit), but said."""
+    if max_memory is None:
+        return
+    total, what = physical_memory(device)
+    if max_memory > total:
+        click.echo(f"warning: --max-memory {gib(max_memory)} is more than the {gib(total)} of {what} on this "
+                   "machine; the run may swap or be killed", err=True)
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 def compensation_options(command):
@@ -66,13 +231,13 @@ def compensation_options(command):
 
 
 @main.command()
-@click.option("--shards", required=True, type=click.Path(path_type=Path), help="Hugging Face model folder (safetensors).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (resumable).")
+@click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder (safetensors).")
+@click.option("--out", required=True, type=PathArg(), help="Output folder (resumable).")
 @click.option("--sparsity", default=0.3, show_default=True, help="Fraction of each block's weights to remove, in [0, 1).")
-@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text file.")
+@click.option("--calib", type=PathArg(dir_okay=False), help="Calibration text file.")
 @click.option("--samples", default=128, show_default=True, help="Calibration windows.")
 @click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", type=Device(), default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--method", default=RunConfig.method, show_default=True,
               help="Scoring method: perturb, magnitude, wanda-sp or flap.")
@@ -85,13 +250,14 @@ def compensation_options(command):
 @click.option("--calibrate-on", type=click.Choice(["pruned", "dense"]), default=RunConfig.calibrate_on,
               show_default=True, help="Calibrate block i+1 on the outputs of the pruned or the dense block i.")
 @click.option("--batch-size", default=0, help="Calibration windows per micro-batch (0: from memory).")
-@click.option("--max-memory", help="Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; default: what is free).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), help="Activation cache folder (default: inside --out).")
+@click.option("--max-memory", type=Size(),
+              help="Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; default: what is free).")
+@click.option("--cache-dir", type=PathArg(), help="Activation cache folder (default: inside --out).")
 @click.option("--keep-cache", is_flag=True, help="Keep the activation cache after a finished run.")
 @click.option("--restart", is_flag=True, help="Discard any previous run in --out and start over.")
 @click.option("--no-overlap", "overlap", flag_value=False, default=True,
               help="Read and write blocks synchronously (no prefetch; for benchmarks).")
-@click.option("--eval", "eval", type=click.Path(path_type=Path),
+@click.option("--eval", "eval", type=PathArg(dir_okay=False),
               help="Held-out text: measure perplexity before and after (streaming), into report.json.")
 @click.option("--eval-seq-len", default=0, help="Tokens per evaluation window (0: --seq-len, at most max positions).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -101,10 +267,9 @@ def run(quiet: bool, **kwargs):
     from .scoring import SCORERS
     if kwargs["method"] not in SCORERS:
         raise StreamPruneError(f"unknown --method {kwargs['method']!r}; choose from {', '.join(SCORERS)}")
-    from .plan import parse_bytes
-    if kwargs["max_memory"] is not None:
-        kwargs["max_memory"] = parse_bytes(kwargs["max_memory"])
-    report = run_pipeline(RunConfig(progress=not quiet, **kwargs))
+    cfg = RunConfig(progress=not quiet, **kwargs)
+    warn_beyond_physical(cfg.max_memory, cfg.device)
+    report = run_pipeline(cfg)
     p = report["block_params"]
     click.echo(f"{kwargs['out']}: block params {p['before']:,} -> {p['after']:,} "
                f"({100 * p['removed_fraction']:.1f}% removed) in {report['timing']['seconds']:.1f}s, "
@@ -115,13 +280,12 @@ def run(quiet: bool, **kwargs):
 
 
 @main.command()
-@click.option("--shards", required=True, type=click.Path(path_type=Path), help="Hugging Face model folder.")
+@click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder.")
 @click.option("--sparsity", default=0.3, show_default=True, help="Show what this sparsity would remove.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(shards: Path, sparsity: float, as_json: bool):
     """Print the model's shape and the pruning plan, from headers only."""
     from .inspect import describe
-    RunConfig(shards=shards, out=shards, sparsity=sparsity)  # validates the sparsity
     info = describe(shards, sparsity)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -137,21 +301,17 @@ def inspect(shards: Path, sparsity: float, as_json: bool):
                f"({100 * pl['removed_fraction']:.1f}% removed); output model_type {pl['output_model_type']}")
 
 
-def gib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
-
-
 @main.command("plan")
-@click.option("--shards", required=True, type=click.Path(path_type=Path), help="Hugging Face model folder.")
+@click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder.")
 @click.option("--sparsity", default=0.3, show_default=True)
 @click.option("--samples", default=128, show_default=True)
 @click.option("--seq-len", default=2048, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", type=Device(), default="cpu", show_default=True)
 @click.option("--method", default=RunConfig.method, show_default=True)
 @click.option("--budget", default=RunConfig.budget, show_default=True, help="perturb's work per block.")
 @compensation_options
 @click.option("--batch-size", default=0, help="Micro-batch (0: the largest that fits).")
-@click.option("--max-memory", help="Memory the run may use, e.g. 24GiB (default: what is free).")
+@click.option("--max-memory", type=Size(), help="Memory the run may use, e.g. 24GiB (default: what is free).")
 @click.option("--no-timing", is_flag=True, help="Skip the short speed calibration (no time estimate).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_command(shards, sparsity, samples, seq_len, device, method, budget, compensate, batch_size, max_memory,
@@ -159,8 +319,10 @@ def plan_command(shards, sparsity, samples, seq_len, device, method, budget, com
     """Predict disk, memory, micro-batch and time of a run, from headers only."""
     from .plan import describe_plan
     cfg = RunConfig(shards=shards, out=shards, sparsity=sparsity, samples=samples, seq_len=seq_len,
-                    device=device, method=method, budget=budget, compensate=compensate, batch_size=batch_size)
-    info = describe_plan(cfg, max_memory, timing=not no_timing)
+                    device=device, method=method, budget=budget, compensate=compensate, batch_size=batch_size,
+                    max_memory=max_memory)
+    warn_beyond_physical(max_memory, device)
+    info = describe_plan(cfg, timing=not no_timing)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -178,13 +340,13 @@ def plan_command(shards, sparsity, samples, seq_len, device, method, budget, com
 
 
 @main.command("eval")
-@click.option("--model", required=True, type=click.Path(path_type=Path), help="Hugging Face model folder (input or pruned).")
-@click.option("--text", required=True, type=click.Path(path_type=Path), help="Held-out text file.")
+@click.option("--model", required=True, type=PathArg(), help="Hugging Face model folder (input or pruned).")
+@click.option("--text", required=True, type=PathArg(dir_okay=False), help="Held-out text file.")
 @click.option("--seq-len", default=0, help="Tokens per window (0: 2048, at most max_position_embeddings).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", type=Device(), default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--batch-size", default=0, help="Windows per micro-batch (0: automatic).")
 @click.option("--max-windows", default=0, help="Use only the first N windows (0: the whole text).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), help="Where the activation cache goes (default: temp dir).")
+@click.option("--cache-dir", type=PathArg(), help="Where the activation cache goes (default: temp dir).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(model, text, seq_len, device, batch_size, max_windows, cache_dir, as_json, quiet):
@@ -202,8 +364,8 @@ def eval_command(model, text, seq_len, device, batch_size, max_windows, cache_di
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--png", type=click.Path(path_type=Path), help="Picture path (default: OUT_DIR/report.png).")
+@click.argument("out_dir", type=PathArg())
+@click.option("--png", type=PathArg(dir_okay=False), help="Picture path (default: OUT_DIR/report.png).")
 @click.option("--no-png", is_flag=True, help="Terminal summary only.")
 def report(out_dir: Path, png: Path | None, no_png: bool):
     """Summarize a pruned model's report.json; draw kept units, errors and params per layer."""
@@ -220,27 +382,40 @@ def report(out_dir: Path, png: Path | None, no_png: bool):
 
 
 def entry_point():
-    """The `streamprune` command. Ctrl-C always ends in exit code 130 and the resume message, also
-    when it lands after a command returned (in click, or while Python shuts down)."""
-    import os
-    import signal
+    """The `streamprune` command. Ctrl-C (SIGINT) and SIGTERM end in the resume message and exit
+    130 / 143 whenever they land: during the run, in click before or after the command, after it
+    returned, or when a library swallowed the exception the signal raised."""
+    handle_signals(arm=True)
     try:
-        main(prog_name="streamprune")
-        code = 0
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        click.echo(INTERRUPTED, err=True)
-        code = EXIT_INTERRUPTED
+        try:
+            main(prog_name="streamprune")
+            code = 0
+        finally:
+            handle_signals(arm=False)  # from here on a signal is only recorded
+    except KeyboardInterrupt as e:
+        handle_signals(arm=False)
+        code = report_interrupt(e)
     except SystemExit as e:
         code = e.code
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done or saved; shut down quietly
-    if code == EXIT_INTERRUPTED:
+    except Exception:
+        if not received:
+            raise
+        code = report_interrupt()  # a library swallowed the signal's KeyboardInterrupt and failed after it
+    finish(code)
+
+
+def finish(code) -> None:
+    """Exit with `code`, or as interrupted if a signal came that did not end the command yet."""
+    handle_signals(arm=False, handler=signal.SIG_IGN)  # the work is done or saved; shut down quietly
+    if received and code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        code = report_interrupt()
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
         # Everything is fsynced and the worker threads are joined; skip interpreter finalization,
-        # which turns an exit into a SIGINT death (-2) when an interrupted library left a
+        # which turns an exit into a death by signal when an interrupted library left a
         # KeyboardInterrupt flagged.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
+        os._exit(code)
     sys.exit(code)
 
 

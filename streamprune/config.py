@@ -12,6 +12,10 @@ from .errors import StreamPruneError
 
 COMPENSATIONS = ("lsq", "mean", "none")
 ALLOCATIONS = ("global", "uniform", "rule")
+MAX_SEED = 2**32 - 1  # seeds derive as seed * 1_000_003 + layer, which must fit torch's 64-bit seed
+MAX_COUNT = 2**31 - 1  # samples, tokens per window, micro-batch: what int32 indexing allows
+MAX_BUDGET = 1000.0  # 64,000 perturbations per block: a thousand times the default work
+MAX_MEMORY = 2**64  # 16 EiB
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,15 @@ class RunConfig:
             raise StreamPruneError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.samples < 1 or self.seq_len < 2:
             raise StreamPruneError("--samples must be >= 1 and --seq-len >= 2")
-        if self.eval_seq_len and self.eval_seq_len < 2:
-            raise StreamPruneError("--eval-seq-len must be >= 2")
-        if self.budget <= 0:
-            raise StreamPruneError("--budget must be > 0")
+        if max(self.samples, self.seq_len) > MAX_COUNT:
+            raise StreamPruneError(f"--samples and --seq-len must be at most {MAX_COUNT}")
+        if self.eval_seq_len != 0 and not 2 <= self.eval_seq_len <= MAX_COUNT:
+            raise StreamPruneError(f"--eval-seq-len must be 0 (same as --seq-len) or in [2, {MAX_COUNT}], "
+                                   f"got {self.eval_seq_len}")
+        if not 0 < self.budget <= MAX_BUDGET:  # also refuses NaN
+            raise StreamPruneError(f"--budget must be in (0, {MAX_BUDGET}], got {self.budget}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise StreamPruneError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         if self.allocation not in ALLOCATIONS:
             raise StreamPruneError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
         if self.calibrate_on not in ("pruned", "dense"):
@@ -60,8 +69,10 @@ class RunConfig:
             object.__setattr__(self, "compensate", "lsq" if self.compensate else "none")
         if self.compensate not in COMPENSATIONS:
             raise StreamPruneError(f"--compensate must be one of {', '.join(COMPENSATIONS)}")
-        if self.batch_size < 0:
-            raise StreamPruneError("--batch-size must be >= 0")
+        if not 0 <= self.batch_size <= MAX_COUNT:
+            raise StreamPruneError(f"--batch-size must be in [0, {MAX_COUNT}] (0: from memory)")
+        if self.max_memory is not None and not 1 <= self.max_memory <= MAX_MEMORY:
+            raise StreamPruneError("--max-memory must be between 1 byte and 16 EiB")
 
     # Fields that do not change the output bytes, so a resumed run may differ in them.
     NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "restart", "progress", "batch_size", "max_memory", "overlap",

@@ -6,10 +6,13 @@ import dataclasses
 from pathlib import Path
 
 from .model import open_model, output_shape
+from .validate import check_sparsity
 
 
 def describe(folder: Path, sparsity: float) -> dict:
+    """Refuses a sparsity that `run` would refuse, with the same check."""
     model = open_model(folder)
+    check_sparsity(model.spec.blocks[0], sparsity)
     spec, b = model.spec, model.spec.blocks[0]
     shape = output_shape(model, sparsity)
     sizes, out_config = shape.sizes[0], shape.config

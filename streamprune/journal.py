@@ -34,6 +34,96 @@ def mismatch(out: Path, before: dict, now: dict) -> StreamPruneError:
                             "use the same arguments to resume, or --restart to start over")
 
 
+# What `save` writes, and what a resumed run reads: key -> (types, required).
+FIELDS = {"fingerprint": ((dict,), True), "blocks": ((dict,), True), "complete": ((bool,), True),
+          "micro_batch": ((int,), False), "blocks_seconds": ((int, float), False), "eval": ((dict,), False),
+          "run": ((str,), False), "survey": ((dict,), False)}
+RECORD_FIELDS = {"layer": (int,), "heads": (list,), "kv_heads": (list,), "neurons": (list,), "params": (list,),
+                 "relative_error": (int, float), "timing": (dict,)}
+PAIRS = ("heads", "kv_heads", "neurons", "params")  # [before, after]
+EVAL_FIELDS = {"text_sha256": (str,), "seq_len": (int,), "windows": (int,), "tokens": (int,), "ppl": (int, float)}
+JSON_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+              float: "a number", type(None): "null"}
+
+
+class Damaged(ValueError):
+    """What is wrong with a loaded journal or report (becomes part of the one-line error)."""
+
+
+def read_json(path: Path, check) -> tuple[object, str | None]:
+    """Parse `path` as UTF-8 JSON and `check` its structure: (value, None), or (None, what is wrong)."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+        check(value)
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except Damaged as e:
+        return None, str(e)
+    except (ValueError, RecursionError) as e:  # bad syntax, a 5,000-digit number, [[[[...]]]] nested too deep
+        return None, f"not valid JSON: {e}"
+    return value, None
+
+
+def damaged(path: Path, problem: str) -> StreamPruneError:
+    return StreamPruneError(f"the work folder {path.parent} is damaged ({path.name}: {problem}); "
+                            "re-run with --restart to start over")
+
+
+def load_state(path: Path) -> dict:
+    """The journal's contents, refused as damaged unless they have the structure `save` writes."""
+    if not path.is_file():
+        raise damaged(path, "not a regular file")
+    state, problem = read_json(path, check_state)
+    if problem:
+        raise damaged(path, problem)
+    return state
+
+
+def expect(value, types: tuple, what: str) -> None:
+    """Refuse `value` unless it is one of `types` (a boolean is not a number here)."""
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise Damaged(f"{what} is {JSON_NAMES.get(type(value), type(value).__name__)}, not {JSON_NAMES[types[-1]]}")
+
+
+def expect_fields(obj: dict, fields: dict, what: str) -> None:
+    for key, types in fields.items():
+        if key not in obj:
+            raise Damaged(f"{what} has no {key!r}")
+        expect(obj[key], types, f"{what}[{key!r}]")
+
+
+def check_state(state) -> None:
+    expect(state, (dict,), "the journal")
+    for key, (types, required) in FIELDS.items():
+        if key in state:
+            expect(state[key], types, repr(key))
+        elif required:
+            raise Damaged(f"no {key!r}")
+    if state.get("micro_batch", 1) < 1:
+        raise Damaged(f"'micro_batch' is {state['micro_batch']}")
+    for key, record in state["blocks"].items():
+        check_record(key, record)
+    for which, result in state.get("eval", {}).items():
+        expect(result, (dict,), f"'eval'[{which!r}]")
+        expect_fields(result, EVAL_FIELDS, f"'eval'[{which!r}]")
+
+
+def check_record(key: str, record) -> None:
+    """One finished block's entry: what the report is built from."""
+    if not (key.isascii() and key.isdigit()) or (key != "0" and key.startswith("0")):
+        raise Damaged(f"block key {key!r} is not a layer number")
+    what = f"block {key}"
+    expect(record, (dict,), what)
+    expect_fields(record, RECORD_FIELDS, what)
+    if record["layer"] != int(key):
+        raise Damaged(f"{what} says it is layer {record['layer']}")
+    for field in PAIRS:
+        if len(record[field]) != 2:
+            raise Damaged(f"{what}[{field!r}] has {len(record[field])} entries, not 2 (before, after)")
+        for n in record[field]:
+            expect(n, (int,), f"{what}[{field!r}] entry")
+
+
 class Journal:
     def __init__(self, path: Path, state: dict):
         self.path = path
@@ -45,11 +135,8 @@ class Journal:
         write into a non-empty folder that streamprune did not create."""
         out = Path(out)
         path = out / WORKDIR / "journal.json"
-        if path.is_file() and not restart:
-            try:
-                state = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                raise StreamPruneError(f"{path} is corrupt; re-run with --restart") from None
+        if (path.exists() or path.is_symlink()) and not restart:
+            state = load_state(path)
             if state.get("fingerprint") != fingerprint:
                 raise mismatch(out, state.get("fingerprint", {}), fingerprint)
             return cls(path, state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from decimal import Decimal
 from dataclasses import asdict, dataclass
 
 import psutil
@@ -22,6 +23,7 @@ from .errors import StreamPruneError
 from .model import check_device, open_model, output_shape
 from .scoring import SCORERS, ScoringOptions, make_scorer
 from .shards import ITEMSIZE
+from .validate import check_sparsity
 
 BASE_PROCESS_BYTES = 700 * 2**20  # measured 440-660 MiB for `streamprune run` on CPU, rounded up
 CUDA_PROCESS_BYTES = 1700 * 2**20  # host RSS with the CUDA libraries loaded: 1.6 GiB measured (H200)
@@ -30,12 +32,15 @@ UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb":
          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
 
+SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*")
+
+
 def parse_bytes(text: str) -> int:
-    """'24GiB', '512MB', '1.5g', '1000000' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
+    """'24GiB', '512MB', '1.5g', '1000000' -> bytes (decimal arithmetic: no float overflow)."""
+    m = SIZE.fullmatch(str(text))
     if not m or m.group(2).lower() not in UNITS:
         raise StreamPruneError(f"cannot read {text!r} as a size (examples: 24GiB, 512MB)")
-    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+    return int(Decimal(m.group(1)) * UNITS[m.group(2).lower()])
 
 
 def available_memory(device: torch.device) -> int:
@@ -185,15 +190,17 @@ def stage_forward_passes(cfg) -> float:
     return scorer.forward_passes(cfg.samples * cfg.seq_len) + compensation + 2.0
 
 
-def describe_plan(cfg, max_memory: str | None = None, timing: bool = True) -> dict:
-    """What `streamprune plan` prints: the memory plan plus, optionally, a time estimate."""
+def describe_plan(cfg, timing: bool = True) -> dict:
+    """What `streamprune plan` prints: the memory plan plus, optionally, a time estimate. Refuses
+    what `run` would refuse up front (device, method, sparsity) with the same checks."""
     check_device(cfg.device)
     if cfg.method not in SCORERS:
         raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
     model = open_model(cfg.shards)
+    check_sparsity(model.spec.blocks[0], cfg.sparsity)
     sizes = output_shape(model, cfg.sparsity).sizes[0]
-    p = make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity,
-                  parse_bytes(max_memory) if max_memory else None, cfg.batch_size, stage_work_bytes(cfg, model, sizes))
+    p = make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity, cfg.max_memory,
+                  cfg.batch_size, stage_work_bytes(cfg, model, sizes))
     info = p.as_dict()
     if timing:
         passes = stage_forward_passes(cfg)

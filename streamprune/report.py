@@ -4,10 +4,21 @@ before/after). The picture needs matplotlib, an optional extra: pip install 'str
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import StreamPruneError
+from .journal import Damaged, expect, expect_fields, read_json
+
+
+MAX_UNITS = 2**53  # counts a float holds exactly
+MAX_HEADS = 2**16  # the head map draws one cell per head and layer
+BLOCK_FIELDS = {"layer": (int,), "heads": (list,), "kv_heads": (list,), "neurons": (list,), "params": (list,),
+                "relative_error": (int, float)}
+SECTIONS = {"arguments": {}, "model": {}, "plan": {},
+            "block_params": {"before": (int,), "after": (int,), "removed_fraction": (int, float)},
+            "eval": {"text": (str,), "tokens": (int,), "seq_len": (int,), "ppl_before": (int, float),
+                     "ppl_after": (int, float)},
+            "timing": {}}
 
 
 def load_report(out_dir: Path) -> dict:
@@ -15,13 +26,47 @@ def load_report(out_dir: Path) -> dict:
     path = path / "report.json" if path.is_dir() else path
     if not path.is_file():
         raise StreamPruneError(f"no report.json in {out_dir} (is it a finished streamprune output?)")
-    try:
-        report = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StreamPruneError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(report, dict) or not isinstance(report.get("blocks"), list) or not report["blocks"]:
-        raise StreamPruneError(f"{path} has no per-block results")
+    report, problem = read_json(path, check_report)
+    if problem:
+        raise StreamPruneError(f"{path} is damaged or not a streamprune report ({problem})")
     return report
+
+
+def check_report(report) -> None:
+    """The structure render_report and plot_report read (what pipeline.build_report writes)."""
+    expect(report, (dict,), "the file")
+    for name, fields in SECTIONS.items():
+        if name in report:
+            expect(report[name], (dict,), repr(name))
+            expect_fields(report[name], fields, repr(name))
+    for key in ("seconds", "peak_rss_bytes"):
+        if report.get("timing", {}).get(key) is not None:
+            expect(report["timing"][key], (int, float), f"'timing'[{key!r}]")
+    if "blocks" not in report:
+        raise Damaged("no 'blocks'")
+    expect(report["blocks"], (list,), "'blocks'")
+    if not report["blocks"]:
+        raise Damaged("no per-block results")
+    for i, block in enumerate(report["blocks"]):
+        check_block(block, f"'blocks'[{i}]")
+
+
+def check_block(block, what: str) -> None:
+    expect(block, (dict,), what)
+    expect_fields(block, BLOCK_FIELDS, what)
+    for field in ("heads", "kv_heads", "neurons", "params"):
+        pair = block[field]
+        if len(pair) != 2:
+            raise Damaged(f"{what}[{field!r}] has {len(pair)} entries, not 2 (before, after)")
+        for n in pair:
+            expect(n, (int,), f"{what}[{field!r}] entry")
+            if not 0 <= n <= MAX_UNITS:
+                raise Damaged(f"{what}[{field!r}] has {n}")
+    if block["heads"][0] > MAX_HEADS:
+        raise Damaged(f"{what} has {block['heads'][0]} heads")
+    expect(block.get("kept_heads", []), (list,), f"{what}['kept_heads']")
+    for h in block.get("kept_heads", []):
+        expect(h, (int,), f"{what}['kept_heads'] entry")
 
 
 def arrow(pair) -> str:
@@ -58,8 +103,8 @@ def render_report(report: dict) -> str:
         lines += ["", f"block params {p['before']:,} -> {p['after']:,} ({100 * p['removed_fraction']:.1f}% removed)"]
     e = report.get("eval")
     if e:
-        change = 100 * (e["ppl_after"] / e["ppl_before"] - 1)
-        lines.append(f"perplexity {e['ppl_before']:.3f} -> {e['ppl_after']:.3f} ({change:+.1f}%) on {e['text']} "
+        change = f" ({100 * (e['ppl_after'] / e['ppl_before'] - 1):+.1f}%)" if e["ppl_before"] else ""
+        lines.append(f"perplexity {e['ppl_before']:.3f} -> {e['ppl_after']:.3f}{change} on {e['text']} "
                      f"({e['tokens']:,} tokens, windows of {e['seq_len']})")
     t = report.get("timing")
     if t and "seconds" in t:

@@ -1,5 +1,5 @@
-"""Killed, interrupted or out-of-disk runs resume to byte-identical output. A fast variant of
-tools/fault_bench.py (a few named fault points) plus a disk that fills up mid-run."""
+"""Killed, interrupted, terminated or out-of-disk runs resume to byte-identical output. A fast
+variant of tools/fault_bench.py (a few named fault points) plus a disk that fills up mid-run."""
 
 import json
 import signal
@@ -42,6 +42,15 @@ def test_interrupted_run_resumes_to_identical_bytes(model_and_reference, tmp_pat
     r = trial(run_args(model, out, SAMPLES, SEQ_LEN), out, sig, reference, finish=lambda o: finish(model, o),
               point=(point, count))
     assert r["interrupted"] and r["survived"], r
+
+
+def test_sigterm_exits_143_and_the_same_command_resumes(model_and_reference, tmp_path):
+    """SIGTERM (timeout, Slurm, docker stop) is a Ctrl-C with exit 143, here while block 1's shard is
+    half-written on the writer thread; the re-run is the same command, in a new process."""
+    model, reference = model_and_reference
+    out = tmp_path / "out"
+    r = trial(run_args(model, out, SAMPLES, SEQ_LEN), out, signal.SIGTERM, reference, point=("shard_mid_write", 2))
+    assert r["interrupted"] and r["exit"] == 143 and r["survived"], r
 
 
 def written_by_a_whole_run(model, out, monkeypatch) -> int:

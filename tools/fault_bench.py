@@ -4,10 +4,12 @@ byte-identical to an uninterrupted run (report.json without its `timing` section
 
     python tools/fault_bench.py --signal KILL --random 20
     python tools/fault_bench.py --signal INT --random 20
+    python tools/fault_bench.py --signal TERM --random 20
 
-With SIGKILL the run must simply die; with SIGINT it must exit 130 and say how to resume.
-Named points use the STREAMPRUNE_FAULT_POINT hook (streamprune/faults.py): the process signals
-itself the count-th time it passes the point."""
+With SIGKILL the run must simply die; with SIGINT it must exit 130 and say how to resume, with
+SIGTERM (timeout, Slurm, docker stop) the same with exit 143. Named points use the
+STREAMPRUNE_FAULT_POINT hook (streamprune/faults.py): the process signals itself the count-th
+time it passes the point."""
 
 from __future__ import annotations
 
@@ -30,7 +32,12 @@ sys.path.insert(0, str(ROOT))
 from streamprune.faults import FAULT_POINT, POINTS  # noqa: E402
 
 DEMO = ROOT / "demo"
-SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT}
+SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}
+# The fault hook knows SIGKILL and SIGINT (":INT"); for SIGTERM at a named point the child runs
+# `python -m streamprune` through this bootstrap, which makes the hook's SIGINT a SIGTERM.
+TERM_AT_POINT = ("import runpy, signal, types, streamprune.faults as f; "
+                 "f.signal = types.SimpleNamespace(SIGINT=signal.SIGTERM, SIGKILL=signal.SIGKILL); "
+                 "runpy.run_module('streamprune', run_name='__main__', alter_sys=True)")
 # every point at its first pass, and the points passed many times at a later pass too
 RETRIES = 3  # random moments redrawn when the run finished first (a busy machine varies its speed)
 NAMED = [(p, 1) for p in POINTS] + [(p, 3) for p in ("shard_read", "shard_mid_write", "before_journal",
@@ -92,8 +99,9 @@ def default_sigint() -> None:
 def interrupt(args: list[str], sig: int, point: tuple[str, int] | None = None,
               delay: float | None = None) -> tuple[int, str]:
     """Start a run and stop it with `sig`: at a named point, or after `delay` seconds."""
-    fault = f"{point[0]}:{point[1]}" + (":INT" if sig == signal.SIGINT else "") if point else None
-    p = subprocess.Popen([sys.executable, "-m", "streamprune", *args], env=child_env(fault),
+    fault = f"{point[0]}:{point[1]}" + ("" if sig == signal.SIGKILL else ":INT") if point else None
+    how = ["-c", TERM_AT_POINT] if point and sig == signal.SIGTERM else ["-m", "streamprune"]
+    p = subprocess.Popen([sys.executable, *how, *args], env=child_env(fault),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     if delay is not None:
         try:
@@ -109,8 +117,8 @@ def interruption_problem(rc: int, err: str, sig: int) -> str | None:
         return None  # finished before the fault came
     if sig == signal.SIGKILL:
         return None if rc == -signal.SIGKILL else f"exit {rc}: {err.strip()[-300:]}"
-    if rc != 130 or "re-run the same command" not in err or "Traceback" in err:
-        return f"SIGINT gave exit {rc}: {err.strip()[-300:]}"
+    if rc != 128 + sig or "re-run the same command" not in err or "Traceback" in err:
+        return f"{signal.Signals(sig).name} gave exit {rc}: {err.strip()[-300:]}"
     return None
 
 
