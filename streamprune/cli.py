@@ -218,7 +218,8 @@ def warn_beyond_physical(max_memory: int | None, device: str) -> None:
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+    from .validate import gib as size  # one format for sizes, in every message
+    return size(n)
 
 
 def compensation_options(command):
@@ -233,12 +234,12 @@ def compensation_options(command):
 @main.command()
 @click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder (safetensors).")
 @click.option("--out", required=True, type=PathArg(), help="Output folder (resumable).")
-@click.option("--sparsity", default=0.3, show_default=True, help="Fraction of each block's weights to remove, in [0, 1).")
+@click.option("--sparsity", default=RunConfig.sparsity, show_default=True, help="Fraction of each block's weights to remove, in [0, 1).")
 @click.option("--calib", type=PathArg(dir_okay=False), help="Calibration text file.")
-@click.option("--samples", default=128, show_default=True, help="Calibration windows.")
-@click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window.")
-@click.option("--device", type=Device(), default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--samples", default=RunConfig.samples, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", default=RunConfig.seq_len, show_default=True, help="Tokens per calibration window.")
+@click.option("--device", type=Device(), default=RunConfig.device, show_default=True, help="cpu or cuda.")
+@click.option("--seed", default=RunConfig.seed, show_default=True)
 @click.option("--method", default=RunConfig.method, show_default=True,
               help="Scoring method: perturb, magnitude, wanda-sp or flap.")
 @click.option("--budget", default=RunConfig.budget, show_default=True,
@@ -281,7 +282,7 @@ def run(quiet: bool, **kwargs):
 
 @main.command()
 @click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder.")
-@click.option("--sparsity", default=0.3, show_default=True, help="Show what this sparsity would remove.")
+@click.option("--sparsity", default=RunConfig.sparsity, show_default=True, help="Show what this sparsity would remove.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(shards: Path, sparsity: float, as_json: bool):
     """Print the model's shape and the pruning plan, from headers only."""
@@ -303,10 +304,10 @@ def inspect(shards: Path, sparsity: float, as_json: bool):
 
 @main.command("plan")
 @click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder.")
-@click.option("--sparsity", default=0.3, show_default=True)
-@click.option("--samples", default=128, show_default=True)
-@click.option("--seq-len", default=2048, show_default=True)
-@click.option("--device", type=Device(), default="cpu", show_default=True)
+@click.option("--sparsity", default=RunConfig.sparsity, show_default=True)
+@click.option("--samples", default=RunConfig.samples, show_default=True)
+@click.option("--seq-len", default=RunConfig.seq_len, show_default=True)
+@click.option("--device", type=Device(), default=RunConfig.device, show_default=True)
 @click.option("--method", default=RunConfig.method, show_default=True)
 @click.option("--budget", default=RunConfig.budget, show_default=True, help="perturb's work per block.")
 @compensation_options
@@ -343,7 +344,7 @@ def plan_command(shards, sparsity, samples, seq_len, device, method, budget, com
 @click.option("--model", required=True, type=PathArg(), help="Hugging Face model folder (input or pruned).")
 @click.option("--text", required=True, type=PathArg(dir_okay=False), help="Held-out text file.")
 @click.option("--seq-len", default=0, help="Tokens per window (0: 2048, at most max_position_embeddings).")
-@click.option("--device", type=Device(), default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", type=Device(), default=RunConfig.device, show_default=True, help="cpu or cuda.")
 @click.option("--batch-size", default=0, help="Windows per micro-batch (0: automatic).")
 @click.option("--max-windows", default=0, help="Use only the first N windows (0: the whole text).")
 @click.option("--cache-dir", type=PathArg(), help="Where the activation cache goes (default: temp dir).")

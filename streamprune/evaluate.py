@@ -71,11 +71,11 @@ def eval_windows(ids: list[int], seq_len: int, max_windows: int | None = None) -
     return torch.tensor(ids[:n * seq_len], dtype=torch.int64).view(n, seq_len)
 
 
-def micro_batch(spec, seq_len: int, windows: int, requested: int = 0) -> int:
+def micro_batch(arch, seq_len: int, windows: int, requested: int = 0) -> int:
     if requested:
         return min(requested, windows)
     batch = 1
-    while batch < windows and activation_bytes(spec.blocks[0], seq_len, batch + 1) <= WORKING_BYTES:
+    while batch < windows and activation_bytes(arch.blocks[0], seq_len, batch + 1) <= WORKING_BYTES:
         batch += 1
     return batch
 
@@ -114,16 +114,16 @@ def nll_sum(state) -> float:
 
 def run_blocks(model, cache: ActivationCache, windows: int, batch: int, device, cos, sin, progress) -> None:
     """Pass the cached inputs through every block: inputs-i -> inputs-(i+1), one block loaded at a time."""
-    spec = model.spec
-    for layer in range(spec.n_layers):
-        names = spec.block_tensors(layer)
+    arch = model.arch
+    for layer in range(arch.n_layers):
+        names = arch.block_tensors(layer)
         dtype = compute_dtype(device, DTYPES[model.index.tensors[names["q"]].dtype])
         W = model.index.load(names, device, dtype)
         writer = cache.writer(layer + 1)
         with torch.no_grad():
             for start in range(0, windows, batch):
                 x = cache.batch(layer, start, min(start + batch, windows), device, dtype)
-                writer.write(start, block_forward(W, spec.blocks[layer], x, cos, sin))
+                writer.write(start, block_forward(W, arch.blocks[layer], x, cos, sin))
         writer.commit()
         cache.drop(layer)
         del W
@@ -133,22 +133,22 @@ def run_blocks(model, cache: ActivationCache, windows: int, batch: int, device, 
 def head_nll(model, cache: ActivationCache, tokens: torch.Tensor, batch: int, device, chunk: int) -> float:
     """Sum of -log p(next token) over all windows. Outer loop over vocab chunks (each row of
     lm_head read once), inner over micro-batches of the final hidden states."""
-    spec, index = model.spec, model.index
+    arch, index = model.arch, model.index
     n, T = tokens.shape
-    head = EMBED if spec.tied else LM_HEAD
+    head = EMBED if arch.tied else LM_HEAD
     dtype = compute_dtype(device, DTYPES[index.tensors[head].dtype])
     norm = index.load({"n": FINAL_NORM}, device, dtype)["n"]
     targets = tokens[:, 1:]  # (n, T-1): window position t predicts token t+1
     state = nll_state(tuple(targets.shape))
-    L = spec.n_layers
+    L = arch.n_layers
     with torch.no_grad():
-        for lo in range(0, spec.vocab, chunk):
-            hi = min(lo + chunk, spec.vocab)
+        for lo in range(0, arch.vocab, chunk):
+            hi = min(lo + chunk, arch.vocab)
             W = index.rows(head, torch.arange(lo, hi)).to(device, dtype)  # (c, E)
             for start in range(0, n, batch):
                 stop = min(start + batch, n)
                 x = cache.batch(L, start, stop, device, dtype)[:, :-1]  # (b, T-1, E)
-                logits = rms_norm(x, norm, spec.blocks[-1].eps) @ W.T  # (b, T-1, c)
+                logits = rms_norm(x, norm, arch.blocks[-1].eps) @ W.T  # (b, T-1, c)
                 part = (state[0][start:stop], state[1][start:stop])
                 lse, tl = update_nll(part, logits, targets[start:stop], lo)
                 state[0][start:stop], state[1][start:stop] = lse, tl
@@ -165,21 +165,21 @@ def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str
     t0 = time.time()
     dev = check_device(device)
     model = open_model(folder)
-    T = choose_seq_len(model.spec.config, seq_len)
+    T = choose_seq_len(model.arch.config, seq_len)
     tokens = eval_windows(tokenize_file(load_tokenizer(model.folder), text, special_tokens=True), T, max_windows)
     check_token_ids(torch.unique(tokens), model.index.tensors[EMBED].shape[0], EMBED)  # before any cache exists
     n = tokens.shape[0]
-    batch = micro_batch(model.spec, T, n, batch_size)
-    cos, sin = rotary_tables(model.spec.config, T, dev)
+    batch = micro_batch(model.arch, T, n, batch_size)
+    cos, sin = rotary_tables(model.arch.config, T, dev)
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=EVAL_PREFIX, dir=cache_dir) as tmp:
-        cache = ActivationCache(Path(tmp), n, T, model.spec.hidden)
+        cache = ActivationCache(Path(tmp), n, T, model.arch.hidden)
         write_embeddings(cache, model.index, tokens, batch)
-        bar = tqdm(total=model.spec.n_layers + 1, unit="block", desc="evaluating", disable=not progress,
+        bar = tqdm(total=model.arch.n_layers + 1, unit="block", desc="evaluating", disable=not progress,
                    dynamic_ncols=True)
         run_blocks(model, cache, n, batch, dev, cos, sin, bar.update)
-        total = head_nll(model, cache, tokens, batch, dev, vocab_chunk(model.spec.vocab, model.spec.hidden, batch * T))
+        total = head_nll(model, cache, tokens, batch, dev, vocab_chunk(model.arch.vocab, model.arch.hidden, batch * T))
         bar.update(1)
         bar.close()
     count = n * (T - 1)

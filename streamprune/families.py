@@ -129,7 +129,7 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class Architecture:
     model_type: str
     n_layers: int
     vocab: int
@@ -253,7 +253,7 @@ def check_unquantized(config: dict) -> None:
                                "(F32, F16, BF16 weights) can be pruned")
 
 
-def model_spec(config: dict) -> ModelSpec:
+def architecture(config: dict) -> Architecture:
     """Shapes of every block, read per layer: a config with `per_layer_config` (the per-block
     output, see heterogeneous_config) gives each block its own head and neuron counts. The config
     is checked before transformers sees it and before any per-layer spec is built."""
@@ -271,7 +271,7 @@ def model_spec(config: dict) -> ModelSpec:
                                f"{cfg.num_hidden_layers}")
     blocks = [_block_spec(cfg, layer, FAMILIES[model_type], i) for i, layer in enumerate(layer_configs(cfg))]
     check_rotary(config, blocks[0].head_dim)
-    return ModelSpec(
+    return Architecture(
         model_type=model_type, n_layers=cfg.num_hidden_layers, vocab=cfg.vocab_size,
         hidden=cfg.hidden_size, tied=bool(cfg.tie_word_embeddings), blocks=tuple(blocks),
         config=config,

@@ -158,6 +158,38 @@ class Journal:
             i += 1
         return i
 
+    def pin(self, key: str, value):
+        """A value fixed when the run began (micro-batch, run id): a resumed run gets the first run's."""
+        if key not in self.state:
+            self.state[key] = value
+            self.save()
+        return self.state[key]
+
+    @property
+    def surveyed(self) -> dict[str, dict]:
+        """The survey's record of each block surveyed so far (by str(layer))."""
+        return self.state.get("survey", {})
+
+    def finish_survey_block(self, block: int, record: dict) -> None:
+        self.state.setdefault("survey", {})[str(block)] = record
+        self.save()
+
+    def eval_result(self, which: str) -> dict | None:
+        """The perplexity measured "before" or "after" pruning, if it was."""
+        return self.state.get("eval", {}).get(which)
+
+    def record_eval(self, which: str, result: dict) -> None:
+        self.state.setdefault("eval", {})[which] = result
+        self.save()
+
+    @property
+    def blocks_seconds(self) -> float | None:
+        return self.state.get("blocks_seconds")
+
+    def record_blocks_seconds(self, seconds: float) -> None:
+        """How long the pruning pass took (saved with the next journal write)."""
+        self.state["blocks_seconds"] = round(seconds, 3)
+
     def record(self, block: int) -> dict | None:
         return self.state["blocks"].get(str(block))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import StreamPruneError
-from .families import FAMILIES, hf_config, model_spec, read_config
+from .families import FAMILIES, hf_config, architecture, read_config
 from .shards import ShardIndex
 
 # the logger transformers warns on when a per-layer attribute is read from the global config
@@ -58,7 +58,7 @@ def _load_uniform(folder: Path, config: dict, dtype, device):
 
 
 def _load_per_layer(folder: Path, config: dict, cfg, dtype, device: torch.device):
-    spec = model_spec(config)  # per-layer shapes; refuses per-layer keys the model cannot be built from
+    spec = architecture(config)  # per-layer shapes; refuses per-layer keys the model cannot be built from
     index = ShardIndex.open(folder)
     expected = spec.expected_shapes()
     index.check(expected)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import StreamPruneError
-from .families import BlockSpec, ModelSpec, model_spec, read_config
+from .families import BlockSpec, Architecture, architecture, read_config
 from .output_config import heterogeneous_config
 from .selection import Sizes, uniform_sizes
 from .shards import ShardIndex
@@ -21,7 +21,7 @@ class Model:
     """Everything known about the input model before any weight is read."""
 
     folder: Path
-    spec: ModelSpec
+    arch: Architecture  # config.json read: shapes of every block (each a BlockSpec), vocabulary, tying
     index: ShardIndex
 
 
@@ -29,11 +29,11 @@ def open_model(folder: Path) -> Model:
     folder = Path(folder)
     if not folder.is_dir():
         raise StreamPruneError(f"model folder not found: {folder}")
-    spec = model_spec(read_config(folder))
+    arch = architecture(read_config(folder))
     index = ShardIndex.open(folder)
-    index.check(spec.expected_shapes())
-    index.check_finite(spec.other_tensors())  # copied byte for byte into the output: check them here
-    return Model(folder, spec, index)
+    index.check(arch.expected_shapes())
+    index.check_finite(arch.other_tensors())  # copied byte for byte into the output: check them here
+    return Model(folder, arch, index)
 
 
 def check_device(device: str) -> torch.device:
@@ -95,13 +95,13 @@ def shape_of(model: Model, sizes: list[Sizes | None], needs_biases: bool = False
     """The Shape of a cut to `sizes`, with its output config.json (families.heterogeneous_config:
     a stock config when the kept blocks share one shape). `needs_biases` (mean compensation): each
     sublayer that loses units in some block gets bias slots where the output family has them."""
-    blocks = model.spec.blocks
+    blocks = model.arch.blocks
     biases = frozenset().union(*(cut_sublayers(b, s) for b, s in zip(blocks, sizes))) if needs_biases else ()
     per_layer = [None if s is None else {"n_heads": s.n_heads, "n_kv": s.n_kv, "intermediate": s.intermediate}
                  for s in sizes]
-    return Shape(tuple(sizes), heterogeneous_config(model.spec.config, per_layer, biases))
+    return Shape(tuple(sizes), heterogeneous_config(model.arch.config, per_layer, biases))
 
 
 def output_shape(model: Model, sparsity: float, needs_biases: bool = False) -> Shape:
     """The fixed rule: uniform sizes for every block (selection.uniform_sizes)."""
-    return shape_of(model, [uniform_sizes(model.spec.blocks[0], sparsity)] * model.spec.n_layers, needs_biases)
+    return shape_of(model, [uniform_sizes(model.arch.blocks[0], sparsity)] * model.arch.n_layers, needs_biases)

@@ -85,8 +85,8 @@ class BlockRunner:
         self.biases = bias_sublayers(shape.config)  # sublayers whose output projection has a bias in the output
         self.device = check_device(cfg.device)
         self.compensation = COMPENSATIONS[cfg.compensate]
-        self.n_shards = model.spec.n_layers + 1
-        self.cos, self.sin = rotary_tables(model.spec.config, cfg.seq_len, self.device)
+        self.n_shards = model.arch.n_layers + 1
+        self.cos, self.sin = rotary_tables(model.arch.config, cfg.seq_len, self.device)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamprune-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="streamprune-write")
 
@@ -98,7 +98,7 @@ class BlockRunner:
         """Start reading block `layer` (stored dtype, host memory; pinned for a CUDA device)."""
         def read():
             t0 = time.time()
-            names = self.model.spec.block_tensors(layer)
+            names = self.model.arch.block_tensors(layer)
             W = self.model.index.load(names)
             check_finite_weights(W, names)
             # copy out of the memory map now, so the disk reads happen on this thread
@@ -114,7 +114,7 @@ class BlockRunner:
     def prune(self, layer: int, stored: dict[str, torch.Tensor]) -> tuple[dict, Future]:
         """Score, slice and pass on block `layer`; returns its record and the future of its shard write."""
         t0 = time.time()
-        spec, sizes = self.model.spec.blocks[layer], self.shape.sizes[layer]
+        spec, sizes = self.model.arch.blocks[layer], self.shape.sizes[layer]
         dtype = compute_dtype(self.device, stored["q"].dtype)
         if sizes is None:
             return self.drop(layer, spec, dtype, t0)
@@ -131,7 +131,7 @@ class BlockRunner:
             spec_new = spec_new.with_biases(self.biases)
             W_new = add_zero_biases(W_new, spec_new)
             t_score = time.time()
-            out = [OutTensor.of(self.model.spec.layer_tensor(out_layer, s), t.to("cpu", stored.get(s, stored["o"]).dtype))
+            out = [OutTensor.of(self.model.arch.layer_tensor(out_layer, s), t.to("cpu", stored.get(s, stored["o"]).dtype))
                    for s, t in W_new.items()]
             write = self.writer.submit(write_safetensors, self.model_path(layer + 1), out)
             rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype)
@@ -182,7 +182,7 @@ class BlockRunner:
     def run_blocks(self, journal: Journal, start: int) -> None:
         """Blocks start..L-1 with prefetch and asynchronous writes. Block i is journaled (and its
         inputs dropped) after its shard is written, while block i+1 is already being scored."""
-        L = self.model.spec.n_layers
+        L = self.model.arch.n_layers
         bar = tqdm(total=L, initial=start, unit="block", desc="pruning", disable=not self.cfg.progress,
                    dynamic_ncols=True)
         next_read, pending = None, None
@@ -224,9 +224,9 @@ def copy_file(src: Path, f) -> None:
 
 def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: dict) -> None:
     """Everything but the block shards; the index, which makes the folder loadable, comes last."""
-    n = model.spec.n_layers + 1
+    n = model.arch.n_layers + 1
     rest = shard_name(n, n)
-    write_safetensors(cfg.out / rest, [OutTensor.copy(name, model.index) for name in model.spec.other_tensors()])
+    write_safetensors(cfg.out / rest, [OutTensor.copy(name, model.index) for name in model.arch.other_tensors()])
     fault_point("final_files")
     for src in companion_files(model.folder):
         atomic_write(cfg.out / src.name, lambda f, src=src: copy_file(src, f))
@@ -246,18 +246,18 @@ def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: di
 
 def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, seconds: float, batch: int) -> dict:
     out_config = shape.config
-    blocks = [journal.record(i) for i in range(model.spec.n_layers)]
+    blocks = [journal.record(i) for i in range(model.arch.n_layers)]
     before = sum(b["params"][0] for b in blocks)
     after = sum(b["params"][1] for b in blocks)
     return {
         "arguments": {k: v for k, v in cfg.as_dict().items() if k not in RunConfig.NOT_FINGERPRINTED},
-        "model": {"model_type": model.spec.model_type, "layers": model.spec.n_layers,
+        "model": {"model_type": model.arch.model_type, "layers": model.arch.n_layers,
                   "output_model_type": out_config["model_type"]},
         "plan": dict(shape.describe(), allocation=cfg.allocation,
-                     biases_added=sorted(bias_sublayers(out_config) - bias_sublayers(model.spec.config))),
+                     biases_added=sorted(bias_sublayers(out_config) - bias_sublayers(model.arch.config))),
         "blocks": [{k: v for k, v in b.items() if k != "timing"} for b in blocks],
         "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
-        "timing": {"seconds": round(seconds, 3), "blocks_seconds": journal.state.get("blocks_seconds"),
+        "timing": {"seconds": round(seconds, 3), "blocks_seconds": journal.blocks_seconds,
                    "peak_rss_bytes": peak_rss_bytes(), "micro_batch": batch,
                    "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
                    "blocks": [b["timing"] for b in blocks]},
@@ -271,14 +271,13 @@ def journaled_eval(cfg: RunConfig, journal: Journal, which: str, folder: Path, c
     max_pos = read_config(folder).get("max_position_embeddings") or DEFAULT_SEQ_LEN
     seq_len = cfg.eval_seq_len or min(cfg.seq_len, max_pos)
     sha = hashlib.sha256(Path(cfg.eval).read_bytes()).hexdigest() if Path(cfg.eval).is_file() else None
-    done = journal.state.setdefault("eval", {}).get(which)
+    done = journal.eval_result(which)
     if done and done["text_sha256"] == sha and done["seq_len"] == seq_len:
         return done
     log.info("measuring perplexity %s pruning on %s", which, cfg.eval)
     result = perplexity(folder, cfg.eval, seq_len, cfg.device, cfg.batch_size, cache_dir=cache_folder,
                         progress=cfg.progress).as_dict()
-    journal.state["eval"][which] = result
-    journal.save()
+    journal.record_eval(which, result)
     return result
 
 
@@ -312,10 +311,10 @@ def run(cfg: RunConfig) -> dict:
     if not Path(cfg.calib).is_file():
         raise StreamPruneError(f"text file not found: {cfg.calib}")
     check_device(cfg.device)
-    check_sparsity(model.spec.blocks[0], cfg.sparsity)
+    check_sparsity(model.arch.blocks[0], cfg.sparsity)
     compensation = COMPENSATIONS[cfg.compensate]
     rule = output_shape(model, cfg.sparsity, compensation.needs_biases)  # a model that cannot be written fails now
-    uncompensated = cut_sublayers(model.spec.blocks[0], rule.sizes[0]) - bias_sublayers(rule.config)
+    uncompensated = cut_sublayers(model.arch.blocks[0], rule.sizes[0]) - bias_sublayers(rule.config)
     if compensation.needs_biases and uncompensated:
         log.warning("--compensate %s: a %s output has no bias for %s, which stays uncompensated",
                     compensation.name, rule.config["model_type"], " or ".join(sorted(uncompensated)))
@@ -332,18 +331,18 @@ def decide_shape(cfg: RunConfig, model: Model, rule: Shape, cache: ActivationCac
     blocks not surveyed yet) by the allocation asked for."""
     if cfg.allocation == "rule":
         return rule
-    L, start = model.spec.n_layers, len(journal.state.get("survey", {}))
+    L, start = model.arch.n_layers, len(journal.surveyed)
     if start < L and not cache.has(start):
         if start > 0:
             raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}); "
                                    "re-run with --restart")
         write_embeddings(cache, model.index, tokens, batch)
     device = check_device(cfg.device)
-    cos, sin = rotary_tables(model.spec.config, cfg.seq_len, device)
+    cos, sin = rotary_tables(model.arch.config, cfg.seq_len, device)
     costs = survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits, cfg.seed,
                    cfg.progress)
     allocate = allocate_global if cfg.allocation == "global" else allocate_uniform
-    sizes = allocate(model.spec.blocks, costs, cfg.sparsity)
+    sizes = allocate(model.arch.blocks, costs, cfg.sparsity)
     return shape_of(model, sizes, COMPENSATIONS[cfg.compensate].needs_biases)
 
 
@@ -354,11 +353,10 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape, memory: Plan, tokens: 
     fingerprint = dict(cfg.fingerprint(), **input_fingerprint(model.folder, {t.file for t in model.index.tensors.values()}))
     journal = Journal.open(cfg.out, fingerprint, cfg.restart)
     # a resumed run keeps its micro-batch: float sums depend on it, and resume must be byte-identical
-    batch = journal.state.setdefault("micro_batch", memory.micro_batch)
-    run_id = journal.state.setdefault("run", uuid.uuid4().hex)  # the activation cache belongs to this run
-    journal.save()
+    batch = journal.pin("micro_batch", memory.micro_batch)
+    run_id = journal.pin("run", uuid.uuid4().hex)  # the activation cache belongs to this run
     cache = ActivationCache.claim(run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir), cfg.out, run_id,
-                                  cfg.samples, cfg.seq_len, model.spec.hidden)
+                                  cfg.samples, cfg.seq_len, model.arch.hidden)
     for folder in (cfg.out, cfg.out / WORKDIR, cache.folder):
         remove_temporaries(folder)
     if journal.complete and (cfg.out / "model.safetensors.index.json").is_file():
@@ -374,7 +372,7 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape, memory: Plan, tokens: 
         journaled_eval(cfg, journal, "before", model.folder, cache.folder)
     shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens)
 
-    L, start = model.spec.n_layers, journal.next_block
+    L, start = model.arch.n_layers, journal.next_block
     if start < L and not cache.has(start):
         if start > 0:
             raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}); "
@@ -385,7 +383,7 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape, memory: Plan, tokens: 
         try:
             t_blocks = time.time()
             runner.run_blocks(journal, start)
-            journal.state["blocks_seconds"] = round(time.time() - t_blocks, 3)
+            journal.record_blocks_seconds(time.time() - t_blocks)
         finally:
             runner.close()
     report = build_report(cfg, model, shape, journal, time.time() - t0, batch)

@@ -86,22 +86,22 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
               max_memory: int | None = None, batch_size: int = 0, work_bytes: int = 0) -> Plan:
     """work_bytes: what scoring or compensation holds beside the weights and a micro-batch."""
     dev = torch.device(device)
-    spec, index = model.spec, model.index
-    stored = max(block_bytes(index, spec.block_tensors(i)) for i in range(spec.n_layers))
-    n_params = max(b.n_params() for b in spec.blocks)
+    arch, index = model.arch, model.index
+    stored = max(block_bytes(index, arch.block_tensors(i)) for i in range(arch.n_layers))
+    n_params = max(b.n_params() for b in arch.blocks)
     compute = n_params * 4 if dev.type == "cpu" else stored
     kept = 1 - sparsity
-    others = sum(index.tensors[n].nbytes for n in spec.other_tensors())
-    output = int(sum(block_bytes(index, spec.block_tensors(i)) for i in range(spec.n_layers)) * kept) + others
-    cache = 2 * samples * seq_len * spec.hidden * 4
+    others = sum(index.tensors[n].nbytes for n in arch.other_tensors())
+    output = int(sum(block_bytes(index, arch.block_tensors(i)) for i in range(arch.n_layers)) * kept) + others
+    cache = 2 * samples * seq_len * arch.hidden * 4
     limit = max_memory or available_memory(dev)
-    emb_item = ITEMSIZE[index.tensors[spec.other_tensors()[0]].dtype]
-    embed_rows = min(spec.vocab, samples * seq_len) * spec.hidden * emb_item
+    emb_item = ITEMSIZE[index.tensors[arch.other_tensors()[0]].dtype]
+    embed_rows = min(arch.vocab, samples * seq_len) * arch.hidden * emb_item
 
     itemsize = 4 if dev.type == "cpu" else max(1, round(stored / n_params))  # of the compute dtype
 
     def act_bytes(batch: int) -> int:
-        return activation_bytes(spec.blocks[0], seq_len, batch, itemsize, scores=dev.type == "cpu")
+        return activation_bytes(arch.blocks[0], seq_len, batch, itemsize, scores=dev.type == "cpu")
 
     def peaks(batch: int) -> tuple[int, int]:
         act = act_bytes(batch) + work_bytes
@@ -110,7 +110,7 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
         if dev.type == "cpu":
             return BASE_PROCESS_BYTES + max(weights + io + act, embed_rows), 0
         # a GPU micro-batch passes through host memory a chunk at a time (read and write)
-        staging = 2 * 4 * seq_len * spec.hidden * min(batch, chunk_rows((batch, seq_len, spec.hidden)))
+        staging = 2 * 4 * seq_len * arch.hidden * min(batch, chunk_rows((batch, seq_len, arch.hidden)))
         return CUDA_PROCESS_BYTES + io + stored + max(embed_rows, staging), weights + act
 
     host_limit = limit if dev.type == "cpu" else psutil.virtual_memory().available
@@ -163,9 +163,9 @@ def estimate_seconds(model, samples: int, seq_len: int, device: str, forward_pas
     """Compute: 2 FLOPs per weight per token per block forward; I/O: every input byte read once,
     about two-thirds as much written back, the cache written and read once per block."""
     dev = torch.device(device)
-    spec = model.spec
-    flops = 2 * sum(b.n_params() for b in spec.blocks) * samples * seq_len * forward_passes
-    io = sum(t.nbytes for t in model.index.tensors.values()) * 1.7 + 2 * spec.n_layers * samples * seq_len * spec.hidden * 4
+    arch = model.arch
+    flops = 2 * sum(b.n_params() for b in arch.blocks) * samples * seq_len * forward_passes
+    io = sum(t.nbytes for t in model.index.tensors.values()) * 1.7 + 2 * arch.n_layers * samples * seq_len * arch.hidden * 4
     return flops / measure_flops(dev) + io / measure_read_speed(model.index)
 
 
@@ -176,7 +176,7 @@ def scoring_options(cfg, sizes=None) -> ScoringOptions:
 
 def stage_work_bytes(cfg, model, sizes) -> int:
     """Memory held by scoring or compensation (they run one after the other) for the widest block."""
-    block = max(model.spec.blocks, key=lambda b: b.n_params())
+    block = max(model.arch.blocks, key=lambda b: b.n_params())
     scorer = make_scorer(cfg.method, scoring_options(cfg, sizes))
     cut = dataclasses.replace(block, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
     return max(scorer.work_bytes(block), COMPENSATIONS[cfg.compensate].work_bytes(block, cut))
@@ -197,7 +197,7 @@ def describe_plan(cfg, timing: bool = True) -> dict:
     if cfg.method not in SCORERS:
         raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
     model = open_model(cfg.shards)
-    check_sparsity(model.spec.blocks[0], cfg.sparsity)
+    check_sparsity(model.arch.blocks[0], cfg.sparsity)
     sizes = output_shape(model, cfg.sparsity).sizes[0]
     p = make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity, cfg.max_memory,
                   cfg.batch_size, stage_work_bytes(cfg, model, sizes))

@@ -22,14 +22,13 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
            refit: bool, seed: int, progress: bool) -> list[BlockCosts]:
     """Costs of every block; blocks already surveyed (journal) are not run again. Expects the cache
     to hold the inputs of the first block not surveyed yet; leaves no cache file behind."""
-    L, samples = model.spec.n_layers, cache.shape[0]
-    done = journal.state.setdefault("survey", {})
-    start = len(done)
+    L, samples = model.arch.n_layers, cache.shape[0]
+    start = len(journal.surveyed)
     bar = tqdm(total=L, initial=start, unit="block", desc="surveying", disable=not progress, dynamic_ncols=True)
     try:
         for layer in range(start, L):
             t0 = time.time()
-            names = model.spec.block_tensors(layer)
+            names = model.arch.block_tensors(layer)
             stored = model.index.load(names)
             check_finite_weights(stored, names)
             dtype = compute_dtype(device, stored["q"].dtype)
@@ -47,14 +46,13 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
 
             with torch.no_grad():
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
-                costs = block_costs(W, model.spec.blocks[layer], batches, cos, sin, refit, write, samples, generator)
+                costs = block_costs(W, model.arch.blocks[layer], batches, cos, sin, refit, write, samples, generator)
             writer.commit()
-            done[str(layer)] = dict(costs.as_json(), seconds=round(time.time() - t0, 3))
-            journal.save()
+            journal.finish_survey_block(layer, dict(costs.as_json(), seconds=round(time.time() - t0, 3)))
             cache.drop(layer)
             bar.update(1)
     finally:
         bar.close()
     if start < L:
         cache.drop(L)  # the dense outputs of the last block: nothing reads them
-    return [BlockCosts.from_json(done[str(i)]) for i in range(L)]
+    return [BlockCosts.from_json(journal.surveyed[str(i)]) for i in range(L)]

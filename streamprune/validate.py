@@ -73,8 +73,7 @@ def max_sparsity(block: BlockSpec) -> float:
 
 
 def check_sparsity(block: BlockSpec, sparsity: float) -> None:
-    if not 0 <= sparsity < 1:
-        raise StreamPruneError(f"--sparsity must be in [0, 1), got {sparsity}")
+    """What this model can lose (the range [0, 1) itself is RunConfig's check)."""
     most = max_sparsity(block)
     if sparsity > most:
         raise StreamPruneError(f"--sparsity {sparsity} would remove every attention head of each block; "

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from streamprune.block import block_forward
-from streamprune.families import model_spec, read_config, rotary_tables
+from streamprune.families import architecture, read_config, rotary_tables
 from streamprune.shards import ShardIndex
 from tests.models import DEVICES, save_tiny_model
 
@@ -16,7 +16,7 @@ from tests.models import DEVICES, save_tiny_model
 def test_streamed_blocks_equal_transformers(tmp_path, family, device):
     folder = save_tiny_model(tmp_path / family, family, layers=3)
     ref = AutoModelForCausalLM.from_pretrained(folder).eval()
-    spec = model_spec(read_config(folder))
+    spec = architecture(read_config(folder))
     index = ShardIndex.open(folder)
     ids = torch.randint(0, spec.vocab, (2, 40))  # 40 > mistral's sliding window of 16
     with torch.no_grad():

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import streamprune
 from streamprune import evaluate
 from streamprune.errors import StreamPruneError
-from streamprune.families import model_spec, read_config
+from streamprune.families import architecture, read_config
 from streamprune.output_config import heterogeneous_config, pruned_config
 from streamprune.model import open_model
 from tests.models import DEVICES, TINYSTORIES, save_tiny_model
@@ -230,7 +230,7 @@ def test_uniform_shapes_are_exactly_pruned_config(src):
 
 def test_model_spec_reads_per_block_shapes(tmp_path, src):
     cut = write_cut(tmp_path / "cut", src, plans(drop=True))
-    spec = open_model(cut).spec  # every tensor checked against its block's shape
+    spec = open_model(cut).arch  # every tensor checked against its block's shape
     kept = [p for p in plans(drop=True) if p is not None]
     assert spec.n_layers == 3
     assert [(b.n_heads, b.n_kv, b.intermediate, b.head_dim) for b in spec.blocks] == \
@@ -238,7 +238,7 @@ def test_model_spec_reads_per_block_shapes(tmp_path, src):
 
 
 def test_streaming_perplexity_of_per_block_output(tmp_path):
-    """streamprune eval's engine runs block by block from model_spec: on a per-block output it
+    """streamprune eval's engine runs block by block from architecture: on a per-block output it
     gives what the loaded model gives (tied embeddings: no lm_head tensor in the folder)."""
     src = save_tiny_model(tmp_path / "dense", "qwen3", layers=4, vocab=512, tie_word_embeddings=True,
                           tokenizer_from=TINYSTORIES / "stories260K")
@@ -267,7 +267,7 @@ def test_unsupported_per_layer_configs_are_refused(tmp_path, qwen2, edit, messag
     with pytest.raises(StreamPruneError, match=message):
         streamprune.load_pretrained(cut)
     with pytest.raises(StreamPruneError, match=message):
-        model_spec(config)
+        architecture(config)
 
 
 def test_weights_must_match_the_config_exactly(tmp_path, qwen2):

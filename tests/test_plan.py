@@ -78,9 +78,9 @@ def test_gpu_plan_counts_activations_in_the_compute_dtype_without_attention_scor
     model = open_model(save_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16))
     sizes = output_shape(model, 0.3).sizes[0]
     gpu = make_plan(model, sizes, 4, 256, "cuda", 0.3, max_memory=2**30, batch_size=4)
-    act = activation_bytes(model.spec.blocks[0], 256, 4, itemsize=2, scores=False)
+    act = activation_bytes(model.arch.blocks[0], 256, 4, itemsize=2, scores=False)
     assert gpu.peak_device_bytes == pytest.approx(gpu.block_compute_bytes * 1.7 + act)
-    assert act < activation_bytes(model.spec.blocks[0], 256, 4) / 2
+    assert act < activation_bytes(model.arch.blocks[0], 256, 4) / 2
 
 
 def test_plan_command_prints_disk_memory_and_time():

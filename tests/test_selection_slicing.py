@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from streamprune.block import block_forward
-from streamprune.families import BlockSpec, model_spec, read_config, rotary_tables
+from streamprune.families import BlockSpec, architecture, read_config, rotary_tables
 from streamprune.selection import attention_params, masks, uniform_sizes, select_units
 from streamprune.shards import ShardIndex
 from streamprune.slicing import slice_block
@@ -34,7 +34,7 @@ def test_selection_keeps_best_heads_per_group():
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_sliced_block_equals_masked_block(tmp_path, family):
     folder = save_tiny_model(tmp_path / family, family, layers=1)
-    spec = model_spec(read_config(folder))
+    spec = architecture(read_config(folder))
     W = ShardIndex.open(folder).load(spec.block_tensors(0))
     b = spec.blocks[0]
     g = torch.Generator().manual_seed(1)

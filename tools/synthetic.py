@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from streamprune.families import EMBED, FINAL_NORM, LM_HEAD, model_spec
+from streamprune.families import EMBED, FINAL_NORM, LM_HEAD, architecture
 from streamprune.shards import OutTensor, read_header, shard_name, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def synthetic_config(layers: int, hidden: int, heads: int, kv: int, intermediate
 def write_random_model(folder: Path, config: dict, seed: int = 0) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    spec = model_spec(config)
+    spec = architecture(config)
     dtype = getattr(torch, config["dtype"])
     g = torch.Generator().manual_seed(seed)
     n = spec.n_layers + 1
