@@ -296,10 +296,15 @@ def inspect(shards: Path, sparsity: float, as_json: bool):
                f"{info['neurons']} neurons, vocab {info['vocab']}, dtype {info['dtype']}")
     click.echo(f"params: {info['params']:,} total, {info['block_params']:,} in blocks")
     pl = info["plan"]
-    click.echo(f"plan at sparsity {sparsity}: heads {info['heads']} -> {pl['heads']}, KV heads "
-               f"{info['kv_heads']} -> {pl['kv_heads']}, neurons {info['neurons']} -> {pl['neurons']} per block; "
-               f"block params {info['block_params']:,} -> {pl['block_params']:,} "
+    if pl is None:
+        click.echo("blocks of different shapes (a per-block output): prune it with --allocation global")
+        return
+    click.echo(f"fixed rule (--allocation rule) at sparsity {sparsity}: heads {info['heads']} -> {pl['heads']}, KV "
+               f"heads {info['kv_heads']} -> {pl['kv_heads']}, neurons {info['neurons']} -> {pl['neurons']} per "
+               f"block; block params {info['block_params']:,} -> {pl['block_params']:,} "
                f"({100 * pl['removed_fraction']:.1f}% removed); output model_type {pl['output_model_type']}")
+    click.echo("the default allocation chooses each block's shape from costs measured during the run "
+               "(see report.json)")
 
 
 @main.command("plan")

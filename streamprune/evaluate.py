@@ -75,7 +75,7 @@ def micro_batch(arch, seq_len: int, windows: int, requested: int = 0) -> int:
     if requested:
         return min(requested, windows)
     batch = 1
-    while batch < windows and activation_bytes(arch.blocks[0], seq_len, batch + 1) <= WORKING_BYTES:
+    while batch < windows and activation_bytes(arch.widest, seq_len, batch + 1) <= WORKING_BYTES:
         batch += 1
     return batch
 

@@ -138,6 +138,16 @@ class Architecture:
     blocks: tuple[BlockSpec, ...]
     config: dict  # config.json as read
 
+    @property
+    def uniform(self) -> bool:
+        """Every block has the same shape (an input streamprune cut per block may not)."""
+        return len(set(self.blocks)) == 1
+
+    @property
+    def widest(self) -> BlockSpec:
+        """The block with the most weights (what memory is planned for)."""
+        return max(self.blocks, key=lambda b: b.n_params())
+
     def layer_tensor(self, layer: int, short: str) -> str:
         return f"model.layers.{layer}.{BLOCK_TENSORS[short]}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from .model import open_model, output_shape
@@ -10,27 +11,31 @@ from .validate import check_sparsity
 
 
 def describe(folder: Path, sparsity: float) -> dict:
-    """Refuses a sparsity that `run` would refuse, with the same check."""
+    """The model's shape and what the fixed rule (--allocation rule) would cut at `sparsity`; the
+    measured allocations (uniform, global) decide only after the survey of a run. An input cut per
+    block lists each block's shape, and has no fixed-rule plan. Refuses a sparsity that `run`
+    would refuse, with the same check."""
     model = open_model(folder)
-    check_sparsity(model.arch.blocks[0], sparsity)
-    arch, b = model.arch, model.arch.blocks[0]
-    shape = output_shape(model, sparsity)
-    sizes, out_config = shape.sizes[0], shape.config
-    new_block = dataclasses.replace(b, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
+    arch = model.arch
+    check_sparsity(arch, sparsity)
+    b = arch.blocks[0]
     block_params = sum(x.n_params() for x in arch.blocks)
-    after = new_block.n_params() * arch.n_layers
     dtypes = sorted({model.index.tensors[n].dtype for n in arch.expected_shapes()})
-    params = 0
-    for info in model.index.tensors.values():
-        n = 1
-        for s in info.shape:
-            n *= s
-        params += n
-    return {
+    params = sum(math.prod(info.shape) for info in model.index.tensors.values())
+    per_block = lambda f: f(b) if arch.uniform else [f(x) for x in arch.blocks]  # noqa: E731
+    info = {
         "model_type": arch.model_type, "layers": arch.n_layers, "hidden": arch.hidden,
-        "heads": b.n_heads, "kv_heads": b.n_kv, "head_dim": b.head_dim, "neurons": b.intermediate,
-        "vocab": arch.vocab, "dtype": "/".join(dtypes), "params": params, "block_params": block_params,
-        "plan": {"sparsity": sparsity, "heads": sizes.n_heads, "kv_heads": sizes.n_kv,
-                 "neurons": sizes.intermediate, "block_params": after,
-                 "removed_fraction": 1 - after / block_params, "output_model_type": out_config["model_type"]},
+        "heads": per_block(lambda x: x.n_heads), "kv_heads": per_block(lambda x: x.n_kv), "head_dim": b.head_dim,
+        "neurons": per_block(lambda x: x.intermediate), "vocab": arch.vocab, "dtype": "/".join(dtypes),
+        "params": params, "block_params": block_params, "plan": None,
     }
+    if arch.uniform:
+        shape = output_shape(model, sparsity)
+        sizes = shape.sizes[0]
+        new_block = dataclasses.replace(b, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
+        after = new_block.n_params() * arch.n_layers
+        info["plan"] = {"allocation": "rule", "sparsity": sparsity, "heads": sizes.n_heads, "kv_heads": sizes.n_kv,
+                        "neurons": sizes.intermediate, "block_params": after,
+                        "removed_fraction": 1 - after / block_params,
+                        "output_model_type": shape.config["model_type"]}
+    return info

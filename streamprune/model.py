@@ -102,6 +102,14 @@ def shape_of(model: Model, sizes: list[Sizes | None], needs_biases: bool = False
     return Shape(tuple(sizes), heterogeneous_config(model.arch.config, per_layer, biases))
 
 
+def check_uniform(arch: Architecture, what: str) -> None:
+    """One shape for all blocks needs blocks of one shape to start from."""
+    if not arch.uniform:
+        raise StreamPruneError(f"the input's blocks have different shapes (a per-block output?); {what} cuts "
+                               "blocks of one shape: use --allocation global")
+
+
 def output_shape(model: Model, sparsity: float, needs_biases: bool = False) -> Shape:
     """The fixed rule: uniform sizes for every block (selection.uniform_sizes)."""
+    check_uniform(model.arch, "the fixed rule")
     return shape_of(model, [uniform_sizes(model.arch.blocks[0], sparsity)] * model.arch.n_layers, needs_biases)

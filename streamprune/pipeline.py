@@ -27,7 +27,8 @@ from .compensate import COMPENSATIONS
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
 from .allocation import allocate_global, allocate_uniform
-from .model import Model, Shape, check_device, compute_dtype, cut_sublayers, open_model, output_shape, shape_of
+from .model import (Model, Shape, check_device, check_uniform, compute_dtype, cut_sublayers, open_model, output_shape,
+                    shape_of)
 from .journal import WORKDIR, Journal, refuse_foreign_folder
 from .lock import OutputLock
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
@@ -311,21 +312,26 @@ def run(cfg: RunConfig) -> dict:
     if not Path(cfg.calib).is_file():
         raise StreamPruneError(f"text file not found: {cfg.calib}")
     check_device(cfg.device)
-    check_sparsity(model.arch.blocks[0], cfg.sparsity)
+    check_sparsity(model.arch, cfg.sparsity)
     compensation = COMPENSATIONS[cfg.compensate]
-    rule = output_shape(model, cfg.sparsity, compensation.needs_biases)  # a model that cannot be written fails now
-    uncompensated = cut_sublayers(model.arch.blocks[0], rule.sizes[0]) - bias_sublayers(rule.config)
-    if compensation.needs_biases and uncompensated:
-        log.warning("--compensate %s: a %s output has no bias for %s, which stays uncompensated",
-                    compensation.name, rule.config["model_type"], " or ".join(sorted(uncompensated)))
-    memory = memory_plan(cfg, model, rule.sizes[0])
+    if cfg.allocation != "global":
+        check_uniform(model.arch, f"--allocation {cfg.allocation}")
+    # the fixed rule's shape: a model that cannot be written fails now (blocks of one shape only)
+    rule = output_shape(model, cfg.sparsity, compensation.needs_biases) if model.arch.uniform else None
+    if rule is not None:
+        uncompensated = cut_sublayers(model.arch.blocks[0], rule.sizes[0]) - bias_sublayers(rule.config)
+        if compensation.needs_biases and uncompensated:
+            log.warning("--compensate %s: a %s output has no bias for %s, which stays uncompensated",
+                        compensation.name, rule.config["model_type"], " or ".join(sorted(uncompensated)))
+    widest = model.arch.widest
+    memory = memory_plan(cfg, model, rule.sizes[0] if rule else Sizes(widest.n_kv, widest.group, widest.intermediate))
     tokens = calibration_tokens(cfg, model)
     check_writable(cfg.out)
     with OutputLock(cfg.out):
         return run_locked(cfg, model, rule, memory, tokens, t0)
 
 
-def decide_shape(cfg: RunConfig, model: Model, rule: Shape, cache: ActivationCache, journal: Journal, batch: int,
+def decide_shape(cfg: RunConfig, model: Model, rule: Shape | None, cache: ActivationCache, journal: Journal, batch: int,
                  tokens: torch.Tensor) -> Shape:
     """Every block's sizes: the fixed rule, or from the survey's measured costs (run now for the
     blocks not surveyed yet) by the allocation asked for."""
@@ -346,7 +352,7 @@ def decide_shape(cfg: RunConfig, model: Model, rule: Shape, cache: ActivationCac
     return shape_of(model, sizes, COMPENSATIONS[cfg.compensate].needs_biases)
 
 
-def run_locked(cfg: RunConfig, model: Model, rule: Shape, memory: Plan, tokens: torch.Tensor, t0: float) -> dict:
+def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, tokens: torch.Tensor, t0: float) -> dict:
     """The run proper, with the output folder locked against a second run."""
     if cfg.restart:
         clear_output(cfg.out)

@@ -22,6 +22,7 @@ from .compensate import COMPENSATIONS
 from .errors import StreamPruneError
 from .model import check_device, open_model, output_shape
 from .scoring import SCORERS, ScoringOptions, make_scorer
+from .selection import Sizes
 from .shards import ITEMSIZE
 from .validate import check_sparsity
 
@@ -101,7 +102,7 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
     itemsize = 4 if dev.type == "cpu" else max(1, round(stored / n_params))  # of the compute dtype
 
     def act_bytes(batch: int) -> int:
-        return activation_bytes(arch.blocks[0], seq_len, batch, itemsize, scores=dev.type == "cpu")
+        return activation_bytes(arch.widest, seq_len, batch, itemsize, scores=dev.type == "cpu")
 
     def peaks(batch: int) -> tuple[int, int]:
         act = act_bytes(batch) + work_bytes
@@ -197,8 +198,10 @@ def describe_plan(cfg, timing: bool = True) -> dict:
     if cfg.method not in SCORERS:
         raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
     model = open_model(cfg.shards)
-    check_sparsity(model.arch.blocks[0], cfg.sparsity)
-    sizes = output_shape(model, cfg.sparsity).sizes[0]
+    check_sparsity(model.arch, cfg.sparsity)
+    widest = model.arch.widest  # an input cut per block: planned for its widest block, uncut
+    sizes = (output_shape(model, cfg.sparsity).sizes[0] if model.arch.uniform
+             else Sizes(widest.n_kv, widest.group, widest.intermediate))
     p = make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity, cfg.max_memory,
                   cfg.batch_size, stage_work_bytes(cfg, model, sizes))
     info = p.as_dict()

@@ -72,9 +72,10 @@ def max_sparsity(block: BlockSpec) -> float:
     return 1 - least / full
 
 
-def check_sparsity(block: BlockSpec, sparsity: float) -> None:
-    """What this model can lose (the range [0, 1) itself is RunConfig's check)."""
-    most = max_sparsity(block)
+def check_sparsity(arch, sparsity: float) -> None:
+    """What this model can lose (the range [0, 1) itself is RunConfig's check): every block keeps a
+    head and a neuron."""
+    most = min(max_sparsity(b) for b in set(arch.blocks))
     if sparsity > most:
         raise StreamPruneError(f"--sparsity {sparsity} would remove every attention head of each block; "
                                f"this model allows at most {most:.3f}")
