@@ -146,6 +146,9 @@ def test_generate_equals_masked_dense_greedy(tmp_path, src):
     ref = reference(src, plans()).generate(IDS[:2], attention_mask=torch.ones_like(IDS[:2]), max_new_tokens=6,
                                             do_sample=False)
     assert out.shape == (2, 26) and torch.equal(out, ref)
+    static = model.generate(IDS[:2], attention_mask=torch.ones_like(IDS[:2]), max_new_tokens=6, do_sample=False,
+                            cache_implementation="static")  # sized per layer from per_layer_config
+    assert torch.equal(static, ref)
     with torch.no_grad():
         cache = model(IDS[:1], use_cache=True).cache
     assert [layer.keys.shape[1] for layer in cache.layers] == [len(p["kv"]) for p in plans()]
