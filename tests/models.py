@@ -1,4 +1,5 @@
-"""Tiny random models of each family, saved as real sharded safetensors, for tests and benchmarks."""
+"""Tiny random models of each family, saved as real sharded safetensors, for tests and benchmarks;
+and single random blocks with their calibration inputs, for the tests of the per-block math."""
 
 from __future__ import annotations
 
@@ -49,3 +50,21 @@ def save_tiny_model(folder: Path, family: str, layers: int = 2, dtype=torch.floa
         from transformers import AutoTokenizer
         AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
     return Path(folder)
+
+
+def random_block(spec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of one block of `spec` (a BlockSpec), matrices scaled by 1/sqrt(fan-in), norms 1."""
+    g = torch.Generator().manual_seed(seed)
+    W = {name: torch.randn(shape, generator=g) * (shape[-1] ** -0.5 if len(shape) == 2 else 1)
+         for name, shape in spec.shapes().items()}
+    W["attn_norm"] = W["mlp_norm"] = torch.ones(spec.hidden)
+    return W
+
+
+def block_calibration(spec, seed: int = 0, samples: int = 8, seq_len: int = 16):
+    """Random calibration inputs for a block of `spec`, in micro-batches of 2, with rotary tables."""
+    from streamprune.scoring import Calibration
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, seq_len, spec.hidden, generator=g)
+    angles = torch.arange(seq_len)[:, None] * 0.1 * torch.arange(1, spec.head_dim + 1)[None]
+    return Calibration(lambda: iter(x.split(2)), angles.cos(), angles.sin(), torch.Generator().manual_seed(seed), samples)

@@ -12,7 +12,7 @@ from streamprune.costs import BlockCosts, Grams, block_costs, columns, refit_col
 from streamprune.families import BlockSpec
 from streamprune.numerics import invert_spd, token_scale
 from streamprune.selection import Sizes
-from tests.test_scoring import random_block
+from tests.models import random_block
 
 SPEC = BlockSpec(hidden=32, n_heads=8, n_kv=4, head_dim=4, intermediate=48, eps=1e-5)
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from streamprune.cli import main
 from tests.test_bad_inputs import sha256_tree
-from tools.fault_bench import DEMO, child_env, digests, make_model, run_args, run_cli
+from tests.harness import DEMO, child_env, digests, make_model, run_args, run_cli
 
 SAMPLES, SEQ_LEN = 4, 32
 

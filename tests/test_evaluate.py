@@ -76,11 +76,12 @@ def test_chunked_log_sum_exp_equals_cross_entropy():
 
 
 def test_run_eval_measures_before_and_after_and_journals_them(tmp_path, text, monkeypatch):
-    """The pruned output (a Llama whose 6 heads do not divide 64: written as Mistral) is measured
-    like any model; a second run of the finished folder reads both numbers from the journal."""
+    """The pruned output (a Llama whose 6 heads do not divide 64: written as Mistral; the fixed
+    rule's shape, since the surveyed default keeps all 8 heads of this model) is measured like any
+    model; a second run of the finished folder reads both numbers from the journal."""
     src, out = tiny(tmp_path, "llama", heads=8, kv=4), tmp_path / "out"
     cfg = RunConfig(shards=src, out=out, sparsity=0.25, calib=DEMO / "calib.txt", samples=4, seq_len=SEQ,
-                    progress=False, eval=text)
+                    progress=False, eval=text, allocation="rule")
     report = pipeline.run(cfg)
     assert json.loads((out / "config.json").read_text())["model_type"] == "mistral"
     e = report["eval"]

@@ -1,5 +1,6 @@
 """Killed, interrupted, terminated or out-of-disk runs resume to byte-identical output. A fast
-variant of tools/fault_bench.py (a few named fault points) plus a disk that fills up mid-run."""
+variant of tools/fault_bench.py (a few named fault points; both use tests/harness.py) plus a disk
+that fills up mid-run."""
 
 import json
 import signal
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 from streamprune import faults, pipeline
 from streamprune.cli import main
 from streamprune.config import RunConfig
-from tools.fault_bench import DEMO, digests, make_model, run_args, trial
+from tests.harness import DEMO, digests, make_model, run_args, trial
 
 SAMPLES, SEQ_LEN = 4, 32
 

@@ -17,7 +17,7 @@ from streamprune.calibration import bos_id, load_tokenizer, token_windows, token
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
 from tests.models import DEVICES, save_tiny_model
-from tools.fault_bench import digests
+from tests.harness import digests
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]

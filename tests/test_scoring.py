@@ -1,37 +1,24 @@
-"""Scorers and compensation on synthetic blocks where the answer is known: the perturbative
-regression recovers planted importances, its masks are valid GQA cuts, greedy OBS removes what
-compensation can make up for, scoring is deterministic under a seed, and least-squares
-compensation lowers the reconstruction error."""
+"""Scorers on synthetic blocks where the answer is known: the perturbative regression recovers
+planted importances, its masks are valid GQA cuts, greedy OBS removes what compensation can make
+up for, and scoring is deterministic under a seed (compensation: test_compensate.py)."""
 
 import pytest
 import torch
 
-from streamprune.block import attention_heads, attention_output, block_forward, mlp_activations, rms_norm
-from streamprune.compensate import compensate
+from streamprune.block import attention_heads, attention_output, mlp_activations, rms_norm
 from streamprune.families import BlockSpec
-from streamprune.scoring import SCORERS, Calibration, ScoringOptions, make_scorer
+from streamprune.scoring import SCORERS, ScoringOptions, make_scorer
 from streamprune.scoring.obs import greedy_removal_scores
 from streamprune.scoring.perturb import fit_removal_costs, sample_masks
-from streamprune.selection import Sizes, uniform_sizes, select_units
-from streamprune.slicing import slice_block
+from streamprune.selection import Sizes, uniform_sizes
+from tests.models import block_calibration, random_block
 
 SPEC = BlockSpec(hidden=32, n_heads=8, n_kv=4, head_dim=4, intermediate=48, eps=1e-5)
 T = 16
 
 
-def random_block(spec=SPEC, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    W = {name: torch.randn(shape, generator=g) * (shape[-1] ** -0.5 if len(shape) == 2 else 1)
-         for name, shape in spec.shapes().items()}
-    W["attn_norm"] = W["mlp_norm"] = torch.ones(spec.hidden)
-    return W
-
-
 def calibration(seed=0, samples=8, spec=SPEC):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, T, spec.hidden, generator=g)
-    angles = torch.arange(T)[:, None] * 0.1 * torch.arange(1, spec.head_dim + 1)[None]
-    return Calibration(lambda: iter(x.split(2)), angles.cos(), angles.sin(), torch.Generator().manual_seed(seed), samples)
+    return block_calibration(spec, seed, samples, T)
 
 
 WIDE = BlockSpec(hidden=96, n_heads=8, n_kv=4, head_dim=4, intermediate=48, eps=1e-5)
@@ -113,32 +100,9 @@ def test_perturb_masks_are_valid_gqa_cuts():
 
 
 def test_perturb_is_deterministic_under_a_seed():
-    W, sizes = random_block(), uniform_sizes(SPEC, 0.3)
+    W, sizes = random_block(SPEC), uniform_sizes(SPEC, 0.3)
     a = make_scorer("perturb", ScoringOptions(sizes=sizes)).score(W, SPEC, calibration(seed=1))
     b = make_scorer("perturb", ScoringOptions(sizes=sizes)).score(W, SPEC, calibration(seed=1))
     assert torch.equal(a.heads, b.heads) and torch.equal(a.neurons, b.neurons)
     c = make_scorer("perturb", ScoringOptions(sizes=sizes)).score(W, SPEC, calibration(seed=2))
     assert not torch.equal(a.neurons, c.neurons)
-
-
-@pytest.mark.parametrize("sparsity", [0.2, 0.5])
-def test_compensation_lowers_the_reconstruction_error(sparsity):
-    W, calib = random_block(), calibration()
-    kept = select_units(torch.rand(SPEC.n_heads), torch.rand(SPEC.intermediate), SPEC, uniform_sizes(SPEC, sparsity))
-    W_new, spec_new = slice_block(W, SPEC, kept)
-    W_comp = compensate(W, SPEC, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin)
-
-    def error(Wp):
-        return sum((block_forward(Wp, spec_new, x, calib.cos, calib.sin)
-                    - block_forward(W, SPEC, x, calib.cos, calib.sin)).pow(2).sum() for x in calib.batches())
-
-    assert error(W_comp) < 0.8 * error(W_new)
-    assert set(W_comp) == set(W_new) and all(W_comp[k].shape == W_new[k].shape for k in W_new)
-
-
-def test_compensation_leaves_an_unpruned_block_alone():
-    W, calib = random_block(), calibration()
-    kept = select_units(torch.rand(SPEC.n_heads), torch.rand(SPEC.intermediate), SPEC, uniform_sizes(SPEC, 0.0))
-    W_new, spec_new = slice_block(W, SPEC, kept)
-    W_comp = compensate(W, SPEC, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin)
-    assert all(torch.equal(W_comp[k], W[k]) for k in W)

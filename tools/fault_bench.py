@@ -14,13 +14,10 @@ time it passes the point."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,115 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from streamprune.faults import FAULT_POINT, POINTS  # noqa: E402
+from streamprune.faults import POINTS  # noqa: E402
+from tests.harness import digests, make_model, run_args, run_cli, trial  # noqa: E402
 
-DEMO = ROOT / "demo"
 SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}
-# The fault hook knows SIGKILL and SIGINT (":INT"); for SIGTERM at a named point the child runs
-# `python -m streamprune` through this bootstrap, which makes the hook's SIGINT a SIGTERM.
-TERM_AT_POINT = ("import runpy, signal, types, streamprune.faults as f; "
-                 "f.signal = types.SimpleNamespace(SIGINT=signal.SIGTERM, SIGKILL=signal.SIGKILL); "
-                 "runpy.run_module('streamprune', run_name='__main__', alter_sys=True)")
 # every point at its first pass, and the points passed many times at a later pass too
 RETRIES = 3  # random moments redrawn when the run finished first (a busy machine varies its speed)
 NAMED = [(p, 1) for p in POINTS] + [(p, 3) for p in ("shard_read", "shard_mid_write", "before_journal",
                                                      "journal_before_rename", "cache_write", "final_files")]
-
-
-def make_model(folder: Path, layers: int) -> Path:
-    from tests.models import save_tiny_model
-    return save_tiny_model(folder, "llama", layers=layers, vocab=512, tokenizer_from=DEMO / "stories260K",
-                           shard_size="40KB")
-
-
-def run_args(model: Path, out: Path, samples: int, seq_len: int) -> list[str]:
-    return [str(a) for a in ("run", "--shards", model, "--out", out, "--calib", DEMO / "calib.txt",
-                             "--samples", samples, "--seq-len", seq_len, "--sparsity", 0.3, "--quiet")]
-
-
-def child_env(fault: str | None = None) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    env.pop(FAULT_POINT, None)
-    if fault:
-        env[FAULT_POINT] = fault
-    return env
-
-
-def run_cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "streamprune", *args], env=child_env(fault),
-                          capture_output=True, text=True)
-
-
-def digests(folder: Path) -> dict:
-    """sha256 of every file in the output folder; report.json without its timing section."""
-    out = {}
-    for f in sorted(Path(folder).iterdir()):
-        if f.is_file():
-            data = f.read_bytes()
-            if f.name == "report.json":
-                report = json.loads(data)
-                report.pop("timing")
-                data = json.dumps(report, sort_keys=True).encode()
-            out[f.name] = hashlib.sha256(data).hexdigest()
-    return out
-
-
-def blocks_done(out: Path) -> int | str:
-    journal = out / ".streamprune" / "journal.json"
-    if not journal.is_file():
-        return 0
-    state = json.loads(journal.read_text())
-    return "complete" if state.get("complete") else len(state["blocks"])
-
-
-def default_sigint() -> None:
-    """Undo an inherited SIG_IGN (a background job of a non-interactive shell ignores SIGINT),
-    so the run gets Python's Ctrl-C handling as it would in a terminal."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def interrupt(args: list[str], sig: int, point: tuple[str, int] | None = None,
-              delay: float | None = None) -> tuple[int, str]:
-    """Start a run and stop it with `sig`: at a named point, or after `delay` seconds."""
-    fault = f"{point[0]}:{point[1]}" + ("" if sig == signal.SIGKILL else ":INT") if point else None
-    how = ["-c", TERM_AT_POINT] if point and sig == signal.SIGTERM else ["-m", "streamprune"]
-    p = subprocess.Popen([sys.executable, *how, *args], env=child_env(fault),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
-    if delay is not None:
-        try:
-            p.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            p.send_signal(sig)
-    _, err = p.communicate()
-    return p.returncode, err
-
-
-def interruption_problem(rc: int, err: str, sig: int) -> str | None:
-    if rc == 0:
-        return None  # finished before the fault came
-    if sig == signal.SIGKILL:
-        return None if rc == -signal.SIGKILL else f"exit {rc}: {err.strip()[-300:]}"
-    if rc != 128 + sig or "re-run the same command" not in err or "Traceback" in err:
-        return f"{signal.Signals(sig).name} gave exit {rc}: {err.strip()[-300:]}"
-    return None
-
-
-def trial(args: list[str], out: Path, sig: int, reference: dict, finish=None, **how) -> dict:
-    """One fault, one re-run to completion (`finish(out)`, default: the same command), one comparison."""
-    rc, err = interrupt(args, sig, **how)
-    result = {"interrupted": rc != 0, "exit": rc, "blocks_done": blocks_done(out)}
-    problem = interruption_problem(rc, err, sig)
-    if finish is not None:
-        finish(out)
-    else:
-        done = run_cli(args)
-        if done.returncode != 0:
-            problem = problem or f"re-run failed ({done.returncode}): {done.stderr.strip()[-300:]}"
-    if problem is None and digests(out) != reference:
-        problem = "output differs from the uninterrupted run"
-    if problem is None and (out / ".streamprune" / "cache").exists():
-        problem = "activation cache left behind"
-    return dict(result, survived=problem is None, problem=problem)
 
 
 def bench(sig_name: str, n_random: int, named: bool, layers: int, samples: int, seq_len: int, seed: int,

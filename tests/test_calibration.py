@@ -1,0 +1,97 @@
+"""calibration.py: windows are evenly spread, never overlap and start with BOS when the tokenizer
+uses one; a file tokenizes as the tokenizer does it; block 0's inputs are exactly the embedding
+rows of the tokens, read for the distinct tokens only."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamprune.cache import ActivationCache
+from streamprune.calibration import (bos_id, gather_embeddings, load_tokenizer, token_windows, tokenize_file,
+                                     write_embeddings)
+from streamprune.errors import StreamPruneError
+from streamprune.families import EMBED
+from streamprune.shards import OutTensor, ShardIndex, write_safetensors
+
+DEMO = Path(__file__).resolve().parents[1] / "demo"
+VOCAB, HIDDEN = 20, 4
+
+
+def starts(windows: torch.Tensor, bos) -> list[int]:
+    """Where each window's body begins in the text (token i of these texts is i)."""
+    return windows[:, 1 if bos is not None else 0].tolist()
+
+
+@pytest.mark.parametrize("length,n,seq_len,bos", [(100, 4, 10, None), (100, 4, 10, 999), (40, 4, 10, None),
+                                                  (37, 4, 10, 999), (50, 1, 8, None), (101, 7, 3, 999)])
+def test_windows_are_spread_evenly_and_never_overlap(length, n, seq_len, bos):
+    ids = list(range(length))
+    w = token_windows(ids, n, seq_len, bos)
+    assert w.shape == (n, seq_len) and w.dtype == torch.int64
+    body = seq_len - (bos is not None)
+    if bos is not None:
+        assert (w[:, 0] == bos).all()
+    s = starts(w, bos)
+    for row, start in zip(w[:, seq_len - body:].tolist(), s):
+        assert row == ids[start:start + body]  # a contiguous piece of the text
+    assert s[0] == 0 and s[-1] + body <= length
+    gaps = [b - a for a, b in zip(s, s[1:])]
+    assert len(set(gaps)) <= 1 and all(g >= body for g in gaps)  # same spacing, no overlap
+    if n > 1:
+        assert length - (s[-1] + body) < n - 1  # spread over the whole text: what is left after the last is rounding
+
+
+def test_too_short_a_text_is_refused_with_what_it_needs():
+    with pytest.raises(StreamPruneError, match=r"calibration text has 39 tokens; --samples 4 x --seq-len 10 needs 40"):
+        token_windows(list(range(39)), 4, 10, None)
+    with pytest.raises(StreamPruneError, match=r"has 35 tokens; --samples 4 x --seq-len 10 needs 36: use a longer"):
+        token_windows(list(range(35)), 4, 10, 1)  # the BOS is not taken from the text
+
+
+def test_tokenize_file_with_and_without_special_tokens(tmp_path):
+    tok = load_tokenizer(DEMO / "stories260K")
+    text = "Once upon a time, there was a little dog.\nIt liked to run."
+    (tmp_path / "t.txt").write_text(text)
+    plain = tokenize_file(tok, tmp_path / "t.txt")
+    assert plain == tok(text, add_special_tokens=False).input_ids and tok.bos_token_id not in plain
+    assert tokenize_file(tok, tmp_path / "t.txt", special_tokens=True) == [tok.bos_token_id] + plain
+    assert bos_id(tok) == tok.bos_token_id == 1  # a Llama tokenizer: windows get their own BOS
+    (tmp_path / "blank.txt").write_text(" \n\t")
+    with pytest.raises(StreamPruneError, match="text file is empty"):
+        tokenize_file(tok, tmp_path / "blank.txt")
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16])
+def embedding(request, tmp_path_factory):
+    """A one-file model folder holding an embedding only, and the embedding."""
+    folder = tmp_path_factory.mktemp("emb")
+    emb = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(0)).to(request.param)
+    write_safetensors(folder / "model.safetensors", [OutTensor.of(EMBED, emb)])
+    return ShardIndex.open(folder), emb
+
+
+TOKENS = torch.tensor([[3, 3, 7, 0, 19], [8, 7, 9, 10, 3], [19, 0, 1, 2, 3]])
+
+
+def test_gather_embeddings_reads_the_distinct_rows(embedding):
+    index, emb = embedding
+    rows, where = gather_embeddings(index, EMBED, TOKENS)
+    assert rows.shape == (len(TOKENS.unique()), HIDDEN) and rows.dtype == emb.dtype  # no other rows read
+    assert where.shape == TOKENS.shape
+    assert torch.equal(rows[where], emb[TOKENS])
+
+
+def test_a_token_past_the_embedding_is_refused(embedding):
+    index, _ = embedding
+    with pytest.raises(StreamPruneError, match=f"token id {VOCAB}, but {EMBED} has {VOCAB} rows"):
+        gather_embeddings(index, EMBED, torch.tensor([[1, VOCAB]]))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_write_embeddings_puts_the_lookup_into_the_cache(embedding, tmp_path, batch):
+    index, emb = embedding
+    cache = ActivationCache(tmp_path, *TOKENS.shape, HIDDEN)
+    write_embeddings(cache, index, TOKENS, batch)
+    assert cache.has(0)
+    assert torch.equal(cache.batch(0, 0, len(TOKENS)), emb[TOKENS].float())
