@@ -18,6 +18,11 @@ MAX_BUDGET = 1000.0  # 64,000 perturbations per block: a thousand times the defa
 MAX_MEMORY = 2**64  # 16 EiB
 
 
+def check_sparsity_range(sparsity: float) -> None:
+    if not 0 <= sparsity < 1:  # also refuses NaN
+        raise StreamPruneError(f"--sparsity must be in [0, 1), got {sparsity}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     shards: Path
@@ -48,8 +53,7 @@ class RunConfig:
     eval_seq_len: int = 0  # 0 = --seq-len, capped at max_position_embeddings
 
     def __post_init__(self):
-        if not 0 <= self.sparsity < 1:
-            raise StreamPruneError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        check_sparsity_range(self.sparsity)
         if self.samples < 1 or self.seq_len < 2:
             raise StreamPruneError("--samples must be >= 1 and --seq-len >= 2")
         if max(self.samples, self.seq_len) > MAX_COUNT:

@@ -298,7 +298,8 @@ def _block_spec(cfg, layer, fam: Family, i: int) -> BlockSpec:
     if head_dim < 1:
         raise StreamPruneError(f"config.json: {where}hidden_size {cfg.hidden_size} is smaller than "
                                f"num_attention_heads {H} and there is no head_dim")
-    attn_bias = bool(getattr(layer, "attention_bias", False))
+    keys = dict(fam.bias_keys)  # a bias key the family's modeling code ignores adds no tensor
+    attn_bias = "attention" in keys and bool(getattr(layer, keys["attention"], False))
     layer_types = getattr(cfg, "layer_types", None)
     sliding = fam.sliding_window_everywhere or (layer_types is not None and layer_types[i] == "sliding_attention")
     return BlockSpec(
@@ -307,8 +308,8 @@ def _block_spec(cfg, layer, fam: Family, i: int) -> BlockSpec:
         intermediate=layer.intermediate_size, eps=cfg.rms_norm_eps,
         qk_norm=fam.qk_norm,
         qkv_bias=fam.qkv_bias or attn_bias,
-        o_bias=attn_bias and "attention" in dict(fam.bias_keys),
-        mlp_bias=bool(getattr(layer, "mlp_bias", False)),
+        o_bias=attn_bias,
+        mlp_bias="mlp" in keys and bool(getattr(layer, keys["mlp"], False)),
         sliding_window=cfg.sliding_window if sliding else None,
     )
 

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+from .config import check_sparsity_range
 from .model import open_model, output_shape
 from .validate import check_sparsity
 
@@ -15,6 +16,7 @@ def describe(folder: Path, sparsity: float) -> dict:
     measured allocations (uniform, global) decide only after the survey of a run. An input cut per
     block lists each block's shape, and has no fixed-rule plan. Refuses a sparsity that `run`
     would refuse, with the same check."""
+    check_sparsity_range(sparsity)
     model = open_model(folder)
     arch = model.arch
     check_sparsity(arch, sparsity)

@@ -318,11 +318,6 @@ def run(cfg: RunConfig) -> dict:
         check_uniform(model.arch, f"--allocation {cfg.allocation}")
     # the fixed rule's shape: a model that cannot be written fails now (blocks of one shape only)
     rule = output_shape(model, cfg.sparsity, compensation.needs_biases) if model.arch.uniform else None
-    if rule is not None:
-        uncompensated = cut_sublayers(model.arch.blocks[0], rule.sizes[0]) - bias_sublayers(rule.config)
-        if compensation.needs_biases and uncompensated:
-            log.warning("--compensate %s: a %s output has no bias for %s, which stays uncompensated",
-                        compensation.name, rule.config["model_type"], " or ".join(sorted(uncompensated)))
     widest = model.arch.widest
     memory = memory_plan(cfg, model, rule.sizes[0] if rule else Sizes(widest.n_kv, widest.group, widest.intermediate))
     tokens = calibration_tokens(cfg, model)
@@ -352,6 +347,17 @@ def decide_shape(cfg: RunConfig, model: Model, rule: Shape | None, cache: Activa
     return shape_of(model, sizes, COMPENSATIONS[cfg.compensate].needs_biases)
 
 
+def warn_uncompensated(cfg: RunConfig, model: Model, shape: Shape) -> None:
+    """Mean compensation needs output biases, which some output families cannot carry."""
+    if not COMPENSATIONS[cfg.compensate].needs_biases:
+        return
+    cut = frozenset().union(*(cut_sublayers(b, s) for b, s in zip(model.arch.blocks, shape.sizes)))
+    missing = cut - bias_sublayers(shape.config)
+    if missing:
+        log.warning("--compensate %s: a %s output has no bias for %s, which stays uncompensated",
+                    cfg.compensate, shape.config["model_type"], " or ".join(sorted(missing)))
+
+
 def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, tokens: torch.Tensor, t0: float) -> dict:
     """The run proper, with the output folder locked against a second run."""
     if cfg.restart:
@@ -377,6 +383,7 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, t
     if cfg.eval is not None:  # the input's perplexity, once (journaled), before any pruning
         journaled_eval(cfg, journal, "before", model.folder, cache.folder)
     shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens)
+    warn_uncompensated(cfg, model, shape)
 
     L, start = model.arch.n_layers, journal.next_block
     if start < L and not cache.has(start):

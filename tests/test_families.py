@@ -62,10 +62,6 @@ def test_llama_mlp_bias():
     assert bias_sublayers(config("llama", mlp_bias=True)) == {"mlp"}
 
 
-@pytest.mark.xfail(strict=True, reason="families.architecture reads attention_bias/mlp_bias for every family, but "
-                   "transformers' Mistral/Qwen2 attention and Mistral/Qwen2/Qwen3 MLPs have no such biases, so a "
-                   "checkpoint saved by transformers is refused as missing q_proj.bias / gate_proj.bias "
-                   "(drop this mark once fixed)")
 @pytest.mark.parametrize("name,key", [("mistral", "attention_bias"), ("qwen3", "mlp_bias"), ("mistral", "mlp_bias")])
 def test_bias_keys_the_family_ignores_add_no_bias(name, key):
     assert architecture(config(name, **{key: True})).blocks[0] == architecture(config(name)).blocks[0]

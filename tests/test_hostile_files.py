@@ -334,8 +334,6 @@ def test_tokenizer_larger_than_the_embedding_is_refused_by_run(pristine, tmp_pat
     assert not (tmp_path / "out" / INDEX).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.run tokenizes the calibration text after taking the lock and "
-                                       "writing the journal; the token-id check can only move up front with it")
 def test_tokenizer_larger_than_the_embedding_writes_nothing(pristine, tmp_path):
     model = tmp_path / "in"
     shutil.copytree(pristine, model)
