@@ -18,7 +18,7 @@ def test_inspect_prints_model_and_plan():
     r = invoke("inspect", "--shards", DEMO / "stories260K", "--sparsity", 0.3)
     assert r.exit_code == 0, r.output
     assert "llama: 5 layers, hidden 64, 8 heads / 4 KV heads" in r.output
-    assert "plan at sparsity 0.3" in r.output
+    assert "fixed rule (--allocation rule) at sparsity 0.3" in r.output
     info = json.loads(invoke("inspect", "--shards", DEMO / "stories260K", "--json").output)
     assert info["plan"]["removed_fraction"] > 0.25
 
