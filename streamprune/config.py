@@ -37,7 +37,7 @@ class RunConfig:
     budget: float = 1.0  # scales the perturbations and tokens of sampling methods
     # how each block's shape is chosen: "global" (per block, from measured costs, under one budget),
     # "uniform" (one shape for all, from measured costs), "rule" (one shape by a fixed rule, no survey)
-    allocation: str = "uniform"
+    allocation: str = "global"
     # after slicing: "lsq" refits o_proj and down_proj by least squares; "mean" puts the removed
     # units' mean output into their biases (FLAP's compensation); "none". True/False mean lsq/none.
     compensate: str = "lsq"

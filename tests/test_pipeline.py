@@ -44,9 +44,14 @@ def tensors(folder):
 
 
 def load(folder):
-    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    return model.eval()
+    """A pruned folder as stock transformers classes build it: from_pretrained for a stock config,
+    load_pretrained (the same classes, layer by layer) for per-block shapes; strict weights."""
+    if "per_layer_config" not in json.loads((Path(folder) / "config.json").read_text()):
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        return model.eval()
+    from streamprune import load_pretrained
+    return load_pretrained(folder)
 
 
 @pytest.mark.parametrize("family,dtype", [(f, torch.float32) for f in FAMILIES] + [("llama", torch.bfloat16),
@@ -70,7 +75,8 @@ def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, f
     run by stock transformers on the same calibration windows (with mean compensation: with
     the biases it adds)."""
     src, out = tiny(tmp_path, family), tmp_path / "out"
-    cfg = config(src, out, sparsity=0.5, keep_cache=True, device=device, compensate=compensate)
+    cfg = config(src, out, sparsity=0.5, keep_cache=True, device=device, compensate=compensate,
+                 allocation="uniform")  # a stock config (the per-block case has its own test below)
     report = pipeline.run(cfg)
     assert 0.45 < report["block_params"]["removed_fraction"] < 0.55
     model = load(out)
