@@ -20,7 +20,7 @@ import torch
 
 from .errors import StreamPruneError
 from .faults import fault_point, spend_disk
-from .fsutil import atomic_write_json, fsync_dir, no_space
+from .fsutil import TMP_SUFFIX, atomic_write_json, fsync_dir, no_space
 
 CHUNK_BYTES = 64 * 2**20  # host staging per copy between the cache and the compute device
 OWNER_MARK = "streamprune-cache.json"
@@ -45,6 +45,13 @@ def read_owner(folder: Path) -> dict | None:
     return owner if isinstance(owner, dict) else None
 
 
+def own_entry(p: Path) -> bool:
+    """A name streamprune writes in a cache folder (its files, their temporaries, the mark)."""
+    if p.is_dir() and not p.is_symlink():
+        return p.name.startswith(EVAL_PREFIX)
+    return bool(OWN_FILE.fullmatch(p.name)) or p.name in (OWNER_MARK, OWNER_MARK + TMP_SUFFIX)
+
+
 def check_cache_folder(folder: Path, out: Path) -> None:
     """Refuse a cache folder that exists, is not empty and is not this output's (up front, writes nothing)."""
     folder = Path(folder)
@@ -53,9 +60,11 @@ def check_cache_folder(folder: Path, out: Path) -> None:
     if not folder.is_dir() or not any(folder.iterdir()):
         return
     owner = read_owner(folder)
-    if owner is None:
+    if owner is None and not all(own_entry(p) for p in folder.iterdir()):
         raise StreamPruneError(f"activation cache folder {folder} is not empty and was not made by streamprune; "
                                "choose another --cache-dir")
+    if owner is None:  # only names streamprune writes: a run killed before its mark was in place
+        return
     if owner.get("out") != str(Path(out).resolve()):
         raise StreamPruneError(f"activation cache folder {folder} belongs to the run into {owner.get('out')}; "
                                "choose another --cache-dir")

@@ -35,6 +35,7 @@ def model_and_reference(tmp_path_factory):
     ("journal_mid_write", 4, signal.SIGKILL),
     ("final_files", 2, signal.SIGKILL),
     ("cache_delete", 1, signal.SIGKILL),
+    ("file_before_rename", 1, signal.SIGKILL),  # the cache folder's mark, not yet in place
     ("after_scoring", 2, signal.SIGINT),
 ])
 def test_interrupted_run_resumes_to_identical_bytes(model_and_reference, tmp_path, point, count, sig):
