@@ -10,9 +10,12 @@ across blocks: a block that barely changes the stream would look as fragile as o
 With least-squares compensation (--compensate lsq) a cut costs what the kept units cannot make up
 for once o_proj / down_proj are refit: Optimal Brain Surgeon (Hassibi & Stork) on o_proj's
 inputs (the heads, D columns each) and on down_proj's (the neurons, greedily removed as obs.py
-does). Without a refit, a cut costs the output of the removed units. Dropping the whole block
-costs its update y - x. One forward pass over the calibration inputs gives all of it: the
-weighted Gram matrices of the head outputs and of the MLP activations, and the update energy."""
+does). A head layout is measured at the block output on a sample of tokens, with o_proj refit,
+so the MLP's reaction to the attention error counts (measured at the attention output alone,
+the costs let the allocation strip block 0 to one head: docs/scoring.md). Without a refit, a cut
+costs the output of the removed units. Dropping the whole block costs its update y - x. One
+forward pass over the calibration inputs gives all of it: the weighted Gram matrices of the head
+outputs and of the MLP activations, the token sample, and the update energy."""
 
 from __future__ import annotations
 
