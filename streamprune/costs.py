@@ -70,12 +70,12 @@ class Grams:
     """Token-weighted Gram matrices of one block's head outputs (H*D)^2 and MLP activations I^2,
     accumulated over micro-batches, with the update energy and the token count."""
 
-    def __init__(self, spec: BlockSpec, generator: torch.Generator | None = None, per_batch: int = 0):
+    def __init__(self, spec: BlockSpec, generator: torch.Generator | None = None, per_window: int = 0):
         self.spec = spec
         self.heads = self.mlp = None
         self.update = 0.0
         self.tokens = 0
-        self.generator, self.per_batch = generator, per_batch  # tokens kept per batch for `sample`
+        self.generator, self.per_window = generator, per_window  # tokens of each window kept in `sample`
         self.sample: list[tuple[torch.Tensor, ...]] = []  # (x, head outputs, y) at those tokens
 
     def add(self, W, x: torch.Tensor, cos, sin) -> torch.Tensor:
@@ -92,8 +92,9 @@ class Grams:
         self.mlp = accumulate(self.mlp, a)
         self.update += ((y - x).reshape(-1, spec.hidden).float() * s).double().pow(2).sum().item()
         self.tokens += s.shape[0]
-        if self.per_batch:
-            pick = torch.randperm(s.shape[0], generator=self.generator)[:self.per_batch].sort().values.to(x.device)
+        if self.per_window:
+            k = self.per_window * x.shape[0]
+            pick = torch.randperm(s.shape[0], generator=self.generator)[:k].sort().values.to(x.device)
             self.sample.append((x.reshape(-1, spec.hidden)[pick], heads.reshape(-1, spec.n_heads * spec.head_dim)[pick],
                                 y.reshape(-1, spec.hidden)[pick]))
         return y
@@ -195,10 +196,9 @@ def block_costs(W, spec: BlockSpec, batches: Callable[[], Iterator[torch.Tensor]
                 generator: torch.Generator | None = None) -> BlockCosts:
     """One pass over the block's dense calibration inputs: the costs of its cuts, in the unit of
     this module; `write(start, y)` receives the dense outputs (the next block's inputs)."""
-    per_batch = -(-SAMPLE_TOKENS // max(1, samples))  # tokens of each window in the head sample
-    grams, start = Grams(spec, generator), 0
+    per_window = -(-SAMPLE_TOKENS // max(1, samples))  # tokens of each window in the head sample
+    grams, start = Grams(spec, generator, per_window), 0
     for x in batches():
-        grams.per_batch = per_batch * x.shape[0]
         write(start, grams.add(W, x, cos, sin))
         start += x.shape[0]
     norm = grams.norm

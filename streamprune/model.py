@@ -53,6 +53,11 @@ def compute_dtype(dev: torch.device, model_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dev.type == "cpu" else model_dtype
 
 
+def block_generator(seed: int, layer: int) -> torch.Generator:
+    """The random stream of one block (survey and pruning alike): a resumed run redraws the same."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer)
+
+
 def cut_sublayers(block: BlockSpec, sizes: Sizes | None) -> frozenset[str]:
     """"attention" if heads are removed, "mlp" if neurons are (both for a dropped block)."""
     if sizes is None:

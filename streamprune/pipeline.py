@@ -27,8 +27,8 @@ from .compensate import COMPENSATIONS
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
 from .allocation import allocate_global, allocate_uniform
-from .model import (Model, Shape, check_device, check_uniform, compute_dtype, cut_sublayers, open_model, output_shape,
-                    shape_of)
+from .model import (Model, Shape, block_generator, check_device, check_uniform, compute_dtype, cut_sublayers,
+                    open_model, output_shape, shape_of)
 from .journal import WORKDIR, Journal, refuse_foreign_folder
 from .lock import OutputLock
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
@@ -123,7 +123,7 @@ class BlockRunner:
             return self.drop(layer, spec, dtype, t0)
         out_layer = self.shape.out_layer(layer)
         W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + layer)
+        generator = block_generator(self.cfg.seed, layer)
         calib = Calibration(lambda: (x for _, x in self.batches(layer, dtype)), self.cos, self.sin, generator,
                             self.cfg.samples)
         with torch.no_grad():
@@ -328,18 +328,24 @@ def run(cfg: RunConfig) -> dict:
         return run_locked(cfg, model, rule, memory, tokens, t0)
 
 
+def ensure_inputs(model: Model, cache: ActivationCache, start: int, tokens: torch.Tensor, batch: int) -> None:
+    """The cache holds the inputs of block `start`, where a pass (survey or pruning) begins or
+    resumes: block 0's are the embeddings, written now; a later block's must be there already."""
+    if start >= model.arch.n_layers or cache.has(start):
+        return
+    if start > 0:
+        raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}); "
+                               "re-run with --restart")
+    write_embeddings(cache, model.index, tokens, batch)
+
+
 def decide_shape(cfg: RunConfig, model: Model, rule: Shape | None, cache: ActivationCache, journal: Journal, batch: int,
                  tokens: torch.Tensor) -> Shape:
     """Every block's sizes: the fixed rule, or from the survey's measured costs (run now for the
     blocks not surveyed yet) by the allocation asked for."""
     if cfg.allocation == "rule":
         return rule
-    L, start = model.arch.n_layers, len(journal.surveyed)
-    if start < L and not cache.has(start):
-        if start > 0:
-            raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}); "
-                                   "re-run with --restart")
-        write_embeddings(cache, model.index, tokens, batch)
+    ensure_inputs(model, cache, len(journal.surveyed), tokens, batch)
     device = check_device(cfg.device)
     cos, sin = rotary_tables(model.arch.config, cfg.seq_len, device)
     costs = survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits, cfg.seed,
@@ -388,11 +394,7 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, t
     warn_uncompensated(cfg, model, shape)
 
     L, start = model.arch.n_layers, journal.next_block
-    if start < L and not cache.has(start):
-        if start > 0:
-            raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}); "
-                                   "re-run with --restart")
-        write_embeddings(cache, model.index, tokens, batch)
+    ensure_inputs(model, cache, start, tokens, batch)
     if start < L:
         runner = BlockRunner(cfg, model, shape, cache, batch)
         try:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from .cache import ActivationCache
 from .costs import BlockCosts, block_costs
 from .journal import Journal
-from .model import Model, compute_dtype
+from .model import Model, block_generator, compute_dtype
 from .validate import check_finite_activations, check_finite_weights
 
 
@@ -45,7 +45,7 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
                 writer.write(s, y)
 
             with torch.no_grad():
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+                generator = block_generator(seed, layer)
                 costs = block_costs(W, model.arch.blocks[layer], batches, cos, sin, refit, write, samples, generator)
             writer.commit()
             journal.finish_survey_block(layer, dict(costs.as_json(), seconds=round(time.time() - t0, 3)))
