@@ -120,7 +120,7 @@ class BlockRunner:
         spec, sizes = self.model.arch.blocks[layer], self.shape.sizes[layer]
         dtype = compute_dtype(self.device, stored["q"].dtype)
         if sizes is None:
-            return self.drop(layer, spec, dtype, t0)
+            return self.drop(layer, spec, stored, dtype, t0)
         out_layer = self.shape.out_layer(layer)
         W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
         generator = block_generator(self.cfg.seed, layer)
@@ -148,12 +148,16 @@ class BlockRunner:
             "timing": {"score_seconds": round(t_score - t0, 3), "forward_seconds": round(time.time() - t_score, 3)},
         }, write
 
-    def drop(self, layer: int, spec, dtype, t0: float) -> tuple[dict, Future]:
-        """A dropped block: its inputs pass on unchanged, and its shard holds no tensor."""
+    def drop(self, layer: int, spec, stored, dtype, t0: float) -> tuple[dict, Future]:
+        """A dropped block: its shard holds no tensor, and its inputs pass on unchanged (the pruned
+        model's stream), or its dense outputs with --calibrate-on dense."""
         write = self.writer.submit(write_safetensors, self.model_path(layer + 1), [])
+        dense = self.cfg.calibrate_on == "dense"
+        W = {k: t.to(self.device, dtype) for k, t in stored.items()} if dense else None
         writer = self.cache.writer(layer + 1)
-        for start, x in self.batches(layer, dtype):
-            writer.write(start, x)
+        with torch.no_grad():
+            for start, x in self.batches(layer, dtype):
+                writer.write(start, block_forward(W, spec, x, self.cos, self.sin) if dense else x)
         writer.commit()
         return {
             "layer": layer, "dropped": True,
