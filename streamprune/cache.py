@@ -60,10 +60,10 @@ def check_cache_folder(folder: Path, out: Path) -> None:
     if not folder.is_dir() or not any(folder.iterdir()):
         return
     owner = read_owner(folder)
-    if owner is None and not all(own_entry(p) for p in folder.iterdir()):
-        raise StreamPruneError(f"activation cache folder {folder} is not empty and was not made by streamprune; "
-                               "choose another --cache-dir")
-    if owner is None:  # only names streamprune writes: a run killed before its mark was in place
+    if owner is None:  # only names streamprune writes is a run killed before its mark was in place
+        if not all(own_entry(p) for p in folder.iterdir()):
+            raise StreamPruneError(f"activation cache folder {folder} is not empty and was not made by streamprune; "
+                                   "choose another --cache-dir")
         return
     if owner.get("out") != str(Path(out).resolve()):
         raise StreamPruneError(f"activation cache folder {folder} belongs to the run into {owner.get('out')}; "
@@ -123,11 +123,13 @@ class ActivationCache:
         if not self.folder.is_dir():
             return
         for p in sorted(self.folder.iterdir()):
-            if p.is_file() and OWN_FILE.fullmatch(p.name):
+            if not own_entry(p) or p.name == OWNER_MARK:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
                 fault_point("cache_delete")
                 p.unlink(missing_ok=True)
-            elif p.is_dir() and not p.is_symlink() and p.name.startswith(EVAL_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)
 
     def remove(self) -> None:
         """Delete the cache: its own files, its mark, then the folder if nothing else is left in it."""
