@@ -50,7 +50,7 @@ class Damaged(ValueError):
     """What is wrong with a loaded journal or report (becomes part of the one-line error)."""
 
 
-def read_json(path: Path, check) -> tuple[object, str | None]:
+def read_checked_json(path: Path, check) -> tuple[object, str | None]:
     """Parse `path` as UTF-8 JSON and `check` its structure: (value, None), or (None, what is wrong)."""
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
@@ -73,7 +73,7 @@ def load_state(path: Path) -> dict:
     """The journal's contents, refused as damaged unless they have the structure `save` writes."""
     if not path.is_file():
         raise damaged(path, "not a regular file")
-    state, problem = read_json(path, check_state)
+    state, problem = read_checked_json(path, check_state)
     if problem:
         raise damaged(path, problem)
     return state

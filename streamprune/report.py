@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import StreamPruneError
-from .journal import Damaged, expect, expect_fields, read_json
+from .journal import Damaged, expect, expect_fields, read_checked_json
 
 
 MAX_UNITS = 2**53  # counts a float holds exactly
@@ -26,7 +26,7 @@ def load_report(out_dir: Path) -> dict:
     path = path / "report.json" if path.is_dir() else path
     if not path.is_file():
         raise StreamPruneError(f"no report.json in {out_dir} (is it a finished streamprune output?)")
-    report, problem = read_json(path, check_report)
+    report, problem = read_checked_json(path, check_report)
     if problem:
         raise StreamPruneError(f"{path} is damaged or not a streamprune report ({problem})")
     return report
