@@ -86,6 +86,11 @@ def check_token_ids(distinct: torch.Tensor, rows: int, name: str) -> None:
                                "(vocab_size); the tokenizer does not belong to this model")
 
 
+def check_tokens_fit(index, tokens: torch.Tensor) -> None:
+    """The windows' token ids all have an embedding row (checked before anything is written)."""
+    check_token_ids(torch.unique(tokens), index.tensors[EMBED].shape[0], EMBED)
+
+
 def write_embeddings(cache, index, tokens: torch.Tensor, batch: int) -> None:
     """Block 0's inputs: the embeddings of the windows `tokens` (n, T), into the activation cache a
     micro-batch at a time (only the embedding rows of the tokens used are read)."""

@@ -21,7 +21,7 @@ import torch
 
 from .block import block_forward, rms_norm
 from .cache import EVAL_PREFIX, ActivationCache
-from .calibration import check_token_ids, load_tokenizer, tokenize_file, write_embeddings
+from .calibration import check_tokens_fit, load_tokenizer, tokenize_file, write_embeddings
 from .errors import StreamPruneError
 from .families import EMBED, FINAL_NORM, LM_HEAD, rotary_tables
 from .model import check_device, compute_dtype, open_model
@@ -167,7 +167,7 @@ def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str
     model = open_model(folder)
     T = choose_seq_len(model.arch.config, seq_len)
     tokens = eval_windows(tokenize_file(load_tokenizer(model.folder), text, special_tokens=True), T, max_windows)
-    check_token_ids(torch.unique(tokens), model.index.tensors[EMBED].shape[0], EMBED)  # before any cache exists
+    check_tokens_fit(model.index, tokens)  # before any cache exists
     n = tokens.shape[0]
     batch = micro_batch(model.arch, T, n, batch_size)
     cos, sin = rotary_tables(model.arch.config, T, dev)

@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from .block import block_forward
 from .cache import ActivationCache, check_cache_folder, run_cache_folder
-from .calibration import bos_id, check_token_ids, load_tokenizer, token_windows, tokenize_file, write_embeddings
+from .calibration import bos_id, check_tokens_fit, load_tokenizer, token_windows, tokenize_file, write_embeddings
 from .config import RunConfig
 from .errors import StreamPruneError
 from .evaluate import DEFAULT_SEQ_LEN, perplexity
-from .families import EMBED, bias_sublayers, read_config, rotary_tables
+from .families import bias_sublayers, read_config, rotary_tables
 from .compensate import COMPENSATIONS
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
@@ -74,7 +74,7 @@ def calibration_tokens(cfg: RunConfig, model: Model) -> torch.Tensor:
     tokenizer or text that does not do is refused up front)."""
     tokenizer = load_tokenizer(model.folder)
     tokens = token_windows(tokenize_file(tokenizer, cfg.calib), cfg.samples, cfg.seq_len, bos_id(tokenizer))
-    check_token_ids(torch.unique(tokens), model.index.tensors[EMBED].shape[0], EMBED)
+    check_tokens_fit(model.index, tokens)
     return tokens
 
 
