@@ -36,15 +36,22 @@ def open_model(folder: Path) -> Model:
     return Model(folder, arch, index)
 
 
-def check_device(device: str) -> torch.device:
+def parse_device(device: str) -> torch.device:
+    """cpu, cuda or cuda:N, present here or not (plan describes a device it may not have)."""
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise StreamPruneError(f"unsupported device {device!r} (cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StreamPruneError("--device cuda requested but no CUDA GPU is available")
     if dev.type not in ("cpu", "cuda"):
         raise StreamPruneError(f"unsupported device {device!r} (cpu or cuda)")
+    return dev
+
+
+def check_device(device: str) -> torch.device:
+    """A device this machine has."""
+    dev = parse_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StreamPruneError("--device cuda requested but no CUDA GPU is available")
     return dev
 
 

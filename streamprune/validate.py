@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,9 +94,23 @@ def folder_bytes(folder: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file()) if folder.is_dir() else 0
 
 
-def check_free_disk(out: Path, cache_folder: Path, output_bytes: int, cache_bytes: int) -> None:
-    """Refuse up front when the output plus the activation cache will not fit. What a previous,
-    interrupted run already wrote is counted as written."""
+@dataclass(frozen=True)
+class DiskNeed:
+    """What a run will write on one filesystem, and what is free there."""
+
+    folder: Path  # the nearest existing folder on that filesystem
+    need_bytes: int
+    free_bytes: int
+    parts: tuple[str, ...]  # "output 1.2 GiB", "activation cache 3.4 GiB"
+
+    @property
+    def fits(self) -> bool:
+        return self.need_bytes <= self.free_bytes
+
+
+def disk_needs(out: Path, cache_folder: Path, output_bytes: int, cache_bytes: int) -> list[DiskNeed]:
+    """The output plus the activation cache, per filesystem. What a previous, interrupted run
+    already wrote is counted as written."""
     output_left = max(0, output_bytes - folder_bytes(out, "model-*.safetensors"))
     cache_left = max(0, cache_bytes - folder_bytes(cache_folder, "inputs-*.f32"))
     needs: dict[int, list] = {}  # filesystem -> [bytes, folder, what]
@@ -104,12 +119,16 @@ def check_free_disk(out: Path, cache_folder: Path, output_bytes: int, cache_byte
         need = needs.setdefault(where.stat().st_dev, [0, where, []])
         need[0] += n
         need[2].append(f"{what} {gib(n)}")
-    for n, where, parts in needs.values():
-        free = shutil.disk_usage(where).free
-        if n > free:
-            raise StreamPruneError(f"not enough free disk in {where}: this run needs about {gib(n)} "
-                                   f"({', '.join(parts)}), {gib(free)} free; free some space or use --cache-dir "
-                                   "on another disk")
+    return [DiskNeed(where, n, shutil.disk_usage(where).free, tuple(parts)) for n, where, parts in needs.values()]
+
+
+def check_free_disk(out: Path, cache_folder: Path, output_bytes: int, cache_bytes: int) -> None:
+    """Refuse up front when the output plus the activation cache will not fit (disk_needs)."""
+    for d in disk_needs(out, cache_folder, output_bytes, cache_bytes):
+        if not d.fits:
+            raise StreamPruneError(f"not enough free disk in {d.folder}: this run needs about {gib(d.need_bytes)} "
+                                   f"({', '.join(d.parts)}), {gib(d.free_bytes)} free; free some space or use "
+                                   "--cache-dir on another disk")
 
 
 def check_finite_weights(tensors: dict[str, torch.Tensor], names: dict[str, str]) -> None:
