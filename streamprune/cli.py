@@ -186,6 +186,19 @@ class Device(click.ParamType):
         return value
 
 
+class PlanDevice(click.ParamType):
+    """plan's --device: cpu, cuda or cuda:N, present here or described (--max-memory, --gpu)."""
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        from .model import parse_device
+        if parse_device(value).type == "cuda" and torch.cuda.is_available():
+            check_device(value)
+        return value
+
+
 def check_device(device: str) -> None:
     """pipeline.check_device, plus the GPU number: cuda:N must exist."""
     import torch
@@ -198,23 +211,12 @@ def check_device(device: str) -> None:
                                f"(cuda:0 to cuda:{n - 1})")
 
 
-def physical_memory(device: str) -> tuple[int, str]:
-    """Total memory of the device --max-memory limits: (bytes, what it is)."""
-    import torch
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_properties(torch.device(device)).total_memory, "GPU memory"
-    import psutil
-    return psutil.virtual_memory().total, "memory"
-
-
 def warn_beyond_physical(max_memory: int | None, device: str) -> None:
     """A --max-memory above what the machine has is allowed (the plan still has to fit), but said."""
-    if max_memory is None:
-        return
-    total, what = physical_memory(device)
-    if max_memory > total:
-        click.echo(f"warning: --max-memory {gib(max_memory)} is more than the {gib(total)} of {what} on this "
-                   "machine; the run may swap or be killed", err=True)
+    from .advice import memory_warning
+    warning = memory_warning(max_memory, device)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
 
 
 def gib(n: int) -> str:
@@ -309,40 +311,105 @@ def inspect(shards: Path, sparsity: float, as_json: bool):
 
 @main.command("plan")
 @click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder.")
+@click.option("--out", type=PathArg(), default=Path("."), help="Where the output would go (free disk is checked "
+              "there).  [default: the current folder]")
+@click.option("--cache-dir", type=PathArg(), help="Where the activation cache would go (default: inside --out).")
 @click.option("--sparsity", default=RunConfig.sparsity, show_default=True)
 @click.option("--samples", default=RunConfig.samples, show_default=True)
 @click.option("--seq-len", default=RunConfig.seq_len, show_default=True)
-@click.option("--device", type=Device(), default=RunConfig.device, show_default=True)
+@click.option("--device", type=PlanDevice(), default=RunConfig.device, show_default=True,
+              help="cpu or cuda; cuda without a GPU here plans for the GPU --max-memory or --gpu describes.")
+@click.option("--gpu", "gpu_name", help="Plan for a known GPU (its datasheet memory and peak speed): "
+              "rtx-3090, rtx-4090, l4, t4, a100-40gb, a100-80gb, h100, h200. Implies --device cuda.")
 @click.option("--method", default=RunConfig.method, show_default=True)
 @click.option("--budget", default=RunConfig.budget, show_default=True, help="perturb's work per block.")
 @compensation_options
 @click.option("--batch-size", default=0, help="Micro-batch (0: the largest that fits).")
-@click.option("--max-memory", type=Size(), help="Memory the run may use, e.g. 24GiB (default: what is free).")
+@click.option("--max-memory", type=Size(), help="Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; "
+              "default: what is free, or the --gpu's memory).")
 @click.option("--no-timing", is_flag=True, help="Skip the short speed calibration (no time estimate).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan_command(shards, sparsity, samples, seq_len, device, method, budget, compensate, batch_size, max_memory,
-                 no_timing, as_json):
-    """Predict disk, memory, micro-batch and time of a run, from headers only."""
-    from .plan import describe_plan
-    cfg = RunConfig(shards=shards, out=shards, sparsity=sparsity, samples=samples, seq_len=seq_len,
-                    device=device, method=method, budget=budget, compensate=compensate, batch_size=batch_size,
-                    max_memory=max_memory)
-    warn_beyond_physical(max_memory, device)
-    info = describe_plan(cfg, timing=not no_timing)
+def plan_command(shards, out, cache_dir, sparsity, samples, seq_len, device, gpu_name, method, budget, compensate,
+                 batch_size, max_memory, no_timing, as_json):
+    """Predict disk, memory, micro-batch and time of a run, from headers only. Exit code 0: it
+    fits; 1: it does not (the prediction and what would fit are printed); 2: an error."""
+    from .advice import describe_plan
+    if gpu_name and device == RunConfig.device:
+        device = "cuda"
+    cfg = RunConfig(shards=shards, out=out, cache_dir=cache_dir, sparsity=sparsity, samples=samples,
+                    seq_len=seq_len, device=device, method=method, budget=budget, compensate=compensate,
+                    batch_size=batch_size, max_memory=max_memory)
+    info = describe_plan(cfg, timing=not no_timing, gpu_name=gpu_name)
     if as_json:
+        for warning in info["warnings"]:
+            click.echo(f"warning: {warning}", err=True)
         click.echo(json.dumps(info, indent=2))
-        return
-    click.echo(f"block weights: {gib(info['block_stored_bytes'])} stored, {gib(info['block_compute_bytes'])} "
-               f"in the compute dtype on {info['device']}")
-    click.echo(f"disk: activation cache {gib(info['cache_bytes'])}, output {gib(info['output_bytes'])}")
-    click.echo(f"memory: peak host {gib(info['peak_host_bytes'])}"
-               + (f", peak GPU {gib(info['peak_device_bytes'])}" if info["peak_device_bytes"] else "")
-               + f" with micro-batch {info['micro_batch']} (limit {gib(info['max_memory_bytes'])})")
-    if info.get("estimated_seconds") is not None:
-        t = info["estimated_seconds"]
-        click.echo(f"time: about {t:.0f} s" if t < 120 else f"time: about {t / 60:.0f} min")
-    if not info["fits"]:
-        raise StreamPruneError("this run does not fit in memory; lower --seq-len or --batch-size")
+    else:
+        click.echo("\n".join(plan_lines(info)))
+    return 0 if info["fits"] else 1
+
+
+CAUSES = {"samples": "all the windows at once", "memory": "the largest that fits", "--batch-size": "as --batch-size asks"}
+
+
+def plan_lines(info: dict) -> list[str]:
+    """The plan as printed: model, disk, memory breakdown, time, verdict, what would fit."""
+    gpu = info["peak_device_bytes"] > 0
+    where = (f"a {info['gpu']['name']} (datasheet)" if info["gpu"] else
+             "a GPU described by --max-memory (none here)" if not info["device_here"] else info["device"])
+    lines = [f"plan for {where}: {info['samples']} windows of {info['seq_len']} tokens",
+             f"largest block: {gib(info['block_stored_bytes'])} stored, {gib(info['block_compute_bytes'])} "
+             f"in the compute dtype ({'as stored' if gpu else 'fp32'} on {info['device']})", "disk:"]
+    for d in info["disk"]:
+        lines.append(f"  {d['folder']}: needs {gib(d['need_bytes'])} ({', '.join(d['parts'])}), "
+                     f"{gib(d['free_bytes'])} free: {'fits' if d['fits'] else 'DOES NOT FIT'}")
+    lines.append(f"  (output in {info['out']}, activation cache in {info['cache_folder']})")
+    cap = info["activation_cap_bytes"]
+    cause = (f"capped: on a CPU a micro-batch is kept under {gib(cap)} of activations ({gib(info['activation_bytes_per_window'])}"
+             " per window), larger ones stop paying off; --batch-size N overrides"
+             if info["limited_by"] == "activation cap" else CAUSES[info["limited_by"]])
+    lines.append(f"memory with micro-batch {info['micro_batch']} ({cause}):")
+    for c in info["breakdown"]:
+        lines.append(f"  {c['name'].replace('_', ' '):<20}{gib(c['bytes']):>12}  {c['memory']:<4}  {c['what']}")
+    lines.append("  (scoring and compensation run one after the other, the larger counts; the embedding rows are "
+                 "read before any block, the larger of them and the block's memory counts)")
+    peaks = [("host", info["peak_host_bytes"], info["host_limit_bytes"], "free now")]
+    if gpu:
+        peaks.insert(0, ("GPU", info["peak_device_bytes"], info["max_memory_bytes"], info["limit_from"]))
+    else:
+        peaks[0] = ("host", info["peak_host_bytes"], info["max_memory_bytes"], info["limit_from"])
+    for what, peak, limit, source in peaks:
+        if limit is None:
+            lines.append(f"  peak {what}: {gib(peak)}; not checked here: the GPU's machine needs that much free")
+        else:
+            lines.append(f"  peak {what}: {gib(peak)} of {gib(limit)} ({source}; {info['usable_fraction']:.0%} is "
+                         f"planned for): {'DOES NOT FIT' if info['short_of'] == what else 'fits'}")
+    lines += [f"warning: {w}" for w in info["warnings"]]
+    t = info["time"]
+    if t is not None:
+        if t["seconds"] is not None:
+            lines.append(f"time: about {duration(t['seconds'])} (from {duration(t['low_seconds'])} to "
+                         f"{duration(t['high_seconds'])})")
+        elif t["at_least_seconds"] is not None:
+            lines.append(f"time: at least {duration(t['at_least_seconds'])}")
+        else:
+            lines.append("time: not measured here")
+        lines.append(f"  how: {t['how']}")
+    lines.append(f"verdict: {info['verdict']}")
+    if info["suggestions"]:
+        lines.append("it would fit with any one of:")
+        for s in info["suggestions"]:
+            peak = f"micro-batch {s['micro_batch']}, peak {gib(s['peak_bytes'])}" if s["peak_bytes"] else ""
+            notes = "; ".join(x for x in (peak, s["note"]) if x)
+            lines.append(f"  {s['change']}" + (f" ({notes})" if notes else ""))
+    elif not info["fits"]:
+        lines.append("no single change of these options makes it fit")
+    return lines
+
+
+def duration(seconds: float) -> str:
+    from .timing import duration as text
+    return text(seconds)
 
 
 @main.command("eval")

@@ -32,9 +32,10 @@ from .model import (Model, Shape, block_generator, check_device, check_uniform, 
 from .journal import WORKDIR, Journal, refuse_foreign_folder
 from .lock import OutputLock
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
-from .plan import Plan, make_plan, scoring_options, stage_work_bytes
+from .advice import refusal
+from .plan import Plan, plan_run, scoring_options
 from .scoring import Calibration, make_scorer
-from .selection import Sizes, select_units
+from .selection import select_units
 from .survey import survey
 from .shards import OutTensor, read_header, shard_name, write_safetensors
 from .slicing import add_zero_biases, slice_block
@@ -48,16 +49,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def memory_plan(cfg: RunConfig, model: Model, sizes: Sizes) -> Plan:
-    """The micro-batch that fits in --max-memory (or what is free); refuses when none does."""
-    p = make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity, cfg.max_memory,
-                  cfg.batch_size, stage_work_bytes(cfg, model, sizes))
+def memory_plan(cfg: RunConfig, model: Model) -> Plan:
+    """The micro-batch that fits in --max-memory (or what is free); refuses when none does, with
+    the breakdown and the changes that would fit (advice.refusal)."""
+    p = plan_run(cfg, model)
     if not p.fits:
-        need = p.peak_device_bytes or p.peak_host_bytes
-        raise StreamPruneError(
-            f"this run needs about {need / 2**30:.1f} GiB of {'GPU' if p.peak_device_bytes else 'host'} memory "
-            f"with micro-batch {p.micro_batch}, {p.max_memory_bytes / 2**30:.1f} GiB available; "
-            "lower --seq-len or --batch-size, or raise --max-memory")
+        raise StreamPruneError(refusal(cfg, model, p))
     return p
 
 
@@ -324,8 +321,7 @@ def run(cfg: RunConfig) -> dict:
         check_uniform(model.arch, f"--allocation {cfg.allocation}")
     # the fixed rule's shape: a model that cannot be written fails now (blocks of one shape only)
     rule = output_shape(model, cfg.sparsity, compensation.needs_biases) if model.arch.uniform else None
-    widest = model.arch.widest
-    memory = memory_plan(cfg, model, rule.sizes[0] if rule else Sizes(widest.n_kv, widest.group, widest.intermediate))
+    memory = memory_plan(cfg, model)
     tokens = calibration_tokens(cfg, model)
     check_writable(cfg.out)
     with OutputLock(cfg.out):

@@ -1,16 +1,17 @@
-"""Predict before running: bytes on disk and in memory, the micro-batch that fits, and a time
-estimate, from config.json and the safetensors headers alone (no weight is read).
+"""Predict before running: bytes on disk and in memory and the micro-batch that fits, from
+config.json and the safetensors headers alone (no weight is read). The time estimate is in
+timing.py; what would make a run fit, and what `streamprune plan` prints, in advice.py.
 
 The memory model follows what the pipeline holds at its peak, while block i is scored:
 block i's weights in the compute dtype, its sliced copy, block i+1 being prefetched (stored
-dtype), block i's sliced weights being written (stored dtype), and one micro-batch of
-activations; plus the Python process itself (torch, transformers, tokenizer)."""
+dtype), block i's sliced weights being written (stored dtype), one micro-batch of activations,
+and scoring's or compensation's own work; plus the Python process itself (torch, transformers,
+tokenizer). Each part is kept in the plan's breakdown."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from decimal import Decimal
 from dataclasses import asdict, dataclass
 
@@ -20,11 +21,10 @@ import torch
 from .cache import chunk_rows
 from .compensate import COMPENSATIONS
 from .errors import StreamPruneError
-from .model import check_device, open_model, output_shape
-from .scoring import SCORERS, ScoringOptions, make_scorer
+from .model import output_shape
+from .scoring import ScoringOptions, make_scorer
 from .selection import Sizes
 from .shards import ITEMSIZE
-from .validate import check_sparsity
 
 BASE_PROCESS_BYTES = 700 * 2**20  # measured 440-660 MiB for `streamprune run` on CPU, rounded up
 CUDA_PROCESS_BYTES = 1700 * 2**20  # host RSS with the CUDA libraries loaded: 1.6 GiB measured (H200)
@@ -62,112 +62,138 @@ def activation_bytes(block, seq_len: int, batch: int, itemsize: int = 4, scores:
 
 
 @dataclass(frozen=True)
+class Component:
+    """One part of the predicted peak: its bytes, in which memory, and what it is."""
+
+    name: str  # weights, prefetch_and_write, activations, scoring, compensation, embedding_rows, host_staging, process
+    memory: str  # "host" or "GPU"
+    bytes: int
+    what: str
+
+
+@dataclass(frozen=True)
 class Plan:
     device: str
     micro_batch: int
+    limited_by: str  # what stopped the micro-batch growing: samples, memory, activation cap, --batch-size
     block_stored_bytes: int  # largest block, as stored
     block_compute_bytes: int  # largest block, in the compute dtype
     cache_bytes: int  # on disk, two block boundaries live at once
     output_bytes: int
     peak_host_bytes: int
     peak_device_bytes: int  # 0 on CPU
-    max_memory_bytes: int
+    max_memory_bytes: int  # the limit of the compute device's memory (the host's on a CPU)
+    host_limit_bytes: int | None  # host memory checked against on a GPU run; None: not checked (a described GPU)
     fits: bool
-    estimated_seconds: float | None = None
+    breakdown: tuple[Component, ...] = ()  # at the chosen micro-batch
+    activation_bytes_per_window: int = 0
+    activation_cap_bytes: int | None = None  # on a CPU, larger micro-batches stop paying off
+
+    @property
+    def short_of(self) -> str | None:
+        """Which memory does not fit: "GPU", "host", or None."""
+        if self.peak_device_bytes > USABLE * self.max_memory_bytes:
+            return "GPU"
+        host_limit = self.max_memory_bytes if not self.peak_device_bytes else self.host_limit_bytes
+        return "host" if host_limit is not None and self.peak_host_bytes > USABLE * host_limit else None
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+USABLE = 0.9  # of the memory limit, planned for; the rest is slack for what the model does not count
 
 
 def block_bytes(index, names: dict[str, str]) -> int:
     return sum(index.tensors[n].nbytes for n in names.values())
 
 
+def largest(lo: int, hi: int, ok) -> int | None:
+    """The largest x in [lo, hi] with ok(x), for ok true up to some point and false after it."""
+    if hi < lo or not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
 def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: float,
-              max_memory: int | None = None, batch_size: int = 0, work_bytes: int = 0) -> Plan:
-    """work_bytes: what scoring or compensation holds beside the weights and a micro-batch."""
+              max_memory: int | None = None, batch_size: int = 0, scoring_bytes: int = 0,
+              compensation_bytes: int = 0, host_memory: int | None = None, check_host: bool = True) -> Plan:
+    """The peak memory of a run and the largest micro-batch that fits. max_memory: the compute
+    device's limit (default: what is free); host_memory: the host's on a GPU run (default: what is
+    free here; check_host=False: not checked, for a GPU on another machine). scoring_bytes and
+    compensation_bytes: what those stages hold beside the weights and a micro-batch (one runs after
+    the other: the larger counts)."""
     dev = torch.device(device)
+    gpu = dev.type == "cuda"
     arch, index = model.arch, model.index
     stored = max(block_bytes(index, arch.block_tensors(i)) for i in range(arch.n_layers))
     n_params = max(b.n_params() for b in arch.blocks)
-    compute = n_params * 4 if dev.type == "cpu" else stored
+    compute = n_params * 4 if not gpu else stored
     kept = 1 - sparsity
     others = sum(index.tensors[n].nbytes for n in arch.other_tensors())
     output = int(sum(block_bytes(index, arch.block_tensors(i)) for i in range(arch.n_layers)) * kept) + others
     cache = 2 * samples * seq_len * arch.hidden * 4
     limit = max_memory or available_memory(dev)
+    host_limit = limit if not gpu else (host_memory or psutil.virtual_memory().available) if check_host else None
     emb_item = ITEMSIZE[index.tensors[arch.other_tensors()[0]].dtype]
     embed_rows = min(arch.vocab, samples * seq_len) * arch.hidden * emb_item
-
-    itemsize = 4 if dev.type == "cpu" else max(1, round(stored / n_params))  # of the compute dtype
+    itemsize = 4 if not gpu else max(1, round(stored / n_params))  # of the compute dtype
+    where = "GPU" if gpu else "host"
+    cap = MAX_ACTIVATION_BYTES if not gpu else limit
 
     def act_bytes(batch: int) -> int:
-        return activation_bytes(arch.widest, seq_len, batch, itemsize, scores=dev.type == "cpu")
+        return activation_bytes(arch.widest, seq_len, batch, itemsize, scores=not gpu)
 
-    def peaks(batch: int) -> tuple[int, int]:
-        act = act_bytes(batch) + work_bytes
-        weights = compute * (1 + kept)
-        io = stored * (1 + kept)  # prefetch of the next block + the write buffer
-        if dev.type == "cpu":
-            return BASE_PROCESS_BYTES + max(weights + io + act, embed_rows), 0
-        # a GPU micro-batch passes through host memory a chunk at a time (read and write)
-        staging = 2 * 4 * seq_len * arch.hidden * min(batch, chunk_rows((batch, seq_len, arch.hidden)))
-        return CUDA_PROCESS_BYTES + io + stored + max(embed_rows, staging), weights + act
+    def components(batch: int) -> tuple[Component, ...]:
+        io = int(stored * (1 + kept))  # the prefetch of the next block + the write buffer
+        parts = [
+            Component("weights", where, int(compute * (1 + kept)),
+                      f"the largest block in the compute dtype ({'fp32' if not gpu else 'as stored'}) and its cut copy"),
+            Component("prefetch_and_write", "host", io + stored if gpu else io,
+                      "the next block read ahead and this block's shard being written, as stored"
+                      + (", and the block on its way to the GPU" if gpu else "")),
+            Component("activations", where, act_bytes(batch),
+                      f"one micro-batch: {batch} window{'s' if batch > 1 else ''} of {seq_len} tokens"
+                      + (", attention scores included" if not gpu else "")),
+            Component("scoring", where, scoring_bytes, "the scoring method's own work (runs before compensation)"),
+            Component("compensation", where, compensation_bytes, "the compensation's own work (after scoring)"),
+            Component("embedding_rows", "host", embed_rows,
+                      "the embedding rows of the calibration tokens (at the start, before any block)")]
+        if gpu:  # a micro-batch passes through host memory a chunk at a time (read and write)
+            parts.append(Component("host_staging", "host",
+                                   2 * 4 * seq_len * arch.hidden * min(batch, chunk_rows((batch, seq_len, arch.hidden))),
+                                   "micro-batch chunks between the activation cache and the GPU"))
+        parts.append(Component("process", "host", CUDA_PROCESS_BYTES if gpu else BASE_PROCESS_BYTES,
+                               "Python, torch" + (" with the CUDA libraries" if gpu else "") + ", transformers, tokenizer"))
+        return tuple(parts)
 
-    host_limit = limit if dev.type == "cpu" else psutil.virtual_memory().available
+    def peaks(parts) -> tuple[int, int]:
+        b = {c.name: c.bytes for c in parts}
+        block = b["weights"] + b["activations"] + max(b["scoring"], b["compensation"])
+        if gpu:
+            return b["process"] + b["prefetch_and_write"] + max(b["embedding_rows"], b["host_staging"]), block
+        return b["process"] + max(block + b["prefetch_and_write"], b["embedding_rows"]), 0
 
     def fits(batch: int) -> bool:
-        host, device_bytes = peaks(batch)
-        return host <= 0.9 * host_limit and device_bytes <= 0.9 * limit
+        host, device_bytes = peaks(components(batch))
+        return (host_limit is None or host <= USABLE * host_limit) and device_bytes <= USABLE * limit
 
     if batch_size:
-        batch = min(batch_size, samples)
+        batch, limited_by = min(batch_size, samples), "--batch-size"
     else:
-        batch = 1
-        cap = MAX_ACTIVATION_BYTES if dev.type == "cpu" else limit
-        while batch < samples and fits(batch + 1) and act_bytes(batch + 1) <= cap:
-            batch += 1
-    host, device_bytes = peaks(batch)
-    return Plan(device=str(dev), micro_batch=batch, block_stored_bytes=stored, block_compute_bytes=compute,
-                cache_bytes=cache, output_bytes=output, peak_host_bytes=host, peak_device_bytes=device_bytes,
-                max_memory_bytes=limit, fits=fits(batch))
-
-
-def measure_flops(device: torch.device, seconds: float = 0.3) -> float:
-    """Sustained matmul FLOP/s of the device in its compute dtype (a short calibration)."""
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    a = torch.randn(512, 2048, device=device, dtype=dtype)
-    b = torch.randn(2048, 2048, device=device, dtype=dtype)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * 512 * 2048 * 2048 * n / (time.perf_counter() - t0)
-
-
-def measure_read_speed(index, limit: int = 256 * 2**20) -> float:
-    """Bytes/s reading the largest input shard (at most `limit` bytes; the OS cache may flatter it)."""
-    path = max({t.file for t in index.tensors.values()}, key=lambda p: p.stat().st_size)
-    t0, n = time.perf_counter(), 0
-    with open(path, "rb") as f:
-        while n < limit:
-            chunk = f.read(16 * 2**20)
-            if not chunk:
-                break
-            n += len(chunk)
-    return n / max(time.perf_counter() - t0, 1e-6)
-
-
-def estimate_seconds(model, samples: int, seq_len: int, device: str, forward_passes: float) -> float:
-    """Compute: 2 FLOPs per weight per token per block forward; I/O: every input byte read once,
-    about two-thirds as much written back, the cache written and read once per block."""
-    dev = torch.device(device)
-    arch = model.arch
-    flops = 2 * sum(b.n_params() for b in arch.blocks) * samples * seq_len * forward_passes
-    io = sum(t.nbytes for t in model.index.tensors.values()) * 1.7 + 2 * arch.n_layers * samples * seq_len * arch.hidden * 4
-    return flops / measure_flops(dev) + io / measure_read_speed(model.index)
+        batch = largest(1, samples, lambda b: b == 1 or (fits(b) and act_bytes(b) <= cap)) or 1
+        limited_by = ("samples" if batch == samples else
+                      "activation cap" if fits(batch + 1) and act_bytes(batch + 1) > cap else "memory")
+    parts = components(batch)
+    host, device_bytes = peaks(parts)
+    return Plan(device=str(dev), micro_batch=batch, limited_by=limited_by, block_stored_bytes=stored,
+                block_compute_bytes=compute, cache_bytes=cache, output_bytes=output, peak_host_bytes=host,
+                peak_device_bytes=device_bytes, max_memory_bytes=limit, host_limit_bytes=host_limit,
+                fits=fits(batch), breakdown=parts, activation_bytes_per_window=act_bytes(1),
+                activation_cap_bytes=None if gpu else MAX_ACTIVATION_BYTES)
 
 
 def scoring_options(cfg, sizes=None) -> ScoringOptions:
@@ -175,12 +201,12 @@ def scoring_options(cfg, sizes=None) -> ScoringOptions:
     return ScoringOptions(sizes=sizes, budget=cfg.budget, refit=COMPENSATIONS[cfg.compensate].refits)
 
 
-def stage_work_bytes(cfg, model, sizes) -> int:
-    """Memory held by scoring or compensation (they run one after the other) for the widest block."""
+def stage_bytes(cfg, model, sizes) -> tuple[int, int]:
+    """Memory held by scoring and by compensation (one after the other) for the widest block."""
     block = max(model.arch.blocks, key=lambda b: b.n_params())
     scorer = make_scorer(cfg.method, scoring_options(cfg, sizes))
     cut = dataclasses.replace(block, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
-    return max(scorer.work_bytes(block), COMPENSATIONS[cfg.compensate].work_bytes(block, cut))
+    return scorer.work_bytes(block), COMPENSATIONS[cfg.compensate].work_bytes(block, cut)
 
 
 def stage_forward_passes(cfg) -> float:
@@ -191,21 +217,19 @@ def stage_forward_passes(cfg) -> float:
     return scorer.forward_passes(cfg.samples * cfg.seq_len) + compensation + 2.0
 
 
-def describe_plan(cfg, timing: bool = True) -> dict:
-    """What `streamprune plan` prints: the memory plan plus, optionally, a time estimate. Refuses
-    what `run` would refuse up front (device, method, sparsity) with the same checks."""
-    check_device(cfg.device)
-    if cfg.method not in SCORERS:
-        raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
-    model = open_model(cfg.shards)
-    check_sparsity(model.arch, cfg.sparsity)
-    widest = model.arch.widest  # an input cut per block: planned for its widest block, uncut
-    sizes = (output_shape(model, cfg.sparsity).sizes[0] if model.arch.uniform
-             else Sizes(widest.n_kv, widest.group, widest.intermediate))
-    p = make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity, cfg.max_memory,
-                  cfg.batch_size, stage_work_bytes(cfg, model, sizes))
-    info = p.as_dict()
-    if timing:
-        passes = stage_forward_passes(cfg)
-        info["estimated_seconds"] = round(estimate_seconds(model, cfg.samples, cfg.seq_len, cfg.device, passes), 1)
-    return info
+def planned_sizes(model, sparsity: float) -> Sizes:
+    """The cut planned for: the fixed rule's (blocks of one shape), or an input already cut per
+    block planned for its widest block, uncut."""
+    if model.arch.uniform:
+        return output_shape(model, sparsity).sizes[0]
+    widest = model.arch.widest
+    return Sizes(widest.n_kv, widest.group, widest.intermediate)
+
+
+def plan_run(cfg, model, max_memory: int | None = None, host_memory: int | None = None,
+             check_host: bool = True) -> Plan:
+    """make_plan for the run `cfg` describes; max_memory overrides cfg.max_memory."""
+    sizes = planned_sizes(model, cfg.sparsity)
+    scoring, compensation = stage_bytes(cfg, model, sizes)
+    return make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity, max_memory or cfg.max_memory,
+                     cfg.batch_size, scoring, compensation, host_memory, check_host)

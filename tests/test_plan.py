@@ -1,11 +1,15 @@
 """The plan: sizes parse, the micro-batch shrinks to fit the memory limit, runs that cannot fit
-are refused up front, and the prediction is not below what a run really uses."""
+are refused up front with the breakdown and what would fit, the prediction is not below what a
+run really uses; `plan` answers memory and disk for a GPU that is not here, prints the whole
+prediction when a run does not fit (exit 1) with changes that really fit, checks free disk, says
+the CPU activation cap and a --max-memory beyond the machine."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +20,8 @@ from streamprune.cli import main
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
 from streamprune.model import open_model, output_shape
-from streamprune.plan import activation_bytes, make_plan, parse_bytes, stage_work_bytes
+from streamprune.plan import activation_bytes, make_plan, parse_bytes, stage_bytes
+from streamprune.timing import duration, estimate_time, find_gpu
 from tests.models import DEVICES, save_tiny_model
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
@@ -42,7 +47,9 @@ def test_micro_batch_shrinks_with_the_memory_limit():
 def test_run_refuses_up_front_when_it_cannot_fit(tmp_path):
     cfg = RunConfig(shards=DEMO / "stories260K", out=tmp_path / "out", calib=DEMO / "calib.txt", samples=4,
                     seq_len=64, max_memory=300 * 2**20, progress=False)
-    with pytest.raises(StreamPruneError, match="needs about .* GiB of host memory"):
+    with pytest.raises(StreamPruneError, match=r"needs about .* of host memory with micro-batch 1 \(weights .*"
+                                               r"process 700.0 MiB\), 300.0 MiB available .*it would fit with "
+                                               r"--max-memory [\d.]+[GM]iB"):
         pipeline.run(cfg)
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
 
@@ -68,8 +75,9 @@ def test_gpu_prediction_covers_the_measured_gpu_peak(tmp_path, device):
     report = pipeline.run(cfg)
     model = open_model(src)
     sizes = output_shape(model, cfg.sparsity).sizes[0]
+    scoring, compensation = stage_bytes(cfg, model, sizes)
     predicted = make_plan(model, sizes, 16, 512, device, cfg.sparsity, batch_size=report["timing"]["micro_batch"],
-                          work_bytes=stage_work_bytes(cfg, model, sizes))
+                          scoring_bytes=scoring, compensation_bytes=compensation)
     assert predicted.peak_device_bytes >= report["timing"]["peak_cuda_bytes"]
 
 
@@ -87,3 +95,124 @@ def test_plan_command_prints_disk_memory_and_time():
     r = CliRunner().invoke(main, ["plan", "--shards", str(DEMO / "stories260K"), "--samples", "8", "--seq-len", "64"])
     assert r.exit_code == 0, r.output
     assert "activation cache" in r.output and "peak host" in r.output and "time: about" in r.output
+
+
+STORIES = str(DEMO / "stories260K")
+NO_GPU_HERE = pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU that is not on this machine")
+COMPONENTS = ("weights", "prefetch and write", "activations", "scoring", "compensation", "embedding rows", "process")
+
+
+def plan(*args, timing: bool = False):
+    return CliRunner().invoke(main, ["plan", "--shards", STORIES, *(() if timing else ("--no-timing",)),
+                                     *map(str, args)])
+
+
+def plan_json(*args) -> dict:
+    r = plan(*args, "--json")
+    assert r.exit_code in (0, 1), r.output
+    info = json.loads(r.stdout)
+    assert r.exit_code == (0 if info["fits"] else 1)  # a script can tell from the exit code alone
+    return info
+
+
+@NO_GPU_HERE
+def test_plan_for_a_cuda_gpu_that_is_not_here(tmp_path):
+    r = plan("--device", "cuda", "--max-memory", "24GiB", "--samples", 8, "--seq-len", 64, "--out", tmp_path / "out",
+             timing=True)
+    assert r.exit_code == 0, r.output
+    assert "peak GPU: " in r.output and "of 24.00 GiB (--max-memory" in r.output and "verdict: fits" in r.output
+    assert f"{tmp_path}: needs " in r.output and "time: not measured here" in r.output
+    assert not (tmp_path / "out").exists()  # plan writes nothing
+    info = plan_json("--device", "cuda", "--max-memory", "24GiB", "--samples", 8, "--seq-len", 64)
+    assert info["peak_device_bytes"] > 0 and not info["device_here"] and info["host_limit_bytes"] is None
+
+
+@NO_GPU_HERE
+def test_plan_for_cuda_needs_the_gpu_described():
+    r = plan("--device", "cuda")
+    assert r.exit_code == 2 and "describe the one to plan for with --max-memory" in r.stderr, r.output
+
+
+def test_plan_for_a_known_gpu_uses_its_datasheet():
+    r = plan("--gpu", "RTX 4090", "--samples", 8, "--seq-len", 64, timing=True)
+    assert r.exit_code == 0, r.output
+    assert "plan for a RTX 4090 (datasheet)" in r.output and "of 24.00 GiB (the GPU's datasheet memory" in r.output
+    assert "time: at least" in r.output and "datasheet peak of 165 TFLOP/s" in r.output
+    assert find_gpu("a100-80gb").memory_bytes == 80 * 2**30
+    with pytest.raises(StreamPruneError, match="'a100' is ambiguous; known: rtx-3090"):
+        find_gpu("a100")
+
+
+def test_a_run_that_does_not_fit_prints_the_whole_prediction_and_what_would_fit():
+    r = plan("--samples", 64, "--seq-len", 2048, "--max-memory", "1GiB")
+    assert r.exit_code == 1 and "error" not in r.output, r.output
+    assert all(f"\n  {name} " in r.output for name in COMPONENTS), r.output
+    assert "peak host: " in r.output and "DOES NOT FIT" in r.output and "verdict: does not fit" in r.output
+    assert "it would fit with any one of:\n  --max-memory 1.2GiB (micro-batch 1, peak " in r.output
+    assert "\n  --method magnitude (" in r.output and "\n  --device cuda --max-memory " in r.output
+
+
+CASES = {  # does not fit -> the suggestions, each checked by planning again with it
+    "cpu-scoring": ("--samples", 64, "--seq-len", 2048, "--max-memory", "1GiB"),
+    "cpu-activations": ("--samples", 64, "--seq-len", 2048, "--max-memory", "900MiB", "--method", "magnitude",
+                        "--compensate", "none"),
+    "batch-size": ("--samples", 64, "--seq-len", 2048, "--max-memory", "4GiB", "--batch-size", 64),
+    "gpu": ("--device", "cuda", "--max-memory", "200MiB", "--samples", 64, "--seq-len", 2048),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_suggestion_fits_when_applied(case):
+    info = plan_json(*CASES[case])
+    assert not info["fits"] and info["suggestions"]
+    changes = [s["change"] for s in info["suggestions"]]
+    expected = {"cpu-scoring": "--max-memory", "cpu-activations": "--seq-len", "batch-size": "--batch-size 0",
+                "gpu": "--max-memory"}[case]
+    assert any(c.startswith(expected) for c in changes), changes
+    for change in changes:
+        again = plan_json(*CASES[case], *change.split())  # click: the last value of an option wins
+        assert again["fits"], (change, again["short_of"])
+
+
+def test_plan_checks_free_disk(monkeypatch, tmp_path):
+    free = 5 * 2**20
+    monkeypatch.setattr("streamprune.validate.shutil.disk_usage", lambda p: SimpleNamespace(free=free))
+    args = ("--samples", 64, "--seq-len", 256, "--out", tmp_path / "out")
+    r = plan(*args)
+    assert r.exit_code == 1, r.output
+    assert f"{tmp_path}: needs 8.7 MiB (output 0.7 MiB, activation cache 8.0 MiB), 5.0 MiB free: DOES NOT FIT" in r.output
+    info = plan_json(*args)
+    assert info["memory_fits"] and not info["disk_fits"] and info["verdict"] == "does not fit"
+    changes = [s["change"] for s in info["suggestions"]]
+    assert f"free 3.7 MiB in {tmp_path}" in changes and "--cache-dir on a disk with 8.0 MiB free" in changes
+    samples = [c for c in changes if c.startswith("--samples ")]
+    assert samples == ["--samples 34"] and plan_json(*args, *samples[0].split())["fits"]  # below 2 x 64: not rounded
+
+
+def test_plan_says_when_the_cpu_activation_cap_sets_the_micro_batch():
+    r = plan("--samples", 64, "--seq-len", 2048, "--max-memory", "20GiB")
+    assert r.exit_code == 0, r.output
+    assert "memory with micro-batch 7 (capped: on a CPU a micro-batch is kept under 1.00 GiB of activations" in r.output
+    assert plan_json("--samples", 64, "--seq-len", 2048, "--max-memory", "20GiB")["limited_by"] == "activation cap"
+
+
+def test_plan_prints_the_warning_for_max_memory_beyond_the_machine():
+    r = plan("--samples", 8, "--seq-len", 64, "--max-memory", "16384GiB")
+    assert r.exit_code == 0, r.output
+    assert "\nwarning: --max-memory 16384.00 GiB is more than the " in r.stdout and not r.stderr
+
+
+def test_durations_read_in_hours_and_days():
+    assert [duration(s) for s in (0.25, 45, 12 * 60, 6.3 * 3600, 378172 * 60)] == [
+        "0.2 s", "45 s", "12 min", "6.3 h", "6303 h (262.6 days)"]
+
+
+def test_time_estimate_is_the_median_of_the_calibrations_and_says_how(monkeypatch):
+    monkeypatch.setattr("streamprune.timing.measure_flops", lambda device: [1e9, 2e9, 4e9])
+    monkeypatch.setattr("streamprune.timing.measure_read_speed", lambda index: 1e12)
+    model = open_model(DEMO / "stories260K")
+    t = estimate_time(model, 8, 64, torch.device("cpu"), 5.0)
+    flops = 2 * sum(b.n_params() for b in model.arch.blocks) * 8 * 64 * 5.0
+    assert t.flops == flops and t.seconds == pytest.approx(flops / 2e9 + t.io_bytes / 1e12)
+    assert t.low_seconds == pytest.approx(flops / 4e9 + t.io_bytes / 1e12) and t.low_seconds < t.seconds < t.high_seconds
+    assert "3 matmul calibrations' 1-4 GFLOP/s" in t.how and "not counted" in t.how
