@@ -131,11 +131,13 @@ def refusal(cfg, model, p: Plan) -> str:
     need = p.peak_device_bytes if which == "GPU" else p.peak_host_bytes
     have = p.max_memory_bytes if which == "GPU" or not p.peak_device_bytes else p.host_limit_bytes
     parts = ", ".join(f"{c.name.replace('_', ' ')} {gib(c.bytes)}" for c in p.breakdown if c.memory == which and c.bytes)
-    fixes = "; ".join(s.change for s in suggestions(cfg, model, p))
+    fixes = [s.change for s in suggestions(cfg, model, p)
+             if torch.cuda.is_available() or not s.change.startswith("--device cuda")]  # what runs here
     return (f"this run needs about {gib(need)} of {which} memory with micro-batch {p.micro_batch} ({parts}), "
             f"{gib(have)} available ({USABLE:.0%} of it planned for); "
-            + (f"it would fit with {fixes}" if fixes else "no change of its options makes it fit")
-            + "; `streamprune plan` shows the whole prediction")
+            + (f"it would fit with {', '.join(fixes[:-1])}{' or ' if len(fixes) > 1 else ''}{fixes[-1]}" if fixes
+               else "no single change of its options makes it fit")
+            + " (`streamprune plan` shows the whole prediction)")
 
 
 def physical_memory(device: torch.device, gpu: Gpu | None = None) -> tuple[int, str] | None:

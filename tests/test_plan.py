@@ -6,8 +6,10 @@ the CPU activation cap and a --max-memory beyond the machine."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,9 +51,11 @@ def test_run_refuses_up_front_when_it_cannot_fit(tmp_path):
                     seq_len=64, max_memory=300 * 2**20, progress=False)
     with pytest.raises(StreamPruneError, match=r"needs about .* of host memory with micro-batch 1 \(weights .*"
                                                r"process 700.0 MiB\), 300.0 MiB available .*it would fit with "
-                                               r"--max-memory [\d.]+[GM]iB"):
+                                               r"--max-memory [\d.]+[GM]iB") as refused:
         pipeline.run(cfg)
-    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert not (tmp_path / "out").exists()
+    suggested = re.search(r"--max-memory ([\d.]+[GM]iB)", str(refused.value)).group(1)
+    assert pipeline.memory_plan(replace(cfg, max_memory=parse_bytes(suggested)), open_model(cfg.shards)).fits
 
 
 def test_prediction_covers_the_measured_peak(tmp_path):
