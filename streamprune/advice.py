@@ -143,7 +143,7 @@ def refusal(cfg, model, p: Plan) -> str:
 def physical_memory(device: torch.device, gpu: Gpu | None = None) -> tuple[int, str] | None:
     """Total memory of what --max-memory limits: (bytes, what it is); None for a GPU not here."""
     if gpu is not None:
-        return gpu.memory_bytes, f"GPU memory of an {gpu.name} (datasheet)"
+        return gpu.memory_bytes, f"{gpu.name} GPU memory (datasheet)"
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return None
@@ -156,8 +156,8 @@ def memory_warning(max_memory: int | None, device: str, gpu: Gpu | None = None) 
     total = physical_memory(parse_device(device), gpu) if max_memory is not None else None
     if total is None or max_memory <= total[0]:
         return None
-    return (f"--max-memory {gib(max_memory)} is more than the {gib(total[0])} of {total[1]}; "
-            "the run may swap or be killed")
+    risk = "run out of GPU memory" if parse_device(device).type == "cuda" else "swap or be killed"
+    return f"--max-memory {gib(max_memory)} is more than the {gib(total[0])} of {total[1]}; the run may {risk}"
 
 
 def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None) -> dict:

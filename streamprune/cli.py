@@ -355,7 +355,7 @@ CAUSES = {"samples": "all the windows at once", "memory": "the largest that fits
 def plan_lines(info: dict) -> list[str]:
     """The plan as printed: model, disk, memory breakdown, time, verdict, what would fit."""
     gpu = info["peak_device_bytes"] > 0
-    where = (f"a {info['gpu']['name']} (datasheet)" if info["gpu"] else
+    where = (f"{info['gpu']['name']} (datasheet numbers)" if info["gpu"] else
              "a GPU described by --max-memory (none here)" if not info["device_here"] else info["device"])
     lines = [f"plan for {where}: {info['samples']} windows of {info['seq_len']} tokens",
              f"largest block: {gib(info['block_stored_bytes'])} stored, {gib(info['block_compute_bytes'])} "

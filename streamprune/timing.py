@@ -137,7 +137,8 @@ def estimate_time(model, samples: int, seq_len: int, device: torch.device, forwa
     each = sorted(flops / r + io / read for r in rates)
     how = (f"{flops:.3g} FLOPs at the {len(rates)} matmul calibrations' {min(rates) / 1e9:.0f}-"
            f"{max(rates) / 1e9:.0f} GFLOP/s ({CALIBRATION_SECONDS} s each), {io / 2**30:.3g} GiB of I/O at the "
-           f"{read / 1e6:.0f} MB/s read from the largest shard; {NOT_COUNTED}, so a run may take longer")
+           f"{read / 1e6:.0f} MB/s read from the largest shard, under this machine's load now (other work changes it); "
+           f"{NOT_COUNTED}, so a run may take longer")
     return TimeEstimate(statistics.median(each), each[0], each[-1], None, how, flops, io, tuple(rates), read)
 
 

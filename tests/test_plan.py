@@ -140,7 +140,7 @@ def test_plan_for_cuda_needs_the_gpu_described():
 def test_plan_for_a_known_gpu_uses_its_datasheet():
     r = plan("--gpu", "RTX 4090", "--samples", 8, "--seq-len", 64, timing=True)
     assert r.exit_code == 0, r.output
-    assert "plan for a RTX 4090 (datasheet)" in r.output and "of 24.00 GiB (the GPU's datasheet memory" in r.output
+    assert "plan for RTX 4090 (datasheet numbers)" in r.output and "of 24.00 GiB (the GPU's datasheet memory" in r.output
     assert "time: at least" in r.output and "datasheet peak of 165 TFLOP/s" in r.output
     assert find_gpu("a100-80gb").memory_bytes == 80 * 2**30
     with pytest.raises(StreamPruneError, match="'a100' is ambiguous; known: rtx-3090"):
