@@ -87,7 +87,7 @@ def suggestions(cfg, model, p: Plan, disk_ok=None, check_host: bool = True) -> l
                           if x)
         out.append(found(change, q))
     if parse_device(cfg.device).type == "cpu" and p.short_of:
-        out += gpu_suggestion(cfg, model)
+        out += [s for s, q in gpu_suggestion(cfg, model) if disk_ok(q)]
     return out
 
 
@@ -107,7 +107,7 @@ def limit_suggestions(cfg, p: Plan, replan, ok, found, check_host: bool) -> list
     return [found(f"--max-memory {text}", q, note)] if ok(q) else []
 
 
-def gpu_suggestion(cfg, model) -> list[Suggestion]:
+def gpu_suggestion(cfg, model) -> list[tuple[Suggestion, Plan]]:
     """A CPU run that does not fit: the GPU memory the same run needs on CUDA (micro-batch 1)."""
     gpu_cfg = dataclasses.replace(cfg, device="cuda", max_memory=None)
     least = plan_run(dataclasses.replace(gpu_cfg, batch_size=cfg.batch_size or 1), model, ANY_GPU, check_host=False)
@@ -115,8 +115,8 @@ def gpu_suggestion(cfg, model) -> list[Suggestion]:
     q = plan_run(gpu_cfg, model, parse_bytes(text), check_host=False)
     if not q.fits:
         return []
-    return [Suggestion(f"--device cuda --max-memory {text}", q.micro_batch, q.peak_device_bytes,
-                       f"{gpu_note(parse_bytes(text))}, and {gib(q.peak_host_bytes)} of host memory")]
+    return [(Suggestion(f"--device cuda --max-memory {text}", q.micro_batch, q.peak_device_bytes,
+                        f"{gpu_note(parse_bytes(text))}, and {gib(q.peak_host_bytes)} of host memory"), q)]
 
 
 def gpu_note(memory_bytes: int) -> str:
@@ -186,7 +186,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None) -> dict
 
     disk = disk_needs(cfg.out, cache_folder, p.output_bytes, p.cache_bytes)
     fits = p.fits and all(d.fits for d in disk)
-    advice = [] if fits else suggestions(cfg, model, p, disk_ok, here) + disk_suggestions(disk, p)
+    advice = [] if fits else suggestions(cfg, model, p, disk_ok, here) + (disk_suggestions(disk, p) if p.fits else [])
     warning = memory_warning(cfg.max_memory, cfg.device, gpu)
     estimate = (estimate_time(model, cfg.samples, cfg.seq_len, dev, stage_forward_passes(cfg), gpu, here)
                 if timing else None)
@@ -205,13 +205,15 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None) -> dict
 
 
 def disk_suggestions(disk, p: Plan) -> list[Suggestion]:
-    """Where the disk is short: how much to free there, or a cache folder on another disk."""
+    """Where the disk is short (and the memory fits): how much to free there, or the cache on
+    another disk when the output alone fits where it goes."""
     out = []
     for d in disk:
         if d.fits:
             continue
         out.append(Suggestion(f"free {gib(d.need_bytes - d.free_bytes)} in {d.folder}", p.micro_batch, 0,
                               f"needs {gib(d.need_bytes)} ({', '.join(d.parts)}), {gib(d.free_bytes)} free"))
-        if any(part.startswith("activation cache") for part in d.parts):
+        if any(part.startswith("activation cache") for part in d.parts) and (
+                len(d.parts) == 1 or p.output_bytes <= d.free_bytes):
             out.append(Suggestion(f"--cache-dir on a disk with {gib(p.cache_bytes)} free", p.micro_batch, 0))
     return out
