@@ -99,6 +99,9 @@ def test_plan_command_prints_disk_memory_and_time():
     r = CliRunner().invoke(main, ["plan", "--shards", str(DEMO / "stories260K"), "--samples", "8", "--seq-len", "64"])
     assert r.exit_code == 0, r.output
     assert "activation cache" in r.output and "peak host" in r.output and "time: about" in r.output
+    assert re.search(r"time: about [\d.]+ s \(from [\d.]+ s to [\d.]+ s\)\n  how: .* 3 matmul calibrations", r.output)
+    assert r.output.endswith("verdict: fits\n")
+
 
 
 STORIES = str(DEMO / "stories260K")
@@ -220,3 +223,13 @@ def test_time_estimate_is_the_median_of_the_calibrations_and_says_how(monkeypatc
     assert t.flops == flops and t.seconds == pytest.approx(flops / 2e9 + t.io_bytes / 1e12)
     assert t.low_seconds == pytest.approx(flops / 4e9 + t.io_bytes / 1e12) and t.low_seconds < t.seconds < t.high_seconds
     assert "3 matmul calibrations' 1-4 GFLOP/s" in t.how and "not counted" in t.how
+
+
+def test_plan_json_carries_the_breakdown_disk_verdict_and_time():
+    info = plan_json("--samples", 8, "--seq-len", 64)
+    assert [c["name"] for c in info["breakdown"]] == [n.replace(" ", "_") for n in COMPONENTS]
+    assert info["verdict"] == "fits" and info["disk"][0]["fits"] and info["suggestions"] == []
+    assert info["time"] is None  # --no-timing
+    timed = json.loads(plan("--samples", 8, "--seq-len", 64, "--json", timing=True).stdout)
+    t = timed["time"]
+    assert t["low_seconds"] <= t["seconds"] <= t["high_seconds"] and len(t["flops_per_second"]) == 3 and t["how"]
