@@ -68,7 +68,7 @@ def suggestions(cfg, model, p: Plan, disk_ok=None, check_host: bool = True) -> l
     if cfg.batch_size and ok(q := replan(batch_size=0)):
         out.append(found("--batch-size 0", q, f"picks micro-batch {q.micro_batch}"))
     if p.short_of == ("GPU" if p.peak_device_bytes else "host"):
-        out += limit_suggestions(cfg, p, replan, ok, found, check_host)
+        out += limit_suggestions(cfg, p, replan, ok, found)
     if p.short_of == "host" and p.peak_device_bytes:
         need = int(p.peak_host_bytes / USABLE) + 1
         out.append(Suggestion(f"a machine with {gib(need)} of free host memory", p.micro_batch, p.peak_host_bytes,
@@ -91,7 +91,7 @@ def suggestions(cfg, model, p: Plan, disk_ok=None, check_host: bool = True) -> l
     return out
 
 
-def limit_suggestions(cfg, p: Plan, replan, ok, found, check_host: bool) -> list[Suggestion]:
+def limit_suggestions(cfg, p: Plan, replan, ok, found) -> list[Suggestion]:
     """The smallest --max-memory under which the run fits at micro-batch 1 (or --batch-size)."""
     batch = cfg.batch_size or 1
     least = replan(limit=ANY_GPU, batch_size=batch)
@@ -102,8 +102,9 @@ def limit_suggestions(cfg, p: Plan, replan, ok, found, check_host: bool) -> list
     if p.peak_device_bytes:
         note = gpu_note(parse_bytes(text))
     else:
-        total = psutil.virtual_memory().total
-        note = f"this machine has {gib(total)}" + ("; it may swap or be killed" if parse_bytes(text) > total else "")
+        memory = psutil.virtual_memory()
+        note = (f"this machine has {gib(memory.total)}, {gib(memory.available)} free now"
+                + ("; it may swap or be killed" if parse_bytes(text) > memory.total else ""))
     return [found(f"--max-memory {text}", q, note)] if ok(q) else []
 
 
