@@ -311,8 +311,8 @@ def inspect(shards: Path, sparsity: float, as_json: bool):
 
 @main.command("plan")
 @click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder.")
-@click.option("--out", type=PathArg(), default=Path("."), help="Where the output would go (free disk is checked "
-              "there).  [default: the current folder]")
+@click.option("--out", type=PathArg(), default=Path("."), help="Where the output would go; free disk is checked "
+              "there (default: the current folder).")
 @click.option("--cache-dir", type=PathArg(), help="Where the activation cache would go (default: inside --out).")
 @click.option("--sparsity", default=RunConfig.sparsity, show_default=True)
 @click.option("--samples", default=RunConfig.samples, show_default=True)
