@@ -1,17 +1,17 @@
-"""Calibration tokens: tokenize a text file with the model's tokenizer and cut it into windows;
-gather the embedding rows those tokens need (and no others)."""
+"""Calibration tokens: tokenize a text (a file, or documents: documents.py) with the model's
+tokenizer and cut it into windows; gather the embedding rows those tokens need (and no others)."""
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
 import torch
 
+from .documents import as_source
 from .errors import StreamPruneError
 from .families import EMBED
-from .shards import check_folder_files, is_input_file, open_input
+from .shards import check_folder_files
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +36,18 @@ def bos_id(tokenizer) -> int | None:
     return bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
 
 
-def read_text(path: Path) -> str:
-    """A calibration or evaluation text: a regular file (never a FIFO or a device), not blank."""
-    path = Path(path)
-    if not is_input_file(path):
-        raise StreamPruneError(f"text file not found: {path}")
-    with io.TextIOWrapper(open_input(path), encoding="utf-8", errors="replace") as f:  # as Path.read_text
-        text = f.read()
-    if not text.strip():
-        raise StreamPruneError(f"text file is empty: {path}")
-    return text
+def read_text(text) -> str:
+    """A calibration or evaluation text (a path or a documents.TextSource): a plain text file (a
+    regular file, never a FIFO or a device), or the documents of a JSON lines or Parquet file or a
+    dataset joined with blank lines; never blank."""
+    return as_source(text).read()
 
 
-def tokenize_file(tokenizer, path: Path, special_tokens: bool = False) -> list[int]:
-    """The whole file as one token stream; with the tokenizer's default special tokens (a Llama
-    BOS at the very start: evaluation) or without (calibration windows get their own BOS)."""
-    return tokenizer(read_text(path), add_special_tokens=special_tokens, verbose=False).input_ids
+def tokenize_file(tokenizer, text, special_tokens: bool = False) -> list[int]:
+    """The whole text (a path or a TextSource) as one token stream; with the tokenizer's default
+    special tokens (a Llama BOS at the very start: evaluation) or without (calibration windows get
+    their own BOS)."""
+    return tokenizer(read_text(text), add_special_tokens=special_tokens, verbose=False).input_ids
 
 
 def token_windows(ids: list[int], n: int, seq_len: int, bos: int | None) -> torch.Tensor:

@@ -233,11 +233,36 @@ def compensation_options(command):
              "mean output to their biases (FLAP; Llama, and Qwen3 attention); none.")(command)
 
 
+def model_options(name: str, what: str):
+    """--shards / --model (a folder, or a Hub id) and --revision."""
+    def decorate(command):
+        command = click.option("--revision", help="Hub revision (branch, tag or commit) of a Hub id.")(command)
+        return click.option(name, required=True, type=PathArg(),
+                            help=f"{what}: a folder, or a Hugging Face Hub id (org/name: downloaded into the "
+                                 "Hub cache, safetensors only; a local path wins).")(command)
+    return decorate
+
+
+def model_folder(arg: Path, revision: str | None) -> Path:
+    """The local folder of --shards / --model: the path, or a Hub id's snapshot in the Hub cache."""
+    from .hub import resolve_model
+    folder = resolve_model(arg, revision)
+    if folder != Path(arg):
+        click.echo(f"{arg}: Hugging Face Hub snapshot {folder}", err=True)
+    return folder
+
+
+TEXT_FIELD_HELP = "The text field of JSON lines / Parquet rows or a dataset's column."
+
+
 @main.command()
-@click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder (safetensors).")
+@model_options("--shards", "Model to prune")
 @click.option("--out", required=True, type=PathArg(), help="Output folder (resumable).")
 @click.option("--sparsity", default=RunConfig.sparsity, show_default=True, help="Fraction of each block's weights to remove, in [0, 1).")
-@click.option("--calib", type=PathArg(dir_okay=False), help="Calibration text file.")
+@click.option("--calib", type=PathArg(dir_okay=False),
+              help="Calibration text: a plain text file, JSON lines (.jsonl, .json, .gz) or Parquet.")
+@click.option("--calib-dataset", help="Calibration from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --calib).")
+@click.option("--text-field", default=RunConfig.text_field, show_default=True, help=TEXT_FIELD_HELP)
 @click.option("--samples", default=RunConfig.samples, show_default=True, help="Calibration windows.")
 @click.option("--seq-len", default=RunConfig.seq_len, show_default=True, help="Tokens per calibration window.")
 @click.option("--device", type=Device(), default=RunConfig.device, show_default=True, help="cpu or cuda.")
@@ -264,12 +289,13 @@ def compensation_options(command):
               help="Held-out text: measure perplexity before and after (streaming), into report.json.")
 @click.option("--eval-seq-len", default=0, help="Tokens per evaluation window (0: --seq-len, at most max positions).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(quiet: bool, **kwargs):
+def run(quiet: bool, revision: str | None, **kwargs):
     """Prune a model; re-running the same command resumes an interrupted run."""
     from .pipeline import run as run_pipeline
     from .scoring import SCORERS
     if kwargs["method"] not in SCORERS:
         raise StreamPruneError(f"unknown --method {kwargs['method']!r}; choose from {', '.join(SCORERS)}")
+    kwargs["shards"] = model_folder(kwargs["shards"], revision)
     cfg = RunConfig(progress=not quiet, **kwargs)
     warn_beyond_physical(cfg.max_memory, cfg.device)
     report = run_pipeline(cfg)
@@ -283,13 +309,13 @@ def run(quiet: bool, **kwargs):
 
 
 @main.command()
-@click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder.")
+@model_options("--shards", "Model")
 @click.option("--sparsity", default=RunConfig.sparsity, show_default=True, help="Show what this sparsity would remove.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(shards: Path, sparsity: float, as_json: bool):
+def inspect(shards: Path, revision: str | None, sparsity: float, as_json: bool):
     """Print the model's shape and the pruning plan, from headers only."""
     from .inspect import describe
-    info = describe(shards, sparsity)
+    info = describe(model_folder(shards, revision), sparsity)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -310,7 +336,7 @@ def inspect(shards: Path, sparsity: float, as_json: bool):
 
 
 @main.command("plan")
-@click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder.")
+@model_options("--shards", "Model")
 @click.option("--out", type=PathArg(), default=Path("."), help="Where the output would go; free disk is checked "
               "there (default: the current folder).")
 @click.option("--cache-dir", type=PathArg(), help="Where the activation cache would go (default: inside --out).")
@@ -329,13 +355,14 @@ def inspect(shards: Path, sparsity: float, as_json: bool):
               "default: what is free, or the --gpu's memory).")
 @click.option("--no-timing", is_flag=True, help="Skip the short speed calibration (no time estimate).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan_command(shards, out, cache_dir, sparsity, samples, seq_len, device, gpu_name, method, budget, compensate,
-                 batch_size, max_memory, no_timing, as_json):
+def plan_command(shards, revision, out, cache_dir, sparsity, samples, seq_len, device, gpu_name, method, budget,
+                 compensate, batch_size, max_memory, no_timing, as_json):
     """Predict disk, memory, micro-batch and time of a run, from headers only. Exit code 0: it
     fits; 1: it does not (the prediction and what would fit are printed); 2: an error."""
     from .advice import describe_plan
     if gpu_name and device == RunConfig.device:
         device = "cuda"
+    shards = model_folder(shards, revision)
     cfg = RunConfig(shards=shards, out=out, cache_dir=cache_dir, sparsity=sparsity, samples=samples,
                     seq_len=seq_len, device=device, method=method, budget=budget, compensate=compensate,
                     batch_size=batch_size, max_memory=max_memory)
@@ -413,8 +440,11 @@ def duration(seconds: float) -> str:
 
 
 @main.command("eval")
-@click.option("--model", required=True, type=PathArg(), help="Hugging Face model folder (input or pruned).")
-@click.option("--text", required=True, type=PathArg(dir_okay=False), help="Held-out text file.")
+@model_options("--model", "Model (input or pruned)")
+@click.option("--text", type=PathArg(dir_okay=False),
+              help="Held-out text: a plain text file, JSON lines (.jsonl, .json, .gz) or Parquet.")
+@click.option("--text-dataset", help="Held-out text from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --text).")
+@click.option("--text-field", default=RunConfig.text_field, show_default=True, help=TEXT_FIELD_HELP)
 @click.option("--seq-len", default=0, help="Tokens per window (0: 2048, at most max_position_embeddings).")
 @click.option("--device", type=Device(), default=RunConfig.device, show_default=True, help="cpu or cuda.")
 @click.option("--batch-size", default=0, help="Windows per micro-batch (0: automatic).")
@@ -422,17 +452,23 @@ def duration(seconds: float) -> str:
 @click.option("--cache-dir", type=PathArg(), help="Where the activation cache goes (default: temp dir).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_command(model, text, seq_len, device, batch_size, max_windows, cache_dir, as_json, quiet):
+def eval_command(model, revision, text, text_dataset, text_field, seq_len, device, batch_size, max_windows, cache_dir,
+                 as_json, quiet):
     """Perplexity on held-out text, streaming one block at a time."""
+    from .documents import TextSource
     from .evaluate import perplexity
     if seq_len < 0 or batch_size < 0 or max_windows < 0:
         raise StreamPruneError("--seq-len, --batch-size and --max-windows must be >= 0")
-    r = perplexity(model, text, seq_len or None, device, batch_size, max_windows or None, cache_dir,
+    if (text is None) == (text_dataset is None):
+        raise StreamPruneError("give --text FILE or --text-dataset NAME (one of them)")
+    source = TextSource(file=text, dataset=text_dataset, field=text_field)
+    folder = model_folder(model, revision)
+    r = perplexity(folder, source, seq_len or None, device, batch_size, max_windows or None, cache_dir,
                    progress=not quiet and not as_json)
     if as_json:
         click.echo(json.dumps(dict(r.as_dict(), model=str(model)), indent=2))
         return
-    click.echo(f"{model}: perplexity {r.ppl:.4f} on {text} ({r.windows} windows of {r.seq_len} tokens, "
+    click.echo(f"{model}: perplexity {r.ppl:.4f} on {r.text} ({r.windows} windows of {r.seq_len} tokens, "
                f"{r.tokens:,} predicted; {r.seconds:.1f}s)")
 
 

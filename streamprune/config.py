@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .documents import TextSource
 from .errors import StreamPruneError
 
 
@@ -29,6 +29,8 @@ class RunConfig:
     out: Path
     sparsity: float = 0.3
     calib: Path | None = None
+    calib_dataset: str | None = None  # NAME[:CONFIG][:SPLIT] of a `datasets` dataset, instead of --calib
+    text_field: str = "text"  # the text of each row of a JSON lines / Parquet file or a dataset
     samples: int = 128
     seq_len: int = 2048
     device: str = "cpu"
@@ -78,9 +80,18 @@ class RunConfig:
         if self.max_memory is not None and not 1 <= self.max_memory <= MAX_MEMORY:
             raise StreamPruneError("--max-memory must be between 1 byte and 16 EiB")
 
+    def calib_source(self) -> TextSource:
+        return TextSource(file=self.calib, dataset=self.calib_dataset, field=self.text_field)
+
+    def eval_source(self) -> TextSource:
+        return TextSource(file=self.eval, field=self.text_field)
+
     # Fields that do not change the output bytes, so a resumed run may differ in them.
     NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "restart", "progress", "batch_size", "max_memory", "overlap",
                          "eval", "eval_seq_len")
+
+    # Fingerprinted only when not the default, so a journal written before they existed still resumes.
+    FINGERPRINTED_WHEN_SET = ("calib_dataset", "text_field")
 
     def fingerprint(self) -> dict:
         """What must match for a re-run to resume into the same output folder."""
@@ -89,9 +100,11 @@ class RunConfig:
             if f.name in self.NOT_FINGERPRINTED:
                 continue
             v = getattr(self, f.name)
+            if f.name in self.FINGERPRINTED_WHEN_SET and v == f.default:
+                continue
             fp[f.name] = str(Path(v).resolve()) if isinstance(v, Path) else v
-        if self.calib is not None:
-            fp["calib_sha256"] = hashlib.sha256(Path(self.calib).read_bytes()).hexdigest()
+        if self.calib is not None or self.calib_dataset is not None:
+            fp["calib_sha256"] = self.calib_source().sha256()  # also covers the field and the dataset
         return fp
 
     def as_dict(self) -> dict:

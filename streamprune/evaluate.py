@@ -9,7 +9,6 @@ window predicts its seq_len - 1 next tokens. Perplexity = exp(mean negative log-
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import tempfile
@@ -22,6 +21,7 @@ import torch
 from .block import block_forward, rms_norm
 from .cache import EVAL_PREFIX, ActivationCache
 from .calibration import check_tokens_fit, load_tokenizer, tokenize_file, write_embeddings
+from .documents import as_source
 from .errors import StreamPruneError
 from .families import EMBED, FINAL_NORM, LM_HEAD, rotary_tables
 from .model import check_device, compute_dtype, open_model
@@ -156,17 +156,19 @@ def head_nll(model, cache: ActivationCache, tokens: torch.Tensor, batch: int, de
     return nll_sum(state)
 
 
-def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str = "cpu",
+def perplexity(folder: Path, text, seq_len: int | None = None, device: str = "cpu",
                batch_size: int = 0, max_windows: int | None = None, cache_dir: Path | None = None,
                progress: bool = False) -> EvalResult:
-    """Perplexity of the model in `folder` on `text`, streaming one block at a time."""
+    """Perplexity of the model in `folder` on `text` (a path or a documents.TextSource),
+    streaming one block at a time."""
     from tqdm import tqdm
 
     t0 = time.time()
     dev = check_device(device)
     model = open_model(folder)
     T = choose_seq_len(model.arch.config, seq_len)
-    tokens = eval_windows(tokenize_file(load_tokenizer(model.folder), text, special_tokens=True), T, max_windows)
+    source = as_source(text)
+    tokens = eval_windows(tokenize_file(load_tokenizer(model.folder), source, special_tokens=True), T, max_windows)
     check_tokens_fit(model.index, tokens)  # before any cache exists
     n = tokens.shape[0]
     batch = micro_batch(model.arch, T, n, batch_size)
@@ -184,6 +186,6 @@ def perplexity(folder: Path, text: Path, seq_len: int | None = None, device: str
         bar.close()
     count = n * (T - 1)
     nll = total / count
-    return EvalResult(text=str(text), text_sha256=hashlib.sha256(Path(text).read_bytes()).hexdigest(),
+    return EvalResult(text=source.describe(), text_sha256=source.sha256(),
                       seq_len=T, windows=n, tokens=count, nll=nll, ppl=math.exp(nll),
                       seconds=round(time.time() - t0, 3))

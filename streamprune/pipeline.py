@@ -4,7 +4,6 @@ Only this module and the I/O modules touch files; the math lives in block/scorin
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import resource
 import shutil
@@ -66,11 +65,21 @@ def clear_output(out: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def check_calibration_source(cfg: RunConfig) -> None:
+    """One calibration source, given: a file (plain text, JSON lines, Parquet) or a dataset."""
+    if cfg.calib is None and cfg.calib_dataset is None:
+        raise StreamPruneError("--calib FILE is required (text in the model's domain; or --calib-dataset NAME)")
+    if cfg.calib is not None and cfg.calib_dataset is not None:
+        raise StreamPruneError("give --calib or --calib-dataset, not both")
+    if cfg.calib is not None and not Path(cfg.calib).is_file():
+        raise StreamPruneError(f"text file not found: {cfg.calib}")
+
+
 def calibration_tokens(cfg: RunConfig, model: Model) -> torch.Tensor:
     """The calibration windows, (samples, seq_len) token ids (read before anything is written, so a
     tokenizer or text that does not do is refused up front)."""
     tokenizer = load_tokenizer(model.folder)
-    tokens = token_windows(tokenize_file(tokenizer, cfg.calib), cfg.samples, cfg.seq_len, bos_id(tokenizer))
+    tokens = token_windows(tokenize_file(tokenizer, cfg.calib_source()), cfg.samples, cfg.seq_len, bos_id(tokenizer))
     check_tokens_fit(model.index, tokens)
     return tokens
 
@@ -274,12 +283,12 @@ def journaled_eval(cfg: RunConfig, journal: Journal, which: str, folder: Path, c
     temporary cache inside the run's own cache folder)."""
     max_pos = read_config(folder).get("max_position_embeddings") or DEFAULT_SEQ_LEN
     seq_len = cfg.eval_seq_len or min(cfg.seq_len, max_pos)
-    sha = hashlib.sha256(Path(cfg.eval).read_bytes()).hexdigest() if Path(cfg.eval).is_file() else None
+    sha = cfg.eval_source().sha256() if Path(cfg.eval).is_file() else None
     done = journal.eval_result(which)
     if done and done["text_sha256"] == sha and done["seq_len"] == seq_len:
         return done
     log.info("measuring perplexity %s pruning on %s", which, cfg.eval)
-    result = perplexity(folder, cfg.eval, seq_len, cfg.device, cfg.batch_size, cache_dir=cache_folder,
+    result = perplexity(folder, cfg.eval_source(), seq_len, cfg.device, cfg.batch_size, cache_dir=cache_folder,
                         progress=cfg.progress).as_dict()
     journal.record_eval(which, result)
     return result
@@ -310,10 +319,7 @@ def run(cfg: RunConfig) -> dict:
     check_paths(model.folder, cfg.out, cfg.cache_dir)
     refuse_foreign_folder(cfg.out)  # --restart too: it deletes only what a streamprune run writes
     check_cache_folder(run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir), cfg.out)
-    if cfg.calib is None:
-        raise StreamPruneError("--calib FILE is required (plain text in the model's domain)")
-    if not Path(cfg.calib).is_file():
-        raise StreamPruneError(f"text file not found: {cfg.calib}")
+    check_calibration_source(cfg)
     check_device(cfg.device)
     check_sparsity(model.arch, cfg.sparsity)
     compensation = COMPENSATIONS[cfg.compensate]
