@@ -286,7 +286,9 @@ TEXT_FIELD_HELP = "The text field of JSON lines / Parquet rows or a dataset's co
 @click.option("--no-overlap", "overlap", flag_value=False, default=True,
               help="Read and write blocks synchronously (no prefetch; for benchmarks).")
 @click.option("--eval", "eval", type=PathArg(dir_okay=False),
-              help="Held-out text: measure perplexity before and after (streaming), into report.json.")
+              help="Held-out text: measure perplexity before and after (streaming), into report.json. "
+                   "Plain text, JSON lines or Parquet.")
+@click.option("--eval-dataset", help="Held-out text from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --eval).")
 @click.option("--eval-seq-len", default=0, help="Tokens per evaluation window (0: --seq-len, at most max positions).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(quiet: bool, revision: str | None, **kwargs):

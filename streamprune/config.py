@@ -52,6 +52,7 @@ class RunConfig:
     progress: bool = True
     overlap: bool = True  # prefetch the next block and write shards in the background
     eval: Path | None = None  # held-out text: perplexity before and after, in report.json
+    eval_dataset: str | None = None  # or held-out text from a `datasets` dataset, NAME[:CONFIG][:SPLIT]
     eval_seq_len: int = 0  # 0 = --seq-len, capped at max_position_embeddings
 
     def __post_init__(self):
@@ -83,12 +84,15 @@ class RunConfig:
     def calib_source(self) -> TextSource:
         return TextSource(file=self.calib, dataset=self.calib_dataset, field=self.text_field)
 
-    def eval_source(self) -> TextSource:
-        return TextSource(file=self.eval, field=self.text_field)
+    def eval_source(self) -> TextSource | None:
+        """The held-out text (--eval or --eval-dataset), or None without one."""
+        if self.eval is None and self.eval_dataset is None:
+            return None
+        return TextSource(file=self.eval, dataset=self.eval_dataset, field=self.text_field)
 
     # Fields that do not change the output bytes, so a resumed run may differ in them.
     NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "restart", "progress", "batch_size", "max_memory", "overlap",
-                         "eval", "eval_seq_len")
+                         "eval", "eval_dataset", "eval_seq_len")
 
     # Fingerprinted only when not the default, so a journal written before they existed still resumes.
     FINGERPRINTED_WHEN_SET = ("calib_dataset", "text_field")

@@ -65,14 +65,17 @@ def clear_output(out: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def check_calibration_source(cfg: RunConfig) -> None:
-    """One calibration source, given: a file (plain text, JSON lines, Parquet) or a dataset."""
+def check_text_sources(cfg: RunConfig) -> None:
+    """One calibration source, given: a file (plain text, JSON lines, Parquet) or a dataset; at
+    most one held-out text."""
     if cfg.calib is None and cfg.calib_dataset is None:
         raise StreamPruneError("--calib FILE is required (text in the model's domain; or --calib-dataset NAME)")
     if cfg.calib is not None and cfg.calib_dataset is not None:
         raise StreamPruneError("give --calib or --calib-dataset, not both")
     if cfg.calib is not None and not Path(cfg.calib).is_file():
         raise StreamPruneError(f"text file not found: {cfg.calib}")
+    if cfg.eval is not None and cfg.eval_dataset is not None:
+        raise StreamPruneError("give --eval or --eval-dataset, not both")
 
 
 def calibration_tokens(cfg: RunConfig, model: Model) -> torch.Tensor:
@@ -278,17 +281,18 @@ def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, s
 
 
 def journaled_eval(cfg: RunConfig, journal: Journal, which: str, folder: Path, cache_folder: Path) -> dict:
-    """The perplexity of `folder` ("before": the input, "after": the output) on cfg.eval, from the
-    journal when it was already measured on the same text and window, else measured now (its
-    temporary cache inside the run's own cache folder)."""
+    """The perplexity of `folder` ("before": the input, "after": the output) on the held-out text
+    (--eval or --eval-dataset), from the journal when it was already measured on the same text and
+    window, else measured now (its temporary cache inside the run's own cache folder)."""
     max_pos = read_config(folder).get("max_position_embeddings") or DEFAULT_SEQ_LEN
     seq_len = cfg.eval_seq_len or min(cfg.seq_len, max_pos)
-    sha = cfg.eval_source().sha256() if Path(cfg.eval).is_file() else None
+    source = cfg.eval_source()
+    sha = source.sha256() if source.kind == "dataset" or Path(source.file).is_file() else None
     done = journal.eval_result(which)
     if done and done["text_sha256"] == sha and done["seq_len"] == seq_len:
         return done
-    log.info("measuring perplexity %s pruning on %s", which, cfg.eval)
-    result = perplexity(folder, cfg.eval_source(), seq_len, cfg.device, cfg.batch_size, cache_dir=cache_folder,
+    log.info("measuring perplexity %s pruning on %s", which, source.describe())
+    result = perplexity(folder, source, seq_len, cfg.device, cfg.batch_size, cache_dir=cache_folder,
                         progress=cfg.progress).as_dict()
     journal.record_eval(which, result)
     return result
@@ -296,13 +300,14 @@ def journaled_eval(cfg: RunConfig, journal: Journal, which: str, folder: Path, c
 
 def attach_eval(cfg: RunConfig, journal: Journal, report: dict, cache_folder: Path) -> dict:
     """Add {"eval": ...} (before and after) to a finished run's report and rewrite report.json.
-    No-op without --eval."""
-    if cfg.eval is None:
+    No-op without --eval or --eval-dataset."""
+    source = cfg.eval_source()
+    if source is None:
         return report
     before = journaled_eval(cfg, journal, "before", Path(cfg.shards), cache_folder)
     after = journaled_eval(cfg, journal, "after", Path(cfg.out), cache_folder)
     report = dict(report, eval={
-        "text": str(cfg.eval), "text_sha256": before["text_sha256"], "seq_len": before["seq_len"],
+        "text": source.describe(), "text_sha256": before["text_sha256"], "seq_len": before["seq_len"],
         "windows": before["windows"], "tokens": before["tokens"],
         "ppl_before": before["ppl"], "ppl_after": after["ppl"],
         "nll_before": before["nll"], "nll_after": after["nll"]})
@@ -319,7 +324,7 @@ def run(cfg: RunConfig) -> dict:
     check_paths(model.folder, cfg.out, cfg.cache_dir)
     refuse_foreign_folder(cfg.out)  # --restart too: it deletes only what a streamprune run writes
     check_cache_folder(run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir), cfg.out)
-    check_calibration_source(cfg)
+    check_text_sources(cfg)
     check_device(cfg.device)
     check_sparsity(model.arch, cfg.sparsity)
     compensation = COMPENSATIONS[cfg.compensate]
@@ -394,7 +399,7 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, t
             cache.remove()  # a run killed while deleting its cache
         return report
     check_free_disk(cfg.out, cache.folder, memory.output_bytes, memory.cache_bytes)
-    if cfg.eval is not None:  # the input's perplexity, once (journaled), before any pruning
+    if cfg.eval_source() is not None:  # the input's perplexity, once (journaled), before any pruning
         journaled_eval(cfg, journal, "before", model.folder, cache.folder)
     shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens)
     warn_uncompensated(cfg, model, shape)

@@ -138,7 +138,9 @@ def test_the_fingerprint_covers_field_and_dataset(tmp_path):
     assert plain["calib_sha256"] == hashlib.sha256((DEMO / "calib.txt").read_bytes()).hexdigest()
 
 
-RUN = ["--shards", DEMO / "stories260K", "--samples", 4, "--seq-len", 64, "--quiet"]
+# a fast run (the text source is what is compared, not the method)
+RUN = ["--shards", DEMO / "stories260K", "--samples", 4, "--seq-len", 64, "--method", "magnitude", "--allocation", "rule",
+       "--quiet"]
 
 
 def model_files(out: Path) -> dict:
@@ -185,12 +187,25 @@ def test_eval_on_documents_and_datasets_equals_eval_on_their_text(tmp_path, offl
     assert r.exit_code == 2 and "give --text FILE or --text-dataset NAME (one of them)" in r.output
 
 
-def test_run_takes_a_dataset_and_refuses_two_sources(tmp_path, offline_datasets):
+def test_run_takes_datasets_and_refuses_two_sources(tmp_path, offline_datasets):
+    """--calib-dataset and --eval-dataset; the perplexities in report.json are those `eval` measures
+    on the joined text, before (the input) and after (the output)."""
+    docs = demo_documents(tmp_path)
     (tmp_path / "ds" / "data").mkdir(parents=True)
-    write_parquet(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet", {"text": demo_documents(tmp_path)})
-    r = invoke("run", *RUN, "--out", tmp_path / "o", "--calib-dataset", tmp_path / "ds")
+    write_parquet(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet", {"text": docs})
+    write_parquet(tmp_path / "ds" / "data" / "test-00000-of-00001.parquet", {"text": docs[:100]})
+    (tmp_path / "held-out.txt").write_text(SEPARATOR.join(docs[:100]))
+    r = invoke("run", *RUN, "--out", tmp_path / "o", "--calib-dataset", tmp_path / "ds",
+               "--eval-dataset", f"{tmp_path / 'ds'}:test")
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "o" / "report.json").read_text())["arguments"]["calib_dataset"] == str(tmp_path / "ds")
-    r = invoke("run", *RUN, "--out", tmp_path / "o2", "--calib-dataset", tmp_path / "ds", "--calib", DEMO / "calib.txt")
-    assert r.exit_code == 2 and "give --calib or --calib-dataset, not both" in r.output
-    assert not (tmp_path / "o2").exists()
+    assert f"perplexity on dataset {tmp_path / 'ds'}:test (field text) (windows of 64)" in r.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["arguments"]["calib_dataset"] == str(tmp_path / "ds")
+    for folder, key in ((DEMO / "stories260K", "ppl_before"), (tmp_path / "o", "ppl_after")):
+        e = invoke("eval", "--model", folder, "--text", tmp_path / "held-out.txt", "--seq-len", 64, "--json", "--quiet")
+        assert json.loads(e.stdout)["ppl"] == report["eval"][key]
+    for two in (["--calib-dataset", tmp_path / "ds", "--calib", DEMO / "calib.txt"],
+                ["--calib", DEMO / "calib.txt", "--eval", DEMO / "eval.txt", "--eval-dataset", tmp_path / "ds"]):
+        r = invoke("run", *RUN, "--out", tmp_path / "o2", *two)
+        assert r.exit_code == 2 and "not both" in r.output, r.output
+        assert not (tmp_path / "o2").exists()
