@@ -18,7 +18,7 @@ from .journal import WORKDIR
 from .model import open_model, parse_device
 from .plan import USABLE, Plan, available_memory, largest, parse_bytes, plan_run, stage_forward_passes
 from .scoring import SCORERS
-from .timing import GPUS, Gpu, estimate_time, find_gpu, gpus_with
+from .timing import GPUS, Gpu, TimeEstimate, estimate_time, find_gpu, gpus_with, run_work
 from .validate import check_sparsity, disk_needs, gib
 
 ANY_GPU = 2**62  # the memory of a GPU of any size, to find what one needs
@@ -161,11 +161,17 @@ def memory_warning(max_memory: int | None, device: str, gpu: Gpu | None = None) 
     return f"--max-memory {gib(max_memory)} is more than the {gib(total[0])} of {total[1]}; the run may {risk}"
 
 
-def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None) -> dict:
+NOT_DOWNLOADED = ("not measured: the weights are not downloaded (read from the Hub's safetensors headers); plan again "
+                  "once they are in the cache")
+
+
+def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_model=None) -> dict:
     """What `streamprune plan` prints, as a dict: the memory plan with its breakdown, the disk,
     the time, the verdict and, when it does not fit, the changes that would make it fit. Plans
     for a GPU that is not here when it is described (--max-memory or --gpu NAME). Refuses what
-    `run` would refuse up front (method, sparsity) with the same checks."""
+    `run` would refuse up front (method, sparsity) with the same checks. `remote_model`: a Hub
+    model known from its headers (hub.remote_model): its download is counted on disk, and no
+    time is measured here (that reads a shard)."""
     dev = parse_device(cfg.device)
     gpu = find_gpu(gpu_name) if gpu_name else None
     if gpu is not None and dev.type != "cuda":
@@ -176,21 +182,28 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None) -> dict
                                f"(its memory, e.g. 24GiB) or --gpu NAME ({', '.join(GPUS)})")
     if cfg.method not in SCORERS:
         raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
-    model = open_model(cfg.shards)
+    model = remote_model or open_model(cfg.shards)
     check_sparsity(model.arch, cfg.sparsity)
+    download = (((model.folder, sum(t.nbytes for t in model.index.tensors.values()), "download into the Hub cache"),)
+                if remote_model is not None else ())
     limit = cfg.max_memory or (gpu.memory_bytes if gpu else available_memory(dev))
     p = plan_run(cfg, model, limit, check_host=here)
     cache_folder = run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir)
 
     def disk_ok(q: Plan) -> bool:
-        return all(d.fits for d in disk_needs(cfg.out, cache_folder, q.output_bytes, q.cache_bytes))
+        return all(d.fits for d in disk_needs(cfg.out, cache_folder, q.output_bytes, q.cache_bytes, download))
 
-    disk = disk_needs(cfg.out, cache_folder, p.output_bytes, p.cache_bytes)
+    disk = disk_needs(cfg.out, cache_folder, p.output_bytes, p.cache_bytes, download)
     fits = p.fits and all(d.fits for d in disk)
     advice = [] if fits else suggestions(cfg, model, p, disk_ok, here) + (disk_suggestions(disk, p) if p.fits else [])
     warning = memory_warning(cfg.max_memory, cfg.device, gpu)
-    estimate = (estimate_time(model, cfg.samples, cfg.seq_len, dev, stage_forward_passes(cfg), gpu, here)
-                if timing else None)
+    if not timing:
+        estimate = None
+    elif remote_model is not None and here:
+        estimate = TimeEstimate(None, None, None, None, NOT_DOWNLOADED,
+                                *run_work(model, cfg.samples, cfg.seq_len, stage_forward_passes(cfg)))
+    else:
+        estimate = estimate_time(model, cfg.samples, cfg.seq_len, dev, stage_forward_passes(cfg), gpu, here)
     return dict(
         p.as_dict(), fits=fits, memory_fits=p.fits, disk_fits=all(d.fits for d in disk),
         verdict="fits" if fits else "does not fit", short_of=p.short_of,

@@ -252,6 +252,18 @@ def model_folder(arg: Path, revision: str | None) -> Path:
     return folder
 
 
+def planning_model(arg: Path, revision: str | None):
+    """inspect and plan: a folder (a local path, or a Hub id in the cache), or the model.Model of
+    a Hub id read from the Hub's safetensors headers, without downloading its weights."""
+    from .hub import model_for_planning
+    model = model_for_planning(arg, revision)
+    if not isinstance(model, Path):
+        click.echo(f"{arg}: read from the Hugging Face Hub's safetensors headers (weights not downloaded)", err=True)
+    elif model != Path(arg):
+        click.echo(f"{arg}: Hugging Face Hub snapshot {model}", err=True)
+    return model
+
+
 TEXT_FIELD_HELP = "The text field of JSON lines / Parquet rows or a dataset's column."
 
 
@@ -317,7 +329,7 @@ def run(quiet: bool, revision: str | None, **kwargs):
 def inspect(shards: Path, revision: str | None, sparsity: float, as_json: bool):
     """Print the model's shape and the pruning plan, from headers only."""
     from .inspect import describe
-    info = describe(model_folder(shards, revision), sparsity)
+    info = describe(planning_model(shards, revision), sparsity)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -364,11 +376,12 @@ def plan_command(shards, revision, out, cache_dir, sparsity, samples, seq_len, d
     from .advice import describe_plan
     if gpu_name and device == RunConfig.device:
         device = "cuda"
-    shards = model_folder(shards, revision)
-    cfg = RunConfig(shards=shards, out=out, cache_dir=cache_dir, sparsity=sparsity, samples=samples,
-                    seq_len=seq_len, device=device, method=method, budget=budget, compensate=compensate,
-                    batch_size=batch_size, max_memory=max_memory)
-    info = describe_plan(cfg, timing=not no_timing, gpu_name=gpu_name)
+    model = planning_model(shards, revision)
+    remote = not isinstance(model, Path)  # a Hub model known from its headers, weights not downloaded
+    cfg = RunConfig(shards=model.folder if remote else model, out=out, cache_dir=cache_dir, sparsity=sparsity,
+                    samples=samples, seq_len=seq_len, device=device, method=method, budget=budget,
+                    compensate=compensate, batch_size=batch_size, max_memory=max_memory)
+    info = describe_plan(cfg, timing=not no_timing, gpu_name=gpu_name, remote_model=model if remote else None)
     if as_json:
         for warning in info["warnings"]:
             click.echo(f"warning: {warning}", err=True)

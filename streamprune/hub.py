@@ -100,3 +100,52 @@ def snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
                                f"in the cache {constants.HF_HUB_CACHE} and {reason}") from None
     except (EntryNotFoundError, HfHubHTTPError) as e:
         raise StreamPruneError(f"downloading {where} failed: {str(e).splitlines()[0][:200]}") from None
+
+
+def model_for_planning(arg, revision: str | None = None):
+    """inspect and plan: a local folder (as resolve_model); a Hub id completely in the cache, its
+    snapshot folder; any other Hub id, a model.Model from the Hub's safetensors headers (a few
+    HTTP range reads per shard) and its small files, so nothing the size of the weights is
+    downloaded to see whether a run would fit."""
+    from huggingface_hub import constants
+    path = Path(arg)
+    if path.exists() or not is_hub_id(str(arg)) or constants.HF_HUB_OFFLINE:
+        return resolve_model(arg, revision)
+    return cached_model(str(arg), revision) or remote_model(str(arg), revision)
+
+
+def cached_model(repo_id: str, revision: str | None) -> Path | None:
+    """The snapshot folder when every file a run needs is in the cache, else None (no network)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SMALL_FILES, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
+    shards = weight_files(folder / INDEX, repo_id) if (folder / INDEX).is_file() else [SINGLE]
+    return folder if all((folder / name).is_file() for name in ["config.json", *shards]) else None
+
+
+def remote_model(repo_id: str, revision: str | None):
+    """model.Model of a Hub model from its config.json (downloaded) and safetensors headers (read
+    remotely by huggingface_hub.get_safetensors_metadata)."""
+    from huggingface_hub import get_safetensors_metadata
+    from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError, SafetensorsParsingError
+
+    from .model import model_from_headers
+    from .shards import TensorInfo
+    folder = snapshot(repo_id, revision, SMALL_FILES)
+    try:
+        meta = get_safetensors_metadata(repo_id, revision=folder.name)
+    except NotASafetensorsRepoError:
+        raise StreamPruneError(f"Hugging Face Hub model {repo_id} has no model.safetensors or {INDEX}: streamprune "
+                               "reads safetensors weights only (never pickled .bin files)") from None
+    except (SafetensorsParsingError, HfHubHTTPError) as e:
+        raise StreamPruneError(f"reading the safetensors headers of {repo_id} failed: "
+                               f"{str(e).splitlines()[0][:200]}") from None
+    tensors = {}
+    for file, info in sorted(meta.files_metadata.items()):
+        for name, t in info.tensors.items():
+            # offsets relative to the data: the file is not here, nothing is read from it
+            tensors[name] = TensorInfo(folder / file, t.dtype, tuple(t.shape), *t.data_offsets)
+    return model_from_headers(folder, tensors)

@@ -7,17 +7,17 @@ import math
 from pathlib import Path
 
 from .config import check_sparsity_range
-from .model import open_model, output_shape
+from .model import Model, open_model, output_shape
 from .validate import check_sparsity
 
 
-def describe(folder: Path, sparsity: float) -> dict:
+def describe(folder: Path | Model, sparsity: float) -> dict:
     """The model's shape and what the fixed rule (--allocation rule) would cut at `sparsity`; the
     measured allocations (uniform, global) decide only after the survey of a run. An input cut per
     block lists each block's shape, and has no fixed-rule plan. Refuses a sparsity that `run`
-    would refuse, with the same check."""
+    would refuse, with the same check. `folder` may be a Model already opened (hub.remote_model)."""
     check_sparsity_range(sparsity)
-    model = open_model(folder)
+    model = folder if isinstance(folder, Model) else open_model(folder)
     arch = model.arch
     check_sparsity(arch, sparsity)
     b = arch.blocks[0]

@@ -36,6 +36,17 @@ def open_model(folder: Path) -> Model:
     return Model(folder, arch, index)
 
 
+def model_from_headers(folder: Path, tensors: dict) -> Model:
+    """A model known from its config.json (in `folder`) and shard headers read elsewhere (a Hub
+    model not downloaded: hub.remote_model): enough for inspect and plan. Its shards are not in
+    `folder`, so no weight can be read, and none is checked for NaN/Inf (run does that)."""
+    folder = Path(folder)
+    arch = architecture(read_config(folder))
+    index = ShardIndex(folder, tensors)
+    index.check(arch.expected_shapes())
+    return Model(folder, arch, index)
+
+
 def parse_device(device: str) -> torch.device:
     """cpu, cuda or cuda:N, present here or not (plan describes a device it may not have)."""
     try:

@@ -108,13 +108,15 @@ class DiskNeed:
         return self.need_bytes <= self.free_bytes
 
 
-def disk_needs(out: Path, cache_folder: Path, output_bytes: int, cache_bytes: int) -> list[DiskNeed]:
-    """The output plus the activation cache, per filesystem. What a previous, interrupted run
-    already wrote is counted as written."""
+def disk_needs(out: Path, cache_folder: Path, output_bytes: int, cache_bytes: int,
+               others: tuple[tuple[Path, int, str], ...] = ()) -> list[DiskNeed]:
+    """The output plus the activation cache (plus `others`: (folder, bytes, what), such as a Hub
+    model's download), per filesystem. What a previous, interrupted run already wrote is counted
+    as written."""
     output_left = max(0, output_bytes - folder_bytes(out, "model-*.safetensors"))
     cache_left = max(0, cache_bytes - folder_bytes(cache_folder, "inputs-*.f32"))
     needs: dict[int, list] = {}  # filesystem -> [bytes, folder, what]
-    for folder, n, what in ((out, output_left, "output"), (cache_folder, cache_left, "activation cache")):
+    for folder, n, what in ((out, output_left, "output"), (cache_folder, cache_left, "activation cache"), *others):
         where = existing_ancestor(folder)
         need = needs.setdefault(where.stat().st_dev, [0, where, []])
         need[0] += n

@@ -179,3 +179,65 @@ def test_only_the_files_a_run_reads_are_downloaded(tmp_path, monkeypatch):
     assert fetched == sorted(FETCHED)
     assert calls == [None, COMMIT]  # the shards come from the commit the first call resolved
     assert "*.py" not in SMALL_FILES and not any(p.endswith((".bin", ".pt", ".gguf")) for p in SMALL_FILES)
+
+
+def fake_hub(monkeypatch, repo: Path, snapshot: Path) -> list:
+    """The Hub online, serving the model folder `repo`: snapshot_download copies the files its
+    patterns allow into `snapshot` (and finds nothing with local_files_only), and
+    get_safetensors_metadata reads the headers of `repo`'s shards. Returns the files fetched."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import filter_repo_objects
+    from types import SimpleNamespace as NS
+    fetched = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name in filter_repo_objects(sorted(p.name for p in repo.iterdir()), allow_patterns=allow_patterns):
+            shutil.copyfile(repo / name, snapshot / name)
+            fetched.append(name)
+        return str(snapshot)
+
+    def get_safetensors_metadata(repo_id, revision=None, **kwargs):
+        files = {}
+        for f in sorted(repo.glob("*.safetensors")):
+            raw = f.read_bytes()
+            header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+            header.pop("__metadata__", None)
+            files[f.name] = NS(tensors={k: NS(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"]))
+                                        for k, v in header.items()})
+        return NS(files_metadata=files)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
+    return fetched
+
+
+def test_inspect_and_plan_read_a_hub_model_from_its_headers(tiny, tmp_path, monkeypatch):
+    fetched = fake_hub(monkeypatch, tiny, tmp_path / "snapshots" / COMMIT)
+    remote = invoke("inspect", "--shards", "org/remote", "--json")
+    assert remote.exit_code == 0, remote.output
+    assert "org/remote: read from the Hugging Face Hub's safetensors headers (weights not downloaded)" in remote.output
+    assert json.loads(remote.stdout) == json.loads(invoke("inspect", "--shards", tiny, "--json").stdout)
+    plan = ["--sparsity", 0.3, "--samples", 4, "--seq-len", 32, "--max-memory", "4GiB", "--out", tmp_path / "out",
+            "--no-timing", "--json"]
+    remote = invoke("plan", "--shards", "org/remote", *plan)
+    assert remote.exit_code == 0, remote.output
+    local = json.loads(invoke("plan", "--shards", tiny, *plan).stdout)
+    remote = json.loads(remote.stdout)
+    same = ("micro_batch", "block_stored_bytes", "block_compute_bytes", "output_bytes", "cache_bytes", "breakdown",
+            "peak_host_bytes", "verdict")
+    assert {k: remote[k] for k in same} == {k: local[k] for k in same}
+    weights = sum(f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in tiny.glob("*.safetensors"))
+    parts = [p for d in remote["disk"] for p in d["parts"]]
+    assert any(p.startswith("download into the Hub cache") for p in parts), parts
+    assert sum(d["need_bytes"] for d in remote["disk"]) == sum(d["need_bytes"] for d in local["disk"]) + weights
+    assert fetched and not any(name.endswith(".safetensors") for name in fetched)  # no weights downloaded
+    r = invoke("plan", "--shards", "org/remote", *plan[:-2])
+    assert r.exit_code == 0, r.output
+    assert "download into the Hub cache" in r.output and "time: not measured here" in r.output
+    assert "not measured: the weights are not downloaded" in r.output
