@@ -176,7 +176,7 @@ def parse_dataset(spec: str) -> tuple[str, str | None, str]:
     slice: `wikitext:wikitext-2-raw-v1:train[:2000]`."""
     parts = SPEC_PART.split(spec)
     if not parts[0] or len(parts) > 3 or not all(parts):
-        raise StreamPruneError(f"--*-dataset {spec!r}: expected NAME, NAME:SPLIT or NAME:CONFIG:SPLIT")
+        raise StreamPruneError(f"dataset {spec!r}: expected NAME, NAME:SPLIT or NAME:CONFIG:SPLIT")
     if len(parts) == 1:
         return parts[0], None, "train"
     if len(parts) == 2:
@@ -196,7 +196,7 @@ def dataset_documents(spec: str, field: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise StreamPruneError(f"--calib-dataset and --text-dataset need the datasets package: {DATA_EXTRA}") from None
+        raise StreamPruneError(f"reading a dataset needs the datasets package: {DATA_EXTRA}") from None
     name, config, split = parse_dataset(spec)
     datasets.disable_progress_bars()
     try:

@@ -209,3 +209,14 @@ def test_run_takes_datasets_and_refuses_two_sources(tmp_path, offline_datasets):
         r = invoke("run", *RUN, "--out", tmp_path / "o2", *two)
         assert r.exit_code == 2 and "not both" in r.output, r.output
         assert not (tmp_path / "o2").exists()
+
+
+def test_without_the_data_packages_the_message_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    with pytest.raises(StreamPruneError, match=r"reading d.parquet needs pyarrow: pip install 'streamprune\[data\]'"):
+        TextSource(file=tmp_path / "d.parquet").read()
+    with pytest.raises(StreamPruneError, match=r"reading a dataset needs the datasets package: pip install"):
+        TextSource(dataset="wikitext:test").read()

@@ -241,3 +241,37 @@ def test_inspect_and_plan_read_a_hub_model_from_its_headers(tiny, tmp_path, monk
     assert r.exit_code == 0, r.output
     assert "download into the Hub cache" in r.output and "time: not measured here" in r.output
     assert "not measured: the weights are not downloaded" in r.output
+
+
+@pytest.mark.parametrize("error,message", [
+    ("RepositoryNotFoundError", "model folder not found: org/x, and no Hugging Face Hub model of that id "
+                                "(or it is private: hf auth login)"),
+    ("GatedRepoError", "Hugging Face Hub model org/x is gated: accept its terms on huggingface.co and log in"),
+    ("RevisionNotFoundError", "Hugging Face Hub model org/x: no such revision"),
+    ("HfHubHTTPError", "downloading Hugging Face Hub model org/x failed: server says no"),
+])
+def test_hub_failures_are_one_line(monkeypatch, error, message):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    def fail(*args, **kwargs):
+        response = httpx2.Response(500, request=httpx2.Request("GET", "https://huggingface.co/api/models/org/x"))
+        raise getattr(errors, error)("server says no\nsecond line", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    r = invoke("inspect", "--shards", "org/x")
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and message in r.output, r.output
+
+
+def test_a_hub_model_without_safetensors_is_refused(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "config.json").write_text("{}")
+    (repo / "pytorch_model.bin").write_bytes(b"pickle")
+    fake_hub(monkeypatch, repo, tmp_path / "snapshots" / COMMIT)
+    r = invoke("run", "--shards", "org/bin-only", "--out", tmp_path / "out", "--calib", DEMO / "calib.txt")
+    assert r.exit_code == 2, r.output
+    assert ("error: Hugging Face Hub model org/bin-only has no model.safetensors or model.safetensors.index.json: "
+            "streamprune reads safetensors weights only (never pickled .bin files)") in r.output
+    assert not (tmp_path / "snapshots" / COMMIT / "pytorch_model.bin").exists()
