@@ -118,9 +118,12 @@ def json_documents(path: Path, field: str) -> list[str]:
             rows = json.loads(data)
         except ValueError as e:
             raise StreamPruneError(f"{path} is not valid JSON: {e}") from None
-        return [row_text(row, field, f"{path} item {i + 1}") for i, row in enumerate(rows)]
+        if not isinstance(rows, list):
+            raise StreamPruneError(f"{path} is not a JSON array of objects")
+        documents = [row_text(row, field, f"{path} item {i + 1}") for i, row in enumerate(rows)]
+        return [d for d in documents if d is not None]
     documents = []
-    for i, line in enumerate(data.splitlines()):
+    for i, line in enumerate(data.split("\n")):  # not splitlines: U+2028 may stand unescaped in a JSON string
         if not line.strip():
             continue
         try:

@@ -56,8 +56,13 @@ def test_json_lines_are_joined_with_a_blank_line(tmp_path, name):
 
 
 def test_a_json_array_and_another_field(tmp_path):
-    (tmp_path / "a.json").write_text(json.dumps([{"body": d} for d in DOCS]))
+    (tmp_path / "a.json").write_text(json.dumps([{"body": d} for d in DOCS] + [{"body": None}]))
     assert TextSource(file=tmp_path / "a.json", field="body").read() == SEPARATOR.join(DOCS)
+
+
+def test_a_line_separator_inside_a_json_string_is_text(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "one\u2028two"}\n{"text": "three"}\n', encoding="utf-8")  # raw U+2028
+    assert TextSource(file=tmp_path / "d.jsonl").read() == "one\u2028two\n\nthree"
 
 
 @pytest.mark.parametrize("rows,message", [
