@@ -243,9 +243,13 @@ def model_options(name: str, what: str):
     return decorate
 
 
-def model_folder(arg: Path, revision: str | None) -> Path:
-    """The local folder of --shards / --model: the path, or a Hub id's snapshot in the Hub cache."""
+def model_folder(arg: Path, revision: str | None, progress: bool = True) -> Path:
+    """The local folder of --shards / --model: the path, or a Hub id's snapshot in the Hub cache
+    (download progress bars unless --quiet)."""
     from .hub import resolve_model
+    if not progress:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
     folder = resolve_model(arg, revision)
     if folder != Path(arg):
         click.echo(f"{arg}: Hugging Face Hub snapshot {folder}", err=True)
@@ -309,7 +313,7 @@ def run(quiet: bool, revision: str | None, **kwargs):
     from .scoring import SCORERS
     if kwargs["method"] not in SCORERS:
         raise StreamPruneError(f"unknown --method {kwargs['method']!r}; choose from {', '.join(SCORERS)}")
-    kwargs["shards"] = model_folder(kwargs["shards"], revision)
+    kwargs["shards"] = model_folder(kwargs["shards"], revision, progress=not quiet)
     cfg = RunConfig(progress=not quiet, **kwargs)
     warn_beyond_physical(cfg.max_memory, cfg.device)
     report = run_pipeline(cfg)
@@ -477,7 +481,7 @@ def eval_command(model, revision, text, text_dataset, text_field, seq_len, devic
     if (text is None) == (text_dataset is None):
         raise StreamPruneError("give --text FILE or --text-dataset NAME (one of them)")
     source = TextSource(file=text, dataset=text_dataset, field=text_field)
-    folder = model_folder(model, revision)
+    folder = model_folder(model, revision, progress=not quiet and not as_json)
     r = perplexity(folder, source, seq_len or None, device, batch_size, max_windows or None, cache_dir,
                    progress=not quiet and not as_json)
     if as_json:
