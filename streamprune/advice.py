@@ -177,7 +177,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None) -> dict
     if cfg.method not in SCORERS:
         raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
     model = open_model(cfg.shards)
-    check_sparsity(model.arch, cfg.sparsity)
+    check_sparsity(model.arch, cfg.sparsity, cfg.multiple_of)
     limit = cfg.max_memory or (gpu.memory_bytes if gpu else available_memory(dev))
     p = plan_run(cfg, model, limit, check_host=here)
     cache_folder = run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir)

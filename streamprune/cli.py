@@ -233,6 +233,14 @@ def compensation_options(command):
              "mean output to their biases (FLAP; Llama, and Qwen3 attention); none.")(command)
 
 
+def multiple_of_option(command):
+    """--multiple-of N (run, plan and inspect share it)."""
+    return click.option(
+        "--multiple-of", default=RunConfig.multiple_of, show_default=True,
+        help="Keep query heads and neurons multiples of N, and KV heads a multiple or divisor of N, in every "
+             "block, so N GPUs (tensor parallelism, e.g. vLLM) can split the output.")(command)
+
+
 @main.command()
 @click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder (safetensors).")
 @click.option("--out", required=True, type=PathArg(), help="Output folder (resumable).")
@@ -250,6 +258,7 @@ def compensation_options(command):
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=RunConfig.allocation, show_default=True,
               help="How each block's shape is chosen: global (each block its own, from measured costs, whole blocks "
                    "may go), uniform (one shape for all, from measured costs), rule (one shape by a fixed rule).")
+@multiple_of_option
 @click.option("--calibrate-on", type=click.Choice(["pruned", "dense"]), default=RunConfig.calibrate_on,
               show_default=True, help="Calibrate block i+1 on the outputs of the pruned or the dense block i.")
 @click.option("--batch-size", default=0, help="Calibration windows per micro-batch (0: from memory).")
@@ -285,28 +294,13 @@ def run(quiet: bool, **kwargs):
 @main.command()
 @click.option("--shards", required=True, type=PathArg(), help="Hugging Face model folder.")
 @click.option("--sparsity", default=RunConfig.sparsity, show_default=True, help="Show what this sparsity would remove.")
+@multiple_of_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(shards: Path, sparsity: float, as_json: bool):
-    """Print the model's shape and the pruning plan, from headers only."""
-    from .inspect import describe
-    info = describe(shards, sparsity)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    click.echo(f"{info['model_type']}: {info['layers']} layers, hidden {info['hidden']}, "
-               f"{info['heads']} heads / {info['kv_heads']} KV heads (head_dim {info['head_dim']}), "
-               f"{info['neurons']} neurons, vocab {info['vocab']}, dtype {info['dtype']}")
-    click.echo(f"params: {info['params']:,} total, {info['block_params']:,} in blocks")
-    pl = info["plan"]
-    if pl is None:
-        click.echo("blocks of different shapes (a per-block output): prune it with --allocation global")
-        return
-    click.echo(f"fixed rule (--allocation rule) at sparsity {sparsity}: heads {info['heads']} -> {pl['heads']}, KV "
-               f"heads {info['kv_heads']} -> {pl['kv_heads']}, neurons {info['neurons']} -> {pl['neurons']} per "
-               f"block; block params {info['block_params']:,} -> {pl['block_params']:,} "
-               f"({100 * pl['removed_fraction']:.1f}% removed); output model_type {pl['output_model_type']}")
-    click.echo("the default allocation chooses each block's shape from costs measured during the run "
-               "(see report.json)")
+def inspect(shards: Path, sparsity: float, multiple_of: int, as_json: bool):
+    """Print the model's shape and the fixed rule's cut, with the reasons, from headers only."""
+    from .inspect import describe, render_description
+    info = describe(shards, sparsity, multiple_of)
+    click.echo(json.dumps(info, indent=2) if as_json else render_description(info))
 
 
 @main.command("plan")
@@ -324,13 +318,14 @@ def inspect(shards: Path, sparsity: float, as_json: bool):
 @click.option("--method", default=RunConfig.method, show_default=True)
 @click.option("--budget", default=RunConfig.budget, show_default=True, help="perturb's work per block.")
 @compensation_options
+@multiple_of_option
 @click.option("--batch-size", default=0, help="Micro-batch (0: the largest that fits).")
 @click.option("--max-memory", type=Size(), help="Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; "
               "default: what is free, or the --gpu's memory).")
 @click.option("--no-timing", is_flag=True, help="Skip the short speed calibration (no time estimate).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_command(shards, out, cache_dir, sparsity, samples, seq_len, device, gpu_name, method, budget, compensate,
-                 batch_size, max_memory, no_timing, as_json):
+                 multiple_of, batch_size, max_memory, no_timing, as_json):
     """Predict disk, memory, micro-batch and time of a run, from headers only. Exit code 0: it
     fits; 1: it does not (the prediction and what would fit are printed); 2: an error."""
     from .advice import describe_plan
@@ -338,7 +333,7 @@ def plan_command(shards, out, cache_dir, sparsity, samples, seq_len, device, gpu
         device = "cuda"
     cfg = RunConfig(shards=shards, out=out, cache_dir=cache_dir, sparsity=sparsity, samples=samples,
                     seq_len=seq_len, device=device, method=method, budget=budget, compensate=compensate,
-                    batch_size=batch_size, max_memory=max_memory)
+                    multiple_of=multiple_of, batch_size=batch_size, max_memory=max_memory)
     info = describe_plan(cfg, timing=not no_timing, gpu_name=gpu_name)
     if as_json:
         for warning in info["warnings"]:
