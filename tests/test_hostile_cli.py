@@ -299,6 +299,9 @@ SIG = int(sys.argv.pop(1))
 builtins.__import__ = hook
 runpy.run_module("streamprune", run_name="__main__", alter_sys=True)
 """
+# the `streamprune` command: what pip's wrapper for pyproject's entry point does
+AT_IMPORT_SCRIPT = AT_IMPORT.replace('runpy.run_module("streamprune", run_name="__main__", alter_sys=True)',
+                                     "from streamprune.__main__ import run\nsys.exit(run())")
 SWALLOWED = """
 import os, runpy, sys, time
 import streamprune.cli as cli
@@ -340,10 +343,16 @@ def interrupted_cleanly(p: subprocess.CompletedProcess, sig: int) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_while_importing_the_command(sig):
-    p = python(AT_IMPORT, int(sig), "--version")
+@pytest.mark.parametrize("launcher", ["python -m", "script"])
+def test_signal_while_importing_the_command(sig, launcher):
+    p = python(AT_IMPORT if launcher == "python -m" else AT_IMPORT_SCRIPT, int(sig), "--version")
     interrupted_cleanly(p, sig)
     assert p.stdout == ""
+
+
+def test_the_streamprune_command_installs_the_handlers_before_importing_the_command():
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'streamprune = "streamprune.__main__:run"' in pyproject
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
