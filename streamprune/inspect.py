@@ -88,17 +88,18 @@ def render_description(info: dict) -> str:
                  f"KV heads {info['kv_heads']} -> {pl['kv_heads']}, neurons {info['neurons']} -> {pl['neurons']} per "
                  f"block; block params {info['block_params']:,} -> {pl['block_params']:,} "
                  f"({100 * pl['removed_fraction']:.1f}% removed); output model_type {pl['output_model_type']}")
-    chosen, *others = pl["layouts"]
-    nearest = f" (next: {', '.join(layout_text(o) for o in others)})" if others else ""
-    lines.append(f"  why {pl['heads']} of {info['heads']} query heads: {RULE}. {percent(1 - pl['sparsity'])} of the "
-                 f"attention weights is asked; {layout_text(chosen)}{nearest}; then {pl['neurons']} of "
-                 f"{info['neurons']} neurons")
+    lines.append(f"why {pl['heads']} of {info['heads']} query heads: the rule keeps the GQA layout (KV groups x query "
+                 f"heads per group) whose share of the attention weights is closest to 1 - sparsity = "
+                 f"{percent(1 - pl['sparsity'])} (ties: more query heads):")
+    lines += [f"  {layout_text(o)}" + ("   <- kept" if i == 0 else "") for i, o in enumerate(pl["layouts"])]
+    lines.append(f"  then the MLP keeps {pl['neurons']} of {info['neurons']} neurons, so that each block loses "
+                 f"{percent(pl['removed_fraction'])} of its weights")
     if info["multiple_of"] > 1:
-        lines.append(f"  --multiple-of {info['multiple_of']}: only layouts with a multiple of {info['multiple_of']} "
+        lines.append(f"  (--multiple-of {info['multiple_of']}: only layouts with a multiple of {info['multiple_of']} "
                      f"query heads and a multiple or divisor of {info['multiple_of']} KV heads, and neuron counts "
-                     f"that are multiples of {info['multiple_of']}")
+                     f"that are multiples of {info['multiple_of']})")
     if pl["output_model_type_reason"]:
-        lines.append(f"  why {pl['output_model_type']}: {pl['output_model_type_reason']}")
+        lines.append(f"why {pl['output_model_type']}: {pl['output_model_type_reason']}")
     lines.append(f"{MEASURED}.")
     family = info["output_family"]
     if family["written_as"]:

@@ -23,7 +23,7 @@ def test_rule_explains_why_half_the_query_heads_go(tmp_path):
     assert abs(chosen["attention_kept"] - 0.7) < abs(nearest["attention_kept"] - 0.7)
     assert info["plan"]["output_model_type"] == "llama" and info["plan"]["output_model_type_reason"] is None
     text = render_description(info)
-    assert "why 4 of 8 query heads" in text and "4 KV groups x 1 = 4 heads keep 66.7%" in text
+    assert "why 4 of 8 query heads" in text and "4 KV groups x 1 = 4 heads keep 66.7%   <- kept" in text
     assert "3 KV groups x 2 = 6 heads keep 75.0%" in text  # the runner-up, farther from 70%
     assert "--allocation global (the default) and uniform choose the shapes from costs measured" in text
     assert "stays a llama only when every kept block has the same number of query heads" in text
