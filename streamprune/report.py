@@ -91,7 +91,8 @@ def render_report(report: dict) -> str:
     lines = [f"{args.get('shards', '?')} ({model.get('model_type', '?')}, {model.get('layers', len(blocks))} layers) "
              f"pruned to a {model.get('output_model_type', '?')}",
              f"sparsity {args.get('sparsity', '?')}, method {args.get('method', '?')}, "
-             f"calibration {args.get('samples', '?')} x {args.get('seq_len', '?')} tokens of {args.get('calib', '?')}",
+             f"calibration {args.get('samples', '?')} x {args.get('seq_len', '?')} tokens of {args.get('calib', '?')}"
+             + (f", --multiple-of {args['multiple_of']} (tensor parallelism)" if args.get("multiple_of", 1) != 1 else ""),
              ""]
     rows = [["layer", "heads", "kv", "neurons", "params", "rel.err", "kept heads"]]
     for b in blocks:

@@ -39,7 +39,9 @@ def test_terminal_summary_has_a_row_per_layer(out):
         assert cells[1] == f"{block['heads'][0]}->{block['heads'][1]}"
         assert cells[5] == f"{block['relative_error']:.4f}"
         assert cells[6:] == [str(h) for h in block["kept_heads"]]
-    assert "% removed" in text and "perplexity" not in text
+    assert "% removed" in text and "perplexity" not in text and "multiple-of" not in text
+    report["arguments"]["multiple_of"] = 8
+    assert ", --multiple-of 8 (tensor parallelism)" in render_report(report).splitlines()[1]
 
 
 def test_summary_shows_perplexity_when_measured(out):
