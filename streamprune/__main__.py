@@ -1,6 +1,7 @@
-"""`python -m streamprune`. A Ctrl-C or SIGTERM while Python is still importing the command ends
-like one during a run: the resume message, exit 130 (SIGTERM: 143), no traceback. (Before this
-file runs, during Python's own start-up, a signal still has its default effect.)"""
+"""`python -m streamprune`, and the `streamprune` command (`run`, pyproject.toml). A Ctrl-C or
+SIGTERM while Python is still importing the command ends like one during a run: the resume
+message, exit 130 (SIGTERM: 143), no traceback. (Before this file runs, during Python's own
+start-up, a signal still has its default effect.)"""
 
 import sys
 
@@ -37,7 +38,12 @@ def main() -> None:
     entry_point()
 
 
-try:
-    main()
-except KeyboardInterrupt:
-    interrupted()
+def run() -> None:
+    try:
+        main()
+    except KeyboardInterrupt:
+        interrupted()
+
+
+if __name__ == "__main__":
+    run()

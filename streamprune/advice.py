@@ -183,7 +183,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
     if cfg.method not in SCORERS:
         raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
     model = remote_model or open_model(cfg.shards)
-    check_sparsity(model.arch, cfg.sparsity)
+    check_sparsity(model.arch, cfg.sparsity, cfg.multiple_of)
     download = (((model.folder, sum(t.nbytes for t in model.index.tensors.values()), "download into the Hub cache"),)
                 if remote_model is not None else ())
     limit = cfg.max_memory or (gpu.memory_bytes if gpu else available_memory(dev))

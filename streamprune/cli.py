@@ -271,6 +271,14 @@ def planning_model(arg: Path, revision: str | None):
 TEXT_FIELD_HELP = "The text field of JSON lines / Parquet rows or a dataset's column."
 
 
+def multiple_of_option(command):
+    """--multiple-of N (run, plan and inspect share it)."""
+    return click.option(
+        "--multiple-of", default=RunConfig.multiple_of, show_default=True,
+        help="Keep query heads and neurons multiples of N, and KV heads a multiple or divisor of N, in every "
+             "block, so N GPUs (tensor parallelism, e.g. vLLM) can split the output.")(command)
+
+
 @main.command()
 @model_options("--shards", "Model to prune")
 @click.option("--out", required=True, type=PathArg(), help="Output folder (resumable).")
@@ -291,6 +299,7 @@ TEXT_FIELD_HELP = "The text field of JSON lines / Parquet rows or a dataset's co
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=RunConfig.allocation, show_default=True,
               help="How each block's shape is chosen: global (each block its own, from measured costs, whole blocks "
                    "may go), uniform (one shape for all, from measured costs), rule (one shape by a fixed rule).")
+@multiple_of_option
 @click.option("--calibrate-on", type=click.Choice(["pruned", "dense"]), default=RunConfig.calibrate_on,
               show_default=True, help="Calibrate block i+1 on the outputs of the pruned or the dense block i.")
 @click.option("--batch-size", default=0, help="Calibration windows per micro-batch (0: from memory).")
@@ -329,28 +338,13 @@ def run(quiet: bool, revision: str | None, **kwargs):
 @main.command()
 @model_options("--shards", "Model")
 @click.option("--sparsity", default=RunConfig.sparsity, show_default=True, help="Show what this sparsity would remove.")
+@multiple_of_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(shards: Path, revision: str | None, sparsity: float, as_json: bool):
-    """Print the model's shape and the pruning plan, from headers only."""
-    from .inspect import describe
-    info = describe(planning_model(shards, revision), sparsity)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    click.echo(f"{info['model_type']}: {info['layers']} layers, hidden {info['hidden']}, "
-               f"{info['heads']} heads / {info['kv_heads']} KV heads (head_dim {info['head_dim']}), "
-               f"{info['neurons']} neurons, vocab {info['vocab']}, dtype {info['dtype']}")
-    click.echo(f"params: {info['params']:,} total, {info['block_params']:,} in blocks")
-    pl = info["plan"]
-    if pl is None:
-        click.echo("blocks of different shapes (a per-block output): prune it with --allocation global")
-        return
-    click.echo(f"fixed rule (--allocation rule) at sparsity {sparsity}: heads {info['heads']} -> {pl['heads']}, KV "
-               f"heads {info['kv_heads']} -> {pl['kv_heads']}, neurons {info['neurons']} -> {pl['neurons']} per "
-               f"block; block params {info['block_params']:,} -> {pl['block_params']:,} "
-               f"({100 * pl['removed_fraction']:.1f}% removed); output model_type {pl['output_model_type']}")
-    click.echo("the default allocation chooses each block's shape from costs measured during the run "
-               "(see report.json)")
+def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: int, as_json: bool):
+    """Print the model's shape and the fixed rule's cut, with the reasons, from headers only."""
+    from .inspect import describe, render_description
+    info = describe(planning_model(shards, revision), sparsity, multiple_of)
+    click.echo(json.dumps(info, indent=2) if as_json else render_description(info))
 
 
 @main.command("plan")
@@ -368,13 +362,14 @@ def inspect(shards: Path, revision: str | None, sparsity: float, as_json: bool):
 @click.option("--method", default=RunConfig.method, show_default=True)
 @click.option("--budget", default=RunConfig.budget, show_default=True, help="perturb's work per block.")
 @compensation_options
+@multiple_of_option
 @click.option("--batch-size", default=0, help="Micro-batch (0: the largest that fits).")
 @click.option("--max-memory", type=Size(), help="Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; "
               "default: what is free, or the --gpu's memory).")
 @click.option("--no-timing", is_flag=True, help="Skip the short speed calibration (no time estimate).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_command(shards, revision, out, cache_dir, sparsity, samples, seq_len, device, gpu_name, method, budget,
-                 compensate, batch_size, max_memory, no_timing, as_json):
+                 compensate, multiple_of, batch_size, max_memory, no_timing, as_json):
     """Predict disk, memory, micro-batch and time of a run, from headers only. Exit code 0: it
     fits; 1: it does not (the prediction and what would fit are printed); 2: an error."""
     from .advice import describe_plan
@@ -384,7 +379,7 @@ def plan_command(shards, revision, out, cache_dir, sparsity, samples, seq_len, d
     remote = not isinstance(model, Path)  # a Hub model known from its headers, weights not downloaded
     cfg = RunConfig(shards=model.folder if remote else model, out=out, cache_dir=cache_dir, sparsity=sparsity,
                     samples=samples, seq_len=seq_len, device=device, method=method, budget=budget,
-                    compensate=compensate, batch_size=batch_size, max_memory=max_memory)
+                    compensate=compensate, multiple_of=multiple_of, batch_size=batch_size, max_memory=max_memory)
     info = describe_plan(cfg, timing=not no_timing, gpu_name=gpu_name, remote_model=model if remote else None)
     if as_json:
         for warning in info["warnings"]:

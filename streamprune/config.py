@@ -16,11 +16,17 @@ MAX_SEED = 2**32 - 1  # seeds derive as seed * 1_000_003 + layer, which must fit
 MAX_COUNT = 2**31 - 1  # samples, tokens per window, micro-batch: what int32 indexing allows
 MAX_BUDGET = 1000.0  # 64,000 perturbations per block: a thousand times the default work
 MAX_MEMORY = 2**64  # 16 EiB
+MAX_MULTIPLE = 2**16  # --multiple-of: more GPUs than any tensor-parallel group
 
 
 def check_sparsity_range(sparsity: float) -> None:
     if not 0 <= sparsity < 1:  # also refuses NaN
         raise StreamPruneError(f"--sparsity must be in [0, 1), got {sparsity}")
+
+
+def check_multiple_of_range(multiple_of: int) -> None:
+    if not 1 <= multiple_of <= MAX_MULTIPLE:
+        raise StreamPruneError(f"--multiple-of must be in [1, {MAX_MULTIPLE}], got {multiple_of}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,9 @@ class RunConfig:
     # after slicing: "lsq" refits o_proj and down_proj by least squares; "mean" puts the removed
     # units' mean output into their biases (FLAP's compensation); "none". True/False mean lsq/none.
     compensate: str = "lsq"
+    # kept query heads, KV heads and neurons split evenly over this many GPUs (tensor parallelism,
+    # selection.tensor_parallel_ok); 1 = no constraint
+    multiple_of: int = 1
     calibrate_on: str = "pruned"  # block i+1's calibration inputs: outputs of the pruned or the dense block i
     batch_size: int = 0  # calibration samples per micro-batch; 0 = pick from memory
     max_memory: int | None = None  # bytes the run may use (host on CPU, GPU on CUDA); None = what is free
@@ -70,6 +79,7 @@ class RunConfig:
             raise StreamPruneError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         if self.allocation not in ALLOCATIONS:
             raise StreamPruneError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
+        check_multiple_of_range(self.multiple_of)
         if self.calibrate_on not in ("pruned", "dense"):
             raise StreamPruneError("--calibrate-on must be pruned or dense")
         if isinstance(self.compensate, bool):
@@ -101,8 +111,8 @@ class RunConfig:
         """What must match for a re-run to resume into the same output folder."""
         fp = {}
         for f in dataclasses.fields(self):
-            if f.name in self.NOT_FINGERPRINTED:
-                continue
+            if f.name in self.NOT_FINGERPRINTED or (f.name == "multiple_of" and self.multiple_of == 1):
+                continue  # (an earlier run's journal, before --multiple-of, resumes)
             v = getattr(self, f.name)
             if f.name in self.FINGERPRINTED_WHEN_SET and v == f.default:
                 continue

@@ -1,4 +1,5 @@
-"""What a model is and what a sparsity would do to it, from config.json and headers only."""
+"""What a model is and what a sparsity would do to it, from config.json and headers only, and
+why: which GQA layout the fixed rule keeps, and why the output changes family when it does."""
 
 from __future__ import annotations
 
@@ -6,20 +7,32 @@ import dataclasses
 import math
 from pathlib import Path
 
-from .config import check_sparsity_range
+from .config import check_multiple_of_range, check_sparsity_range
+from .families import FAMILIES, BlockSpec
 from .model import Model, open_model, output_shape
+from .output_config import family_change
+from .selection import attention_kept, head_layouts, ranked_layouts
 from .validate import check_sparsity
 
+RULE = ("attention keeps the GQA layout (KV groups x query heads per group) whose share of the attention weights "
+        "is closest to 1 - sparsity (ties: more query heads); the MLP keeps as many neurons as make the block as a "
+        "whole lose the sparsity")
+MEASURED = ("--allocation global (the default) and uniform choose the shapes from costs measured on the calibration "
+            "text during the run (the survey), so they are known only then: report.json and `streamprune report` "
+            "show them")
 
-def describe(folder: Path | Model, sparsity: float) -> dict:
-    """The model's shape and what the fixed rule (--allocation rule) would cut at `sparsity`; the
-    measured allocations (uniform, global) decide only after the survey of a run. An input cut per
-    block lists each block's shape, and has no fixed-rule plan. Refuses a sparsity that `run`
-    would refuse, with the same check. `folder` may be a Model already opened (hub.remote_model)."""
+
+def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1) -> dict:
+    """The model's shape and what the fixed rule (--allocation rule) would cut at `sparsity`, with
+    the reasons; the measured allocations (uniform, global) decide only after the survey of a
+    run. An input cut per block lists each block's shape, and has no fixed-rule plan. Refuses a
+    sparsity that `run` would refuse, with the same check. `folder` may be a Model already opened
+    (hub.remote_model)."""
     check_sparsity_range(sparsity)
+    check_multiple_of_range(multiple_of)
     model = folder if isinstance(folder, Model) else open_model(folder)
     arch = model.arch
-    check_sparsity(arch, sparsity)
+    check_sparsity(arch, sparsity, multiple_of)
     b = arch.blocks[0]
     block_params = sum(x.n_params() for x in arch.blocks)
     dtypes = sorted({model.index.tensors[n].dtype for n in arch.expected_shapes()})
@@ -29,15 +42,85 @@ def describe(folder: Path | Model, sparsity: float) -> dict:
         "model_type": arch.model_type, "layers": arch.n_layers, "hidden": arch.hidden,
         "heads": per_block(lambda x: x.n_heads), "kv_heads": per_block(lambda x: x.n_kv), "head_dim": b.head_dim,
         "neurons": per_block(lambda x: x.intermediate), "vocab": arch.vocab, "dtype": "/".join(dtypes),
-        "params": params, "block_params": block_params, "plan": None,
+        "params": params, "block_params": block_params, "multiple_of": multiple_of, "plan": None,
+        "measured_allocations": MEASURED,
+        "output_family": output_family(arch.model_type, b, multiple_of) if arch.uniform else None,
     }
     if arch.uniform:
-        shape = output_shape(model, sparsity)
+        shape = output_shape(model, sparsity, multiple_of=multiple_of)
         sizes = shape.sizes[0]
         new_block = dataclasses.replace(b, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
         after = new_block.n_params() * arch.n_layers
         info["plan"] = {"allocation": "rule", "sparsity": sparsity, "heads": sizes.n_heads, "kv_heads": sizes.n_kv,
                         "neurons": sizes.intermediate, "block_params": after,
                         "removed_fraction": 1 - after / block_params,
-                        "output_model_type": shape.config["model_type"]}
+                        "output_model_type": shape.config["model_type"],
+                        "rule": RULE, "layouts": [layout(b, kv, g) for kv, g in ranked_layouts(b, sparsity, multiple_of)[:3]],
+                        "output_model_type_reason": family_change(arch.config, shape.config)}
     return info
+
+
+def layout(spec: BlockSpec, n_kv: int, group: int) -> dict:
+    return {"kv_heads": n_kv, "heads_per_group": group, "heads": n_kv * group,
+            "attention_kept": attention_kept(spec, n_kv, group)}
+
+
+def output_family(model_type: str, spec: BlockSpec, multiple_of: int) -> dict:
+    """When a cut of this model keeps its family: the query-head counts its config class accepts
+    (all, or the divisors of hidden_size for a family written as another, Llama as Mistral)."""
+    other = FAMILIES[model_type].written_as
+    counts = sorted({kv * g for kv, g in head_layouts(spec, multiple_of)})
+    if other is None:
+        return {"written_as": None, "head_counts": counts}
+    return {"written_as": other, "head_counts": [n for n in counts if spec.hidden % n == 0]}
+
+
+def render_description(info: dict) -> str:
+    """The terminal text of `streamprune inspect`."""
+    lines = [f"{info['model_type']}: {info['layers']} layers, hidden {info['hidden']}, "
+             f"{info['heads']} heads / {info['kv_heads']} KV heads (head_dim {info['head_dim']}), "
+             f"{info['neurons']} neurons, vocab {info['vocab']}, dtype {info['dtype']}",
+             f"params: {info['params']:,} total, {info['block_params']:,} in blocks"]
+    pl = info["plan"]
+    if pl is None:
+        lines.append("blocks of different shapes (a per-block output): prune it with --allocation global")
+        return "\n".join(lines)
+    lines.append(f"fixed rule (--allocation rule) at sparsity {pl['sparsity']}: heads {info['heads']} -> {pl['heads']}, "
+                 f"KV heads {info['kv_heads']} -> {pl['kv_heads']}, neurons {info['neurons']} -> {pl['neurons']} per "
+                 f"block; block params {info['block_params']:,} -> {pl['block_params']:,} "
+                 f"({100 * pl['removed_fraction']:.1f}% removed); output model_type {pl['output_model_type']}")
+    lines.append(f"why {pl['heads']} of {info['heads']} query heads: the rule keeps the GQA layout (KV groups x query "
+                 f"heads per group) whose share of the attention weights is closest to 1 - sparsity = "
+                 f"{percent(1 - pl['sparsity'])} (ties: more query heads):")
+    lines += [f"  {layout_text(o)}" + ("   <- kept" if i == 0 else "") for i, o in enumerate(pl["layouts"])]
+    lines.append(f"  then the MLP keeps {pl['neurons']} of {info['neurons']} neurons, so that each block loses "
+                 f"{percent(pl['removed_fraction'])} of its weights")
+    if info["multiple_of"] > 1:
+        lines.append(f"  (--multiple-of {info['multiple_of']}: only layouts with a multiple of {info['multiple_of']} "
+                     f"query heads and a multiple or divisor of {info['multiple_of']} KV heads, and neuron counts "
+                     f"that are multiples of {info['multiple_of']})")
+    if pl["output_model_type_reason"]:
+        lines.append(f"why {pl['output_model_type']}: {pl['output_model_type_reason']}")
+    lines.append(f"{MEASURED}.")
+    family = info["output_family"]
+    if family["written_as"]:
+        lines.append(f"The output stays a {info['model_type']} only when every kept block has the same number of "
+                     f"query heads and it divides hidden_size {info['hidden']} "
+                     f"({either(family['head_counts'])}); otherwise it is written "
+                     f"as a {family['written_as']}.")
+    return "\n".join(lines)
+
+
+def either(counts: list[int]) -> str:
+    words = [str(n) for n in counts]
+    return "none possible" if not words else words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def layout_text(o: dict) -> str:
+    groups = "KV group" if o["kv_heads"] == 1 else "KV groups"
+    return (f"{o['kv_heads']} {groups} x {o['heads_per_group']} = {o['heads']} heads keep "
+            f"{percent(o['attention_kept'])}")
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%"

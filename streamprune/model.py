@@ -132,7 +132,9 @@ def check_uniform(arch: Architecture, what: str) -> None:
                                "blocks of one shape: use --allocation global")
 
 
-def output_shape(model: Model, sparsity: float, needs_biases: bool = False) -> Shape:
-    """The fixed rule: uniform sizes for every block (selection.uniform_sizes)."""
+def output_shape(model: Model, sparsity: float, needs_biases: bool = False, multiple_of: int = 1) -> Shape:
+    """The fixed rule: uniform sizes for every block (selection.uniform_sizes), in counts
+    `multiple_of` GPUs can split."""
     check_uniform(model.arch, "the fixed rule")
-    return shape_of(model, [uniform_sizes(model.arch.blocks[0], sparsity)] * model.arch.n_layers, needs_biases)
+    sizes = uniform_sizes(model.arch.blocks[0], sparsity, multiple_of)
+    return shape_of(model, [sizes] * model.arch.n_layers, needs_biases)

@@ -114,6 +114,22 @@ def write_as_other_family(out: dict, why: str) -> None:
     out.update(model_type=other, architectures=[f"{FAMILIES[other].prefix}ForCausalLM"], sliding_window=None)
 
 
+def family_change(config: dict, out: dict) -> str | None:
+    """Why the output `out` is written in another family than the input `config`, in a sentence
+    (None when it is not)."""
+    if out["model_type"] == config["model_type"]:
+        return None
+    before, after = FAMILIES[config["model_type"]].prefix, FAMILIES[out["model_type"]].prefix
+    heads = {o["num_attention_heads"] for o in out.get("per_layer_config", {}).values() if "num_attention_heads" in o}
+    if heads:
+        why = "the number of query heads differs from block to block"
+    else:
+        why = f"{out['num_attention_heads']} query heads do not divide hidden_size {out['hidden_size']}"
+    return (f"{before}Config needs num_attention_heads to divide hidden_size, and {why}; {after} computes the same "
+            f"block (no biases, same norms, rotary and MLP) with head_dim {out['head_dim']} written out, so the "
+            f"output is a {out['model_type']} with sliding_window null (docs/output-format.md)")
+
+
 def add_bias_keys(out: dict, biases) -> None:
     """Switch on the bias keys of the sublayers in `biases` where the output family has them."""
     keys = dict(FAMILIES[out["model_type"]].bias_keys)

@@ -326,12 +326,12 @@ def run(cfg: RunConfig) -> dict:
     check_cache_folder(run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir), cfg.out)
     check_text_sources(cfg)
     check_device(cfg.device)
-    check_sparsity(model.arch, cfg.sparsity)
+    check_sparsity(model.arch, cfg.sparsity, cfg.multiple_of)
     compensation = COMPENSATIONS[cfg.compensate]
     if cfg.allocation != "global":
         check_uniform(model.arch, f"--allocation {cfg.allocation}")
     # the fixed rule's shape: a model that cannot be written fails now (blocks of one shape only)
-    rule = output_shape(model, cfg.sparsity, compensation.needs_biases) if model.arch.uniform else None
+    rule = output_shape(model, cfg.sparsity, compensation.needs_biases, cfg.multiple_of) if model.arch.uniform else None
     memory = memory_plan(cfg, model)
     tokens = calibration_tokens(cfg, model)
     check_writable(cfg.out)
@@ -362,7 +362,7 @@ def decide_shape(cfg: RunConfig, model: Model, rule: Shape | None, cache: Activa
     costs = survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits, cfg.seed,
                    cfg.progress)
     allocate = allocate_global if cfg.allocation == "global" else allocate_uniform
-    sizes = allocate(model.arch.blocks, costs, cfg.sparsity)
+    sizes = allocate(model.arch.blocks, costs, cfg.sparsity, multiple_of=cfg.multiple_of)
     return shape_of(model, sizes, COMPENSATIONS[cfg.compensate].needs_biases)
 
 

@@ -217,11 +217,11 @@ def stage_forward_passes(cfg) -> float:
     return scorer.forward_passes(cfg.samples * cfg.seq_len) + compensation + 2.0
 
 
-def planned_sizes(model, sparsity: float) -> Sizes:
-    """The cut planned for: the fixed rule's (blocks of one shape), or an input already cut per
-    block planned for its widest block, uncut."""
+def planned_sizes(model, sparsity: float, multiple_of: int = 1) -> Sizes:
+    """The cut planned for: the fixed rule's (blocks of one shape; `multiple_of` as --multiple-of),
+    or an input already cut per block planned for its widest block, uncut."""
     if model.arch.uniform:
-        return output_shape(model, sparsity).sizes[0]
+        return output_shape(model, sparsity, multiple_of=multiple_of).sizes[0]
     widest = model.arch.widest
     return Sizes(widest.n_kv, widest.group, widest.intermediate)
 
@@ -229,7 +229,7 @@ def planned_sizes(model, sparsity: float) -> Sizes:
 def plan_run(cfg, model, max_memory: int | None = None, host_memory: int | None = None,
              check_host: bool = True) -> Plan:
     """make_plan for the run `cfg` describes; max_memory overrides cfg.max_memory."""
-    sizes = planned_sizes(model, cfg.sparsity)
+    sizes = planned_sizes(model, cfg.sparsity, cfg.multiple_of)
     scoring, compensation = stage_bytes(cfg, model, sizes)
     return make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity, max_memory or cfg.max_memory,
                      cfg.batch_size, scoring, compensation, host_memory, check_host)

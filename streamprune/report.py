@@ -1,6 +1,7 @@
 """What pruning did, from report.json: a terminal summary (one table row per layer) and a picture
-(kept heads per layer as a map, kept neurons, per-block relative reconstruction error, params
-before/after). The picture needs matplotlib, an optional extra: pip install 'streamprune[plot]'."""
+(kept heads per layer as a map with KV-group lines, per-block relative reconstruction error, and
+kept neurons and params per layer, or, when every block has one shape, what it keeps and the
+time per block). The picture needs matplotlib, an optional extra: pip install 'streamprune[plot]'."""
 
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def render_report(report: dict) -> str:
     lines = [f"{args.get('shards', '?')} ({model.get('model_type', '?')}, {model.get('layers', len(blocks))} layers) "
              f"pruned to a {model.get('output_model_type', '?')}",
              f"sparsity {args.get('sparsity', '?')}, method {args.get('method', '?')}, "
-             f"calibration {args.get('samples', '?')} x {args.get('seq_len', '?')} tokens of {args.get('calib', '?')}",
+             f"calibration {args.get('samples', '?')} x {args.get('seq_len', '?')} tokens of {args.get('calib', '?')}"
+             + (f", --multiple-of {args['multiple_of']} (tensor parallelism)" if args.get("multiple_of", 1) != 1 else ""),
              ""]
     rows = [["layer", "heads", "kv", "neurons", "params", "rel.err", "kept heads"]]
     for b in blocks:
@@ -114,52 +116,132 @@ def render_report(report: dict) -> str:
 
 
 def kept_head_map(blocks: list[dict]) -> list[list[float]]:
-    """(layers, original heads): 1 where the head was kept, 0 where it was removed."""
+    """(layers, original heads): 1 where the head was kept, 0 where it was removed, -1 in a block
+    dropped whole."""
     rows = []
     for b in blocks:
         kept = set(b.get("kept_heads", range(b["heads"][1])))
-        rows.append([1.0 if h in kept else 0.0 for h in range(b["heads"][0])])
+        rows.append([-1.0 if b.get("dropped") else 1.0 if h in kept else 0.0 for h in range(b["heads"][0])])
     return rows
 
 
-def plot_report(report: dict, path: Path) -> bool:
-    """Write the picture to `path`; False (and nothing written) when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+def kv_group_boundaries(blocks: list[dict]) -> list[tuple[float, int]]:
+    """(x, row) of every line between two KV groups in the head map: query head h belongs to KV
+    group h // (heads / KV heads)."""
+    lines = []
+    for row, b in enumerate(blocks):
+        heads, kv = b["heads"][0], b["kv_heads"][0]
+        group = heads // kv if kv else heads
+        lines += [(k * group - 0.5, row) for k in range(1, kv)]
+    return lines
+
+
+def one_shape(blocks: list[dict]) -> bool:
+    """Every kept block has the same sizes (and started from the same): the per-layer bars of
+    neurons and params would all be equal."""
+    kept = [b for b in blocks if not b.get("dropped")]
+    return len({tuple(tuple(b[f]) for f in ("heads", "kv_heads", "neurons", "params")) for b in kept}) <= 1
+
+
+HEAD_COLOURS = {-1.0: ("#bbbbbb", "block dropped"), 0.0: ("#f3e3e1", "head removed"), 1.0: ("#3a7d44", "head kept")}
+
+
+def draw_head_map(ax, blocks: list[dict], layers: list[int]) -> None:
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+    cells = kept_head_map(blocks)
+    width = max(len(r) for r in cells)
+    grid = [r + [float("nan")] * (width - len(r)) for r in cells]  # blocks with fewer heads: blank cells
+    values = sorted(HEAD_COLOURS)
+    ax.imshow(grid, aspect="auto", cmap=ListedColormap([HEAD_COLOURS[v][0] for v in values]), vmin=-1.5, vmax=1.5,
+              interpolation="nearest")
+    bounds = kv_group_boundaries(blocks)
+    if bounds:
+        ax.vlines([x for x, _ in bounds], [r - 0.5 for _, r in bounds], [r + 0.5 for _, r in bounds],
+                  colors="#222222", linewidths=1.5, label="KV group boundary")
+    ax.set(title="attention heads per layer", xlabel="query head", ylabel="layer", xlim=(-0.5, width - 0.5),
+           ylim=(len(layers) - 0.5, -0.5), yticks=range(len(layers)), yticklabels=layers)
+    shown = {v for row in cells for v in row}
+    handles = [Patch(facecolor=HEAD_COLOURS[v][0], edgecolor="#888888", label=HEAD_COLOURS[v][1])
+               for v in (1.0, 0.0, -1.0) if v in shown]
+    if bounds:
+        handles.append(ax.collections[-1])
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+
+
+def draw_one_shape(ax, blocks: list[dict]) -> None:
+    """For a cut that gives every block one shape: what that shape keeps of each kind of unit."""
+    b = next((b for b in blocks if not b.get("dropped")), blocks[0])
+    parts = [("query heads", b["heads"]), ("KV heads", b["kv_heads"]), ("MLP neurons", b["neurons"]),
+             ("parameters", b["params"])]
+    kept = [100 * after / before if before else 0.0 for _, (before, after) in parts]
+    bars = ax.barh([name for name, _ in parts], kept, color="#3a7d44")
+    ax.bar_label(bars, [f"{after:,} of {before:,}" for _, (before, after) in parts], padding=3, fontsize="small")
+    ax.set(title="one shape for every kept block: kept of each", xlabel="% kept", xlim=(0, 130))
+    ax.invert_yaxis()
+
+
+def draw_block_seconds(ax, layers: list[int], timing: list) -> None:
+    """Seconds per block of the pruning pass, split into scoring, forward passes and the rest."""
+    def seconds(t, key):
+        v = t.get(key, 0) if isinstance(t, dict) else 0
+        return v if isinstance(v, (int, float)) else 0
+    score = [seconds(t, "score_seconds") for t in timing]
+    forward = [seconds(t, "forward_seconds") for t in timing]
+    rest = [max(0.0, seconds(t, "seconds") - s - f) for t, s, f in zip(timing, score, forward)]
+    ax.bar(layers, score, color="#3a7d44", label="scoring, slicing, compensation")
+    ax.bar(layers, forward, bottom=score, color="#7fb3d5", label="pruned block's forward pass")
+    ax.bar(layers, rest, bottom=[s + f for s, f in zip(score, forward)], color="#cccccc",
+           label="waiting for reads and writes")
+    ax.set(title="time per block (pruning pass)", xlabel="layer", ylabel="seconds",
+           ylim=(0, 1.45 * max([s + f + r for s, f, r in zip(score, forward, rest)] + [1e-3])))
+    ax.legend(loc="upper right", fontsize="small")
+
+
+def report_figure(report: dict):
+    """The picture as a matplotlib Figure (Agg): head map (legend, KV-group lines), relative error
+    per block, and either neurons and params per layer (blocks of different shapes) or, when every
+    block has one shape (those bars would all be equal), what that shape keeps and the time per block."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     blocks = report["blocks"]
     layers = [b["layer"] for b in blocks]
-    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
-
-    heads = ax[0, 0]
-    heads.imshow(kept_head_map(blocks), aspect="auto", cmap="Greens", vmin=-0.3, vmax=1.0,
-                 interpolation="nearest")
-    heads.set(title="attention heads kept (green) per layer", xlabel="head", ylabel="layer",
-              yticks=range(len(layers)), yticklabels=layers)
-
-    neurons = ax[0, 1]
-    neurons.bar(layers, [b["neurons"][0] for b in blocks], color="#dddddd", label="before")
-    neurons.bar(layers, [b["neurons"][1] for b in blocks], color="#3a7d44", label="kept")
-    neurons.set(title="MLP neurons per layer", xlabel="layer", ylabel="neurons")
-    neurons.legend(loc="lower right")
+    fig, ax = plt.subplots(2, 2, figsize=(12, 7.5))
+    draw_head_map(ax[0, 0], blocks, layers)
 
     error = ax[1, 0]
     error.plot(layers, [b["relative_error"] for b in blocks], marker="o", color="#b5443b")
     error.set(title="relative reconstruction error per block", xlabel="layer",
               ylabel="|y - y_dense|² / |y_dense - x|²")
     error.set_ylim(bottom=0)
+    error.set_xticks(layers)
 
-    params = ax[1, 1]
-    width = 0.4
-    params.bar([x - width / 2 for x in layers], [b["params"][0] for b in blocks], width, color="#999999", label="before")
-    params.bar([x + width / 2 for x in layers], [b["params"][1] for b in blocks], width, color="#3a7d44", label="after")
-    params.set(title="block parameters", xlabel="layer", ylabel="parameters")
-    params.legend(loc="lower right")
-    for a in (neurons, error, params):
-        a.set_xticks(layers)
+    timing = report.get("timing", {}).get("blocks")
+    if one_shape(blocks):
+        draw_one_shape(ax[0, 1], blocks)
+        if isinstance(timing, list) and len(timing) == len(blocks):
+            draw_block_seconds(ax[1, 1], layers, timing)
+            ax[1, 1].set_xticks(layers)
+        else:
+            ax[1, 1].set_axis_off()
+    else:
+        neurons = ax[0, 1]
+        neurons.bar(layers, [b["neurons"][0] for b in blocks], color="#dddddd", label="before")
+        neurons.bar(layers, [b["neurons"][1] for b in blocks], color="#3a7d44", label="kept")
+        neurons.set(title="MLP neurons per layer", xlabel="layer", ylabel="neurons")
+        neurons.legend(loc="lower right")
+
+        params = ax[1, 1]
+        width = 0.4
+        params.bar([x - width / 2 for x in layers], [b["params"][0] for b in blocks], width, color="#999999",
+                   label="before")
+        params.bar([x + width / 2 for x in layers], [b["params"][1] for b in blocks], width, color="#3a7d44",
+                   label="after")
+        params.set(title="block parameters", xlabel="layer", ylabel="parameters")
+        params.legend(loc="lower right")
+        for a in (neurons, params):
+            a.set_xticks(layers)
 
     args, e = report.get("arguments", {}), report.get("eval")
     title = f"{Path(str(args.get('shards', 'model'))).name}: sparsity {args.get('sparsity', '?')} ({args.get('method', '?')})"
@@ -170,6 +252,17 @@ def plot_report(report: dict, path: Path) -> bool:
         title += f"\nperplexity {e['ppl_before']:.3f} -> {e['ppl_after']:.3f} on {Path(e['text']).name}"
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_report(report: dict, path: Path) -> bool:
+    """Write the picture to `path`; False (and nothing written) when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    import matplotlib.pyplot as plt
+    fig = report_figure(report)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -4,6 +4,7 @@ the pruned block is a valid GQA layout that stock configs can describe."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,22 +35,58 @@ def attention_params(spec: BlockSpec, n_kv: int, group: int) -> int:
     return 2 * spec.head_dim * spec.hidden * (n_kv * group + n_kv)
 
 
-def uniform_sizes(spec: BlockSpec, sparsity: float, align: int | None = None) -> Sizes:
+def tensor_parallel_ok(n_kv: int, group: int, multiple_of: int) -> bool:
+    """Whether `multiple_of` GPUs (or any divisor of it) can split a layout of n_kv KV groups of
+    `group` query heads each, as vLLM's tensor parallelism does: the query heads divide evenly,
+    and the KV heads divide evenly or, when fewer than the GPUs, are replicated (which needs
+    their count to divide the GPU count)."""
+    return n_kv * group % multiple_of == 0 and (n_kv % multiple_of == 0 or multiple_of % n_kv == 0)
+
+
+def head_layouts(spec: BlockSpec, multiple_of: int = 1) -> list[tuple[int, int]]:
+    """Every GQA layout (KV groups kept, query heads per group) a block may be cut to."""
+    return [(kv, g) for kv in range(1, spec.n_kv + 1) for g in range(1, spec.group + 1)
+            if tensor_parallel_ok(kv, g, multiple_of)]
+
+
+def neuron_step(spec: BlockSpec, multiple_of: int = 1) -> int:
+    """What kept neuron counts are rounded to: 64 for wide MLPs, 1 for small ones, and a multiple
+    of `multiple_of`."""
+    return math.lcm(64 if spec.intermediate >= 4096 else 1, multiple_of)
+
+
+def most_neurons(spec: BlockSpec, multiple_of: int = 1) -> int:
+    """The most neurons a block may keep: all of them, or the largest multiple of `multiple_of`."""
+    return spec.intermediate - spec.intermediate % multiple_of
+
+
+def attention_kept(spec: BlockSpec, n_kv: int, group: int) -> float:
+    """The fraction of the attention weights a layout keeps."""
+    return attention_params(spec, n_kv, group) / attention_params(spec, spec.n_kv, spec.group)
+
+
+def ranked_layouts(spec: BlockSpec, sparsity: float, multiple_of: int = 1) -> list[tuple[int, int]]:
+    """The fixed rule's order of GQA layouts: the kept fraction of the attention weights closest
+    to 1 - sparsity first, ties to more query heads, then more KV groups."""
+    return sorted(head_layouts(spec, multiple_of), key=lambda o: (
+        abs(attention_kept(spec, *o) - (1 - sparsity)), -o[0] * o[1], -o[0]))
+
+
+def uniform_sizes(spec: BlockSpec, sparsity: float, multiple_of: int = 1) -> Sizes:
     """Remove about `sparsity` of the block's weights. Attention takes the GQA layout whose kept
     fraction is closest to 1 - sparsity (ties: more query heads); the MLP width absorbs the
-    rest, so the block total lands on target. Intermediate sizes are rounded to `align`
-    (default 64 for wide MLPs, 1 for small ones)."""
-    if sparsity == 0:
+    rest, so the block total lands on target. Neuron counts are rounded to neuron_step (64 for
+    wide MLPs, 1 for small ones). With `multiple_of` > 1, only layouts and neuron counts that
+    many GPUs can split (tensor_parallel_ok) are taken, at sparsity 0 too."""
+    if sparsity == 0 and multiple_of == 1:
         return Sizes(spec.n_kv, spec.group, spec.intermediate)
     full_attn = attention_params(spec, spec.n_kv, spec.group)
     target = (1 - sparsity) * (full_attn + 3 * spec.hidden * spec.intermediate)
-    options = [(kv, g) for kv in range(1, spec.n_kv + 1) for g in range(1, spec.group + 1)]
-    n_kv, group = min(options, key=lambda o: (
-        abs(attention_params(spec, *o) / full_attn - (1 - sparsity)), -o[0] * o[1], -o[0]))
-    align = align or (64 if spec.intermediate >= 4096 else 1)
+    n_kv, group = ranked_layouts(spec, sparsity, multiple_of)[0]
+    align = neuron_step(spec, multiple_of)
     inter = (target - attention_params(spec, n_kv, group)) / (3 * spec.hidden)
     inter = int(round(inter / align)) * align
-    return Sizes(n_kv, group, max(align, min(spec.intermediate, inter)))
+    return Sizes(n_kv, group, max(align, min(most_neurons(spec, multiple_of), inter)))
 
 
 def select_units(head_scores: torch.Tensor, neuron_scores: torch.Tensor, spec: BlockSpec, sizes: Sizes) -> Kept:

@@ -14,7 +14,7 @@ from .errors import StreamPruneError
 from .families import BlockSpec
 from .journal import WORKDIR
 from .numerics import first_bad_value
-from .selection import attention_params
+from .selection import attention_params, head_layouts, neuron_step
 
 
 
@@ -66,20 +66,39 @@ def check_writable(folder: Path, option: str = "--out") -> None:
         raise StreamPruneError(f"cannot write to {option} {folder}: {e.strerror or e}") from None
 
 
-def max_sparsity(block: BlockSpec) -> float:
-    """The most a block can lose while keeping one KV head, one query head and one neuron."""
+def max_sparsity(block: BlockSpec, multiple_of: int = 1) -> float:
+    """The most a block can lose while keeping one KV head, one query head and one neuron (with
+    `multiple_of` > 1: its smallest layout and neuron count that many GPUs can split)."""
     full = attention_params(block, block.n_kv, block.group) + 3 * block.hidden * block.intermediate
-    least = attention_params(block, 1, 1) + 3 * block.hidden
-    return 1 - least / full
+    least = min(attention_params(block, kv, g) for kv, g in head_layouts(block, multiple_of))
+    return 1 - (least + 3 * block.hidden * (1 if multiple_of == 1 else neuron_step(block, multiple_of))) / full
 
 
-def check_sparsity(arch, sparsity: float) -> None:
+def check_multiple_of(arch, multiple_of: int) -> None:
+    """Every block can be cut to counts that `multiple_of` GPUs split (selection.tensor_parallel_ok)."""
+    if multiple_of == 1:
+        return
+    for i, b in enumerate(arch.blocks):
+        if not head_layouts(b, multiple_of):
+            raise StreamPruneError(
+                f"--multiple-of {multiple_of}: block {i} has {b.n_heads} query heads in {b.n_kv} KV groups; no cut "
+                f"keeps a multiple of {multiple_of} query heads and a multiple or divisor of {multiple_of} KV heads "
+                "(use a smaller --multiple-of)")
+        if neuron_step(b, multiple_of) > b.intermediate:
+            raise StreamPruneError(f"--multiple-of {multiple_of}: block {i} has only {b.intermediate} MLP neurons "
+                                   "(use a smaller --multiple-of)")
+
+
+def check_sparsity(arch, sparsity: float, multiple_of: int = 1) -> None:
     """What this model can lose (the range [0, 1) itself is RunConfig's check): every block keeps a
-    head and a neuron."""
-    most = min(max_sparsity(b) for b in set(arch.blocks))
+    head and a neuron, in counts `multiple_of` GPUs can split."""
+    check_multiple_of(arch, multiple_of)
+    most = min(max_sparsity(b, multiple_of) for b in set(arch.blocks))
     if sparsity > most:
-        raise StreamPruneError(f"--sparsity {sparsity} would remove every attention head of each block; "
-                               f"this model allows at most {most:.3f}")
+        kept = "every attention head of each block" if multiple_of == 1 else \
+            f"more than each block's smallest cut in multiples of {multiple_of}"
+        raise StreamPruneError(f"--sparsity {sparsity} would remove {kept}; this model allows at most {most:.3f}"
+                               + ("" if multiple_of == 1 else f" with --multiple-of {multiple_of}"))
 
 
 def existing_ancestor(folder: Path) -> Path:

@@ -75,6 +75,10 @@ VALUES = {  # id -> (arguments after `run ... --out OUT` or a whole command line
     "samples-zero-plan": (plan_args("--samples", "0"), "--samples must be >= 1"),
     "seq-len-huge": (("--seq-len", str(10**12)), "--samples and --seq-len must be at most 2147483647"),
     "eval-seq-len-negative": (("--eval-seq-len", "-1"), r"--eval-seq-len must be 0 \(same as --seq-len\) or in \[2, "),
+    "multiple-of-zero": (("--multiple-of", "0"), r"--multiple-of must be in \[1, 65536\], got 0"),
+    "multiple-of-huge-plan": (plan_args("--multiple-of", str(10**30)), r"--multiple-of must be in \[1, 65536\]"),
+    "multiple-of-more-than-heads": (("--multiple-of", "16"), "--multiple-of 16: block 0 has 8 query heads in 4 KV"),
+    "inspect-multiple-of-zero": (("inspect", "--shards", MODEL, "--multiple-of", "0"), r"--multiple-of must be in \["),
     "batch-size-huge": (("--batch-size", str(10**30)), r"--batch-size must be in \[0, 2147483647\]"),
     "batch-size-negative": (("--batch-size", "-3"), r"--batch-size must be in \[0, "),
     "device-meta": (("--device", "meta"), "unsupported device 'meta' \\(cpu or cuda\\)"),
@@ -295,6 +299,9 @@ SIG = int(sys.argv.pop(1))
 builtins.__import__ = hook
 runpy.run_module("streamprune", run_name="__main__", alter_sys=True)
 """
+# the `streamprune` command: what pip's wrapper for pyproject's entry point does
+AT_IMPORT_SCRIPT = AT_IMPORT.replace('runpy.run_module("streamprune", run_name="__main__", alter_sys=True)',
+                                     "from streamprune.__main__ import run\nsys.exit(run())")
 SWALLOWED = """
 import os, runpy, sys, time
 import streamprune.cli as cli
@@ -336,10 +343,16 @@ def interrupted_cleanly(p: subprocess.CompletedProcess, sig: int) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_while_importing_the_command(sig):
-    p = python(AT_IMPORT, int(sig), "--version")
+@pytest.mark.parametrize("launcher", ["python -m", "script"])
+def test_signal_while_importing_the_command(sig, launcher):
+    p = python(AT_IMPORT if launcher == "python -m" else AT_IMPORT_SCRIPT, int(sig), "--version")
     interrupted_cleanly(p, sig)
     assert p.stdout == ""
+
+
+def test_the_streamprune_command_installs_the_handlers_before_importing_the_command():
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'streamprune = "streamprune.__main__:run"' in pyproject
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -39,7 +39,9 @@ def test_terminal_summary_has_a_row_per_layer(out):
         assert cells[1] == f"{block['heads'][0]}->{block['heads'][1]}"
         assert cells[5] == f"{block['relative_error']:.4f}"
         assert cells[6:] == [str(h) for h in block["kept_heads"]]
-    assert "% removed" in text and "perplexity" not in text
+    assert "% removed" in text and "perplexity" not in text and "multiple-of" not in text
+    report["arguments"]["multiple_of"] = 8
+    assert ", --multiple-of 8 (tensor parallelism)" in render_report(report).splitlines()[1]
 
 
 def test_summary_shows_perplexity_when_measured(out):
@@ -73,3 +75,56 @@ def test_without_matplotlib_says_how_to_install(out, tmp_path, monkeypatch):
 def test_missing_report_is_an_error(tmp_path):
     r = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert r.exit_code == 2 and r.output.startswith("error: no report.json")
+
+
+def synthetic_report(blocks: list[dict]) -> dict:
+    timing = [{"score_seconds": 1.0 + i, "forward_seconds": 0.5, "seconds": 2.0 + i} for i in range(len(blocks))]
+    return {"arguments": {"shards": "m", "sparsity": 0.3, "method": "perturb"}, "blocks": blocks,
+            "timing": {"seconds": 9.0, "blocks": timing}}
+
+
+def block(layer, heads, kv, kept_heads, neurons=(96, 60), dropped=False):
+    b = {"layer": layer, "heads": [8, heads], "kv_heads": [4, kv], "neurons": list(neurons),
+         "params": [1000, 0 if dropped else 500 + heads + neurons[1]], "kept_heads": kept_heads, "relative_error": 0.1}
+    return dict(b, dropped=True) if dropped else b
+
+
+def figure_of(report):
+    pytest.importorskip("matplotlib")
+    from streamprune.report import report_figure
+    fig = report_figure(report)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return fig.axes
+
+
+def test_head_map_has_a_legend_and_kv_group_lines():
+    blocks = [block(0, 8, 4, list(range(8))), block(1, 4, 2, [0, 1, 4, 5], neurons=(96, 40)),
+              block(2, 0, 0, [], neurons=(96, 0), dropped=True)]
+    heads = figure_of(synthetic_report(blocks))[0]
+    legend = [t.get_text() for t in heads.get_legend().get_texts()]
+    assert legend == ["head kept", "head removed", "block dropped", "KV group boundary"]
+    lines = next(c for c in heads.collections if c.get_label() == "KV group boundary")
+    segments = sorted((float(s[0][0]), float(s[0][1]), float(s[1][1])) for s in lines.get_segments())
+    # 4 KV groups of 2 heads: lines between heads 1|2, 3|4, 5|6 in every row
+    assert segments == sorted((x, r - 0.5, r + 0.5) for x in (1.5, 3.5, 5.5) for r in range(3))
+
+
+def test_blocks_of_different_shapes_show_neurons_and_params_per_layer():
+    blocks = [block(0, 8, 4, list(range(8))), block(1, 4, 2, [0, 1, 4, 5], neurons=(96, 40))]
+    titles = [a.get_title() for a in figure_of(synthetic_report(blocks))]
+    assert titles == ["attention heads per layer", "MLP neurons per layer",
+                      "relative reconstruction error per block", "block parameters"]
+
+
+def test_one_shape_replaces_the_equal_bars_with_what_it_keeps_and_the_time_per_block():
+    blocks = [block(i, 4, 4, [0, 2, 4, 6]) for i in range(3)]
+    axes = figure_of(synthetic_report(blocks))
+    assert [a.get_title() for a in axes] == ["attention heads per layer", "one shape for every kept block: kept of each",
+                                             "relative reconstruction error per block", "time per block (pruning pass)"]
+    kept = axes[1]
+    assert [t.get_text() for t in kept.get_yticklabels()] == ["query heads", "KV heads", "MLP neurons", "parameters"]
+    assert [round(p.get_width()) for p in kept.patches] == [50, 100, 62, 56]
+    seconds = axes[3]
+    heights = [p.get_height() for p in seconds.patches]
+    assert heights[:3] == [1.0, 2.0, 3.0]  # scoring seconds of the three blocks, then the other parts stacked
