@@ -106,3 +106,23 @@ def test_perturb_is_deterministic_under_a_seed():
     assert torch.equal(a.heads, b.heads) and torch.equal(a.neurons, b.neurons)
     c = make_scorer("perturb", ScoringOptions(sizes=sizes)).score(W, SPEC, calibration(seed=2))
     assert not torch.equal(a.neurons, c.neurons)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_obs_compaction_gives_the_same_scores_and_curve(monkeypatch, dtype):
+    """The greedy shrinks its inverse Gram to the remaining neurons as it goes (obs.COMPACT): the
+    same removals, scores and cost curve as updating the full matrix every step."""
+    from streamprune.scoring import obs
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(400, 96, generator=g) @ torch.randn(96, 96, generator=g)
+    W_down = torch.randn(24, 96, generator=g)
+    runs = []
+    for compact in (obs.COMPACT, 0.0):  # 0: never compacts
+        monkeypatch.setattr(obs, "COMPACT", compact)
+        curve = []
+        runs.append((greedy_removal_scores((A.T @ A).to(dtype), W_down, 90, chunks=30, curve=curve), curve))
+    (s1, c1), (s0, c0) = runs
+    assert torch.equal(s1.argsort()[:90], s0.argsort()[:90])
+    torch.testing.assert_close(s1, s0, rtol=1e-4, atol=1e-6)
+    assert [n for n, _ in c1] == [n for n, _ in c0]
+    torch.testing.assert_close(torch.tensor([c for _, c in c1]), torch.tensor([c for _, c in c0]), rtol=1e-4, atol=0)
