@@ -310,6 +310,8 @@ def multiple_of_option(command):
 @click.option("--restart", is_flag=True, help="Discard any previous run in --out and start over.")
 @click.option("--no-overlap", "overlap", flag_value=False, default=True,
               help="Read and write blocks synchronously (no prefetch; for benchmarks).")
+@click.option("--profile", is_flag=True,
+              help="Exact seconds per phase in report.json on a GPU (synchronizes it at every phase; a little slower).")
 @click.option("--eval", "eval", type=PathArg(dir_okay=False),
               help="Held-out text: measure perplexity before and after (streaming), into report.json. "
                    "Plain text, JSON lines or Parquet.")

@@ -23,6 +23,7 @@ from .families import BlockSpec
 from .scoring.base import Calibration
 from .numerics import FP64_SOLVE_MAX, RIDGE, add_ridge, solve_spd, token_scale
 from .selection import Kept
+from .phases import phase
 
 
 class NormalEquations:
@@ -63,25 +64,29 @@ def work_bytes(spec: BlockSpec, spec_new: BlockSpec) -> int:
 
 def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, torch.Tensor], spec_new: BlockSpec,
                kept: Kept, batches: Callable[[], Iterator[torch.Tensor]], cos, sin,
-               ridge: float | None = None) -> dict[str, torch.Tensor]:
+               ridge: float | None = None, timer=None) -> dict[str, torch.Tensor]:
     """W_new with o_proj and down_proj refit; W (dense) gives the targets."""
     W_new, ridge = dict(W_new), RIDGE if ridge is None else ridge
     heads_removed = spec_new.n_heads < spec.n_heads
     if heads_removed:
         eq = NormalEquations()
-        for x in batches():
-            heads = attention_heads(W, spec, x, cos, sin)
-            target = attention_output(W, heads) - W.get("o_bias", 0)
-            eq.add(heads[:, :, kept.heads.to(x.device)].flatten(-2), target, token_scale(x + target))
-        W_new["o"] = eq.solve(W_new["o"], ridge)
+        with phase(timer, "compensation_gram"):
+            for x in batches():
+                heads = attention_heads(W, spec, x, cos, sin)
+                target = attention_output(W, heads) - W.get("o_bias", 0)
+                eq.add(heads[:, :, kept.heads.to(x.device)].flatten(-2), target, token_scale(x + target))
+        with phase(timer, "compensation_solve"):
+            W_new["o"] = eq.solve(W_new["o"], ridge)
     if heads_removed or spec_new.intermediate < spec.intermediate:
         eq = NormalEquations()
-        for x in batches():
-            y_dense = block_forward(W, spec, x, cos, sin)
-            h = x + attention_output(W_new, attention_heads(W_new, spec_new, x, cos, sin))
-            a = mlp_activations(W_new, rms_norm(h, W_new["mlp_norm"], spec.eps))
-            eq.add(a, y_dense - h - W.get("down_bias", 0), token_scale(y_dense))
-        W_new["down"] = eq.solve(W_new["down"], ridge)
+        with phase(timer, "compensation_gram"):
+            for x in batches():
+                y_dense = block_forward(W, spec, x, cos, sin)
+                h = x + attention_output(W_new, attention_heads(W_new, spec_new, x, cos, sin))
+                a = mlp_activations(W_new, rms_norm(h, W_new["mlp_norm"], spec.eps))
+                eq.add(a, y_dense - h - W.get("down_bias", 0), token_scale(y_dense))
+        with phase(timer, "compensation_solve"):
+            W_new["down"] = eq.solve(W_new["down"], ridge)
     return W_new
 
 
@@ -133,7 +138,7 @@ class LeastSquares(Compensation):
     name, refits, forward_passes = "lsq", True, 3.0  # two passes, dense and pruned attention in each
 
     def apply(self, W, spec, W_new, spec_new, kept, calib, biases):
-        return compensate(W, spec, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin)
+        return compensate(W, spec, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin, timer=calib.timer)
 
     def work_bytes(self, spec, spec_new):
         return work_bytes(spec, spec_new)

@@ -60,6 +60,7 @@ class RunConfig:
     restart: bool = False
     progress: bool = True
     overlap: bool = True  # prefetch the next block and write shards in the background
+    profile: bool = False  # synchronize the GPU at every phase boundary, for exact per-phase seconds
     eval: Path | None = None  # held-out text: perplexity before and after, in report.json
     eval_dataset: str | None = None  # or held-out text from a `datasets` dataset, NAME[:CONFIG][:SPLIT]
     eval_seq_len: int = 0  # 0 = --seq-len, capped at max_position_embeddings
@@ -102,7 +103,8 @@ class RunConfig:
 
     # Fields that do not change the output bytes, so a resumed run may differ in them.
     NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "restart", "progress", "batch_size", "max_memory", "overlap",
-                         "eval", "eval_dataset", "eval_seq_len")
+                         "profile", "eval", "eval_dataset",
+                         "eval_seq_len")
 
     # Fingerprinted only when not the default, so a journal written before they existed still resumes.
     FINGERPRINTED_WHEN_SET = ("calib_dataset", "text_field")

@@ -30,6 +30,7 @@ from .families import BlockSpec
 from .numerics import FP64_SOLVE_MAX, RIDGE, add_ridge, invert_spd, mean_square, solve, token_scale
 from .scoring.obs import greedy_removal_scores
 from .selection import Sizes, select_units
+from .phases import phase, timed_batches
 
 CURVE_STEPS = 48  # points of a block's neuron curve
 SAMPLE_TOKENS = 2048  # calibration tokens the head layouts are measured on (the perturb scorer's default)
@@ -169,14 +170,14 @@ def with_ridge(G: torch.Tensor) -> torch.Tensor:
     return G
 
 
-def neuron_curve(W_down: torch.Tensor, G: torch.Tensor, refit: bool) -> list[tuple[int, float]]:
+def neuron_curve(W_down: torch.Tensor, G: torch.Tensor, refit: bool, timer=None) -> list[tuple[int, float]]:
     """(neurons kept, cost) from all neurons down to CURVE_KEEP of them, CURVE_STEPS points. With a
     refit: greedy OBS (consumes G). Without: the cheapest alone first, their joint output cost."""
     I = G.shape[0]
     n_remove = I - max(1, round(I * CURVE_KEEP))
     curve: list[tuple[int, float]] = []
     if refit:
-        greedy_removal_scores(G, W_down, n_remove, chunks=CURVE_STEPS, curve=curve)
+        greedy_removal_scores(G, W_down, n_remove, chunks=CURVE_STEPS, curve=curve, timer=timer)
     else:
         W = W_down.to(G.dtype)
         P = (W.T @ W) * G  # (I, I): the joint output energy of neurons i and j
@@ -193,15 +194,20 @@ def neuron_curve(W_down: torch.Tensor, G: torch.Tensor, refit: bool) -> list[tup
 
 def block_costs(W, spec: BlockSpec, batches: Callable[[], Iterator[torch.Tensor]], cos, sin, refit: bool,
                 write: Callable[[int, torch.Tensor], None], samples: int = 1,
-                generator: torch.Generator | None = None) -> BlockCosts:
+                generator: torch.Generator | None = None, timer=None) -> BlockCosts:
     """One pass over the block's dense calibration inputs: the costs of its cuts, in the unit of
     this module; `write(start, y)` receives the dense outputs (the next block's inputs)."""
     per_window = -(-SAMPLE_TOKENS // max(1, samples))  # tokens of each window in the head sample
     grams, start = Grams(spec, generator, per_window), 0
-    for x in batches():
-        write(start, grams.add(W, x, cos, sin))
+    for x in timed_batches(batches(), timer):
+        with phase(timer, "survey_forward"):
+            y = grams.add(W, x, cos, sin)
+        with phase(timer, "cache_write"):
+            write(start, y)
         start += x.shape[0]
     norm = grams.norm
-    heads = head_costs(W, grams.heads, spec, refit, grams.sample)
-    neurons = neuron_curve(W["down"], grams.mlp, refit)
+    with phase(timer, "survey_heads"):
+        heads = head_costs(W, grams.heads, spec, refit, grams.sample)
+    with phase(timer, "survey_neurons"):
+        neurons = neuron_curve(W["down"], grams.mlp, refit, timer)
     return BlockCosts(heads, [(n, c / norm) for n, c in neurons], grams.update / norm)

@@ -38,6 +38,7 @@ from .selection import select_units
 from .survey import survey
 from .shards import OutTensor, read_header, shard_name, write_safetensors
 from .slicing import add_zero_biases, slice_block
+from .phases import PhaseTimer, add_phases, phase, timed_batches
 from .validate import (check_finite_activations, check_finite_weights, check_free_disk, check_paths,
                        check_sparsity, check_writable)
 
@@ -125,28 +126,33 @@ class BlockRunner:
 
     def prune(self, layer: int, stored: dict[str, torch.Tensor]) -> tuple[dict, Future]:
         """Score, slice and pass on block `layer`; returns its record and the future of its shard write."""
-        t0 = time.time()
+        t0, timer = time.time(), PhaseTimer(self.device, self.cfg.profile)
         spec, sizes = self.model.arch.blocks[layer], self.shape.sizes[layer]
         dtype = compute_dtype(self.device, stored["q"].dtype)
         if sizes is None:
             return self.drop(layer, spec, stored, dtype, t0)
         out_layer = self.shape.out_layer(layer)
-        W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
+        with timer.phase("to_device"):
+            W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
         generator = block_generator(self.cfg.seed, layer)
-        calib = Calibration(lambda: (x for _, x in self.batches(layer, dtype)), self.cos, self.sin, generator,
-                            self.cfg.samples)
+        calib = Calibration(lambda: timed_batches((x for _, x in self.batches(layer, dtype)), timer), self.cos,
+                            self.sin, generator, self.cfg.samples, timer)
         with torch.no_grad():
-            scores = make_scorer(self.cfg.method, scoring_options(self.cfg, sizes)).score(W, spec, calib)
-            kept = select_units(scores.heads, scores.neurons, spec, sizes)
-            W_new, spec_new = slice_block(W, spec, kept)
-            W_new = self.compensation.apply(W, spec, W_new, spec_new, kept, calib, self.biases)
+            with timer.phase("score"):
+                scores = make_scorer(self.cfg.method, scoring_options(self.cfg, sizes)).score(W, spec, calib)
+            with timer.phase("slice"):
+                kept = select_units(scores.heads, scores.neurons, spec, sizes)
+                W_new, spec_new = slice_block(W, spec, kept)
+            with timer.phase("compensate"):
+                W_new = self.compensation.apply(W, spec, W_new, spec_new, kept, calib, self.biases)
             spec_new = spec_new.with_biases(self.biases)
             W_new = add_zero_biases(W_new, spec_new)
             t_score = time.time()
-            out = [OutTensor.of(self.model.arch.layer_tensor(out_layer, s), t.to("cpu", stored.get(s, stored["o"]).dtype))
-                   for s, t in W_new.items()]
-            write = self.writer.submit(write_safetensors, self.model_path(layer + 1), out)
-            rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype)
+            with timer.phase("to_host"):
+                out = [OutTensor.of(self.model.arch.layer_tensor(out_layer, s),
+                                    t.to("cpu", stored.get(s, stored["o"]).dtype)) for s, t in W_new.items()]
+            write = self.writer.submit(timed, write_safetensors, self.model_path(layer + 1), out)
+            rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype, timer)
         return {
             "layer": layer,
             "heads": [spec.n_heads, spec_new.n_heads], "kv_heads": [spec.n_kv, spec_new.n_kv],
@@ -154,13 +160,14 @@ class BlockRunner:
             "params": [spec.n_params(), spec_new.n_params()],
             "kept_heads": kept.heads.tolist(), "kept_kv_heads": kept.kv.tolist(),
             "relative_error": rel_error, "scoring": scores.info,
-            "timing": {"score_seconds": round(t_score - t0, 3), "forward_seconds": round(time.time() - t_score, 3)},
+            "timing": {"score_seconds": round(t_score - t0, 3), "forward_seconds": round(time.time() - t_score, 3),
+                       "phases": timer.rounded()},
         }, write
 
     def drop(self, layer: int, spec, stored, dtype, t0: float) -> tuple[dict, Future]:
         """A dropped block: its shard holds no tensor, and its inputs pass on unchanged (the pruned
         model's stream), or its dense outputs with --calibrate-on dense."""
-        write = self.writer.submit(write_safetensors, self.model_path(layer + 1), [])
+        write = self.writer.submit(timed, write_safetensors, self.model_path(layer + 1), [])
         dense = self.cfg.calibrate_on == "dense"
         W = {k: t.to(self.device, dtype) for k, t in stored.items()} if dense else None
         writer = self.cache.writer(layer + 1)
@@ -175,20 +182,22 @@ class BlockRunner:
             "scoring": {}, "timing": {"score_seconds": 0.0, "forward_seconds": round(time.time() - t0, 3)},
         }, write
 
-    def pass_outputs(self, layer, W, spec, W_new, spec_new, dtype) -> float:
+    def pass_outputs(self, layer, W, spec, W_new, spec_new, dtype, timer: PhaseTimer | None = None) -> float:
         """Run the pruned block on the calibration inputs; its outputs are the next block's
         inputs (so later blocks are calibrated on what they will really see), or the dense
         block's outputs with --calibrate-on dense. Returns the relative squared error of the
         pruned against the dense block output."""
         writer = self.cache.writer(layer + 1)
         err = ref = 0.0
-        for start, x in self.batches(layer, dtype):
-            y_dense = block_forward(W, spec, x, self.cos, self.sin)
-            y = block_forward(W_new, spec_new, x, self.cos, self.sin)
-            check_finite_activations(y, layer, start)
-            err += (y - y_dense).double().pow(2).sum().item()
-            ref += (y_dense - x).double().pow(2).sum().item()
-            writer.write(start, y_dense if self.cfg.calibrate_on == "dense" else y)
+        for start, x in timed_batches(self.batches(layer, dtype), timer):
+            with phase(timer, "output_forward"):
+                y_dense = block_forward(W, spec, x, self.cos, self.sin)
+                y = block_forward(W_new, spec_new, x, self.cos, self.sin)
+                check_finite_activations(y, layer, start)
+                err += (y - y_dense).double().pow(2).sum().item()
+                ref += (y_dense - x).double().pow(2).sum().item()
+            with phase(timer, "cache_write"):
+                writer.write(start, y_dense if self.cfg.calibrate_on == "dense" else y)
         writer.commit()
         return err / max(ref, 1e-30)
 
@@ -225,12 +234,21 @@ class BlockRunner:
 
     def finish(self, journal: Journal, layer: int, record: dict, write: Future, t_done: float) -> None:
         t0 = time.time()
-        write.result()
+        write_seconds = write.result()
         fault_point("before_journal")
         record["timing"]["write_wait_seconds"] = round(time.time() - t0, 3)
-        record["timing"]["seconds"] = round(sum(v for k, v in record["timing"].items() if k != "read_seconds"), 3)
+        record["timing"]["write_seconds"] = round(write_seconds, 3)
+        record["timing"]["seconds"] = round(sum(v for k, v in record["timing"].items()
+                                                if k.endswith("_seconds") and k not in ("read_seconds", "write_seconds")), 3)
         journal.finish_block(layer, record)
         self.cache.drop(layer)
+
+
+def timed(f, *args) -> float:
+    """Seconds f(*args) took (a shard write, on the writer thread)."""
+    t0 = time.time()
+    f(*args)
+    return time.time() - t0
 
 
 def copy_file(src: Path, f) -> None:
@@ -276,8 +294,21 @@ def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, s
         "timing": {"seconds": round(seconds, 3), "blocks_seconds": journal.blocks_seconds,
                    "peak_rss_bytes": peak_rss_bytes(), "micro_batch": batch,
                    "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
-                   "blocks": [b["timing"] for b in blocks]},
+                   "phases": phase_totals(blocks, journal), "blocks": [b["timing"] for b in blocks]},
     }
+
+
+def phase_totals(blocks: list[dict], journal: Journal) -> dict:
+    """Seconds per phase over all blocks: the survey's and the pruning pass's (phases.py); shard
+    reads and writes run on threads beside the computation."""
+    survey, prune = {}, {}
+    for record in journal.surveyed.values():
+        add_phases(survey, record.get("phases", {}))
+    for b in blocks:
+        t = b.get("timing", {})
+        add_phases(prune, dict(t.get("phases", {}), shard_read=t.get("read_seconds", 0.0),
+                               shard_write=t.get("write_seconds", 0.0)))
+    return {"survey": survey, "prune": prune}
 
 
 def journaled_eval(cfg: RunConfig, journal: Journal, which: str, folder: Path, cache_folder: Path) -> dict:
@@ -360,7 +391,7 @@ def decide_shape(cfg: RunConfig, model: Model, rule: Shape | None, cache: Activa
     device = check_device(cfg.device)
     cos, sin = rotary_tables(model.arch.config, cfg.seq_len, device)
     costs = survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits, cfg.seed,
-                   cfg.progress)
+                   cfg.progress, cfg.profile)
     allocate = allocate_global if cfg.allocation == "global" else allocate_uniform
     sizes = allocate(model.arch.blocks, costs, cfg.sparsity, multiple_of=cfg.multiple_of)
     return shape_of(model, sizes, COMPENSATIONS[cfg.compensate].needs_biases)

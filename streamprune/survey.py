@@ -15,11 +15,12 @@ from .cache import ActivationCache
 from .costs import BlockCosts, block_costs
 from .journal import Journal
 from .model import Model, block_generator, compute_dtype
+from .phases import PhaseTimer
 from .validate import check_finite_activations, check_finite_weights
 
 
 def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, device: torch.device, cos, sin,
-           refit: bool, seed: int, progress: bool) -> list[BlockCosts]:
+           refit: bool, seed: int, progress: bool, profile: bool = False) -> list[BlockCosts]:
     """Costs of every block; blocks already surveyed (journal) are not run again. Expects the cache
     to hold the inputs of the first block not surveyed yet; leaves no cache file behind."""
     L, samples = model.arch.n_layers, cache.shape[0]
@@ -27,12 +28,14 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
     bar = tqdm(total=L, initial=start, unit="block", desc="surveying", disable=not progress, dynamic_ncols=True)
     try:
         for layer in range(start, L):
-            t0 = time.time()
+            t0, timer = time.time(), PhaseTimer(device, profile)
             names = model.arch.block_tensors(layer)
-            stored = model.index.load(names)
-            check_finite_weights(stored, names)
+            with timer.phase("shard_read"):
+                stored = model.index.load(names)
+                check_finite_weights(stored, names)
             dtype = compute_dtype(device, stored["q"].dtype)
-            W = {k: t.to(device, dtype) for k, t in stored.items()}
+            with timer.phase("to_device"):
+                W = {k: t.to(device, dtype) for k, t in stored.items()}
             del stored
             writer = cache.writer(layer + 1)
 
@@ -46,9 +49,10 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
 
             with torch.no_grad():
                 generator = block_generator(seed, layer)
-                costs = block_costs(W, model.arch.blocks[layer], batches, cos, sin, refit, write, samples, generator)
+                costs = block_costs(W, model.arch.blocks[layer], batches, cos, sin, refit, write, samples, generator, timer)
             writer.commit()
-            journal.finish_survey_block(layer, dict(costs.as_json(), seconds=round(time.time() - t0, 3)))
+            journal.finish_survey_block(layer, dict(costs.as_json(), seconds=round(time.time() - t0, 3),
+                                                    phases=timer.rounded()))
             cache.drop(layer)
             bar.update(1)
     finally:

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..families import BlockSpec
+from ..phases import PhaseTimer
 from ..selection import Sizes
 
 
@@ -32,6 +33,7 @@ class Calibration:
     sin: torch.Tensor
     generator: torch.Generator  # seeded per block, for methods that sample
     samples: int = 0  # calibration windows in all batches (0: unknown)
+    timer: PhaseTimer | None = None  # seconds per phase (phases.py), for report.json
 
 
 @dataclass(frozen=True)

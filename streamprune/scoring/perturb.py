@@ -19,6 +19,7 @@ from ..block import attention_heads, attention_output, mlp_activations, mlp_outp
 from ..families import BlockSpec
 from ..numerics import one_thread, token_weight
 from ..selection import Sizes, masks, select_units
+from ..phases import phase
 from .base import Calibration, Scorer, UnitScores
 from .obs import activation_gram, greedy_removal_scores, memory_bytes as obs_memory_bytes
 
@@ -153,8 +154,9 @@ class PerturbScorer(Scorer):
 
     def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores:
         n_masks, n_tokens = self.budget()
-        sample = TokenSample(W, spec, calib, n_tokens)
-        prior_heads, prior_neurons = alone_errors(W, spec, sample)
+        with phase(calib.timer, "token_sample"):
+            sample = TokenSample(W, spec, calib, n_tokens)
+            prior_heads, prior_neurons = alone_errors(W, spec, sample)
         sizes = self.options.sizes
         if sizes is None or (sizes.n_heads == spec.n_heads and sizes.intermediate == spec.intermediate):
             return UnitScores(prior_heads, prior_neurons, {"perturbations": 0})
@@ -163,16 +165,18 @@ class PerturbScorer(Scorer):
         if sizes.n_heads < spec.n_heads:  # heads, all neurons present, on random valid head cuts
             per_token = 4 * spec.hidden + spec.n_heads * spec.head_dim + 3 * spec.intermediate
             per_pass = max(1, min(n_masks, PASS_BYTES // (4 * len(sample) * per_token)))
-            head_keep = sample_masks(spec, sizes, n_masks, calib.generator)[0]
-            errors = masked_errors(W, spec, sample, head_keep, per_pass)
-            heads, fit = fit_removal_costs(1 - head_keep, errors, prior_heads)
+            with phase(calib.timer, "head_perturbations"):
+                head_keep = sample_masks(spec, sizes, n_masks, calib.generator)[0]
+                errors = masked_errors(W, spec, sample, head_keep, per_pass)
+                heads, fit = fit_removal_costs(1 - head_keep, errors, prior_heads)
             info.update(perturbations=n_masks, masks_per_pass=per_pass,
                         heads={"mean_error": round(errors.mean().item(), 6), **fit})
         del sample
         neurons = prior_neurons  # without a refit a neuron costs what it contributes alone
         if sizes.intermediate < spec.intermediate and self.options.refit:  # behind the chosen heads, by greedy OBS
             chosen_heads = masks(spec, select_units(heads, prior_neurons, spec, sizes))[0]
-            G = activation_gram(W, spec, chosen_heads, calib.batches, calib.cos, calib.sin)
-            neurons = greedy_removal_scores(G, W["down"], spec.intermediate - sizes.intermediate)
+            with phase(calib.timer, "obs_gram"):
+                G = activation_gram(W, spec, chosen_heads, calib.batches, calib.cos, calib.sin)
+            neurons = greedy_removal_scores(G, W["down"], spec.intermediate - sizes.intermediate, timer=calib.timer)
             info["neurons"] = "greedy OBS"
         return UnitScores(heads, neurons, info)
