@@ -427,6 +427,9 @@ def plan_lines(info: dict) -> list[str]:
         else:
             lines.append(f"  peak {what}: {gib(peak)} of {gib(limit)} ({source}; {info['usable_fraction']:.0%} is "
                          f"planned for): {'DOES NOT FIT' if info['short_of'] == what else 'fits'}")
+    if info.get("grams_on") == "host":
+        lines.append(f"  the Gram matrices of OBS and least squares do not fit beside the block on the GPU: kept and "
+                     f"factored in host memory, formed {info['gram_chunk_columns']} columns at a time on the GPU")
     lines += [f"warning: {w}" for w in info["warnings"]]
     t = info["time"]
     if t is not None:

@@ -21,7 +21,7 @@ import torch
 from .block import attention_heads, attention_output, block_forward, mlp_activations, rms_norm
 from .families import BlockSpec
 from .scoring.base import Calibration
-from .numerics import FP64_SOLVE_MAX, RIDGE, add_ridge, solve_spd, token_scale
+from .numerics import FP64_SOLVE_MAX, ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, solve_spd, token_scale
 from .selection import Kept
 from .phases import phase
 
@@ -29,31 +29,33 @@ from .phases import phase
 class NormalEquations:
     """Streaming accumulation of G = A^T A and C = A^T Y (fp64) and the ridge solve."""
 
-    def __init__(self):
+    def __init__(self, placement: GramPlacement = ON_DEVICE):
         self.G = self.C = None
+        self.placement = placement
 
     def add(self, A: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor) -> None:
         """Rows of A and Y (tokens) weighted by `scale` (per token)."""
         s = scale.reshape(-1, 1).float()
         A, Y = A.reshape(-1, A.shape[-1]).float() * s, Y.reshape(-1, Y.shape[-1]).float() * s
-        G, C = (A.T @ A).double(), (A.T @ Y).double()
-        self.G = G if self.G is None else self.G + G
-        self.C = C if self.C is None else self.C + C
+        self.G = add_gram(self.G, A, dtype=torch.float64, placement=self.placement)
+        self.C = add_gram(self.C, A, Y, dtype=torch.float64, placement=self.placement)
 
     def solve(self, W0: torch.Tensor, ridge: float) -> torch.Tensor:
         """The (out, in) weight minimising |A W^T - Y|^2 + lam |W - W0|^2. Large systems are
         factored in fp32 (the ridge keeps them well conditioned) to halve the memory."""
         G, self.G = self.G, None
         lam = add_ridge(G, ridge)
-        rhs = self.C.add_(lam * W0.T.double())
+        rhs = self.C.add_(lam * W0.T.to(self.C.device, torch.float64))
         if G.shape[0] > FP64_SOLVE_MAX:
             G, rhs = G.float(), rhs.float()
-        return solve_spd(G, rhs).T.to(W0.dtype).contiguous()
+        return solve_spd(G, rhs).T.to(W0.device, W0.dtype).contiguous()
 
 
 def memory_bytes(n_in: int, n_out: int) -> int:
-    """Peak bytes of one refit with n_in kept input channels: fp64 G and C, then the fp32 factor."""
-    return 8 * n_in * (n_in + n_out) + (4 * n_in * n_in if n_in > FP64_SOLVE_MAX else 8 * n_in * n_in)
+    """Peak bytes of one refit with n_in kept input channels: fp64 G and C, and beside them either
+    one micro-batch's product (fp32, and its fp64 copy) or the factor (fp32 beyond FP64_SOLVE_MAX:
+    the fp32 copy of G and its Cholesky factor)."""
+    return 8 * n_in * (n_in + n_out) + max(12 * n_in * max(n_in, n_out), 8 * n_in * n_in)
 
 
 def work_bytes(spec: BlockSpec, spec_new: BlockSpec) -> int:
@@ -64,12 +66,12 @@ def work_bytes(spec: BlockSpec, spec_new: BlockSpec) -> int:
 
 def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, torch.Tensor], spec_new: BlockSpec,
                kept: Kept, batches: Callable[[], Iterator[torch.Tensor]], cos, sin,
-               ridge: float | None = None, timer=None) -> dict[str, torch.Tensor]:
+               ridge: float | None = None, timer=None, placement: GramPlacement = ON_DEVICE) -> dict[str, torch.Tensor]:
     """W_new with o_proj and down_proj refit; W (dense) gives the targets."""
     W_new, ridge = dict(W_new), RIDGE if ridge is None else ridge
     heads_removed = spec_new.n_heads < spec.n_heads
     if heads_removed:
-        eq = NormalEquations()
+        eq = NormalEquations(placement)
         with phase(timer, "compensation_gram"):
             for x in batches():
                 heads = attention_heads(W, spec, x, cos, sin)
@@ -78,7 +80,7 @@ def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, tor
         with phase(timer, "compensation_solve"):
             W_new["o"] = eq.solve(W_new["o"], ridge)
     if heads_removed or spec_new.intermediate < spec.intermediate:
-        eq = NormalEquations()
+        eq = NormalEquations(placement)
         with phase(timer, "compensation_gram"):
             for x in batches():
                 y_dense = block_forward(W, spec, x, cos, sin)
@@ -138,7 +140,8 @@ class LeastSquares(Compensation):
     name, refits, forward_passes = "lsq", True, 3.0  # two passes, dense and pruned attention in each
 
     def apply(self, W, spec, W_new, spec_new, kept, calib, biases):
-        return compensate(W, spec, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin, timer=calib.timer)
+        return compensate(W, spec, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin, timer=calib.timer,
+                          placement=calib.placement)
 
     def work_bytes(self, spec, spec_new):
         return work_bytes(spec, spec_new)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from .families import BlockSpec
-from .numerics import FP64_SOLVE_MAX, RIDGE, add_ridge, invert_spd, mean_square, solve, token_scale
+from .numerics import ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, invert_spd, mean_square, solve, token_scale
 from .scoring.obs import greedy_removal_scores
 from .selection import Sizes, select_units
 from .phases import phase, timed_batches
@@ -71,8 +71,9 @@ class Grams:
     """Token-weighted Gram matrices of one block's head outputs (H*D)^2 and MLP activations I^2,
     accumulated over micro-batches, with the update energy and the token count."""
 
-    def __init__(self, spec: BlockSpec, generator: torch.Generator | None = None, per_window: int = 0):
-        self.spec = spec
+    def __init__(self, spec: BlockSpec, generator: torch.Generator | None = None, per_window: int = 0,
+                 placement: GramPlacement = ON_DEVICE):
+        self.spec, self.placement = spec, placement
         self.heads = self.mlp = None
         self.update = 0.0
         self.tokens = 0
@@ -90,7 +91,7 @@ class Grams:
         o = heads.reshape(-1, spec.n_heads * spec.head_dim).float() * s
         a = a.reshape(-1, spec.intermediate).float() * s
         self.heads = accumulate(self.heads, o)
-        self.mlp = accumulate(self.mlp, a)
+        self.mlp = add_gram(self.mlp, a, placement=self.placement)
         self.update += ((y - x).reshape(-1, spec.hidden).float() * s).double().pow(2).sum().item()
         self.tokens += s.shape[0]
         if self.per_window:
@@ -108,9 +109,7 @@ class Grams:
 
 def accumulate(G: torch.Tensor | None, A: torch.Tensor) -> torch.Tensor:
     """G + A^T A, kept in fp64 up to FP64_SOLVE_MAX columns and in fp32 beyond."""
-    dtype = torch.float64 if A.shape[1] <= FP64_SOLVE_MAX else torch.float32
-    part = (A.T @ A).to(dtype)
-    return part if G is None else G.add_(part)
+    return add_gram(G, A)
 
 
 def columns(units: torch.Tensor, width: int) -> torch.Tensor:
@@ -179,7 +178,7 @@ def neuron_curve(W_down: torch.Tensor, G: torch.Tensor, refit: bool, timer=None)
     if refit:
         greedy_removal_scores(G, W_down, n_remove, chunks=CURVE_STEPS, curve=curve, timer=timer)
     else:
-        W = W_down.to(G.dtype)
+        W = W_down.to(G.device, G.dtype)
         P = (W.T @ W) * G  # (I, I): the joint output energy of neurons i and j
         order = P.diagonal().argsort()
         step = max(1, -(-n_remove // CURVE_STEPS))
@@ -194,11 +193,12 @@ def neuron_curve(W_down: torch.Tensor, G: torch.Tensor, refit: bool, timer=None)
 
 def block_costs(W, spec: BlockSpec, batches: Callable[[], Iterator[torch.Tensor]], cos, sin, refit: bool,
                 write: Callable[[int, torch.Tensor], None], samples: int = 1,
-                generator: torch.Generator | None = None, timer=None) -> BlockCosts:
+                generator: torch.Generator | None = None, timer=None, placement: GramPlacement = ON_DEVICE
+                ) -> BlockCosts:
     """One pass over the block's dense calibration inputs: the costs of its cuts, in the unit of
     this module; `write(start, y)` receives the dense outputs (the next block's inputs)."""
     per_window = -(-SAMPLE_TOKENS // max(1, samples))  # tokens of each window in the head sample
-    grams, start = Grams(spec, generator, per_window), 0
+    grams, start = Grams(spec, generator, per_window, placement), 0
     for x in timed_batches(batches(), timer):
         with phase(timer, "survey_forward"):
             y = grams.add(W, x, cos, sin)

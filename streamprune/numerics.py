@@ -9,6 +9,7 @@ x masks, one Cholesky per compensated projection, the OBS inverse)."""
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -73,6 +74,43 @@ def invert_spd(G: torch.Tensor) -> torch.Tensor:
 def solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     with reproducible(A):
         return torch.linalg.solve(A, B)
+
+
+@dataclass(frozen=True)
+class GramPlacement:
+    """Where the large Gram matrices (OBS on down_proj's inputs, the least-squares refits) live and
+    are factored: beside the block on its device (the default), or in host memory (`host`: a GPU
+    too small for them), where A^T B is formed `columns` columns at a time on the device so the
+    device holds an n x `columns` product, not n x n. The plan chooses (plan.place_grams)."""
+
+    host: bool = False
+    columns: int = 0  # 0: all at once
+
+    def as_dict(self) -> dict:
+        return {"grams_on": "host" if self.host else "device", "gram_chunk_columns": self.columns}
+
+
+ON_DEVICE = GramPlacement()
+
+
+def add_gram(G: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+             placement: GramPlacement = ON_DEVICE) -> torch.Tensor:
+    """G + A^T B (B defaults to A; rows are tokens) in `dtype` (default: fp64 up to FP64_SOLVE_MAX
+    columns of A, fp32 beyond), kept where `placement` says. On the device and all at once it is
+    the plain sum; in column blocks each block is the same product's columns."""
+    B = A if B is None else B
+    n, m = A.shape[1], B.shape[1]
+    dtype = dtype or (torch.float64 if n <= FP64_SOLVE_MAX else torch.float32)
+    where = torch.device("cpu") if placement.host else A.device
+    step = placement.columns or m
+    if step >= m:
+        part = (A.T @ B).to(where, dtype)
+        return part if G is None else G.add_(part)
+    if G is None:
+        G = torch.zeros(n, m, dtype=dtype, device=where)
+    for j in range(0, m, step):
+        G[:, j:j + step] += (A.T @ B[:, j:j + step]).to(where, dtype)
+    return G
 
 
 def first_bad_value(t: torch.Tensor) -> str | None:

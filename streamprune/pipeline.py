@@ -29,6 +29,7 @@ from .allocation import allocate_global, allocate_uniform
 from .model import (Model, Shape, block_generator, check_device, check_uniform, compute_dtype, cut_sublayers,
                     open_model, output_shape, shape_of)
 from .journal import WORKDIR, Journal, refuse_foreign_folder
+from .numerics import ON_DEVICE, GramPlacement
 from .lock import OutputLock
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from .advice import refusal
@@ -93,8 +94,10 @@ class BlockRunner:
     shards (prefetch) and writing block i's shard run on background threads while block i is
     scored; a block is journaled only once its shard is durable."""
 
-    def __init__(self, cfg: RunConfig, model: Model, shape: Shape, cache: ActivationCache, batch: int):
+    def __init__(self, cfg: RunConfig, model: Model, shape: Shape, cache: ActivationCache, batch: int,
+                 placement: GramPlacement = ON_DEVICE):
         self.cfg, self.model, self.shape, self.cache, self.batch = cfg, model, shape, cache, batch
+        self.placement = placement  # where the large Gram matrices live (the memory plan's choice)
         self.biases = bias_sublayers(shape.config)  # sublayers whose output projection has a bias in the output
         self.device = check_device(cfg.device)
         self.compensation = COMPENSATIONS[cfg.compensate]
@@ -136,7 +139,7 @@ class BlockRunner:
             W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
         generator = block_generator(self.cfg.seed, layer)
         calib = Calibration(lambda: timed_batches((x for _, x in self.batches(layer, dtype)), timer), self.cos,
-                            self.sin, generator, self.cfg.samples, timer)
+                            self.sin, generator, self.cfg.samples, timer, self.placement)
         with torch.no_grad():
             with timer.phase("score"):
                 scores = make_scorer(self.cfg.method, scoring_options(self.cfg, sizes)).score(W, spec, calib)
@@ -278,7 +281,8 @@ def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: di
                       {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, seconds: float, batch: int) -> dict:
+def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, seconds: float, batch: int,
+                 placement: GramPlacement = ON_DEVICE) -> dict:
     out_config = shape.config
     blocks = [journal.record(i) for i in range(model.arch.n_layers)]
     before = sum(b["params"][0] for b in blocks)
@@ -287,7 +291,7 @@ def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, s
         "arguments": {k: v for k, v in cfg.as_dict().items() if k not in RunConfig.NOT_FINGERPRINTED},
         "model": {"model_type": model.arch.model_type, "layers": model.arch.n_layers,
                   "output_model_type": out_config["model_type"]},
-        "plan": dict(shape.describe(), allocation=cfg.allocation,
+        "plan": dict(shape.describe(), allocation=cfg.allocation, **placement.as_dict(),
                      biases_added=sorted(bias_sublayers(out_config) - bias_sublayers(model.arch.config))),
         "blocks": [{k: v for k, v in b.items() if k != "timing"} for b in blocks],
         "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
@@ -382,7 +386,7 @@ def ensure_inputs(model: Model, cache: ActivationCache, start: int, tokens: torc
 
 
 def decide_shape(cfg: RunConfig, model: Model, rule: Shape | None, cache: ActivationCache, journal: Journal, batch: int,
-                 tokens: torch.Tensor) -> Shape:
+                 tokens: torch.Tensor, placement: GramPlacement = ON_DEVICE) -> Shape:
     """Every block's sizes: the fixed rule, or from the survey's measured costs (run now for the
     blocks not surveyed yet) by the allocation asked for."""
     if cfg.allocation == "rule":
@@ -391,7 +395,7 @@ def decide_shape(cfg: RunConfig, model: Model, rule: Shape | None, cache: Activa
     device = check_device(cfg.device)
     cos, sin = rotary_tables(model.arch.config, cfg.seq_len, device)
     costs = survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits, cfg.seed,
-                   cfg.progress, cfg.profile)
+                   cfg.progress, cfg.profile, placement)
     allocate = allocate_global if cfg.allocation == "global" else allocate_uniform
     sizes = allocate(model.arch.blocks, costs, cfg.sparsity, multiple_of=cfg.multiple_of)
     return shape_of(model, sizes, COMPENSATIONS[cfg.compensate].needs_biases)
@@ -424,7 +428,8 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, t
     if journal.complete and (cfg.out / "model.safetensors.index.json").is_file():
         log.info("%s is already complete", cfg.out)
         shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens)  # from the journal: runs nothing
-        report = attach_eval(cfg, journal, build_report(cfg, model, shape, journal, time.time() - t0, batch),
+        report = attach_eval(cfg, journal, build_report(cfg, model, shape, journal, time.time() - t0, batch,
+                                                        memory.placement),
                              cache.folder)
         if not cfg.keep_cache:
             cache.remove()  # a run killed while deleting its cache
@@ -432,20 +437,20 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, t
     check_free_disk(cfg.out, cache.folder, memory.output_bytes, memory.cache_bytes)
     if cfg.eval_source() is not None:  # the input's perplexity, once (journaled), before any pruning
         journaled_eval(cfg, journal, "before", model.folder, cache.folder)
-    shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens)
+    shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens, memory.placement)
     warn_uncompensated(cfg, model, shape)
 
     L, start = model.arch.n_layers, journal.next_block
     ensure_inputs(model, cache, start, tokens, batch)
     if start < L:
-        runner = BlockRunner(cfg, model, shape, cache, batch)
+        runner = BlockRunner(cfg, model, shape, cache, batch, memory.placement)
         try:
             t_blocks = time.time()
             runner.run_blocks(journal, start)
             journal.record_blocks_seconds(time.time() - t_blocks)
         finally:
             runner.close()
-    report = build_report(cfg, model, shape, journal, time.time() - t0, batch)
+    report = build_report(cfg, model, shape, journal, time.time() - t0, batch, memory.placement)
     write_model_files(cfg, model, shape.config, report)
     report = attach_eval(cfg, journal, report, cache.folder)
     journal.finish()

@@ -22,6 +22,7 @@ from .cache import chunk_rows
 from .compensate import COMPENSATIONS
 from .errors import StreamPruneError
 from .model import output_shape
+from .numerics import ON_DEVICE, GramPlacement
 from .scoring import ScoringOptions, make_scorer
 from .selection import Sizes
 from .shards import ITEMSIZE
@@ -29,6 +30,8 @@ from .shards import ITEMSIZE
 BASE_PROCESS_BYTES = 700 * 2**20  # measured 440-660 MiB for `streamprune run` on CPU, rounded up
 CUDA_PROCESS_BYTES = 1700 * 2**20  # host RSS with the CUDA libraries loaded: 1.6 GiB measured (H200)
 MAX_ACTIVATION_BYTES = 1 * 2**30  # larger micro-batches stop paying off on a CPU
+HOST_GRAMS_DEVICE_BYTES = 1 * 2**30  # GPU memory of scoring and compensation with the Gram matrices on the host
+GRAM_CHUNK_BYTES = 256 * 2**20  # GPU memory of one column block of a Gram matrix formed for the host
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
@@ -88,6 +91,12 @@ class Plan:
     breakdown: tuple[Component, ...] = ()  # at the chosen micro-batch
     activation_bytes_per_window: int = 0
     activation_cap_bytes: int | None = None  # on a CPU, larger micro-batches stop paying off
+    grams_on: str = "device"  # where the large Gram matrices live and are factored (place_grams)
+    gram_chunk_columns: int = 0
+
+    @property
+    def placement(self) -> GramPlacement:
+        return GramPlacement(self.grams_on == "host", self.gram_chunk_columns)
 
     @property
     def short_of(self) -> str | None:
@@ -116,6 +125,16 @@ def largest(lo: int, hi: int, ok) -> int | None:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
     return lo
+
+
+def place_grams(device_type: str, fixed_bytes: int, work_bytes: int, limit: int, widest) -> GramPlacement:
+    """Where OBS and the least-squares refits keep their Gram matrices: beside the block when the
+    weights and one micro-batch (`fixed_bytes`) and the matrices (`work_bytes`) fit in USABLE of the
+    GPU's limit; otherwise in host memory, formed on the GPU in column blocks of GRAM_CHUNK_BYTES
+    (fp32 product and its fp64 copy) and factored on the host. On a CPU they are where the block is."""
+    if device_type == "cpu" or fixed_bytes + work_bytes <= USABLE * limit:
+        return ON_DEVICE
+    return GramPlacement(host=True, columns=max(64, GRAM_CHUNK_BYTES // (12 * max(widest.intermediate, widest.hidden))))
 
 
 def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: float,
@@ -147,6 +166,12 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
     def act_bytes(batch: int) -> int:
         return activation_bytes(arch.widest, seq_len, batch, itemsize, scores=not gpu)
 
+    placement = place_grams(dev.type, int(compute * (1 + kept)) + act_bytes(1), max(scoring_bytes, compensation_bytes),
+                            limit, arch.widest)
+    on_host = max(scoring_bytes, compensation_bytes) if placement.host else 0
+    if placement.host:  # what stays on the GPU: the scorer's own sample and passes, column blocks of the Grams
+        scoring_bytes, compensation_bytes = (min(b, HOST_GRAMS_DEVICE_BYTES) for b in (scoring_bytes, compensation_bytes))
+
     def components(batch: int) -> tuple[Component, ...]:
         io = int(stored * (1 + kept))  # the prefetch of the next block + the write buffer
         parts = [
@@ -162,6 +187,9 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
             Component("compensation", where, compensation_bytes, "the compensation's own work (after scoring)"),
             Component("embedding_rows", "host", embed_rows,
                       "the embedding rows of the calibration tokens (at the start, before any block)")]
+        if placement.host:
+            parts.append(Component("host_grams", "host", on_host, "the Gram matrices of OBS and least squares, "
+                                   "kept and factored on the host (they do not fit beside the block on the GPU)"))
         if gpu:  # a micro-batch passes through host memory a chunk at a time (read and write)
             parts.append(Component("host_staging", "host",
                                    2 * 4 * seq_len * arch.hidden * min(batch, chunk_rows((batch, seq_len, arch.hidden))),
@@ -174,7 +202,8 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
         b = {c.name: c.bytes for c in parts}
         block = b["weights"] + b["activations"] + max(b["scoring"], b["compensation"])
         if gpu:
-            return b["process"] + b["prefetch_and_write"] + max(b["embedding_rows"], b["host_staging"]), block
+            return (b["process"] + b["prefetch_and_write"]
+                    + max(b["embedding_rows"], b["host_staging"] + b.get("host_grams", 0)), block)
         return b["process"] + max(block + b["prefetch_and_write"], b["embedding_rows"]), 0
 
     def fits(batch: int) -> bool:
@@ -193,7 +222,7 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
                 block_compute_bytes=compute, cache_bytes=cache, output_bytes=output, peak_host_bytes=host,
                 peak_device_bytes=device_bytes, max_memory_bytes=limit, host_limit_bytes=host_limit,
                 fits=fits(batch), breakdown=parts, activation_bytes_per_window=act_bytes(1),
-                activation_cap_bytes=None if gpu else MAX_ACTIVATION_BYTES)
+                activation_cap_bytes=None if gpu else MAX_ACTIVATION_BYTES, **placement.as_dict())
 
 
 def scoring_options(cfg, sizes=None) -> ScoringOptions:
@@ -202,10 +231,13 @@ def scoring_options(cfg, sizes=None) -> ScoringOptions:
 
 
 def stage_bytes(cfg, model, sizes) -> tuple[int, int]:
-    """Memory held by scoring and by compensation (one after the other) for the widest block."""
+    """Memory held by scoring and by compensation (one after the other) for the widest block.
+    With sizes from the survey (--allocation global or uniform) a block may keep nearly all its
+    neurons, the largest refit: counted at the uncut block."""
     block = max(model.arch.blocks, key=lambda b: b.n_params())
     scorer = make_scorer(cfg.method, scoring_options(cfg, sizes))
-    cut = dataclasses.replace(block, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
+    cut = (dataclasses.replace(block, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
+           if cfg.allocation == "rule" else block)
     return scorer.work_bytes(block), COMPENSATIONS[cfg.compensate].work_bytes(block, cut)
 
 

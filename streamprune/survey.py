@@ -15,12 +15,14 @@ from .cache import ActivationCache
 from .costs import BlockCosts, block_costs
 from .journal import Journal
 from .model import Model, block_generator, compute_dtype
+from .numerics import ON_DEVICE, GramPlacement
 from .phases import PhaseTimer
 from .validate import check_finite_activations, check_finite_weights
 
 
 def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, device: torch.device, cos, sin,
-           refit: bool, seed: int, progress: bool, profile: bool = False) -> list[BlockCosts]:
+           refit: bool, seed: int, progress: bool, profile: bool = False,
+           placement: GramPlacement = ON_DEVICE) -> list[BlockCosts]:
     """Costs of every block; blocks already surveyed (journal) are not run again. Expects the cache
     to hold the inputs of the first block not surveyed yet; leaves no cache file behind."""
     L, samples = model.arch.n_layers, cache.shape[0]
@@ -49,7 +51,8 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
 
             with torch.no_grad():
                 generator = block_generator(seed, layer)
-                costs = block_costs(W, model.arch.blocks[layer], batches, cos, sin, refit, write, samples, generator, timer)
+                costs = block_costs(W, model.arch.blocks[layer], batches, cos, sin, refit, write, samples, generator, timer,
+                                    placement)
             writer.commit()
             journal.finish_survey_block(layer, dict(costs.as_json(), seconds=round(time.time() - t0, 3),
                                                     phases=timer.rounded()))

@@ -68,3 +68,29 @@ def block_calibration(spec, seed: int = 0, samples: int = 8, seq_len: int = 16):
     x = torch.randn(samples, seq_len, spec.hidden, generator=g)
     angles = torch.arange(seq_len)[:, None] * 0.1 * torch.arange(1, spec.head_dim + 1)[None]
     return Calibration(lambda: iter(x.split(2)), angles.cos(), angles.sin(), torch.Generator().manual_seed(seed), samples)
+
+
+def save_header_only_model(folder: Path, family: str = "llama", layers: int = 1, hidden: int = 8192, heads: int = 64,
+                           kv: int = 8, intermediate: int = 28672, vocab: int = 128) -> Path:
+    """A bf16 model of any size whose safetensors file is a real header over a sparse file of zeros:
+    what the plan reads (headers, the embedding / norm / lm_head checks) at no disk or memory cost.
+    Defaults: one Llama-3-70B-shaped block."""
+    import json
+    import struct
+    config = tiny_config(family, layers, hidden, heads, kv, intermediate, vocab)
+    config.dtype = "bfloat16"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    header, offset = {}, 0
+    for name, p in model.state_dict().items():
+        n = 2 * p.numel()
+        header[name] = {"dtype": "BF16", "shape": list(p.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    config.save_pretrained(folder)
+    return Path(folder)

@@ -139,3 +139,16 @@ def test_the_compensations_table():
     W, calib = hand_block(False), hand_calibration()
     W_new, spec_new = slice_block(W, HAND, HAND_KEPT)
     assert COMPENSATIONS["none"].apply(W, HAND, W_new, spec_new, HAND_KEPT, calib, frozenset({"attention"})) is W_new
+
+
+@pytest.mark.parametrize("columns", [0, 1, 5, 64])
+def test_gram_in_column_blocks_equals_the_whole_product(columns):
+    from streamprune.numerics import GramPlacement, add_gram
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(50, 20, generator=g), torch.randn(50, 9, generator=g)
+    place = GramPlacement(host=True, columns=columns)
+    G = add_gram(add_gram(None, A, placement=place), A, placement=place)
+    torch.testing.assert_close(G, 2 * (A.T @ A).double(), rtol=1e-6, atol=1e-5)
+    C = add_gram(None, A, B, dtype=torch.float64, placement=place)
+    assert C.dtype == torch.float64 and C.shape == (20, 9)
+    torch.testing.assert_close(C, (A.T @ B).double(), rtol=1e-6, atol=1e-5)

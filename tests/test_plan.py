@@ -233,3 +233,56 @@ def test_plan_json_carries_the_breakdown_disk_verdict_and_time():
     timed = json.loads(plan("--samples", 8, "--seq-len", 64, "--json", timing=True).stdout)
     t = timed["time"]
     assert t["low_seconds"] <= t["seconds"] <= t["high_seconds"] and len(t["flops_per_second"]) == 3 and t["how"]
+
+
+@pytest.mark.parametrize("cap_gib, grams_on", [(24, "device"), (16, "host"), (8, "host")])
+def test_70b_block_fits_consumer_gpu_caps(tmp_path, cap_gib, grams_on):
+    """One Llama-3-70B-shaped block (bf16, header only) at the default method and compensation,
+    128 x 2048 tokens: at 24 GiB the Gram matrices (OBS: three 28672^2 fp32; the down_proj refit at
+    survey sizes) stay on the GPU; at 16 and 8 GiB they go to the host and the GPU holds weights,
+    a micro-batch and column blocks. The host is planned as a 128 GiB machine."""
+    from tests.models import save_header_only_model
+    model = open_model(save_header_only_model(tmp_path / "70b"))
+    sizes = output_shape(model, 0.3).sizes[0]
+    cfg = RunConfig(shards=model.folder, out=tmp_path / "out", device="cuda")
+    scoring, compensation = stage_bytes(cfg, model, sizes)
+    assert scoring > 3 * 4 * 28672**2 and compensation > scoring  # the OBS matrices; the refit of all neurons
+    p = make_plan(model, sizes, 128, 2048, "cuda", 0.3, max_memory=cap_gib * 2**30, scoring_bytes=scoring,
+                  compensation_bytes=compensation, host_memory=128 * 2**30)
+    assert p.fits and p.grams_on == grams_on and p.peak_device_bytes <= 0.9 * cap_gib * 2**30
+    host_grams = [c for c in p.breakdown if c.name == "host_grams"]
+    if grams_on == "host":
+        assert p.placement.host and 64 <= p.gram_chunk_columns < 28672 and host_grams[0].bytes == compensation
+        assert 12 * 28672 * p.gram_chunk_columns <= 256 * 2**20  # a column block's fp32 product and fp64 copy
+        assert p.peak_host_bytes > compensation
+    else:
+        assert not host_grams and not p.placement.host and p.peak_device_bytes > compensation
+
+
+def test_plan_says_where_the_grams_go(tmp_path):
+    from tests.models import save_header_only_model
+    folder = save_header_only_model(tmp_path / "70b")
+    r = CliRunner().invoke(main, ["plan", "--shards", str(folder), "--device", "cuda", "--max-memory", "16GiB",
+                                  "--samples", "8", "--seq-len", "2048", "--no-timing", "--out", str(tmp_path / "o")])
+    assert "formed" in r.output and "columns at a time on the GPU" in r.output, r.output
+
+
+def test_host_grams_give_the_same_pruned_model(tmp_path, monkeypatch):
+    """The host path on a CPU, forced as if the device budget were small: Gram matrices formed 7
+    columns at a time and factored where the host keeps them give the tensors of the default path."""
+    from safetensors.torch import load_file
+    from streamprune import plan
+    from streamprune.numerics import GramPlacement
+    src = save_tiny_model(tmp_path / "in", "llama", layers=2, vocab=512, tokenizer_from=DEMO / "stories260K")
+    outs = {}
+    for name in ("device", "host"):
+        if name == "host":
+            monkeypatch.setattr(plan, "place_grams", lambda *a: GramPlacement(host=True, columns=7))
+        report = pipeline.run(RunConfig(shards=src, out=tmp_path / name, sparsity=0.4, calib=DEMO / "calib.txt",
+                                        samples=4, seq_len=32, progress=False))
+        assert report["plan"]["grams_on"] == name
+        outs[name] = {k: v for f in sorted((tmp_path / name).glob("model-*.safetensors"))
+                      for k, v in load_file(f).items()}
+    assert outs["device"].keys() == outs["host"].keys()
+    for k, v in outs["device"].items():
+        torch.testing.assert_close(outs["host"][k], v, rtol=1e-4, atol=1e-5)

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..families import BlockSpec
+from ..numerics import ON_DEVICE, GramPlacement
 from ..phases import PhaseTimer
 from ..selection import Sizes
 
@@ -34,6 +35,7 @@ class Calibration:
     generator: torch.Generator  # seeded per block, for methods that sample
     samples: int = 0  # calibration windows in all batches (0: unknown)
     timer: PhaseTimer | None = None  # seconds per phase (phases.py), for report.json
+    placement: GramPlacement = ON_DEVICE  # where the large Gram matrices live and are factored
 
 
 @dataclass(frozen=True)

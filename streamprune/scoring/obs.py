@@ -20,7 +20,7 @@ import torch
 
 from ..block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from ..families import BlockSpec
-from ..numerics import FP64_SOLVE_MAX, RIDGE, add_ridge, invert_spd, solve, token_scale
+from ..numerics import FP64_SOLVE_MAX, ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, invert_spd, solve, token_scale
 from ..phases import phase
 
 CHUNKS = 32  # greedy steps
@@ -28,11 +28,10 @@ COMPACT = 0.75  # the greedy's matrices shrink to the remaining neurons when few
 
 
 def activation_gram(W, spec: BlockSpec, head_keep: torch.Tensor, batches: Callable[[], Iterator[torch.Tensor]],
-                    cos, sin) -> torch.Tensor:
+                    cos, sin, placement: GramPlacement = ON_DEVICE) -> torch.Tensor:
     """G = sum_t w_t a_t a_t^T over the calibration tokens, a_t the MLP activations behind the
     heads in `head_keep` (H,) and w_t = 1 / mean(y_t^2) of the dense block output. Large Gram
     matrices are kept in fp32, as compensation keeps its factors."""
-    dtype = torch.float64 if spec.intermediate <= FP64_SOLVE_MAX else torch.float32
     G = None
     for x in batches():
         heads = attention_heads(W, spec, x, cos, sin)  # once: the dense and the cut block share it
@@ -41,8 +40,7 @@ def activation_gram(W, spec: BlockSpec, head_keep: torch.Tensor, batches: Callab
         h = x + attention_output(W, heads, head_keep.to(x.device))
         a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps)).reshape(-1, spec.intermediate).float()
         a = a * token_scale(y).reshape(-1, 1)
-        part = (a.T @ a).to(dtype)
-        G = part if G is None else G.add_(part)
+        G = add_gram(G, a, placement=placement)
     return G
 
 

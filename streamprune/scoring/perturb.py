@@ -176,7 +176,7 @@ class PerturbScorer(Scorer):
         if sizes.intermediate < spec.intermediate and self.options.refit:  # behind the chosen heads, by greedy OBS
             chosen_heads = masks(spec, select_units(heads, prior_neurons, spec, sizes))[0]
             with phase(calib.timer, "obs_gram"):
-                G = activation_gram(W, spec, chosen_heads, calib.batches, calib.cos, calib.sin)
+                G = activation_gram(W, spec, chosen_heads, calib.batches, calib.cos, calib.sin, calib.placement)
             neurons = greedy_removal_scores(G, W["down"], spec.intermediate - sizes.intermediate, timer=calib.timer)
             info["neurons"] = "greedy OBS"
         return UnitScores(heads, neurons, info)
