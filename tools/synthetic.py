@@ -61,9 +61,19 @@ def write_random_model(folder: Path, config: dict, seed: int = 0) -> Path:
     return folder
 
 
-def run_streamprune(model: Path, out: Path, *args: str, calib: Path = DEMO / "calib.txt") -> tuple[dict, float]:
-    """`streamprune run` in a fresh process (so peak RSS is its own); returns report.json and wall seconds."""
-    cmd = [sys.executable, "-m", "streamprune", "run", "--shards", str(model), "--out", str(out),
+# `python -c CAPPED BYTES run ...`: streamprune with the CUDA caching allocator capped at BYTES, so a run
+# that needs more GPU memory fails with an out-of-memory error instead of passing on a larger card
+CAPPED = ("import runpy, sys, torch; cap = int(sys.argv.pop(1)); "
+          "torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory)); "
+          "sys.argv[0] = 'streamprune'; runpy.run_module('streamprune', run_name='__main__')")
+
+
+def run_streamprune(model: Path, out: Path, *args: str, calib: Path = DEMO / "calib.txt",
+                    gpu_cap_bytes: int | None = None) -> tuple[dict, float]:
+    """`streamprune run` in a fresh process (so peak RSS is its own); returns report.json and wall
+    seconds. `gpu_cap_bytes`: the process may allocate at most this much GPU memory."""
+    launcher = ["-m", "streamprune"] if gpu_cap_bytes is None else ["-c", CAPPED, str(gpu_cap_bytes)]
+    cmd = [sys.executable, *launcher, "run", "--shards", str(model), "--out", str(out),
            "--calib", str(calib), "--quiet", "--restart", *map(str, args)]
     t0 = time.time()
     subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
