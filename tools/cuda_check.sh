@@ -13,7 +13,7 @@
 # Every result is JSON in RESULTS_DIR (copy it to docs/), summary.txt one line per run.
 #
 #   bash tools/cuda_check.sh [RESULTS_DIR]      (default: ./cuda-check)
-#   PARTS="70b 8b" bash tools/cuda_check.sh R   (only some of: tests 70b 8b demo; default all)
+#   PARTS="70b 8b" bash tools/cuda_check.sh R   (some of: tests 70b 8b demo depth; default all but depth)
 #   CAPS="24GiB 16GiB 8GiB" ...                  (the caps of part 70b; default 24GiB only: at 16 and 8 GiB
 #                                                the Gram matrices go to the host, whose factorizations run on
 #                                                one CPU thread, minutes per block: see docs/performance.md)
@@ -87,6 +87,15 @@ if part 8b; then
     rc=$?
     if [ -f "$R/bench-block-8b-$DEV.json" ]; then block_line "$R/bench-block-8b-$DEV.json" "8B (exit $rc)"
     else echo "8B: exit $rc, no result" | tee -a "$R/summary.txt"; tail -3 "$R/block-8b.log"; fi
+fi
+
+if part depth; then  # not in the default PARTS: peak GPU memory against depth (docs/performance.md section 4)
+    for n in 2 8; do
+        stamp "peak GPU memory, $n 8B-shaped blocks, 16 x 2048 tokens"
+        timeout 200 $PY tools/block_bench.py --device "$DEV" --layers $n $MID --samples 16 --seq-len 2048 \
+            --workdir "$W" --json "$R/bench-depth-$n-$DEV.json" > "$R/depth-$n.log" 2>&1 \
+            && block_line "$R/bench-depth-$n-$DEV.json" "depth $n"
+    done
 fi
 
 if part demo; then
