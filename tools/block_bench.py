@@ -58,14 +58,14 @@ def main():
             [sys.executable, "-m", "streamprune", "plan", "--shards", str(model), "--json", "--no-timing",
              "--device", args.device, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
              *extra],
-            check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout)
+            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout)  # exit 1: does not fit
         result = {
             "benchmark": "block", "device": args.device, **gpu_name(args.device), "layers": args.layers,
             "shape": dict(hidden=args.hidden, heads=args.heads, kv=args.kv, intermediate=args.intermediate), **shape,
             "max_memory": args.max_memory, "cap_enforced": cap is not None,
             "grams_on": plan.get("grams_on"), "gram_chunk_columns": plan.get("gram_chunk_columns"),
             "predicted_peak_host_gib": round(plan["peak_host_bytes"] / 2**30, 2),
-            "predicted_peak_device_gib": round(plan["peak_device_bytes"] / 2**30, 2),
+            "predicted_peak_device_gib": round(plan["peak_device_bytes"] / 2**30, 2), "plan_fits": plan["fits"],
         }
         try:
             report, wall = run_streamprune(model, Path(tmp) / "out", "--device", args.device, "--samples",
