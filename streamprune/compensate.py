@@ -27,7 +27,8 @@ from .phases import phase
 
 
 class NormalEquations:
-    """Streaming accumulation of G = A^T A and C = A^T Y (fp64) and the ridge solve."""
+    """Streaming accumulation of G = A^T A and C = A^T Y and the ridge solve: in fp64 up to
+    FP64_SOLVE_MAX inputs, in fp32 beyond, where the solve is fp32 anyway (as OBS keeps its Gram)."""
 
     def __init__(self, placement: GramPlacement = ON_DEVICE):
         self.G = self.C = None
@@ -37,25 +38,29 @@ class NormalEquations:
         """Rows of A and Y (tokens) weighted by `scale` (per token)."""
         s = scale.reshape(-1, 1).float()
         A, Y = A.reshape(-1, A.shape[-1]).float() * s, Y.reshape(-1, Y.shape[-1]).float() * s
-        self.G = add_gram(self.G, A, dtype=torch.float64, placement=self.placement)
-        self.C = add_gram(self.C, A, Y, dtype=torch.float64, placement=self.placement)
+        dtype = accumulate_dtype(A.shape[1])
+        self.G = add_gram(self.G, A, dtype=dtype, placement=self.placement)
+        self.C = add_gram(self.C, A, Y, dtype=dtype, placement=self.placement)
 
     def solve(self, W0: torch.Tensor, ridge: float) -> torch.Tensor:
         """The (out, in) weight minimising |A W^T - Y|^2 + lam |W - W0|^2. Large systems are
         factored in fp32 (the ridge keeps them well conditioned) to halve the memory."""
         G, self.G = self.G, None
         lam = add_ridge(G, ridge)
-        rhs = self.C.add_(lam * W0.T.to(self.C.device, torch.float64))
-        if G.shape[0] > FP64_SOLVE_MAX:
-            G, rhs = G.float(), rhs.float()
+        rhs = self.C.add_(lam * W0.T.to(self.C.device, self.C.dtype))
         return solve_spd(G, rhs).T.to(W0.device, W0.dtype).contiguous()
 
 
+def accumulate_dtype(n_in: int) -> torch.dtype:
+    return torch.float64 if n_in <= FP64_SOLVE_MAX else torch.float32
+
+
 def memory_bytes(n_in: int, n_out: int) -> int:
-    """Peak bytes of one refit with n_in kept input channels: fp64 G and C, and beside them either
-    one micro-batch's product (fp32, and its fp64 copy) or the factor (fp32 beyond FP64_SOLVE_MAX:
-    the fp32 copy of G and its Cholesky factor)."""
-    return 8 * n_in * (n_in + n_out) + max(12 * n_in * max(n_in, n_out), 8 * n_in * n_in)
+    """Peak bytes of one refit with n_in kept input channels: G and C, and beside them either one
+    micro-batch's product (fp32, and its fp64 copy up to FP64_SOLVE_MAX) or the Cholesky factor."""
+    item = 8 if accumulate_dtype(n_in) == torch.float64 else 4
+    product = (12 if item == 8 else 4) * n_in * max(n_in, n_out)
+    return item * n_in * (n_in + n_out) + max(product, item * n_in * n_in)
 
 
 def work_bytes(spec: BlockSpec, spec_new: BlockSpec) -> int:

@@ -246,17 +246,18 @@ def test_70b_block_fits_consumer_gpu_caps(tmp_path, cap_gib, grams_on):
     sizes = output_shape(model, 0.3).sizes[0]
     cfg = RunConfig(shards=model.folder, out=tmp_path / "out", device="cuda")
     scoring, compensation = stage_bytes(cfg, model, sizes)
-    assert scoring > 3 * 4 * 28672**2 and compensation > scoring  # the OBS matrices; the refit of all neurons
+    assert scoring > 3 * 4 * 28672**2 and compensation > 2 * 4 * 28672**2  # OBS; the refit of all neurons (fp32)
     p = make_plan(model, sizes, 128, 2048, "cuda", 0.3, max_memory=cap_gib * 2**30, scoring_bytes=scoring,
                   compensation_bytes=compensation, host_memory=128 * 2**30)
     assert p.fits and p.grams_on == grams_on and p.peak_device_bytes <= 0.9 * cap_gib * 2**30
     host_grams = [c for c in p.breakdown if c.name == "host_grams"]
     if grams_on == "host":
-        assert p.placement.host and 64 <= p.gram_chunk_columns < 28672 and host_grams[0].bytes == compensation
+        assert p.placement.host and 64 <= p.gram_chunk_columns < 28672
+        assert host_grams[0].bytes == max(scoring, compensation)
         assert 12 * 28672 * p.gram_chunk_columns <= 256 * 2**20  # a column block's fp32 product and fp64 copy
-        assert p.peak_host_bytes > compensation
+        assert p.peak_host_bytes > max(scoring, compensation)
     else:
-        assert not host_grams and not p.placement.host and p.peak_device_bytes > compensation
+        assert not host_grams and not p.placement.host and p.peak_device_bytes > max(scoring, compensation)
 
 
 def test_plan_says_where_the_grams_go(tmp_path):
