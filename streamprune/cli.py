@@ -328,6 +328,8 @@ def run(quiet: bool, revision: str | None, **kwargs):
     cfg = RunConfig(progress=not quiet, **kwargs)
     warn_beyond_physical(cfg.max_memory, cfg.device)
     report = run_pipeline(cfg)
+    if report is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return
     p = report["block_params"]
     click.echo(f"{kwargs['out']}: block params {p['before']:,} -> {p['after']:,} "
                f"({100 * p['removed_fraction']:.1f}% removed) in {report['timing']['seconds']:.1f}s, "

@@ -30,9 +30,11 @@ class NormalEquations:
     """Streaming accumulation of G = A^T A and C = A^T Y and the ridge solve: in fp64 up to
     FP64_SOLVE_MAX inputs, in fp32 beyond, where the solve is fp32 anyway (as OBS keeps its Gram)."""
 
-    def __init__(self, placement: GramPlacement = ON_DEVICE):
+    def __init__(self, placement: GramPlacement = ON_DEVICE,
+                 sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t):
         self.G = self.C = None
         self.placement = placement
+        self.sum_ = sum_  # adds the other ranks' parts (several processes)
 
     def add(self, A: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor) -> None:
         """Rows of A and Y (tokens) weighted by `scale` (per token)."""
@@ -45,7 +47,8 @@ class NormalEquations:
     def solve(self, W0: torch.Tensor, ridge: float) -> torch.Tensor:
         """The (out, in) weight minimising |A W^T - Y|^2 + lam |W - W0|^2. Large systems are
         factored in fp32 (the ridge keeps them well conditioned) to halve the memory."""
-        G, self.G = self.G, None
+        G, self.G = self.sum_(self.G), None
+        self.sum_(self.C)
         lam = add_ridge(G, ridge)
         rhs = self.C.add_(lam * W0.T.to(self.C.device, self.C.dtype))
         return solve_spd(G, rhs).T.to(W0.device, W0.dtype).contiguous()
@@ -71,12 +74,14 @@ def work_bytes(spec: BlockSpec, spec_new: BlockSpec) -> int:
 
 def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, torch.Tensor], spec_new: BlockSpec,
                kept: Kept, batches: Callable[[], Iterator[torch.Tensor]], cos, sin,
-               ridge: float | None = None, timer=None, placement: GramPlacement = ON_DEVICE) -> dict[str, torch.Tensor]:
-    """W_new with o_proj and down_proj refit; W (dense) gives the targets."""
+               ridge: float | None = None, timer=None, placement: GramPlacement = ON_DEVICE,
+               sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
+    """W_new with o_proj and down_proj refit; W (dense) gives the targets; `sum_` adds the other
+    ranks' parts of the normal equations."""
     W_new, ridge = dict(W_new), RIDGE if ridge is None else ridge
     heads_removed = spec_new.n_heads < spec.n_heads
     if heads_removed:
-        eq = NormalEquations(placement)
+        eq = NormalEquations(placement, sum_)
         with phase(timer, "compensation_gram"):
             for x in batches():
                 heads = attention_heads(W, spec, x, cos, sin)
@@ -85,7 +90,7 @@ def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, tor
         with phase(timer, "compensation_solve"):
             W_new["o"] = eq.solve(W_new["o"], ridge)
     if heads_removed or spec_new.intermediate < spec.intermediate:
-        eq = NormalEquations(placement)
+        eq = NormalEquations(placement, sum_)
         with phase(timer, "compensation_gram"):
             for x in batches():
                 y_dense = block_forward(W, spec, x, cos, sin)
@@ -98,8 +103,8 @@ def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, tor
 
 
 def restore_means(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, torch.Tensor], kept: Kept,
-                  batches: Callable[[], Iterator[torch.Tensor]], cos, sin, biases: frozenset[str]
-                  ) -> dict[str, torch.Tensor]:
+                  batches: Callable[[], Iterator[torch.Tensor]], cos, sin, biases: frozenset[str],
+                  sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
     """FLAP's compensation (An et al., arXiv 2312.11983): what the removed heads and neurons output
     on average over the calibration tokens (dense block) is added to o_proj's and down_proj's
     bias, for the sublayers in `biases` (those whose output can carry a bias)."""
@@ -111,6 +116,8 @@ def restore_means(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, 
         head_sum = head_sum + heads.double().sum((0, 1))  # (H, D)
         act_sum = act_sum + a.double().sum((0, 1))  # (I,)
         n += x.shape[0] * x.shape[1]
+    head_sum, act_sum = sum_(head_sum), sum_(act_sum)  # the other ranks' windows
+    n = round(sum_(torch.tensor([float(n)], dtype=torch.float64)).item())
     for sublayer, proj, bias, total, kept_units in (("attention", "o", "o_bias", head_sum, kept.heads),
                                                     ("mlp", "down", "down_bias", act_sum, kept.neurons)):
         removed = torch.ones(total.shape[0], dtype=torch.float64, device=W[proj].device)
@@ -146,7 +153,7 @@ class LeastSquares(Compensation):
 
     def apply(self, W, spec, W_new, spec_new, kept, calib, biases):
         return compensate(W, spec, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin, timer=calib.timer,
-                          placement=calib.placement)
+                          placement=calib.placement, sum_=calib.ranks.sum_)
 
     def work_bytes(self, spec, spec_new):
         return work_bytes(spec, spec_new)
@@ -156,7 +163,7 @@ class MeanBias(Compensation):
     name, needs_biases, forward_passes = "mean", True, 1.0
 
     def apply(self, W, spec, W_new, spec_new, kept, calib, biases):
-        return restore_means(W, spec, W_new, kept, calib.batches, calib.cos, calib.sin, biases)
+        return restore_means(W, spec, W_new, kept, calib.batches, calib.cos, calib.sin, biases, calib.ranks.sum_)
 
 
 COMPENSATIONS: dict[str, Compensation] = {c.name: c() for c in (LeastSquares, MeanBias, Compensation)}

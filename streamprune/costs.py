@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .distributed import SINGLE, Ranks
 from .block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from .families import BlockSpec
 from .numerics import ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, invert_spd, mean_square, solve, token_scale
@@ -100,6 +101,23 @@ class Grams:
             self.sample.append((x.reshape(-1, spec.hidden)[pick], heads.reshape(-1, spec.n_heads * spec.head_dim)[pick],
                                 y.reshape(-1, spec.hidden)[pick]))
         return y
+
+    def skip(self, windows: int, seq_len: int) -> None:
+        """Another rank's micro-batch: draw its token sample from the random stream (and drop it),
+        so every rank's sample is the one a single process draws."""
+        if self.per_window:
+            torch.randperm(windows * seq_len, generator=self.generator)
+
+    def combine(self, ranks: Ranks) -> None:
+        """Add the other ranks' sums and gather their token samples (in window order)."""
+        if ranks.world == 1:
+            return
+        ranks.sum_(self.heads)
+        ranks.sum_(self.mlp)
+        self.update = ranks.sum_float(self.update)
+        self.tokens = int(ranks.sum_float(self.tokens))
+        if self.per_window:
+            self.sample = [tuple(ranks.gather(torch.cat(t)) for t in zip(*self.sample))]
 
     @property
     def norm(self) -> float:
@@ -193,18 +211,32 @@ def neuron_curve(W_down: torch.Tensor, G: torch.Tensor, refit: bool, timer=None)
 
 def block_costs(W, spec: BlockSpec, batches: Callable[[], Iterator[torch.Tensor]], cos, sin, refit: bool,
                 write: Callable[[int, torch.Tensor], None], samples: int = 1,
-                generator: torch.Generator | None = None, timer=None, placement: GramPlacement = ON_DEVICE
-                ) -> BlockCosts:
+                generator: torch.Generator | None = None, timer=None, placement: GramPlacement = ON_DEVICE,
+                ranks: Ranks = SINGLE, batch_sizes: tuple[int, ...] = (), local: range = range(0)) -> BlockCosts:
     """One pass over the block's dense calibration inputs: the costs of its cuts, in the unit of
-    this module; `write(start, y)` receives the dense outputs (the next block's inputs)."""
+    this module; `write(start, y)` receives the dense outputs (the next block's inputs). With
+    several ranks, `batches` yields this rank's micro-batches, `batch_sizes` are every rank's in
+    window order, `local` the indices of this rank's among them (see scoring.base.Calibration)."""
     per_window = -(-SAMPLE_TOKENS // max(1, samples))  # tokens of each window in the head sample
     grams, start = Grams(spec, generator, per_window, placement), 0
-    for x in timed_batches(batches(), timer):
+    mine = timed_batches(batches(), timer)
+
+    def add(x: torch.Tensor) -> None:
+        nonlocal start
         with phase(timer, "survey_forward"):
             y = grams.add(W, x, cos, sin)
         with phase(timer, "cache_write"):
             write(start, y)
         start += x.shape[0]
+
+    for i, b in enumerate(batch_sizes):  # several ranks: every micro-batch draws its token sample
+        if i in local:
+            add(next(mine))
+        else:
+            grams.skip(b, cos.shape[0])
+    for x in mine:  # (one process: all of them)
+        add(x)
+    grams.combine(ranks)
     norm = grams.norm
     with phase(timer, "survey_heads"):
         heads = head_costs(W, grams.heads, spec, refit, grams.sample)

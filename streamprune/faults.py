@@ -3,6 +3,7 @@ no-op unless its environment variable is set, so a normal run pays one dict look
 
 STREAMPRUNE_FAULT_POINT=name:count[:INT]  the count-th time the process passes the point `name`
     it sends itself SIGKILL (SIGINT with `:INT`).
+STREAMPRUNE_FAULT_RANK=k  only the process of rank k (torchrun's RANK; 0 without torchrun) is hit.
 STREAMPRUNE_DISK_LIMIT=bytes  writes through fsutil fail with ENOSPC once this process has
     written that many bytes (a disk that fills up during the run)."""
 
@@ -14,6 +15,7 @@ import signal
 import threading
 
 FAULT_POINT = "STREAMPRUNE_FAULT_POINT"
+FAULT_RANK = "STREAMPRUNE_FAULT_RANK"
 DISK_LIMIT = "STREAMPRUNE_DISK_LIMIT"
 POINTS = ("shard_read", "after_scoring", "shard_mid_write", "shard_before_rename", "before_journal",
           "journal_mid_write", "journal_before_rename", "cache_write", "cache_delete", "final_files",
@@ -30,7 +32,7 @@ def fault_point(name: str) -> None:
     if not spec:
         return
     target, count, *how = spec.split(":")
-    if target != name:
+    if target != name or os.environ.get(FAULT_RANK, os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     with _lock:
         _passes[name] = _passes.get(name, 0) + 1

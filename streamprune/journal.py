@@ -147,6 +147,13 @@ class Journal:
         journal.save()
         return journal
 
+    @classmethod
+    def copy(cls, state: dict) -> "Journal":
+        """An in-memory journal holding `state` (rank 0's), for the other ranks of a job: saves nothing."""
+        journal = cls(None, state)
+        journal.save = lambda: None
+        return journal
+
     def save(self) -> None:
         atomic_write_json(self.path, self.state)
 

@@ -4,6 +4,7 @@ Only this module and the I/O modules touch files; the math lives in block/scorin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import shutil
@@ -19,6 +20,7 @@ from .block import block_forward
 from .cache import ActivationCache, check_cache_folder, run_cache_folder
 from .calibration import bos_id, check_tokens_fit, load_tokenizer, token_windows, tokenize_file, write_embeddings
 from .config import RunConfig
+from .distributed import SINGLE, Ranks, Share, join_ranks, rank_cache_folder, shared_micro_batch
 from .errors import StreamPruneError
 from .evaluate import DEFAULT_SEQ_LEN, perplexity
 from .families import bias_sublayers, read_config, rotary_tables
@@ -95,9 +97,10 @@ class BlockRunner:
     scored; a block is journaled only once its shard is durable."""
 
     def __init__(self, cfg: RunConfig, model: Model, shape: Shape, cache: ActivationCache, batch: int,
-                 placement: GramPlacement = ON_DEVICE):
+                 placement: GramPlacement = ON_DEVICE, ranks: Ranks = SINGLE, share: Share | None = None):
         self.cfg, self.model, self.shape, self.cache, self.batch = cfg, model, shape, cache, batch
         self.placement = placement  # where the large Gram matrices live (the memory plan's choice)
+        self.ranks, self.share = ranks, share or Share(cfg.samples, batch, range(cfg.samples))
         self.biases = bias_sublayers(shape.config)  # sublayers whose output projection has a bias in the output
         self.device = check_device(cfg.device)
         self.compensation = COMPENSATIONS[cfg.compensate]
@@ -123,9 +126,18 @@ class BlockRunner:
         return self.reader.submit(read)
 
     def batches(self, layer: int, dtype: torch.dtype):
-        for start in range(0, self.cfg.samples, self.batch):
-            stop = min(start + self.batch, self.cfg.samples)
-            yield start, self.cache.batch(layer, start, stop, self.device, dtype)
+        """(start, x) for this rank's micro-batches, start counted in its own windows."""
+        n = len(self.share.windows)
+        for start in range(0, n, self.batch):
+            yield start, self.cache.batch(layer, start, min(start + self.batch, n), self.device, dtype)
+
+    def write_shard(self, layer: int, tensors: list) -> Future:
+        """Write block `layer`'s shard on the writer thread (rank 0 only: the others' is done at once)."""
+        if self.ranks.is_writer:
+            return self.writer.submit(timed, write_safetensors, self.model_path(layer + 1), tensors)
+        done = Future()
+        done.set_result(0.0)  # (the seconds of a write)
+        return done
 
     def prune(self, layer: int, stored: dict[str, torch.Tensor]) -> tuple[dict, Future]:
         """Score, slice and pass on block `layer`; returns its record and the future of its shard write."""
@@ -139,22 +151,24 @@ class BlockRunner:
             W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
         generator = block_generator(self.cfg.seed, layer)
         calib = Calibration(lambda: timed_batches((x for _, x in self.batches(layer, dtype)), timer), self.cos,
-                            self.sin, generator, self.cfg.samples, timer, self.placement)
+                            self.sin, generator, self.cfg.samples, timer, self.placement, self.ranks,
+                            self.share.batch_sizes, self.share.local)
         with torch.no_grad():
             with timer.phase("score"):
                 scores = make_scorer(self.cfg.method, scoring_options(self.cfg, sizes)).score(W, spec, calib)
             with timer.phase("slice"):
-                kept = select_units(scores.heads, scores.neurons, spec, sizes)
+                kept = self.ranks.broadcast(select_units(scores.heads, scores.neurons, spec, sizes))  # rank 0's, exactly
                 W_new, spec_new = slice_block(W, spec, kept)
             with timer.phase("compensate"):
-                W_new = self.compensation.apply(W, spec, W_new, spec_new, kept, calib, self.biases)
+                W_new = self.ranks.broadcast_tensors(self.compensation.apply(W, spec, W_new, spec_new, kept, calib,
+                                                                             self.biases))
             spec_new = spec_new.with_biases(self.biases)
             W_new = add_zero_biases(W_new, spec_new)
             t_score = time.time()
             with timer.phase("to_host"):
                 out = [OutTensor.of(self.model.arch.layer_tensor(out_layer, s),
                                     t.to("cpu", stored.get(s, stored["o"]).dtype)) for s, t in W_new.items()]
-            write = self.writer.submit(timed, write_safetensors, self.model_path(layer + 1), out)
+            write = self.write_shard(layer, out)
             rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype, timer)
         return {
             "layer": layer,
@@ -170,7 +184,7 @@ class BlockRunner:
     def drop(self, layer: int, spec, stored, dtype, t0: float) -> tuple[dict, Future]:
         """A dropped block: its shard holds no tensor, and its inputs pass on unchanged (the pruned
         model's stream), or its dense outputs with --calibrate-on dense."""
-        write = self.writer.submit(timed, write_safetensors, self.model_path(layer + 1), [])
+        write = self.write_shard(layer, [])
         dense = self.cfg.calibrate_on == "dense"
         W = {k: t.to(self.device, dtype) for k, t in stored.items()} if dense else None
         writer = self.cache.writer(layer + 1)
@@ -202,6 +216,7 @@ class BlockRunner:
             with phase(timer, "cache_write"):
                 writer.write(start, y_dense if self.cfg.calibrate_on == "dense" else y)
         writer.commit()
+        err, ref = self.ranks.sum_float(err), self.ranks.sum_float(ref)
         return err / max(ref, 1e-30)
 
     def model_path(self, k: int) -> Path:
@@ -243,7 +258,10 @@ class BlockRunner:
         record["timing"]["write_seconds"] = round(write_seconds, 3)
         record["timing"]["seconds"] = round(sum(v for k, v in record["timing"].items()
                                                 if k.endswith("_seconds") and k not in ("read_seconds", "write_seconds")), 3)
-        journal.finish_block(layer, record)
+        self.ranks.barrier()  # every rank's inputs of block layer + 1 are on disk
+        if self.ranks.is_writer:
+            journal.finish_block(layer, record)
+        self.ranks.barrier()  # block `layer` is journaled: its inputs can go
         self.cache.drop(layer)
 
 
@@ -352,14 +370,31 @@ def attach_eval(cfg: RunConfig, journal: Journal, report: dict, cache_folder: Pa
     return report
 
 
-def run(cfg: RunConfig) -> dict:
-    """Prune cfg.shards into cfg.out; resumes from the journal. Returns the report."""
+def run(cfg: RunConfig) -> dict | None:
+    """Prune cfg.shards into cfg.out; resumes from the journal. Returns the report (None on the
+    ranks other than 0 of a torchrun job: rank 0 reports)."""
+    ranks = join_ranks(cfg.device)
+    try:
+        if not ranks.is_writer:
+            cfg = dataclasses.replace(cfg, progress=False)
+        return run_ranks(cfg, ranks)
+    finally:
+        ranks.close()
+
+
+def cache_folder_of(cfg: RunConfig, ranks: Ranks) -> Path:
+    return rank_cache_folder(run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir), ranks)
+
+
+def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
     t0 = time.time()
     model = open_model(cfg.shards)
     check_paths(model.folder, cfg.out, cfg.cache_dir)
     refuse_foreign_folder(cfg.out)  # --restart too: it deletes only what a streamprune run writes
-    check_cache_folder(run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir), cfg.out)
+    check_cache_folder(cache_folder_of(cfg, ranks), cfg.out)
     check_text_sources(cfg)
+    if cfg.samples < ranks.world:
+        raise StreamPruneError(f"--samples {cfg.samples} is fewer than the {ranks.world} processes: each needs a window")
     check_device(cfg.device)
     check_sparsity(model.arch, cfg.sparsity, cfg.multiple_of)
     compensation = COMPENSATIONS[cfg.compensate]
@@ -369,33 +404,41 @@ def run(cfg: RunConfig) -> dict:
     rule = output_shape(model, cfg.sparsity, compensation.needs_biases, cfg.multiple_of) if model.arch.uniform else None
     memory = memory_plan(cfg, model)
     tokens = calibration_tokens(cfg, model)
+    if not ranks.is_writer:  # rank 0 holds the lock for the whole job
+        return run_locked(cfg, model, rule, memory, tokens, t0, ranks)
     check_writable(cfg.out)
     with OutputLock(cfg.out):
-        return run_locked(cfg, model, rule, memory, tokens, t0)
+        return run_locked(cfg, model, rule, memory, tokens, t0, ranks)
 
 
-def ensure_inputs(model: Model, cache: ActivationCache, start: int, tokens: torch.Tensor, batch: int) -> None:
+def ensure_inputs(model: Model, cache: ActivationCache, start: int, tokens: torch.Tensor, batch: int,
+                  ranks: Ranks = SINGLE) -> None:
     """The cache holds the inputs of block `start`, where a pass (survey or pruning) begins or
-    resumes: block 0's are the embeddings, written now; a later block's must be there already."""
-    if start >= model.arch.n_layers or cache.has(start):
+    resumes: block 0's are the embeddings (of this rank's windows `tokens`), written now; a later
+    block's must be there already, on every rank."""
+    if start >= model.arch.n_layers:
         return
-    if start > 0:
-        raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}); "
+    if start == 0 and not cache.has(0):
+        write_embeddings(cache, model.index, tokens, batch)
+    missing = ranks.sum_float(float(not cache.has(start)))  # every rank stops alike
+    if missing:
+        where = f"; on {int(missing)} of {ranks.world} ranks" if ranks.world > 1 else ""
+        raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}{where}); "
                                "re-run with --restart")
-    write_embeddings(cache, model.index, tokens, batch)
 
 
 def decide_shape(cfg: RunConfig, model: Model, rule: Shape | None, cache: ActivationCache, journal: Journal, batch: int,
-                 tokens: torch.Tensor, placement: GramPlacement = ON_DEVICE) -> Shape:
+                 tokens: torch.Tensor, placement: GramPlacement = ON_DEVICE, ranks: Ranks = SINGLE) -> Shape:
     """Every block's sizes: the fixed rule, or from the survey's measured costs (run now for the
     blocks not surveyed yet) by the allocation asked for."""
     if cfg.allocation == "rule":
         return rule
-    ensure_inputs(model, cache, len(journal.surveyed), tokens, batch)
+    share = ranks.share(cfg.samples, batch)
+    ensure_inputs(model, cache, len(journal.surveyed), tokens[share.windows.start:share.windows.stop], batch, ranks)
     device = check_device(cfg.device)
     cos, sin = rotary_tables(model.arch.config, cfg.seq_len, device)
     costs = survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits, cfg.seed,
-                   cfg.progress, cfg.profile, placement)
+                   cfg.progress, cfg.profile, placement, ranks, share)
     allocate = allocate_global if cfg.allocation == "global" else allocate_uniform
     sizes = allocate(model.arch.blocks, costs, cfg.sparsity, multiple_of=cfg.multiple_of)
     return shape_of(model, sizes, COMPENSATIONS[cfg.compensate].needs_biases)
@@ -412,20 +455,42 @@ def warn_uncompensated(cfg: RunConfig, model: Model, shape: Shape) -> None:
                     cfg.compensate, shape.config["model_type"], " or ".join(sorted(missing)))
 
 
-def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, tokens: torch.Tensor, t0: float) -> dict:
-    """The run proper, with the output folder locked against a second run."""
+def open_journal(cfg: RunConfig, model: Model, memory: Plan, ranks: Ranks) -> tuple[Journal, bool]:
+    """Rank 0 opens (or resumes) the journal and pins the micro-batch and the run's id; every rank
+    gets its state (the others an in-memory copy). Also: whether the output is already complete."""
+    if not ranks.is_writer:
+        state, done = ranks.broadcast(None)
+        return Journal.copy(state), done
     if cfg.restart:
         clear_output(cfg.out)
     fingerprint = dict(cfg.fingerprint(), **input_fingerprint(model.folder, {t.file for t in model.index.tensors.values()}))
+    if ranks.world > 1:  # float sums, and so the output bytes, depend on how the windows are split
+        fingerprint["processes"] = ranks.world
     journal = Journal.open(cfg.out, fingerprint, cfg.restart)
     # a resumed run keeps its micro-batch: float sums depend on it, and resume must be byte-identical
-    batch = journal.pin("micro_batch", memory.micro_batch)
-    run_id = journal.pin("run", uuid.uuid4().hex)  # the activation cache belongs to this run
-    cache = ActivationCache.claim(run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir), cfg.out, run_id,
-                                  cfg.samples, cfg.seq_len, model.arch.hidden)
-    for folder in (cfg.out, cfg.out / WORKDIR, cache.folder):
+    journal.pin("micro_batch", memory.micro_batch if ranks.world == 1 else
+                shared_micro_batch(memory.micro_batch, cfg.samples, ranks.world))
+    journal.pin("run", uuid.uuid4().hex)  # the activation cache belongs to this run
+    done = journal.complete and (cfg.out / "model.safetensors.index.json").is_file()
+    ranks.broadcast((journal.state, done))
+    return journal, done
+
+
+def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, tokens: torch.Tensor, t0: float,
+               ranks: Ranks = SINGLE) -> dict | None:
+    """The run proper, with the output folder locked against a second run (by rank 0)."""
+    journal, done = open_journal(cfg, model, memory, ranks)
+    batch, run_id = journal.state["micro_batch"], journal.state["run"]
+    share = ranks.share(cfg.samples, batch)
+    cache = ActivationCache.claim(cache_folder_of(cfg, ranks), cfg.out, run_id, len(share.windows), cfg.seq_len,
+                                  model.arch.hidden)
+    for folder in ((cfg.out, cfg.out / WORKDIR) if ranks.is_writer else ()) + (cache.folder,):
         remove_temporaries(folder)
-    if journal.complete and (cfg.out / "model.safetensors.index.json").is_file():
+    if done:
+        if not ranks.is_writer:
+            if not cfg.keep_cache:
+                cache.remove()
+            return None
         log.info("%s is already complete", cfg.out)
         shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens)  # from the journal: runs nothing
         report = attach_eval(cfg, journal, build_report(cfg, model, shape, journal, time.time() - t0, batch,
@@ -434,22 +499,28 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, t
         if not cfg.keep_cache:
             cache.remove()  # a run killed while deleting its cache
         return report
-    check_free_disk(cfg.out, cache.folder, memory.output_bytes, memory.cache_bytes)
-    if cfg.eval_source() is not None:  # the input's perplexity, once (journaled), before any pruning
-        journaled_eval(cfg, journal, "before", model.folder, cache.folder)
-    shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens, memory.placement)
-    warn_uncompensated(cfg, model, shape)
+    part = len(share.windows) / cfg.samples
+    check_free_disk(cfg.out, cache.folder, memory.output_bytes if ranks.is_writer else 0, round(memory.cache_bytes * part))
+    if cfg.eval_source() is not None and ranks.world == 1:  # the input's perplexity, once (journaled), before any pruning
+        journaled_eval(cfg, journal, "before", model.folder, cache.folder)  # (several ranks: rank 0's, at the end)
+    shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens, memory.placement, ranks)
+    if ranks.is_writer:
+        warn_uncompensated(cfg, model, shape)
 
     L, start = model.arch.n_layers, journal.next_block
-    ensure_inputs(model, cache, start, tokens, batch)
+    ensure_inputs(model, cache, start, tokens[share.windows.start:share.windows.stop], batch, ranks)
     if start < L:
-        runner = BlockRunner(cfg, model, shape, cache, batch, memory.placement)
+        runner = BlockRunner(cfg, model, shape, cache, batch, memory.placement, ranks, share)
         try:
             t_blocks = time.time()
             runner.run_blocks(journal, start)
             journal.record_blocks_seconds(time.time() - t_blocks)
         finally:
             runner.close()
+    if not ranks.is_writer:  # rank 0 writes the rest and measures perplexity
+        if not cfg.keep_cache:
+            cache.remove()
+        return None
     report = build_report(cfg, model, shape, journal, time.time() - t0, batch, memory.placement)
     write_model_files(cfg, model, shape.config, report)
     report = attach_eval(cfg, journal, report, cache.folder)

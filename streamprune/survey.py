@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .cache import ActivationCache
 from .costs import BlockCosts, block_costs
+from .distributed import SINGLE, Ranks, Share
 from .journal import Journal
 from .model import Model, block_generator, compute_dtype
 from .numerics import ON_DEVICE, GramPlacement
@@ -22,10 +23,14 @@ from .validate import check_finite_activations, check_finite_weights
 
 def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, device: torch.device, cos, sin,
            refit: bool, seed: int, progress: bool, profile: bool = False,
-           placement: GramPlacement = ON_DEVICE) -> list[BlockCosts]:
+           placement: GramPlacement = ON_DEVICE, ranks: Ranks = SINGLE, share: Share | None = None
+           ) -> list[BlockCosts]:
     """Costs of every block; blocks already surveyed (journal) are not run again. Expects the cache
-    to hold the inputs of the first block not surveyed yet; leaves no cache file behind."""
+    to hold the inputs of the first block not surveyed yet; leaves no cache file behind. With
+    several ranks, the cache holds this rank's `share` of the windows; every rank gets rank 0's
+    costs, and rank 0 journals them once every rank's next inputs are durable."""
     L, samples = model.arch.n_layers, cache.shape[0]
+    share = share or Share(samples, batch, range(samples))
     start = len(journal.surveyed)
     bar = tqdm(total=L, initial=start, unit="block", desc="surveying", disable=not progress, dynamic_ncols=True)
     try:
@@ -51,11 +56,16 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
 
             with torch.no_grad():
                 generator = block_generator(seed, layer)
-                costs = block_costs(W, model.arch.blocks[layer], batches, cos, sin, refit, write, samples, generator, timer,
-                                    placement)
+                costs = block_costs(W, model.arch.blocks[layer], batches, cos, sin, refit, write, share.samples,
+                                    generator, timer, placement, ranks, share.batch_sizes, share.local)
             writer.commit()
-            journal.finish_survey_block(layer, dict(costs.as_json(), seconds=round(time.time() - t0, 3),
-                                                    phases=timer.rounded()))
+            ranks.barrier()  # every rank's inputs of the next block are on disk
+            record = dict(costs.as_json(), seconds=round(time.time() - t0, 3), phases=timer.rounded())
+            if ranks.is_writer:
+                journal.finish_survey_block(layer, record)
+            record = ranks.broadcast(record)  # sent once rank 0 journaled it: every rank allocates alike
+            if not ranks.is_writer:
+                journal.finish_survey_block(layer, record)  # (its journal is an in-memory copy)
             cache.drop(layer)
             bar.update(1)
     finally:

@@ -51,7 +51,9 @@ def channel_stats(W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibratio
         tokens += o.shape[0]
         for acc, part in zip(sums, (o.sum(0), o.pow(2).sum(0), a.sum(0), a.pow(2).sum(0))):
             acc += part.cpu()
-    return ChannelStats(tokens, *sums)
+    for acc in sums:  # the other ranks' windows
+        calib.ranks.sum_(acc)
+    return ChannelStats(int(calib.ranks.sum_float(tokens)), *sums)
 
 
 def per_head(channel_scores: torch.Tensor, spec: BlockSpec) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..distributed import SINGLE, Ranks
 from ..families import BlockSpec
 from ..numerics import ON_DEVICE, GramPlacement
 from ..phases import PhaseTimer
@@ -33,9 +34,26 @@ class Calibration:
     cos: torch.Tensor  # (T, D) rotary tables
     sin: torch.Tensor
     generator: torch.Generator  # seeded per block, for methods that sample
-    samples: int = 0  # calibration windows in all batches (0: unknown)
+    samples: int = 0  # calibration windows in all batches of all ranks (0: unknown)
     timer: PhaseTimer | None = None  # seconds per phase (phases.py), for report.json
     placement: GramPlacement = ON_DEVICE  # where the large Gram matrices live and are factored
+    # Several processes (distributed.py): `batches` yields this rank's micro-batches only;
+    # `batch_sizes` are the sizes of every rank's micro-batches in window order and `local` the
+    # indices of this rank's among them (so methods that sample draw one random stream for all);
+    # partial sums are combined with `ranks`.
+    ranks: Ranks = SINGLE
+    batch_sizes: tuple[int, ...] = ()  # () : the micro-batches of `batches` are all there are
+    local: range = range(0)
+
+    def every_batch(self) -> Iterator[tuple[int, torch.Tensor | None]]:
+        """(windows, x) for the micro-batches of all ranks in window order; x is None for another
+        rank's (its size still tells how much of the random stream it draws)."""
+        if not self.batch_sizes:
+            yield from ((x.shape[0], x) for x in self.batches())
+            return
+        mine = self.batches()
+        for i, b in enumerate(self.batch_sizes):
+            yield b, (next(mine) if i in self.local else None)
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,11 @@ COMPACT = 0.75  # the greedy's matrices shrink to the remaining neurons when few
 
 
 def activation_gram(W, spec: BlockSpec, head_keep: torch.Tensor, batches: Callable[[], Iterator[torch.Tensor]],
-                    cos, sin, placement: GramPlacement = ON_DEVICE) -> torch.Tensor:
+                    cos, sin, placement: GramPlacement = ON_DEVICE,
+                    sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
     """G = sum_t w_t a_t a_t^T over the calibration tokens, a_t the MLP activations behind the
     heads in `head_keep` (H,) and w_t = 1 / mean(y_t^2) of the dense block output. Large Gram
-    matrices are kept in fp32, as compensation keeps its factors."""
+    matrices are kept in fp32, as compensation keeps its factors. `sum_` adds the other ranks' parts."""
     G = None
     for x in batches():
         heads = attention_heads(W, spec, x, cos, sin)  # once: the dense and the cut block share it
@@ -41,7 +42,7 @@ def activation_gram(W, spec: BlockSpec, head_keep: torch.Tensor, batches: Callab
         a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps)).reshape(-1, spec.intermediate).float()
         a = a * token_scale(y).reshape(-1, 1)
         G = add_gram(G, a, placement=placement)
-    return G
+    return sum_(G)
 
 
 def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, chunks: int = CHUNKS,

@@ -33,26 +33,35 @@ class TokenSample:
     """Block inputs x, per-head outputs o and dense block outputs y at randomly chosen tokens."""
 
     def __init__(self, W, spec: BlockSpec, calib: Calibration, n_tokens: int):
-        xs, os, ys, seen = [], [], [], 0
-        total = calib.samples
-        for x in calib.batches():
-            b, T, E = x.shape
+        xs, os, ys, seen, drawn = [], [], [], 0, 0
+        total, E = calib.samples, spec.hidden
+        # every rank draws the tokens of every micro-batch (one random stream, as one process
+        # would), and keeps those of its own
+        for b, x in calib.every_batch():
             if total:  # an even share of the budget per micro-batch
                 k = round(n_tokens * (seen + b) / total) - round(n_tokens * seen / total)
             else:
-                k = n_tokens - sum(len(t) for t in xs)
+                k = n_tokens - drawn
             seen += b
+            T = calib.cos.shape[0] if x is None else x.shape[1]
             k = min(k, b * T)
             if k <= 0:
                 continue
-            pick = torch.randperm(b * T, generator=calib.generator)[:k].sort().values.to(x.device)
+            drawn += k
+            pick = torch.randperm(b * T, generator=calib.generator)[:k].sort().values
+            if x is None:
+                continue
+            pick = pick.to(x.device)
             heads = attention_heads(W, spec, x, calib.cos, calib.sin)
             h = x + attention_output(W, heads)
             y = h + mlp_output(W, spec, h)
             xs.append(x.reshape(-1, E)[pick])
             os.append(heads.reshape(b * T, spec.n_heads, spec.head_dim)[pick])
             ys.append(y.reshape(-1, E)[pick])
-        self.x, self.o, self.y = torch.cat(xs), torch.cat(os), torch.cat(ys)
+        if not xs:  # this rank drew no token (more micro-batches than tokens): its share is empty
+            like = W["o"]
+            xs, os, ys = [like.new_empty(0, E)], [like.new_empty(0, spec.n_heads, spec.head_dim)], [like.new_empty(0, E)]
+        self.x, self.o, self.y = (calib.ranks.gather(torch.cat(t)) for t in (xs, os, ys))
         # the next block reads y through an RMSNorm, so an error counts relative to the size of its
         # token: weights 1 / mean(y_t^2) turn squared errors into errors after normalisation
         self.weight = token_weight(self.y)
@@ -176,7 +185,8 @@ class PerturbScorer(Scorer):
         if sizes.intermediate < spec.intermediate and self.options.refit:  # behind the chosen heads, by greedy OBS
             chosen_heads = masks(spec, select_units(heads, prior_neurons, spec, sizes))[0]
             with phase(calib.timer, "obs_gram"):
-                G = activation_gram(W, spec, chosen_heads, calib.batches, calib.cos, calib.sin, calib.placement)
+                G = activation_gram(W, spec, chosen_heads, calib.batches, calib.cos, calib.sin, calib.placement,
+                                    calib.ranks.sum_)
             neurons = greedy_removal_scores(G, W["down"], spec.intermediate - sizes.intermediate, timer=calib.timer)
             info["neurons"] = "greedy OBS"
         return UnitScores(heads, neurons, info)
