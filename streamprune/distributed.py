@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ class ProcessGroupRanks(Ranks):
         try:
             return fn(*args)
         except (RuntimeError, ConnectionError) as e:  # torch.distributed.DistError is a RuntimeError
-            detail = (str(e).strip().splitlines() or ["no detail"])[0][:200]
+            detail = re.sub(r"^\[[^\]]*\] ", "", (str(e).strip().splitlines() or ["no detail"])[0])[:120]
             raise StreamPruneError(
                 f"rank {self.rank}: lost the other ranks during {what} (a rank died or timed out: {detail}); "
                 "the job stops: re-run the same command to resume") from None

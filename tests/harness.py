@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from streamprune.faults import FAULT_POINT
+from streamprune.faults import FAULT_POINT, FAULT_RANK
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
@@ -47,6 +47,18 @@ def child_env(fault: str | None = None) -> dict:
 def run_cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "streamprune", *args], env=child_env(fault),
                           capture_output=True, text=True)
+
+
+def run_torchrun(args: list[str], processes: int = 2, fault: str | None = None,
+                 fault_rank: int | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m streamprune ARGS` (a real launch: its own
+    rendezvous on a free local port, gloo on the CPU); the fault, if any, hits `fault_rank` only."""
+    env = child_env(fault)
+    env.pop(FAULT_RANK, None)
+    if fault_rank is not None:
+        env[FAULT_RANK] = str(fault_rank)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(processes), "-m", "streamprune", *args], env=env, capture_output=True, text=True)
 
 
 def digests(folder: Path) -> dict:
