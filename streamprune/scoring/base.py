@@ -83,6 +83,11 @@ class Scorer:
         """Block forwards over all calibration tokens that scoring costs (for time estimates)."""
         return 1.0 if self.needs_calibration else 0.0
 
+    def sample_passes(self, calibration_tokens: int) -> float:
+        """The part of forward_passes spent on a fixed token sample, which every process of a
+        data-parallel run computes whole (it does not divide among processes)."""
+        return 0.0
+
     def work_bytes(self, spec: BlockSpec) -> int:
         """Memory scoring needs beyond the weights and one micro-batch (for the memory plan)."""
         return 0

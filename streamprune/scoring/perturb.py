@@ -152,8 +152,11 @@ class PerturbScorer(Scorer):
 
     def forward_passes(self, calibration_tokens: int) -> float:
         """The token sample's dense pass, the masked passes, and (with a refit) the Gram pass."""
+        return 1.0 + self.options.refit + self.sample_passes(calibration_tokens)
+
+    def sample_passes(self, calibration_tokens: int) -> float:
         n_masks, n_tokens = self.budget()
-        return 1.0 + self.options.refit + n_masks * min(n_tokens, calibration_tokens) / calibration_tokens
+        return n_masks * min(n_tokens, calibration_tokens) / calibration_tokens
 
     def work_bytes(self, spec: BlockSpec) -> int:
         n_masks, n_tokens = self.budget()
