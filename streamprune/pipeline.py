@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .block import block_forward
-from .cache import ActivationCache, check_cache_folder, run_cache_folder
+from .cache import ActivationCache, check_cache_folder, read_owner, run_cache_folder
 from .calibration import bos_id, check_tokens_fit, load_tokenizer, token_windows, tokenize_file, write_embeddings
 from .config import RunConfig
 from .distributed import SINGLE, Ranks, Share, join_ranks, rank_cache_folder, shared_micro_batch
@@ -67,6 +67,9 @@ def clear_output(out: Path) -> None:
     cache is cleared when the new run claims it."""
     for p in [out / WORKDIR / "journal.json", *out.glob("model-*.safetensors*"), *(out / n for n in OUTPUT_FILES)]:
         p.unlink(missing_ok=True)
+    for folder in (out / WORKDIR).glob("cache-rank*"):  # the other ranks' caches of an earlier torchrun job
+        if folder.is_dir() and not folder.is_symlink() and (read_owner(folder) or {}).get("out") == str(out.resolve()):
+            ActivationCache(folder, 0, 0, 0).remove()
 
 
 def check_text_sources(cfg: RunConfig) -> None:

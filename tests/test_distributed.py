@@ -95,6 +95,21 @@ def test_resume_after_a_kill_is_byte_identical(model, pair, tmp_path, rank):
     assert digests(out) == digests(pair)
 
 
+def test_resuming_with_another_number_of_processes_is_refused(model, pair):
+    before = digests(pair)
+    result = run_cli(args(model, pair))
+    assert result.returncode == 2 and "different arguments (processes)" in result.stderr
+    assert digests(pair) == before
+
+
+def test_restart_with_one_process_removes_the_other_ranks_caches(model, tmp_path):
+    out = tmp_path / "out"
+    killed = run_torchrun(args(model, out), fault="before_journal:1")
+    assert killed.returncode != 0 and (out / ".streamprune" / "cache-rank1").is_dir()
+    launched(run_cli(args(model, out, "--restart")))
+    assert not (out / ".streamprune" / "cache-rank1").exists()
+
+
 def test_rule_flap_mean_equal_one_process(model, tmp_path):
     """The other sums: channel statistics (flap) and mean compensation, no survey."""
     extra = ("--allocation", "rule", "--method", "flap", "--compensate", "mean")
