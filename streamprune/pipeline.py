@@ -170,7 +170,8 @@ class BlockRunner:
             t_score = time.time()
             with timer.phase("to_host"):
                 out = [OutTensor.of(self.model.arch.layer_tensor(out_layer, s),
-                                    t.to("cpu", stored.get(s, stored["o"]).dtype)) for s, t in W_new.items()]
+                                    t.to("cpu", stored.get(s, stored["o"]).dtype)) for s, t in W_new.items()
+                       ] if self.ranks.is_writer else []
             write = self.write_shard(layer, out)
             rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype, timer)
         return {
