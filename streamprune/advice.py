@@ -16,9 +16,9 @@ from .compensate import COMPENSATIONS
 from .errors import StreamPruneError
 from .journal import WORKDIR
 from .model import open_model, parse_device
-from .plan import USABLE, Plan, available_memory, largest, parse_bytes, plan_run, stage_forward_passes
-from .scoring import SCORERS
-from .timing import GPUS, Gpu, TimeEstimate, estimate_time, find_gpu, gpus_with, run_work
+from .plan import USABLE, Plan, available_memory, largest, parse_bytes, plan_run, scoring_options, stage_forward_passes
+from .scoring import SCORERS, make_scorer
+from .timing import GPUS, Gpu, TimeEstimate, estimate_time, find_gpu, gpus_with, run_work, speedup
 from .validate import check_sparsity, disk_needs, gib
 
 ANY_GPU = 2**62  # the memory of a GPU of any size, to find what one needs
@@ -165,13 +165,19 @@ NOT_DOWNLOADED = ("not measured: the weights are not downloaded (read from the H
                   "once they are in the cache")
 
 
-def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_model=None) -> dict:
+def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_model=None, processes: int = 1) -> dict:
     """What `streamprune plan` prints, as a dict: the memory plan with its breakdown, the disk,
     the time, the verdict and, when it does not fit, the changes that would make it fit. Plans
     for a GPU that is not here when it is described (--max-memory or --gpu NAME). Refuses what
     `run` would refuse up front (method, sparsity) with the same checks. `remote_model`: a Hub
     model known from its headers (hub.remote_model): its download is counted on disk, and no
-    time is measured here (that reads a shard)."""
+    time is measured here (that reads a shard). With `processes` > 1 (a torchrun job): memory
+    and disk of one process, which holds its share of the windows, and the expected speed-up
+    over one process."""
+    if not 1 <= processes <= cfg.samples:
+        raise StreamPruneError(f"--nproc must be between 1 and --samples ({cfg.samples}), got {processes}")
+    whole = cfg
+    cfg = dataclasses.replace(cfg, samples=-(-cfg.samples // processes))  # the windows of the busiest process
     dev = parse_device(cfg.device)
     gpu = find_gpu(gpu_name) if gpu_name else None
     if gpu is not None and dev.type != "cuda":
@@ -201,21 +207,32 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         estimate = None
     elif remote_model is not None and here:
         estimate = TimeEstimate(None, None, None, None, NOT_DOWNLOADED,
-                                *run_work(model, cfg.samples, cfg.seq_len, stage_forward_passes(cfg)))
+                                *run_work(model, whole.samples, cfg.seq_len, stage_forward_passes(whole)))
     else:
-        estimate = estimate_time(model, cfg.samples, cfg.seq_len, dev, stage_forward_passes(cfg), gpu, here)
+        estimate = estimate_time(model, whole.samples, cfg.seq_len, dev, stage_forward_passes(whole), gpu, here)
+    parallel = {}
+    if processes > 1:
+        parallel = dict(processes=processes, windows_per_process=cfg.samples)
+        rates = sorted(estimate.flops_per_second) if estimate else []
+        rate = rates[len(rates) // 2] if rates else gpu.tflops * 1e12 if gpu else None
+        if rate:
+            sample = make_scorer(whole.method, scoring_options(whole)).sample_passes(whole.samples * whole.seq_len)
+            read = (estimate.read_bytes_per_second if estimate else None) or float("inf")
+            parallel["expected_speedup"] = round(speedup(model, whole.samples, whole.seq_len, stage_forward_passes(whole),
+                                                         sample, processes, rate, read), 2)
     return dict(
         p.as_dict(), fits=fits, memory_fits=p.fits, disk_fits=all(d.fits for d in disk),
         verdict="fits" if fits else "does not fit", short_of=p.short_of,
         device_here=here, gpu=asdict(gpu) if gpu else None,
         limit_from="--max-memory" if cfg.max_memory else "the GPU's datasheet memory" if gpu else "free now",
         usable_fraction=USABLE,
-        samples=cfg.samples, seq_len=cfg.seq_len, out=str(cfg.out), cache_folder=str(cache_folder),
+        samples=whole.samples, seq_len=cfg.seq_len, out=str(cfg.out), cache_folder=str(cache_folder),
         disk=[dict(folder=str(d.folder), need_bytes=d.need_bytes, free_bytes=d.free_bytes, parts=list(d.parts),
                    fits=d.fits) for d in disk],
         suggestions=[asdict(s) for s in advice], warnings=[warning] if warning else [],
         time=estimate.as_dict() if estimate else None,
-        estimated_seconds=round(estimate.seconds, 1) if estimate and estimate.seconds is not None else None)
+        estimated_seconds=round(estimate.seconds, 1) if estimate and estimate.seconds is not None else None,
+        **parallel)
 
 
 def disk_suggestions(disk, p: Plan) -> list[Suggestion]:

@@ -371,9 +371,11 @@ def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: in
 @click.option("--max-memory", type=Size(), help="Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; "
               "default: what is free, or the --gpu's memory).")
 @click.option("--no-timing", is_flag=True, help="Skip the short speed calibration (no time estimate).")
+@click.option("--nproc", default=1, show_default=True,
+              help="Processes of a data-parallel run (torchrun --nproc-per-node N): memory and disk per process, speed-up.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_command(shards, revision, out, cache_dir, sparsity, samples, seq_len, device, gpu_name, method, budget,
-                 compensate, multiple_of, batch_size, max_memory, no_timing, as_json):
+                 compensate, multiple_of, batch_size, max_memory, no_timing, nproc, as_json):
     """Predict disk, memory, micro-batch and time of a run, from headers only. Exit code 0: it
     fits; 1: it does not (the prediction and what would fit are printed); 2: an error."""
     from .advice import describe_plan
@@ -384,7 +386,8 @@ def plan_command(shards, revision, out, cache_dir, sparsity, samples, seq_len, d
     cfg = RunConfig(shards=model.folder if remote else model, out=out, cache_dir=cache_dir, sparsity=sparsity,
                     samples=samples, seq_len=seq_len, device=device, method=method, budget=budget,
                     compensate=compensate, multiple_of=multiple_of, batch_size=batch_size, max_memory=max_memory)
-    info = describe_plan(cfg, timing=not no_timing, gpu_name=gpu_name, remote_model=model if remote else None)
+    info = describe_plan(cfg, timing=not no_timing, gpu_name=gpu_name, remote_model=model if remote else None,
+                         processes=nproc)
     if as_json:
         for warning in info["warnings"]:
             click.echo(f"warning: {warning}", err=True)
@@ -402,7 +405,9 @@ def plan_lines(info: dict) -> list[str]:
     gpu = info["peak_device_bytes"] > 0
     where = (f"{info['gpu']['name']} (datasheet numbers)" if info["gpu"] else
              "a GPU described by --max-memory (none here)" if not info["device_here"] else info["device"])
-    lines = [f"plan for {where}: {info['samples']} windows of {info['seq_len']} tokens",
+    lines = [f"plan for {where}: {info['samples']} windows of {info['seq_len']} tokens"
+             + (f", {info['processes']} processes of {info['windows_per_process']} windows (disk and memory below "
+                "are one process's)" if info.get("processes") else ""),
              f"largest block: {gib(info['block_stored_bytes'])} stored, {gib(info['block_compute_bytes'])} "
              f"in the compute dtype ({'as stored' if gpu else 'fp32'} on {info['device']})", "disk:"]
     for d in info["disk"]:
@@ -443,6 +448,12 @@ def plan_lines(info: dict) -> list[str]:
         else:
             lines.append("time: not measured here")
         lines.append(f"  how: {t['how']}")
+    if info.get("expected_speedup"):
+        seconds = t["seconds"] if t and t["seconds"] is not None else None
+        lines.append(f"{info['processes']} processes: expected speed-up {info['expected_speedup']:.2f}x"
+                     + (f", about {duration(seconds / info['expected_speedup'])}" if seconds else "")
+                     + " (the windows' work and cache divide; each process reads every block's weights and scores "
+                       "perturb's token sample whole)")
     lines.append(f"verdict: {info['verdict']}")
     if info["suggestions"]:
         lines.append("it would fit with any one of:")

@@ -142,6 +142,23 @@ def estimate_time(model, samples: int, seq_len: int, device: torch.device, forwa
     return TimeEstimate(statistics.median(each), each[0], each[-1], None, how, flops, io, tuple(rates), read)
 
 
+def speedup(model, samples: int, seq_len: int, forward_passes: float, sample_passes: float, processes: int,
+            flops_per_second: float, read_bytes_per_second: float = float("inf")) -> float:
+    """Expected speed-up of `processes` data-parallel processes (torchrun) over one: the windows'
+    forward passes and the activation cache divide among them; every process still reads every
+    block's weights, and the passes over a fixed token sample (`sample_passes`, part of
+    forward_passes: perturb's) are computed whole by each."""
+    arch = model.arch
+    per_pass = 2 * sum(b.n_params() for b in arch.blocks) * samples * seq_len
+    weights = sum(t.nbytes for t in model.index.tensors.values()) * 1.7
+    cache = 2 * arch.n_layers * samples * seq_len * arch.hidden * 4
+
+    def seconds(n: int) -> float:
+        compute = per_pass * ((forward_passes - sample_passes) / n + sample_passes)
+        return compute / flops_per_second + (weights + cache / n) / read_bytes_per_second
+    return seconds(1) / seconds(processes)
+
+
 def duration(seconds: float) -> str:
     """45 s, 12 min, 6.3 h, 530 h (22.1 days)."""
     if seconds < 10:

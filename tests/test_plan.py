@@ -287,3 +287,25 @@ def test_host_grams_give_the_same_pruned_model(tmp_path, monkeypatch):
     assert outs["device"].keys() == outs["host"].keys()
     for k, v in outs["device"].items():
         torch.testing.assert_close(outs["host"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_plan_for_several_processes_divides_the_windows_not_the_weights(tmp_path):
+    """plan --nproc N: each process caches its share of the windows; the compute on the windows
+    divides, the weights' I/O and perturb's fixed token sample do not (speed-up below N)."""
+    from streamprune.advice import describe_plan
+    from streamprune.timing import speedup
+    cfg = RunConfig(shards=DEMO / "stories260K", out=tmp_path / "out", samples=64, seq_len=256)
+    one, two = describe_plan(cfg, timing=False), describe_plan(cfg, timing=False, processes=2)
+    assert two["cache_bytes"] * 2 == one["cache_bytes"] and two["windows_per_process"] == 32
+    assert two["block_stored_bytes"] == one["block_stored_bytes"] and two["micro_batch"] <= 32
+    assert two["samples"] == 64 and "processes" not in one
+    model = open_model(DEMO / "stories260K")
+    s = [speedup(model, 64, 256, 6.0, 2.0, n, 1e9, 1e8) for n in (1, 2, 4)]
+    assert s[0] == 1 and 1 < s[1] < s[2] < 4
+    assert speedup(model, 64, 256, 6.0, 0.0, 2, 1e9) == pytest.approx(2)  # all compute, no I/O: divides
+    result = CliRunner().invoke(main, ["plan", "--shards", str(DEMO / "stories260K"), "--out", str(tmp_path / "o"),
+                                       "--samples", "64", "--seq-len", "256", "--nproc", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 processes of 32 windows" in result.output and "expected speed-up" in result.output
+    with pytest.raises(StreamPruneError, match="--nproc"):
+        describe_plan(cfg, timing=False, processes=65)
