@@ -160,9 +160,9 @@ def rank_cache_folder(folder: Path, ranks: Ranks) -> Path:
 
 
 def shared_micro_batch(micro_batch: int, samples: int, world: int) -> int:
-    """The micro-batch of a run over `world` ranks: at most an even share of the windows, so every
-    rank has at least one micro-batch."""
-    return min(micro_batch, -(-samples // world))
+    """The micro-batch of a run over `world` ranks: at most samples // world windows, so there are
+    at least `world` micro-batches and every rank has one."""
+    return max(1, min(micro_batch, samples // world))
 
 
 def join_ranks(device: str) -> Ranks:

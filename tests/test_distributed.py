@@ -131,7 +131,11 @@ def test_a_rank_gets_whole_micro_batches_in_window_order():
     share = Share(10, 3, shares[2])
     assert share.batch_sizes == (3, 3, 3, 1) and share.local == range(2, 4)
     assert [batch_share(5, 2, 1, 0)] == [range(5)]
-    assert shared_micro_batch(64, 10, 4) == 3 and shared_micro_batch(2, 10, 4) == 2
+    assert shared_micro_batch(64, 10, 4) == 2 and shared_micro_batch(1, 10, 4) == 1
+    for samples in range(1, 40):  # every rank gets at least one micro-batch
+        for world in range(1, samples + 1):
+            b = shared_micro_batch(64, samples, world)
+            assert all(len(batch_share(samples, b, world, r)) for r in range(world))
 
 
 def test_one_process_sees_every_batch_as_its_own():
