@@ -143,6 +143,6 @@ def test_one_process_sees_every_batch_as_its_own():
     calib = Calibration(lambda: iter(x.split(2)), torch.ones(1, 1), torch.zeros(1, 1), torch.Generator(), 5)
     assert [(b, t.flatten().tolist()) for b, t in calib.every_batch()] == [(2, [0, 1]), (2, [2, 3]), (1, [4])]
     calib = Calibration(lambda: iter(x[2:4].split(2)), torch.ones(1, 1), torch.zeros(1, 1), torch.Generator(), 5,
-                        SINGLE, (2, 2, 1), range(1, 2))
+                        ranks=SINGLE, batch_sizes=(2, 2, 1), local=range(1, 2))
     assert [(b, None if t is None else t.flatten().tolist()) for b, t in calib.every_batch()] == \
         [(2, None), (2, [2, 3]), (1, None)]
