@@ -6,6 +6,7 @@ block's shape from these costs at once (allocation.py)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -17,7 +18,10 @@ from .journal import Journal
 from .model import Model, block_generator, compute_dtype
 from .numerics import ON_DEVICE, GramPlacement
 from .phases import PhaseTimer
+from .runlog import FILE_ONLY, BlockProgress
 from .validate import check_finite_activations, check_finite_weights
+
+log = logging.getLogger(__name__)
 
 
 def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, device: torch.device, cos, sin,
@@ -27,7 +31,11 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
     to hold the inputs of the first block not surveyed yet; leaves no cache file behind."""
     L, samples = model.arch.n_layers, cache.shape[0]
     start = len(journal.surveyed)
-    bar = tqdm(total=L, initial=start, unit="block", desc="surveying", disable=not progress, dynamic_ncols=True)
+    if start < L:
+        log.info("survey: %d blocks%s", L, f" (resuming: {start} of {L} blocks done)" if start else "",
+                 extra={} if start else FILE_ONLY)  # the bar says the rest
+    bar = tqdm(total=L, initial=start, unit="block", desc="survey", disable=not progress, dynamic_ncols=True)
+    within = BlockProgress(bar if progress else None)
     try:
         for layer in range(start, L):
             t0, timer = time.time(), PhaseTimer(device, profile)
@@ -43,6 +51,7 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
 
             def batches():
                 for s in range(0, samples, batch):
+                    within.tick(layer)
                     yield cache.batch(layer, s, min(s + batch, samples), device, dtype)
 
             def write(s: int, y: torch.Tensor) -> None:
@@ -56,6 +65,7 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
             writer.commit()
             journal.finish_survey_block(layer, dict(costs.as_json(), seconds=round(time.time() - t0, 3),
                                                     phases=timer.rounded()))
+            log.info("surveyed block %d (%.1fs)", layer, time.time() - t0, extra=FILE_ONLY)
             cache.drop(layer)
             bar.update(1)
     finally:
