@@ -86,5 +86,6 @@ class BlockProgress:
             self.layer, self.count = layer, 0
         self.count += 1
         if time.time() - self.shown >= 0.5:
-            self.bar.set_postfix_str(f"block {layer}: {self.count} micro-batch{'es' if self.count > 1 else ''} read", refresh=True)
+            plural = "es" if self.count > 1 else ""
+            self.bar.set_postfix_str(f"block {layer}: {self.count} micro-batch{plural} read", refresh=True)
             self.shown = time.time()

@@ -59,7 +59,9 @@ def test_defaults_fit_a_short_text_and_the_model_with_a_warning(tmp_path, model)
 def test_values_the_user_set_are_kept_or_refused_with_what_the_text_holds(tmp_path, model):
     calib = text(tmp_path, 4000)
     r = run("--shards", model, "--out", tmp_path / "a", "--calib", calib, "--samples", 128, "--seq-len", 512, *FAST)
-    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "1,875 tokens; --samples 128 x --seq-len 512 needs 65,408: it holds --samples 3 at --seq-len 512, or --samples 7 at --seq-len 256; or use a longer text" in r.stderr
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    assert ("1,875 tokens; --samples 128 x --seq-len 512 needs 65,408: it holds --samples 3 at --seq-len 512, or "
+            "--samples 7 at --seq-len 256; or use a longer text") in r.stderr
     r = run("--shards", model, "--out", tmp_path / "b", "--calib", calib, "--seq-len", 1024, *FAST)
     assert r.exit_code == 2
     assert r.stderr == "error: --seq-len 1024 exceeds max_position_embeddings 512; use at most 512\n"
@@ -104,7 +106,8 @@ def test_rerun_of_a_finished_output_leaves_it_alone(tmp_path, model):
     r = run(*args)
     assert r.exit_code == 0 and f"already complete: {out} (nothing to do)" in r.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "streamprune.log"} == files
-    assert (out / "streamprune.log").read_text().splitlines()[-1].endswith(f"INFO already complete: {out} (nothing to do)")
+    last = (out / "streamprune.log").read_text().splitlines()[-1]
+    assert last.endswith(f"INFO already complete: {out} (nothing to do)")
 
 
 def test_resumed_run_reports_the_time_of_all_sessions_and_logs_them(tmp_path, model, monkeypatch):
