@@ -50,14 +50,71 @@ def tokenize_file(tokenizer, text, special_tokens: bool = False) -> list[int]:
     return tokenizer(read_text(text), add_special_tokens=special_tokens, verbose=False).input_ids
 
 
+DEFAULT_WINDOW = 2048  # tokens per window, calibration and evaluation, unless the model allows fewer
+FEWEST_WINDOWS = 8  # adapted defaults: fewer windows than this and the windows get shorter instead
+SHORTEST_WINDOW = 32  # ... but never shorter than this
+
+
+def max_window(config: dict) -> int:
+    """The longest window the model was built for (max_position_embeddings; 2048 when unstated)."""
+    return config.get("max_position_embeddings") or DEFAULT_WINDOW
+
+
+def default_window(config: dict) -> int:
+    """The one default window of calibration and evaluation: 2048 tokens, at most max positions."""
+    return min(DEFAULT_WINDOW, max_window(config))
+
+
+def check_window(config: dict, seq_len: int, option: str = "--seq-len") -> None:
+    """A window the user asked for may not run past the positions the model was trained on."""
+    if seq_len > max_window(config):
+        raise StreamPruneError(f"{option} {seq_len} exceeds max_position_embeddings {max_window(config)}; "
+                               f"use at most {max_window(config)}")
+
+
+def supported_windows(n_tokens: int, samples: int, seq_len: int, bos: bool) -> str:
+    """What a text of n_tokens can give, in options: '--samples 23 at --seq-len 2048, or ...'."""
+    options = []
+    if n_tokens // (seq_len - bos) >= 1:
+        options.append(f"--samples {n_tokens // (seq_len - bos)} at --seq-len {seq_len}")
+    if seq_len > 256 and n_tokens // (256 - bos) >= 1:
+        options.append(f"--samples {n_tokens // (256 - bos)} at --seq-len 256")
+    if n_tokens // samples + bos >= 2:
+        options.append(f"--seq-len {n_tokens // samples + bos} at --samples {samples}")
+    return ", or ".join(options[:2]) if options else "use a longer text"
+
+
+def fit_windows(n_tokens: int, samples: int, seq_len: int, bos: bool, adaptable: tuple[str, ...] = ()) \
+        -> tuple[int, int]:
+    """(samples, seq_len) that a text of n_tokens holds (each window takes seq_len - bos tokens of
+    the text). Options left at their defaults (`adaptable`: "samples", "seq_len") shrink when the
+    text is short: as many windows as it holds, and with fewer than FEWEST_WINDOWS, shorter windows
+    (never below SHORTEST_WINDOW tokens); options the user set are kept or refused, with what
+    the text supports."""
+    if n_tokens >= samples * (seq_len - bos):
+        return samples, seq_len
+    if "samples" in adaptable:
+        fit = n_tokens // (seq_len - bos)
+        if fit >= FEWEST_WINDOWS or (fit >= 1 and "seq_len" not in adaptable):
+            return fit, seq_len
+        if "seq_len" in adaptable:
+            short = n_tokens // FEWEST_WINDOWS + bos
+            if short >= SHORTEST_WINDOW:
+                return FEWEST_WINDOWS, short
+    elif "seq_len" in adaptable and n_tokens // samples + bos >= SHORTEST_WINDOW:
+        return samples, n_tokens // samples + bos
+    raise StreamPruneError(
+        f"calibration text has {n_tokens:,} tokens; --samples {samples} x --seq-len {seq_len} needs "
+        f"{samples * (seq_len - bos):,}: it holds {supported_windows(n_tokens, samples, seq_len, bos)}; "
+        "or use a longer text")
+
+
 def token_windows(ids: list[int], n: int, seq_len: int, bos: int | None) -> torch.Tensor:
     """n windows of seq_len tokens, spread evenly over the text and never overlapping; each starts
     with BOS when the tokenizer uses one. Returns (n, seq_len) int64."""
     body = seq_len - (bos is not None)
     if len(ids) < n * body:
-        raise StreamPruneError(
-            f"calibration text has {len(ids)} tokens; --samples {n} x --seq-len {seq_len} needs {n * body}: "
-            "use a longer text, fewer --samples or a shorter --seq-len")
+        fit_windows(len(ids), n, seq_len, bos is not None)  # raises, saying what the text holds
     stride = (len(ids) - body) // max(n - 1, 1)
     rows = [ids[i * stride:i * stride + body] for i in range(n)]
     if bos is not None:

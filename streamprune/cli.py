@@ -151,6 +151,30 @@ def error_message(e: StreamPruneError | MemoryError | OSError) -> str:
 def main(debug: bool):
     """Structured pruning of Llama-family LLMs, one decoder block in memory at a time."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
+    show_messages(logging.DEBUG if debug else logging.WARNING)
+
+
+class Terminal(logging.Handler):
+    """streamprune's messages on stderr ("warning: ..."), printed above a progress bar, not through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        tqdm.write(prefix + one_line(record.getMessage()), file=sys.stderr)
+
+
+def show_messages(level: int) -> None:
+    """Print streamprune's log records from `level` up on the terminal (the run's log file, when a
+    run writes one, gets them all)."""
+    from .runlog import FileOnly
+    logger = logging.getLogger("streamprune")
+    for h in [h for h in logger.handlers if isinstance(h, Terminal)]:
+        logger.removeHandler(h)
+    terminal = Terminal(level)
+    terminal.addFilter(FileOnly())
+    logger.addHandler(terminal)
+    logger.propagate = False  # (the root handler would print them a second time)
+    logger.setLevel(min(level, logging.INFO))
 
 
 class PathArg(click.Path):
@@ -287,8 +311,11 @@ def multiple_of_option(command):
               help="Calibration text: a plain text file, JSON lines (.jsonl, .json, .gz) or Parquet.")
 @click.option("--calib-dataset", help="Calibration from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --calib).")
 @click.option("--text-field", default=RunConfig.text_field, show_default=True, help=TEXT_FIELD_HELP)
-@click.option("--samples", default=RunConfig.samples, show_default=True, help="Calibration windows.")
-@click.option("--seq-len", default=RunConfig.seq_len, show_default=True, help="Tokens per calibration window.")
+@click.option("--samples", default=RunConfig.samples, show_default=True,
+              help="Calibration windows (unset: fewer when the text is short, with a warning).")
+@click.option("--seq-len", default=RunConfig.seq_len, show_default=True,
+              help="Tokens per calibration window (unset: at most max_position_embeddings; shorter when the "
+                   "text is very short).")
 @click.option("--device", type=Device(), default=RunConfig.device, show_default=True, help="cpu or cuda.")
 @click.option("--seed", default=RunConfig.seed, show_default=True)
 @click.option("--method", default=RunConfig.method, show_default=True,
@@ -316,7 +343,8 @@ def multiple_of_option(command):
               help="Held-out text: measure perplexity before and after (streaming), into report.json. "
                    "Plain text, JSON lines or Parquet.")
 @click.option("--eval-dataset", help="Held-out text from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --eval).")
-@click.option("--eval-seq-len", default=0, help="Tokens per evaluation window (0: --seq-len, at most max positions).")
+@click.option("--eval-seq-len", default=0,
+              help="Tokens per evaluation window (0: 2048, at most max_position_embeddings; as `eval`).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(quiet: bool, revision: str | None, **kwargs):
     """Prune a model; re-running the same command resumes an interrupted run."""
@@ -325,18 +353,26 @@ def run(quiet: bool, revision: str | None, **kwargs):
     if kwargs["method"] not in SCORERS:
         raise StreamPruneError(f"unknown --method {kwargs['method']!r}; choose from {', '.join(SCORERS)}")
     kwargs["shards"] = model_folder(kwargs["shards"], revision, progress=not quiet)
-    cfg = RunConfig(progress=not quiet, **kwargs)
+    ctx = click.get_current_context()
+    adaptable = tuple(name for name in ("samples", "seq_len")
+                      if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT)
+    cfg = RunConfig(progress=not quiet, adaptable=adaptable, **kwargs)
     warn_beyond_physical(cfg.max_memory, cfg.device)
+    if not quiet and not ctx.find_root().params.get("debug"):
+        show_messages(logging.INFO)
     report = run_pipeline(cfg)
     if report is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return
-    p = report["block_params"]
+    p, t = report["block_params"], report["timing"]
+    sessions = f" over {t['sessions']} sessions" if t.get("sessions", 1) > 1 else ""
     click.echo(f"{kwargs['out']}: block params {p['before']:,} -> {p['after']:,} "
-               f"({100 * p['removed_fraction']:.1f}% removed) in {report['timing']['seconds']:.1f}s, "
-               f"peak RSS {report['timing']['peak_rss_bytes'] / 2**20:.0f} MiB")
+               f"({100 * p['removed_fraction']:.1f}% removed) in {t['seconds']:.1f}s of setup, survey, pruning and "
+               f"writing{sessions}, peak RSS {t['peak_rss_bytes'] / 2**20:.0f} MiB")
     if "eval" in report:
-        e = report["eval"]
-        click.echo(f"perplexity on {e['text']} (windows of {e['seq_len']}): {e['ppl_before']:.3f} -> {e['ppl_after']:.3f}")
+        e, ev = report["eval"], t.get("eval_seconds", {})
+        click.echo(f"perplexity on {e['text']} over {e['windows']} windows of {e['seq_len']} tokens: "
+                   f"{e['ppl_before']:.3f} -> {e['ppl_after']:.3f} (evaluation "
+                   f"{ev.get('before', 0) + ev.get('after', 0):.1f}s; {t.get('wall_seconds_total', 0):.1f}s in all)")
 
 
 @main.command()
@@ -500,8 +536,8 @@ def eval_command(model, revision, text, text_dataset, text_field, seq_len, devic
     if as_json:
         click.echo(json.dumps(dict(r.as_dict(), model=str(model)), indent=2))
         return
-    click.echo(f"{model}: perplexity {r.ppl:.4f} on {r.text} ({r.windows} windows of {r.seq_len} tokens, "
-               f"{r.tokens:,} predicted; {r.seconds:.1f}s)")
+    click.echo(f"{model}: perplexity {r.ppl:.4f} on {r.text} over {r.windows} windows of {r.seq_len} tokens "
+               f"({r.tokens:,} predicted; {r.seconds:.1f}s)")
 
 
 @main.command()

@@ -63,7 +63,11 @@ class RunConfig:
     profile: bool = False  # synchronize the GPU at every phase boundary, for exact per-phase seconds
     eval: Path | None = None  # held-out text: perplexity before and after, in report.json
     eval_dataset: str | None = None  # or held-out text from a `datasets` dataset, NAME[:CONFIG][:SPLIT]
-    eval_seq_len: int = 0  # 0 = --seq-len, capped at max_position_embeddings
+    eval_seq_len: int = 0  # 0 = the default window: 2048, at most max_position_embeddings (as `eval`)
+    # options left at their defaults ("samples", "seq_len"), which the run fits to the text and the
+    # model (shorter text: fewer or shorter windows; seq_len at most max positions); the journal
+    # and report record the values chosen
+    adaptable: tuple[str, ...] = ()
 
     def __post_init__(self):
         check_sparsity_range(self.sparsity)
@@ -104,7 +108,7 @@ class RunConfig:
     # Fields that do not change the output bytes, so a resumed run may differ in them.
     NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "restart", "progress", "batch_size", "max_memory", "overlap",
                          "profile", "eval", "eval_dataset",
-                         "eval_seq_len")
+                         "eval_seq_len", "adaptable")
 
     # Fingerprinted only when not the default, so a journal written before they existed still resumes.
     FINGERPRINTED_WHEN_SET = ("calib_dataset", "text_field")

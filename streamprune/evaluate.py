@@ -20,17 +20,17 @@ import torch
 
 from .block import block_forward, rms_norm
 from .cache import EVAL_PREFIX, ActivationCache
-from .calibration import check_tokens_fit, load_tokenizer, tokenize_file, write_embeddings
+from .calibration import check_tokens_fit, check_window, default_window, load_tokenizer, tokenize_file, write_embeddings
 from .documents import as_source
 from .errors import StreamPruneError
 from .families import EMBED, FINAL_NORM, LM_HEAD, rotary_tables
 from .model import check_device, compute_dtype, open_model
 from .plan import activation_bytes
+from .runlog import BlockProgress
 from .shards import DTYPES
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEQ_LEN = 2048
 WORKING_BYTES = 256 * 2**20  # activations of one micro-batch, and logits of one vocab chunk
 
 
@@ -49,15 +49,14 @@ class EvalResult:
         return asdict(self)
 
 
-def choose_seq_len(config: dict, requested: int | None) -> int:
-    """The requested window, or 2048 capped at max_position_embeddings; never past it."""
-    max_pos = config.get("max_position_embeddings") or DEFAULT_SEQ_LEN
+def choose_seq_len(config: dict, requested: int | None, option: str = "--seq-len") -> int:
+    """The evaluation window, one rule for `eval` and `run --eval`: the one asked for, or the default
+    window (2048 tokens, at most max_position_embeddings); never past max positions."""
     if not requested:
-        return min(DEFAULT_SEQ_LEN, max_pos)
-    if requested > max_pos:
-        raise StreamPruneError(f"--seq-len {requested} exceeds max_position_embeddings {max_pos}")
+        return default_window(config)
     if requested < 2:
-        raise StreamPruneError("--seq-len must be >= 2")
+        raise StreamPruneError(f"{option} must be >= 2")
+    check_window(config, requested, option)
     return requested
 
 
@@ -112,8 +111,10 @@ def nll_sum(state) -> float:
 
 # ---- the I/O shell ----
 
-def run_blocks(model, cache: ActivationCache, windows: int, batch: int, device, cos, sin, progress) -> None:
-    """Pass the cached inputs through every block: inputs-i -> inputs-(i+1), one block loaded at a time."""
+def run_blocks(model, cache: ActivationCache, windows: int, batch: int, device, cos, sin, progress,
+               on_batch=lambda layer: None) -> None:
+    """Pass the cached inputs through every block: inputs-i -> inputs-(i+1), one block loaded at a
+    time; `progress(1)` after each block, `on_batch(layer)` before each micro-batch."""
     arch = model.arch
     for layer in range(arch.n_layers):
         names = arch.block_tensors(layer)
@@ -122,6 +123,7 @@ def run_blocks(model, cache: ActivationCache, windows: int, batch: int, device, 
         writer = cache.writer(layer + 1)
         with torch.no_grad():
             for start in range(0, windows, batch):
+                on_batch(layer)
                 x = cache.batch(layer, start, min(start + batch, windows), device, dtype)
                 writer.write(start, block_forward(W, arch.blocks[layer], x, cos, sin))
         writer.commit()
@@ -158,7 +160,7 @@ def head_nll(model, cache: ActivationCache, tokens: torch.Tensor, batch: int, de
 
 def perplexity(folder: Path, text, seq_len: int | None = None, device: str = "cpu",
                batch_size: int = 0, max_windows: int | None = None, cache_dir: Path | None = None,
-               progress: bool = False) -> EvalResult:
+               progress: bool = False, label: str = "evaluating") -> EvalResult:
     """Perplexity of the model in `folder` on `text` (a path or a documents.TextSource),
     streaming one block at a time."""
     from tqdm import tqdm
@@ -178,9 +180,10 @@ def perplexity(folder: Path, text, seq_len: int | None = None, device: str = "cp
     with tempfile.TemporaryDirectory(prefix=EVAL_PREFIX, dir=cache_dir) as tmp:
         cache = ActivationCache(Path(tmp), n, T, model.arch.hidden)
         write_embeddings(cache, model.index, tokens, batch)
-        bar = tqdm(total=model.arch.n_layers + 1, unit="block", desc="evaluating", disable=not progress,
-                   dynamic_ncols=True)
-        run_blocks(model, cache, n, batch, dev, cos, sin, bar.update)
+        # counts the blocks, then the final norm and lm_head
+        bar = tqdm(total=model.arch.n_layers + 1, unit="step", desc=f"{label} ({model.arch.n_layers} blocks + head)",
+                   disable=not progress, dynamic_ncols=True)
+        run_blocks(model, cache, n, batch, dev, cos, sin, bar.update, BlockProgress(bar if progress else None).tick)
         total = head_nll(model, cache, tokens, batch, dev, vocab_chunk(model.arch.vocab, model.arch.hidden, batch * T))
         bar.update(1)
         bar.close()

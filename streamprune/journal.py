@@ -4,12 +4,15 @@ Every update is an atomic, fsynced rewrite of one small JSON file."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from .errors import StreamPruneError
 from .fsutil import atomic_write_json
+from .runlog import LOG_FILE
 
 WORKDIR = ".streamprune"
+
 
 
 def refuse_foreign_folder(out: Path) -> None:
@@ -17,7 +20,7 @@ def refuse_foreign_folder(out: Path) -> None:
     out = Path(out)
     if (out / WORKDIR / "journal.json").is_file() or not out.is_dir():
         return
-    if any(p.name != WORKDIR for p in out.iterdir()):
+    if any(p.name not in (WORKDIR, LOG_FILE) for p in out.iterdir()):
         raise StreamPruneError(f"{out} exists, is not empty and is not a streamprune output; choose an empty or new "
                                "folder (streamprune never deletes files it did not write)")
 
@@ -37,7 +40,9 @@ def mismatch(out: Path, before: dict, now: dict) -> StreamPruneError:
 # What `save` writes, and what a resumed run reads: key -> (types, required).
 FIELDS = {"fingerprint": ((dict,), True), "blocks": ((dict,), True), "complete": ((bool,), True),
           "micro_batch": ((int,), False), "blocks_seconds": ((int, float), False), "eval": ((dict,), False),
-          "run": ((str,), False), "survey": ((dict,), False)}
+          "run": ((str,), False), "survey": ((dict,), False), "wall_seconds": ((int, float), False),
+          "sessions": ((int,), False), "grams": ((dict,), False)}
+GRAMS_FIELDS = {"grams_on": (str,), "gram_chunk_columns": (int,)}
 RECORD_FIELDS = {"layer": (int,), "heads": (list,), "kv_heads": (list,), "neurons": (list,), "params": (list,),
                  "relative_error": (int, float), "timing": (dict,)}
 PAIRS = ("heads", "kv_heads", "neurons", "params")  # [before, after]
@@ -101,6 +106,10 @@ def check_state(state) -> None:
             raise Damaged(f"no {key!r}")
     if state.get("micro_batch", 1) < 1:
         raise Damaged(f"'micro_batch' is {state['micro_batch']}")
+    if "grams" in state:
+        expect_fields(state["grams"], GRAMS_FIELDS, "'grams'")
+        if state["grams"]["grams_on"] not in ("host", "device") or state["grams"]["gram_chunk_columns"] < 0:
+            raise Damaged(f"'grams' is {state['grams']}")
     for key, record in state["blocks"].items():
         check_record(key, record)
     for which, result in state.get("eval", {}).items():
@@ -124,26 +133,44 @@ def check_record(key: str, record) -> None:
             expect(n, (int,), f"{what}[{field!r}] entry")
 
 
+def has_work(state: dict) -> bool:
+    """Whether a journal recorded anything a run did: a perplexity, a surveyed or a pruned block."""
+    return bool(state.get("blocks") or state.get("survey") or state.get("eval") or state.get("complete"))
+
+
 class Journal:
-    def __init__(self, path: Path, state: dict):
+    """Also keeps the run's time over all its sessions: every save adds the time since the last one
+    (or since this session began) to "wall_seconds", so a killed session loses only what it did
+    since its last finished step."""
+
+    def __init__(self, path: Path, state: dict, started: float | None = None):
         self.path = path
         self.state = state
+        self.mark = time.time() if started is None else started
+        self.replaced = False  # whether it replaced the journal of a run with other arguments that did no work
 
     @classmethod
-    def open(cls, out: Path, fingerprint: dict, restart: bool) -> "Journal":
-        """Resume the journal in `out`, or start a new one. Refuses to mix arguments, and to
-        write into a non-empty folder that streamprune did not create."""
+    def open(cls, out: Path, fingerprint: dict, restart: bool, started: float | None = None) -> "Journal":
+        """Resume the journal in `out`, or start a new one (this session began at `started`).
+        Refuses to mix arguments, and to write into a non-empty folder that streamprune did not
+        create."""
         out = Path(out)
         path = out / WORKDIR / "journal.json"
+        replaced = False
         if (path.exists() or path.is_symlink()) and not restart:
             state = load_state(path)
-            if state.get("fingerprint") != fingerprint:
+            if state.get("fingerprint") == fingerprint:
+                return cls(path, state, started)
+            if has_work(state):
                 raise mismatch(out, state.get("fingerprint", {}), fingerprint)
-            return cls(path, state)
+            # a run refused or stopped before it did any work (not enough disk) pins nothing: the
+            # corrected command starts afresh (and says so: `replaced`)
+            replaced = True
         if not restart:  # (a restarted run checked before it cleared the folder)
             refuse_foreign_folder(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        journal = cls(path, {"fingerprint": fingerprint, "blocks": {}, "complete": False})
+        journal = cls(path, {"fingerprint": fingerprint, "blocks": {}, "complete": False}, started)
+        journal.replaced = replaced
         journal.save()
         return journal
 
@@ -155,7 +182,24 @@ class Journal:
         return journal
 
     def save(self) -> None:
+        self.state["wall_seconds"] = self.wall_seconds
+        self.mark = time.time()
         atomic_write_json(self.path, self.state)
+
+    @property
+    def wall_seconds(self) -> float:
+        """Time the run has taken so far, all sessions together."""
+        return round(self.state.get("wall_seconds", 0) + time.time() - self.mark, 3)
+
+    @property
+    def sessions(self) -> int:
+        return self.state.get("sessions", 0)
+
+    def start_session(self) -> int:
+        """Count this session (when it does work); returns how many there have been."""
+        self.state["sessions"] = self.sessions + 1
+        self.save()
+        return self.sessions
 
     @property
     def next_block(self) -> int:
@@ -193,9 +237,10 @@ class Journal:
     def blocks_seconds(self) -> float | None:
         return self.state.get("blocks_seconds")
 
-    def record_blocks_seconds(self, seconds: float) -> None:
-        """How long the pruning pass took (saved with the next journal write)."""
-        self.state["blocks_seconds"] = round(seconds, 3)
+    def add_blocks_seconds(self, seconds: float) -> None:
+        """Time this session spent in the pruning pass, added to earlier sessions' (saved with the
+        next journal write)."""
+        self.state["blocks_seconds"] = round(self.state.get("blocks_seconds", 0) + seconds, 3)
 
     def record(self, block: int) -> dict | None:
         return self.state["blocks"].get(str(block))

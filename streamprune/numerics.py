@@ -89,6 +89,11 @@ class GramPlacement:
     def as_dict(self) -> dict:
         return {"grams_on": "host" if self.host else "device", "gram_chunk_columns": self.columns}
 
+    @classmethod
+    def of(cls, d: dict) -> "GramPlacement":
+        """The placement `as_dict` describes (as pinned in the journal)."""
+        return cls(host=d["grams_on"] == "host", columns=int(d["gram_chunk_columns"]))
+
 
 ON_DEVICE = GramPlacement()
 

@@ -4,6 +4,7 @@ Only this module and the I/O modules touch files; the math lives in block/scorin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import resource
@@ -18,20 +19,22 @@ from tqdm import tqdm
 
 from .block import block_forward
 from .cache import ActivationCache, check_cache_folder, read_owner, run_cache_folder
-from .calibration import bos_id, check_tokens_fit, load_tokenizer, token_windows, tokenize_file, write_embeddings
+from .calibration import (bos_id, check_tokens_fit, check_window, fit_windows, load_tokenizer, max_window,
+                          token_windows, tokenize_file, write_embeddings)
 from .config import RunConfig
 from .distributed import SINGLE, Ranks, Share, join_ranks, rank_cache_folder, shared_micro_batch
 from .errors import StreamPruneError
-from .evaluate import DEFAULT_SEQ_LEN, perplexity
-from .families import bias_sublayers, read_config, rotary_tables
+from .families import bias_sublayers, rotary_tables
 from .compensate import COMPENSATIONS
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
 from .allocation import allocate_global, allocate_uniform
 from .model import (Model, Shape, block_generator, check_device, check_uniform, compute_dtype, cut_sublayers,
                     open_model, output_shape, shape_of)
-from .journal import WORKDIR, Journal, refuse_foreign_folder
+from .journal import WORKDIR, Journal, expect, read_checked_json, refuse_foreign_folder
 from .numerics import ON_DEVICE, GramPlacement
+from .run_eval import attach_eval, eval_window, journaled_eval
+from .runlog import FILE_ONLY, BlockProgress, held_records, run_log
 from .lock import OutputLock
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from .advice import refusal
@@ -85,13 +88,29 @@ def check_text_sources(cfg: RunConfig) -> None:
         raise StreamPruneError("give --eval or --eval-dataset, not both")
 
 
-def calibration_tokens(cfg: RunConfig, model: Model) -> torch.Tensor:
-    """The calibration windows, (samples, seq_len) token ids (read before anything is written, so a
-    tokenizer or text that does not do is refused up front)."""
+def calibration_tokens(cfg: RunConfig, model: Model) -> tuple[RunConfig, torch.Tensor]:
+    """The calibration windows, (samples, seq_len) token ids, and the config with the window count
+    and length the run uses: the defaults fitted to the text and the model (said in a warning),
+    values the user set kept or refused. Read before anything is written, so a tokenizer or text
+    that does not do is refused up front."""
     tokenizer = load_tokenizer(model.folder)
-    tokens = token_windows(tokenize_file(tokenizer, cfg.calib_source()), cfg.samples, cfg.seq_len, bos_id(tokenizer))
+    ids, bos = tokenize_file(tokenizer, cfg.calib_source()), bos_id(tokenizer)
+    seq_len, config = cfg.seq_len, model.arch.config
+    if "seq_len" in cfg.adaptable:
+        seq_len = min(seq_len, max_window(config))
+    else:
+        check_window(config, seq_len)
+    samples, seq_len = fit_windows(len(ids), cfg.samples, seq_len, bos is not None, cfg.adaptable)
+    capped = min(cfg.seq_len, max_window(config))
+    reasons = ([f"max_position_embeddings is {max_window(config)}"] if capped < cfg.seq_len else []) + \
+        ([f"the calibration text has {len(ids):,} tokens"] if (samples, seq_len) != (cfg.samples, capped) else [])
+    if reasons:
+        log.warning("using --samples %d --seq-len %d instead of %d x %d: %s (set --samples and --seq-len to choose)",
+                    samples, seq_len, cfg.samples, cfg.seq_len, " and ".join(reasons))
+    cfg = dataclasses.replace(cfg, samples=samples, seq_len=seq_len)
+    tokens = token_windows(ids, samples, seq_len, bos)
     check_tokens_fit(model.index, tokens)
-    return tokens
+    return cfg, tokens
 
 
 class BlockRunner:
@@ -109,6 +128,7 @@ class BlockRunner:
         self.compensation = COMPENSATIONS[cfg.compensate]
         self.n_shards = model.arch.n_layers + 1
         self.cos, self.sin = rotary_tables(model.arch.config, cfg.seq_len, self.device)
+        self.progress = BlockProgress(None)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamprune-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="streamprune-write")
 
@@ -132,6 +152,7 @@ class BlockRunner:
         """(start, x) for this rank's micro-batches, start counted in its own windows."""
         n = len(self.share.windows)
         for start in range(0, n, self.batch):
+            self.progress.tick(layer)
             yield start, self.cache.batch(layer, start, min(start + self.batch, n), self.device, dtype)
 
     def write_shard(self, layer: int, tensors: list) -> Future:
@@ -232,6 +253,7 @@ class BlockRunner:
         L = self.model.arch.n_layers
         bar = tqdm(total=L, initial=start, unit="block", desc="pruning", disable=not self.cfg.progress,
                    dynamic_ncols=True)
+        self.progress = BlockProgress(bar if self.cfg.progress else None)
         next_read, pending = None, None
         try:
             for layer in range(start, L):
@@ -267,6 +289,9 @@ class BlockRunner:
             journal.finish_block(layer, record)
         self.ranks.barrier()  # block `layer` is journaled: its inputs can go
         self.cache.drop(layer)
+        log.info("pruned block %d: heads %d -> %d, KV heads %d -> %d, neurons %d -> %d, relative error %.4g, %.1fs",
+                 layer, *record["heads"], *record["kv_heads"], *record["neurons"], record["relative_error"],
+                 record["timing"]["seconds"], extra=FILE_ONLY)
 
 
 def timed(f, *args) -> float:
@@ -303,7 +328,14 @@ def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: di
                       {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, seconds: float, batch: int,
+def work_seconds(journal: Journal) -> float:
+    """The run's time over all its sessions, less the perplexity measurements journaled so far:
+    setup, survey, pruning and writing."""
+    evals = sum(journal.eval_result(w)["seconds"] for w in ("before", "after") if journal.eval_result(w))
+    return round(max(0.0, journal.wall_seconds - evals), 3)
+
+
+def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, batch: int,
                  placement: GramPlacement = ON_DEVICE) -> dict:
     out_config = shape.config
     blocks = [journal.record(i) for i in range(model.arch.n_layers)]
@@ -317,7 +349,8 @@ def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, s
                      biases_added=sorted(bias_sublayers(out_config) - bias_sublayers(model.arch.config))),
         "blocks": [{k: v for k, v in b.items() if k != "timing"} for b in blocks],
         "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
-        "timing": {"seconds": round(seconds, 3), "blocks_seconds": journal.blocks_seconds,
+        "timing": {"seconds": work_seconds(journal), "wall_seconds_total": journal.wall_seconds,
+                   "sessions": journal.sessions, "blocks_seconds": journal.blocks_seconds,
                    "peak_rss_bytes": peak_rss_bytes(), "micro_batch": batch,
                    "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
                    "phases": phase_totals(blocks, journal), "blocks": [b["timing"] for b in blocks]},
@@ -335,43 +368,6 @@ def phase_totals(blocks: list[dict], journal: Journal) -> dict:
         add_phases(prune, dict(t.get("phases", {}), shard_read=t.get("read_seconds", 0.0),
                                shard_write=t.get("write_seconds", 0.0)))
     return {"survey": survey, "prune": prune}
-
-
-def journaled_eval(cfg: RunConfig, journal: Journal, which: str, folder: Path, cache_folder: Path) -> dict:
-    """The perplexity of `folder` ("before": the input, "after": the output) on the held-out text
-    (--eval or --eval-dataset), from the journal when it was already measured on the same text and
-    window, else measured now (its temporary cache inside the run's own cache folder)."""
-    max_pos = read_config(folder).get("max_position_embeddings") or DEFAULT_SEQ_LEN
-    seq_len = cfg.eval_seq_len or min(cfg.seq_len, max_pos)
-    source = cfg.eval_source()
-    sha = source.sha256() if source.kind == "dataset" or Path(source.file).is_file() else None
-    done = journal.eval_result(which)
-    if done and done["text_sha256"] == sha and done["seq_len"] == seq_len:
-        return done
-    log.info("measuring perplexity %s pruning on %s", which, source.describe())
-    result = perplexity(folder, source, seq_len, cfg.device, cfg.batch_size, cache_dir=cache_folder,
-                        progress=cfg.progress).as_dict()
-    journal.record_eval(which, result)
-    return result
-
-
-def attach_eval(cfg: RunConfig, journal: Journal, report: dict, cache_folder: Path) -> dict:
-    """Add {"eval": ...} (before and after) to a finished run's report and rewrite report.json.
-    No-op without --eval or --eval-dataset."""
-    source = cfg.eval_source()
-    if source is None:
-        return report
-    before = journaled_eval(cfg, journal, "before", Path(cfg.shards), cache_folder)
-    after = journaled_eval(cfg, journal, "after", Path(cfg.out), cache_folder)
-    report = dict(report, eval={
-        "text": source.describe(), "text_sha256": before["text_sha256"], "seq_len": before["seq_len"],
-        "windows": before["windows"], "tokens": before["tokens"],
-        "ppl_before": before["ppl"], "ppl_after": after["ppl"],
-        "nll_before": before["nll"], "nll_after": after["nll"]})
-    report["timing"] = dict(report.get("timing", {}), eval_seconds={"before": before["seconds"],
-                                                                    "after": after["seconds"]})
-    atomic_write_json(Path(cfg.out) / "report.json", report)
-    return report
 
 
 def run(cfg: RunConfig) -> dict | None:
@@ -406,13 +402,14 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
         check_uniform(model.arch, f"--allocation {cfg.allocation}")
     # the fixed rule's shape: a model that cannot be written fails now (blocks of one shape only)
     rule = output_shape(model, cfg.sparsity, compensation.needs_biases, cfg.multiple_of) if model.arch.uniform else None
+    with held_records() as early:  # what the checks say goes into the log file too
+        cfg, tokens = calibration_tokens(cfg, model)
     memory = memory_plan(cfg, model)
-    tokens = calibration_tokens(cfg, model)
     if not ranks.is_writer:  # rank 0 holds the lock for the whole job
-        return run_locked(cfg, model, rule, memory, tokens, t0, ranks)
+        return run_locked(cfg, model, rule, memory, tokens, t0, early, ranks)
     check_writable(cfg.out)
     with OutputLock(cfg.out):
-        return run_locked(cfg, model, rule, memory, tokens, t0, ranks)
+        return run_locked(cfg, model, rule, memory, tokens, t0, early, ranks)
 
 
 def ensure_inputs(model: Model, cache: ActivationCache, start: int, tokens: torch.Tensor, batch: int,
@@ -459,7 +456,7 @@ def warn_uncompensated(cfg: RunConfig, model: Model, shape: Shape) -> None:
                     cfg.compensate, shape.config["model_type"], " or ".join(sorted(missing)))
 
 
-def open_journal(cfg: RunConfig, model: Model, memory: Plan, ranks: Ranks) -> tuple[Journal, bool]:
+def open_journal(cfg: RunConfig, model: Model, memory: Plan, ranks: Ranks, t0: float) -> tuple[Journal, bool]:
     """Rank 0 opens (or resumes) the journal and pins the micro-batch and the run's id; every rank
     gets its state (the others an in-memory copy). Also: whether the output is already complete."""
     if not ranks.is_writer:
@@ -470,65 +467,104 @@ def open_journal(cfg: RunConfig, model: Model, memory: Plan, ranks: Ranks) -> tu
     fingerprint = dict(cfg.fingerprint(), **input_fingerprint(model.folder, {t.file for t in model.index.tensors.values()}))
     if ranks.world > 1:  # float sums, and so the output bytes, depend on how the windows are split
         fingerprint["processes"] = ranks.world
-    journal = Journal.open(cfg.out, fingerprint, cfg.restart)
+    journal = Journal.open(cfg.out, fingerprint, cfg.restart, t0)
     # a resumed run keeps its micro-batch: float sums depend on it, and resume must be byte-identical
     journal.pin("micro_batch", memory.micro_batch if ranks.world == 1 else
                 shared_micro_batch(memory.micro_batch, cfg.samples, ranks.world))
     journal.pin("run", uuid.uuid4().hex)  # the activation cache belongs to this run
+    # and where its Gram matrices live: a resume with another --max-memory must not move them (float sums)
+    journal.pin("grams", memory.placement.as_dict())
     done = journal.complete and (cfg.out / "model.safetensors.index.json").is_file()
     ranks.broadcast((journal.state, done))
     return journal, done
 
 
 def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, tokens: torch.Tensor, t0: float,
-               ranks: Ranks = SINGLE) -> dict | None:
-    """The run proper, with the output folder locked against a second run (by rank 0)."""
-    journal, done = open_journal(cfg, model, memory, ranks)
-    batch, run_id = journal.state["micro_batch"], journal.state["run"]
-    share = ranks.share(cfg.samples, batch)
-    cache = ActivationCache.claim(cache_folder_of(cfg, ranks), cfg.out, run_id, len(share.windows), cfg.seq_len,
-                                  model.arch.hidden)
-    for folder in ((cfg.out, cfg.out / WORKDIR) if ranks.is_writer else ()) + (cache.folder,):
-        remove_temporaries(folder)
-    if done:
-        if not ranks.is_writer:
-            if not cfg.keep_cache:
-                cache.remove()
-            return None
-        log.info("%s is already complete", cfg.out)
-        shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens)  # from the journal: runs nothing
-        report = attach_eval(cfg, journal, build_report(cfg, model, shape, journal, time.time() - t0, batch,
-                                                        memory.placement),
-                             cache.folder)
+               early: list, ranks: Ranks = SINGLE) -> dict | None:
+    """The run proper, with the output folder locked against a second run (by rank 0); logged to
+    OUT/streamprune.log (by rank 0)."""
+    journal, done = open_journal(cfg, model, memory, ranks, t0)
+    with run_log(cfg.out, early) if ranks.is_writer else contextlib.nullcontext():
+        if journal.replaced:
+            log.warning("%s held a run with other arguments that had not started (nothing done); starting over",
+                        cfg.out)
+        batch, run_id = journal.state["micro_batch"], journal.state["run"]
+        placement = GramPlacement.of(journal.state["grams"])
+        share = ranks.share(cfg.samples, batch)
+        cache = ActivationCache.claim(cache_folder_of(cfg, ranks), cfg.out, run_id, len(share.windows), cfg.seq_len,
+                                      model.arch.hidden)
+        for folder in ((cfg.out, cfg.out / WORKDIR) if ranks.is_writer else ()) + (cache.folder,):
+            remove_temporaries(folder)
+        if done:
+            report = (finished_report(cfg, model, rule, journal, batch, tokens, cache, placement)
+                      if ranks.is_writer else None)
+        else:
+            part = len(share.windows) / cfg.samples
+            check_free_disk(cfg.out, cache.folder, memory.output_bytes if ranks.is_writer else 0,
+                            round(memory.cache_bytes * part))
+            report = prune(cfg, model, rule, journal, batch, tokens, cache, placement, ranks, share)
         if not cfg.keep_cache:
-            cache.remove()  # a run killed while deleting its cache
+            cache.remove()  # (of a complete run: one killed while deleting its cache)
         return report
-    part = len(share.windows) / cfg.samples
-    check_free_disk(cfg.out, cache.folder, memory.output_bytes if ranks.is_writer else 0, round(memory.cache_bytes * part))
+
+
+def prune(cfg: RunConfig, model: Model, rule: Shape | None, journal: Journal, batch: int, tokens: torch.Tensor,
+          cache: ActivationCache, placement: GramPlacement, ranks: Ranks = SINGLE, share: Share | None = None
+          ) -> dict | None:
+    """Survey, prune and write what the journal does not hold yet; evaluate before and after with
+    --eval. With several ranks, this rank's `share` of the windows; rank 0 writes and returns the
+    report, the others None."""
+    share = share or Share(cfg.samples, batch, range(cfg.samples))
+    session = journal.start_session()
+    log.info("%s run: %s -> %s, sparsity %g, %d windows of %d tokens, micro-batch %d, method %s, allocation %s%s",
+             "resuming the" if session > 1 else "starting a", cfg.shards, cfg.out, cfg.sparsity, cfg.samples,
+             cfg.seq_len, batch, cfg.method, cfg.allocation,
+             f", {ranks.world} processes" if ranks.world > 1 else "")
     if cfg.eval_source() is not None and ranks.world == 1:  # the input's perplexity, once (journaled), before any pruning
         journaled_eval(cfg, journal, "before", model.folder, cache.folder)  # (several ranks: rank 0's, at the end)
-    shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens, memory.placement, ranks)
+    shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens, placement, ranks)
     if ranks.is_writer:
         warn_uncompensated(cfg, model, shape)
 
     L, start = model.arch.n_layers, journal.next_block
     ensure_inputs(model, cache, start, tokens[share.windows.start:share.windows.stop], batch, ranks)
     if start < L:
-        runner = BlockRunner(cfg, model, shape, cache, batch, memory.placement, ranks, share)
+        log.info("pruning: %d blocks%s", L, f" (resuming: {start} of {L} blocks done)" if start else "",
+                 extra={} if start else FILE_ONLY)  # the bar says the rest
+        runner = BlockRunner(cfg, model, shape, cache, batch, placement, ranks, share)
         try:
             t_blocks = time.time()
             runner.run_blocks(journal, start)
-            journal.record_blocks_seconds(time.time() - t_blocks)
+            journal.add_blocks_seconds(time.time() - t_blocks)
         finally:
             runner.close()
     if not ranks.is_writer:  # rank 0 writes the rest and measures perplexity
-        if not cfg.keep_cache:
-            cache.remove()
         return None
-    report = build_report(cfg, model, shape, journal, time.time() - t0, batch, memory.placement)
+    report = build_report(cfg, model, shape, journal, batch, placement)
     write_model_files(cfg, model, shape.config, report)
+    log.info("written: %s (%.1fs of setup, survey, pruning and writing)", cfg.out, report["timing"]["seconds"],
+             extra=FILE_ONLY)
     report = attach_eval(cfg, journal, report, cache.folder)
     journal.finish()
-    if not cfg.keep_cache:
-        cache.remove()
+    p = report["block_params"]
+    log.info("finished: block params %s -> %s (%.1f%% removed); %.1fs in all, %d session%s", f"{p['before']:,}",
+             f"{p['after']:,}", 100 * p["removed_fraction"], journal.wall_seconds, journal.sessions,
+             "s" if journal.sessions > 1 else "", extra=FILE_ONLY)
     return report
+
+
+def finished_report(cfg: RunConfig, model: Model, rule: Shape | None, journal: Journal, batch: int,
+                    tokens: torch.Tensor, cache: ActivationCache, placement: GramPlacement) -> dict:
+    """A complete run, re-run: its report.json left as it is, unless --eval asks for a perplexity it
+    does not hold yet (measured now) or it is missing (rebuilt from the journal)."""
+    report, problem = read_checked_json(cfg.out / "report.json", lambda r: expect(r, (dict,), "the report"))
+    if problem:
+        shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens, placement)  # from the journal
+        report = build_report(cfg, model, shape, journal, batch, placement)
+        atomic_write_json(cfg.out / "report.json", report)
+    held = report.get("eval") or {}
+    if cfg.eval_source() is None or eval_window(cfg) == (held.get("text_sha256"), held.get("seq_len")):
+        log.info("already complete: %s (nothing to do)", cfg.out)
+        return report
+    log.info("already complete: %s; measuring perplexity on %s", cfg.out, cfg.eval_source().describe())
+    return attach_eval(cfg, journal, report, cache.folder)

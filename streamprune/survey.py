@@ -6,6 +6,7 @@ block's shape from these costs at once (allocation.py)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -18,7 +19,10 @@ from .journal import Journal
 from .model import Model, block_generator, compute_dtype
 from .numerics import ON_DEVICE, GramPlacement
 from .phases import PhaseTimer
+from .runlog import FILE_ONLY, BlockProgress
 from .validate import check_finite_activations, check_finite_weights
+
+log = logging.getLogger(__name__)
 
 
 def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, device: torch.device, cos, sin,
@@ -32,7 +36,11 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
     L, samples = model.arch.n_layers, cache.shape[0]
     share = share or Share(samples, batch, range(samples))
     start = len(journal.surveyed)
-    bar = tqdm(total=L, initial=start, unit="block", desc="surveying", disable=not progress, dynamic_ncols=True)
+    if start < L:
+        log.info("survey: %d blocks%s", L, f" (resuming: {start} of {L} blocks done)" if start else "",
+                 extra={} if start else FILE_ONLY)  # the bar says the rest
+    bar = tqdm(total=L, initial=start, unit="block", desc="survey", disable=not progress, dynamic_ncols=True)
+    within = BlockProgress(bar if progress else None)
     try:
         for layer in range(start, L):
             t0, timer = time.time(), PhaseTimer(device, profile)
@@ -48,6 +56,7 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
 
             def batches():
                 for s in range(0, samples, batch):
+                    within.tick(layer)
                     yield cache.batch(layer, s, min(s + batch, samples), device, dtype)
 
             def write(s: int, y: torch.Tensor) -> None:
@@ -66,6 +75,7 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
             record = ranks.broadcast(record)  # sent once rank 0 journaled it: every rank allocates alike
             if not ranks.is_writer:
                 journal.finish_survey_block(layer, record)  # (its journal is an in-memory copy)
+            log.info("surveyed block %d (%.1fs)", layer, time.time() - t0, extra=FILE_ONLY)
             cache.drop(layer)
             bar.update(1)
     finally:

@@ -62,10 +62,11 @@ def run_torchrun(args: list[str], processes: int = 2, fault: str | None = None,
 
 
 def digests(folder: Path) -> dict:
-    """sha256 of every file in the output folder; report.json without its timing section."""
+    """sha256 of every file in the output folder; report.json without its timing section, and not
+    the log (streamprune.log: its times and sessions differ from run to run)."""
     out = {}
     for f in sorted(Path(folder).iterdir()):
-        if f.is_file():
+        if f.is_file() and f.name != "streamprune.log":
             data = f.read_bytes()
             if f.name == "report.json":
                 report = json.loads(data)

@@ -139,6 +139,8 @@ CASES = {
     "calib-too-short": (lambda m, tmp: {"--calib": text_file(tmp, "Once upon a time there was a cat.")},
                         r"calibration text has \d+ tokens; --samples 4 x --seq-len 32 needs 124"),
     "zero-samples": (lambda m, tmp: {"--samples": 0}, "--samples must be >= 1"),
+    "seq-len-past-max-positions": (lambda m, tmp: {"--seq-len": 1024},
+                                   "--seq-len 1024 exceeds max_position_embeddings 512; use at most 512"),
     "out-under-a-file": (lambda m, tmp: {"--out": a_file(tmp) / "out"}, "cannot write to --out .*: Not a directory"),
     "out-is-a-file": (lambda m, tmp: {"--out": a_file(tmp)}, "cannot write to --out .*: File exists"),
     "out-is-input": (lambda m, tmp: {"--out": m}, "is the input folder"),

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from streamprune.cache import ActivationCache
-from streamprune.calibration import (bos_id, gather_embeddings, load_tokenizer, token_windows, tokenize_file,
-                                     write_embeddings)
+from streamprune.calibration import (bos_id, check_window, default_window, fit_windows, gather_embeddings,
+                                     load_tokenizer, token_windows, tokenize_file, write_embeddings)
 from streamprune.errors import StreamPruneError
 from streamprune.families import EMBED
 from streamprune.shards import OutTensor, ShardIndex, write_safetensors
@@ -45,8 +45,45 @@ def test_windows_are_spread_evenly_and_never_overlap(length, n, seq_len, bos):
 def test_too_short_a_text_is_refused_with_what_it_needs():
     with pytest.raises(StreamPruneError, match=r"calibration text has 39 tokens; --samples 4 x --seq-len 10 needs 40"):
         token_windows(list(range(39)), 4, 10, None)
-    with pytest.raises(StreamPruneError, match=r"has 35 tokens; --samples 4 x --seq-len 10 needs 36: use a longer"):
+    with pytest.raises(StreamPruneError, match=r"has 35 tokens; --samples 4 x --seq-len 10 needs 36: it holds "
+                                               r"--samples 3 at --seq-len 10, or --seq-len 9 at --samples 4; or use"):
         token_windows(list(range(35)), 4, 10, 1)  # the BOS is not taken from the text
+
+
+def test_options_the_user_set_are_refused_with_what_the_text_holds():
+    """The shipped KJV calibration text (48,700 tokens here) and the defaults 128 x 2048."""
+    with pytest.raises(StreamPruneError, match=r"has 48,700 tokens; --samples 128 x --seq-len 2048 needs 262,016: it "
+                                               r"holds --samples 23 at --seq-len 2048, or --samples 190 at --seq-len "
+                                               r"256; or use a longer text"):
+        fit_windows(48_700, 128, 2048, True)
+    assert fit_windows(48_700, 23, 2048, True) == (23, 2048)  # what the message offers does fit
+
+
+@pytest.mark.parametrize("n_tokens,adaptable,expected", [
+    (48_700, ("samples", "seq_len"), (23, 2048)),  # as many windows as the text holds
+    (10_000, ("samples", "seq_len"), (8, 1251)),  # fewer than 8: 8 shorter windows (with their BOS)
+    (10_000, ("samples",), (4, 2048)),  # --seq-len set: as many of those as the text holds
+    (48_700, ("seq_len",), (128, 381)),  # --samples set: windows as long as the text allows
+    (300_000, ("samples", "seq_len"), (128, 2048)),  # a long enough text: the defaults
+])
+def test_defaults_adapt_to_a_short_text(n_tokens, adaptable, expected):
+    samples, seq_len = fit_windows(n_tokens, 128, 2048, True, adaptable)
+    assert (samples, seq_len) == expected
+    assert samples * (seq_len - 1) <= n_tokens
+    token_windows(list(range(n_tokens)), samples, seq_len, 1)  # the windows are cut without a complaint
+
+
+def test_defaults_do_not_adapt_below_the_shortest_window():
+    with pytest.raises(StreamPruneError, match="calibration text has 200 tokens"):
+        fit_windows(200, 128, 2048, True, ("samples", "seq_len"))  # 8 windows would have 25 tokens
+
+
+def test_one_default_window_for_calibration_and_evaluation():
+    assert default_window({"max_position_embeddings": 512}) == 512
+    assert default_window({"max_position_embeddings": 8192}) == default_window({}) == 2048
+    check_window({"max_position_embeddings": 512}, 512)
+    with pytest.raises(StreamPruneError, match="--seq-len 513 exceeds max_position_embeddings 512; use at most 512"):
+        check_window({"max_position_embeddings": 512}, 513)
 
 
 def test_tokenize_file_with_and_without_special_tokens(tmp_path):

@@ -81,7 +81,7 @@ def test_run_eval_measures_before_and_after_and_journals_them(tmp_path, text, mo
     model; a second run of the finished folder reads both numbers from the journal."""
     src, out = tiny(tmp_path, "llama", heads=8, kv=4), tmp_path / "out"
     cfg = RunConfig(shards=src, out=out, sparsity=0.25, calib=DEMO / "calib.txt", samples=4, seq_len=SEQ,
-                    progress=False, eval=text, allocation="rule")
+                    progress=False, eval=text, eval_seq_len=SEQ, allocation="rule")
     report = pipeline.run(cfg)
     assert json.loads((out / "config.json").read_text())["model_type"] == "mistral"
     e = report["eval"]

@@ -63,8 +63,10 @@ def invoke(*args):
 
 
 def model_files(out: Path) -> dict:
-    """Every output file's bytes; report.json without the input's path and the timing."""
-    files = {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.is_file() and f.name != "report.json"}
+    """Every output file's bytes; report.json without the input's path and the timing; not the log
+    (its times and paths differ)."""
+    files = {f.name: f.read_bytes() for f in sorted(out.iterdir())
+             if f.is_file() and f.name not in ("report.json", "streamprune.log")}
     report = json.loads((out / "report.json").read_text())
     report.pop("timing")
     report["arguments"].pop("shards")

@@ -25,7 +25,9 @@ def test_open_new_then_resume(tmp_path):
     out = tmp_path / "out"
     j = Journal.open(out, FINGERPRINT, restart=False)
     assert j.path == out / WORKDIR / "journal.json"
-    assert json.loads(j.path.read_text()) == {"fingerprint": FINGERPRINT, "blocks": {}, "complete": False}
+    state = json.loads(j.path.read_text())
+    assert state.pop("wall_seconds") >= 0
+    assert state == {"fingerprint": FINGERPRINT, "blocks": {}, "complete": False}
     assert j.next_block == 0 and not j.complete
     j.finish_block(0, record(0))
     again = Journal.open(out, dict(FINGERPRINT), restart=False)
@@ -91,11 +93,44 @@ def test_mismatch_names_changed_inputs_or_arguments(tmp_path):
 
 
 def test_open_refuses_another_fingerprint(tmp_path):
-    Journal.open(tmp_path, FINGERPRINT, restart=False)
+    Journal.open(tmp_path, FINGERPRINT, restart=False).finish_block(0, record(0))
     with pytest.raises(StreamPruneError, match=r"different arguments \(sparsity\)"):
         Journal.open(tmp_path, dict(FINGERPRINT, sparsity=0.4), restart=False)
     with pytest.raises(StreamPruneError, match=r"input model changed .*\(config.json\)"):
         Journal.open(tmp_path, dict(FINGERPRINT, **{"input:config.json": "zz"}), restart=False)
+
+
+@pytest.mark.parametrize("work", ["none", "pinned", "block", "survey", "eval"])
+def test_a_run_that_did_no_work_pins_nothing(tmp_path, work):
+    """A run refused after its journal was written (not enough disk) is replaced by the corrected
+    command; one that did any work (a pruned or surveyed block, a perplexity) is not."""
+    j = Journal.open(tmp_path, FINGERPRINT, restart=False)
+    j.pin("micro_batch", 4)
+    do = {"block": lambda: j.finish_block(0, record(0)), "survey": lambda: j.finish_survey_block(0, {"costs": []}),
+          "eval": lambda: j.record_eval("before", EVAL)}.get(work)
+    if do:
+        do()
+        with pytest.raises(StreamPruneError, match=r"different arguments \(sparsity\)"):
+            Journal.open(tmp_path, dict(FINGERPRINT, sparsity=0.4), restart=False)
+        return
+    fresh = Journal.open(tmp_path, dict(FINGERPRINT, sparsity=0.4), restart=False)
+    assert fresh.pin("micro_batch", 8) == 8 and fresh.state["fingerprint"]["sparsity"] == 0.4
+
+
+def test_time_adds_up_over_sessions(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(journal.time, "time", lambda: clock[0])
+    j = Journal.open(tmp_path, FINGERPRINT, restart=False, started=990.0)  # 10 s before the journal
+    assert j.start_session() == 1
+    clock[0] += 30
+    j.finish_block(0, record(0))
+    clock[0] += 500  # killed: what it did after its last save is lost
+    resumed = Journal.open(tmp_path, FINGERPRINT, restart=False, started=clock[0])
+    assert resumed.wall_seconds == 40 and resumed.start_session() == 2
+    clock[0] += 20
+    assert resumed.wall_seconds == 60
+    resumed.finish()
+    assert Journal.open(tmp_path, FINGERPRINT, restart=False, started=clock[0] + 5).state["wall_seconds"] == 60
 
 
 def test_refuse_foreign_folder(tmp_path):
@@ -103,6 +138,7 @@ def test_refuse_foreign_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     refuse_foreign_folder(tmp_path / "empty")
     (tmp_path / "work-only" / WORKDIR).mkdir(parents=True)  # only a (journal-less) work folder
+    (tmp_path / "work-only" / "streamprune.log").write_text("")  # and the log of a run that was refused
     refuse_foreign_folder(tmp_path / "work-only")
     user = tmp_path / "user"
     user.mkdir()
@@ -135,3 +171,19 @@ def test_a_damaged_journal_is_one_error(tmp_path, content, problem):
     assert "is damaged (journal.json: " in message and problem in message and "--restart" in message
     assert "\n" not in message
     Journal.open(tmp_path, FINGERPRINT, restart=True)  # --restart gets past it
+
+
+def test_gram_placement_round_trips_through_the_journal_form():
+    from streamprune.numerics import ON_DEVICE, GramPlacement
+    for p in (ON_DEVICE, GramPlacement(host=True, columns=4096)):
+        assert GramPlacement.of(p.as_dict()) == p
+
+
+def test_damaged_gram_placement_is_refused():
+    from streamprune.journal import Damaged, check_state
+    state = {"fingerprint": {}, "blocks": {}, "complete": False}
+    check_state(dict(state, grams={"grams_on": "host", "gram_chunk_columns": 0}))
+    for bad in ({"grams_on": "gpu", "gram_chunk_columns": 0}, {"grams_on": "host"},
+                {"grams_on": "host", "gram_chunk_columns": -1}):
+        with pytest.raises(Damaged):
+            check_state(dict(state, grams=bad))

@@ -57,7 +57,8 @@ def parse_method(spec: str) -> tuple[str, list[str]]:
 def one_run(model: Path, out: Path, calib: Path, ev: Path, method: str, extra: list[str], sparsity: float,
             args) -> dict:
     report, wall = run_streamprune(
-        model, out, "--eval", ev, "--samples", args.samples, "--seq-len", args.seq_len, "--sparsity", sparsity,
+        model, out, "--eval", ev, "--eval-seq-len", args.seq_len, "--samples", args.samples, "--seq-len", args.seq_len,
+        "--sparsity", sparsity,
         "--method", method, "--seed", 0, *extra, *shlex.split(args.extra_args), calib=calib)
     e, t, p = report["eval"], report["timing"], report["block_params"]
     return {

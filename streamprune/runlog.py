@@ -1,0 +1,91 @@
+"""What a run tells as it goes: its log file, OUT/streamprune.log (one line per event: start or
+resume, phases, warnings, each finished block, the end; UTC timestamps; appended session after
+session), and its progress inside a block."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+LOG_FILE = "streamprune.log"
+FILE_ONLY = {"file_only": True}  # `extra=` of a record for the log file, not the terminal (one per block)
+
+
+class FileOnly(logging.Filter):
+    """Drops the records meant for the log file only (a terminal handler's filter)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
+
+@contextmanager
+def recording(handler: logging.Handler):
+    """`handler` gets the records of streamprune's loggers from INFO up while in the block."""
+    logger = logging.getLogger("streamprune")
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+class Held(logging.Handler):
+    """Keeps records (the warnings of the checks made before the output folder is locked) for the log."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def held_records():
+    """The records logged in the block, as a list (filled as they come)."""
+    held = Held()
+    with recording(held):
+        yield held.records
+
+
+@contextmanager
+def run_log(out: Path, earlier: list[logging.LogRecord] = ()):
+    """Append the records of streamprune's loggers (INFO and up) to OUT/streamprune.log while the
+    run is in the block, after the `earlier` ones (with their own times)."""
+    handler = logging.FileHandler(Path(out) / LOG_FILE, encoding="utf-8")
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    handler.setLevel(logging.INFO)
+    for record in earlier:
+        handler.handle(record)
+    try:
+        with recording(handler):
+            yield
+    finally:
+        handler.close()
+
+
+class BlockProgress:
+    """Progress inside a block (a 70B block on a CPU takes minutes): the micro-batches read so far,
+    as the bar's postfix, refreshed at most twice a second."""
+
+    def __init__(self, bar):
+        self.bar, self.layer, self.count, self.shown = bar, None, 0, 0.0
+
+    def tick(self, layer: int) -> None:
+        if self.bar is None:
+            return
+        if layer != self.layer:
+            self.layer, self.count = layer, 0
+        self.count += 1
+        if time.time() - self.shown >= 0.5:
+            plural = "es" if self.count > 1 else ""
+            self.bar.set_postfix_str(f"block {layer}: {self.count} micro-batch{plural} read", refresh=True)
+            self.shown = time.time()
