@@ -12,6 +12,7 @@ import psutil
 import torch
 
 from .cache import run_cache_folder
+from .calibration import run_window
 from .compensate import COMPENSATIONS
 from .errors import StreamPruneError
 from .journal import WORKDIR
@@ -190,6 +191,10 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
     model = remote_model or open_model(cfg.shards)
     check_sparsity(model.arch, cfg.sparsity, cfg.multiple_of)
+    window = run_window(model.arch.config, cfg.seq_len, cfg.adaptable)
+    capped = (f"--seq-len {window}, not {cfg.seq_len}: max_position_embeddings is {window} (as run uses)"
+              if window < cfg.seq_len else None)
+    cfg, whole = (dataclasses.replace(c, seq_len=window) for c in (cfg, whole))
     download = (((model.folder, sum(t.nbytes for t in model.index.tensors.values()), "download into the Hub cache"),)
                 if remote_model is not None else ())
     limit = cfg.max_memory or (gpu.memory_bytes if gpu else available_memory(dev))
@@ -229,7 +234,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         samples=whole.samples, seq_len=cfg.seq_len, out=str(cfg.out), cache_folder=str(cache_folder),
         disk=[dict(folder=str(d.folder), need_bytes=d.need_bytes, free_bytes=d.free_bytes, parts=list(d.parts),
                    fits=d.fits) for d in disk],
-        suggestions=[asdict(s) for s in advice], warnings=[warning] if warning else [],
+        suggestions=[asdict(s) for s in advice], warnings=[w for w in (capped, warning) if w],
         time=estimate.as_dict() if estimate else None,
         estimated_seconds=round(estimate.seconds, 1) if estimate and estimate.seconds is not None else None,
         **parallel)

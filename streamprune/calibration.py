@@ -72,6 +72,15 @@ def check_window(config: dict, seq_len: int, option: str = "--seq-len") -> None:
                                f"use at most {max_window(config)}")
 
 
+def run_window(config: dict, seq_len: int, adaptable: tuple[str, ...] = ()) -> int:
+    """The window a run uses: --seq-len left at its default is capped at max positions, one the
+    user set is refused beyond them (run and plan alike)."""
+    if "seq_len" in adaptable:
+        return min(seq_len, max_window(config))
+    check_window(config, seq_len)
+    return seq_len
+
+
 def supported_windows(n_tokens: int, samples: int, seq_len: int, bos: bool) -> str:
     """What a text of n_tokens can give, in options: '--samples 23 at --seq-len 2048, or ...'."""
     options = []

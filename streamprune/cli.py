@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -248,6 +249,12 @@ def gib(n: int) -> str:
     return size(n)
 
 
+def defaulted(*names: str) -> tuple[str, ...]:
+    """Which of the current command's options were left at their defaults (run adapts those)."""
+    ctx = click.get_current_context()
+    return tuple(n for n in names if ctx.get_parameter_source(n) is click.core.ParameterSource.DEFAULT)
+
+
 def compensation_options(command):
     """--compensate lsq|mean|none and its shorthand --no-compensate (run and plan share them)."""
     command = click.option("--no-compensate", "compensate", flag_value="none", help="Same as --compensate none.")(command)
@@ -348,15 +355,14 @@ def multiple_of_option(command):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(quiet: bool, revision: str | None, **kwargs):
     """Prune a model; re-running the same command resumes an interrupted run."""
-    from .pipeline import run as run_pipeline
+    from .pipeline import check_before_model, run as run_pipeline
     from .scoring import SCORERS
     if kwargs["method"] not in SCORERS:
         raise StreamPruneError(f"unknown --method {kwargs['method']!r}; choose from {', '.join(SCORERS)}")
-    kwargs["shards"] = model_folder(kwargs["shards"], revision, progress=not quiet)
     ctx = click.get_current_context()
-    adaptable = tuple(name for name in ("samples", "seq_len")
-                      if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT)
-    cfg = RunConfig(progress=not quiet, adaptable=adaptable, **kwargs)
+    cfg = RunConfig(progress=not quiet, adaptable=defaulted("samples", "seq_len"), **kwargs)
+    check_before_model(cfg)  # before a Hub id's download
+    cfg = dataclasses.replace(cfg, shards=model_folder(cfg.shards, revision, progress=not quiet))
     warn_beyond_physical(cfg.max_memory, cfg.device)
     if not quiet and not ctx.find_root().params.get("debug"):
         show_messages(logging.INFO)
@@ -421,7 +427,8 @@ def plan_command(shards, revision, out, cache_dir, sparsity, samples, seq_len, d
     remote = not isinstance(model, Path)  # a Hub model known from its headers, weights not downloaded
     cfg = RunConfig(shards=model.folder if remote else model, out=out, cache_dir=cache_dir, sparsity=sparsity,
                     samples=samples, seq_len=seq_len, device=device, method=method, budget=budget,
-                    compensate=compensate, multiple_of=multiple_of, batch_size=batch_size, max_memory=max_memory)
+                    compensate=compensate, multiple_of=multiple_of, batch_size=batch_size, max_memory=max_memory,
+                    adaptable=defaulted("samples", "seq_len"))
     info = describe_plan(cfg, timing=not no_timing, gpu_name=gpu_name, remote_model=model if remote else None,
                          processes=nproc)
     if as_json:

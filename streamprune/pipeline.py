@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .block import block_forward
 from .cache import ActivationCache, check_cache_folder, read_owner, run_cache_folder
-from .calibration import (bos_id, check_tokens_fit, check_window, fit_windows, load_tokenizer, max_window,
+from .calibration import (bos_id, check_tokens_fit, fit_windows, load_tokenizer, max_window, run_window,
                           token_windows, tokenize_file, write_embeddings)
 from .config import RunConfig
 from .distributed import SINGLE, Ranks, Share, join_ranks, rank_cache_folder, shared_micro_batch
@@ -95,11 +95,8 @@ def calibration_tokens(cfg: RunConfig, model: Model) -> tuple[RunConfig, torch.T
     that does not do is refused up front."""
     tokenizer = load_tokenizer(model.folder)
     ids, bos = tokenize_file(tokenizer, cfg.calib_source()), bos_id(tokenizer)
-    seq_len, config = cfg.seq_len, model.arch.config
-    if "seq_len" in cfg.adaptable:
-        seq_len = min(seq_len, max_window(config))
-    else:
-        check_window(config, seq_len)
+    config = model.arch.config
+    seq_len = run_window(config, cfg.seq_len, cfg.adaptable)
     samples, seq_len = fit_windows(len(ids), cfg.samples, seq_len, bos is not None, cfg.adaptable)
     capped = min(cfg.seq_len, max_window(config))
     reasons = ([f"max_position_embeddings is {max_window(config)}"] if capped < cfg.seq_len else []) + \
@@ -386,16 +383,22 @@ def cache_folder_of(cfg: RunConfig, ranks: Ranks) -> Path:
     return rank_cache_folder(run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir), ranks)
 
 
+def check_before_model(cfg: RunConfig) -> None:
+    """What can be checked before the model is read (or downloaded, for a Hub id): the output
+    folder, the texts, the device."""
+    refuse_foreign_folder(cfg.out)  # --restart too: it deletes only what a streamprune run writes
+    check_text_sources(cfg)
+    check_device(cfg.device)
+
+
 def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
     t0 = time.time()
+    check_before_model(cfg)
     model = open_model(cfg.shards)
     check_paths(model.folder, cfg.out, cfg.cache_dir)
-    refuse_foreign_folder(cfg.out)  # --restart too: it deletes only what a streamprune run writes
     check_cache_folder(cache_folder_of(cfg, ranks), cfg.out)
-    check_text_sources(cfg)
     if cfg.samples < ranks.world:
         raise StreamPruneError(f"--samples {cfg.samples} is fewer than the {ranks.world} processes: each needs a window")
-    check_device(cfg.device)
     check_sparsity(model.arch, cfg.sparsity, cfg.multiple_of)
     compensation = COMPENSATIONS[cfg.compensate]
     if cfg.allocation != "global":

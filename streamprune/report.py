@@ -111,7 +111,11 @@ def render_report(report: dict) -> str:
     t = report.get("timing")
     if t and "seconds" in t:
         rss = f", peak RSS {t['peak_rss_bytes'] / 2**20:.0f} MiB" if t.get("peak_rss_bytes") else ""
-        lines.append(f"time {t['seconds']:.1f}s{rss}")
+        ev = t.get("eval_seconds") or {}
+        sessions = f" over {t['sessions']} sessions" if t.get("sessions", 1) > 1 else ""
+        evals = f"; evaluation {sum(ev.values()):.1f}s" if ev else ""
+        total = f"; {t['wall_seconds_total']:.1f}s in all" if "wall_seconds_total" in t else ""
+        lines.append(f"time {t['seconds']:.1f}s of setup, survey, pruning and writing{sessions}{evals}{total}{rss}")
     return "\n".join(lines)
 
 

@@ -277,3 +277,22 @@ def test_a_hub_model_without_safetensors_is_refused(tmp_path, monkeypatch):
     assert ("error: Hugging Face Hub model org/bin-only has no model.safetensors or model.safetensors.index.json: "
             "streamprune reads safetensors weights only (never pickled .bin files)") in r.output
     assert not (tmp_path / "snapshots" / COMMIT / "pytorch_model.bin").exists()
+
+
+def test_run_checks_its_output_and_texts_before_downloading(tmp_path, monkeypatch):
+    """A mistake in --out or --calib is refused before a Hub id's download starts."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded before the checks")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("a user's file")
+    for args, message in ((["--out", str(foreign), "--calib", str(DEMO / "calib.txt")], "streamprune"),
+                          (["--out", str(tmp_path / "out"), "--calib", str(tmp_path / "missing.txt")],
+                           "text file not found")):
+        r = invoke("run", "--shards", "org/big", *args)
+        assert r.exit_code == 2 and message in r.output, r.output
+    assert not (tmp_path / "out").exists()

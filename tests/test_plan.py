@@ -309,3 +309,13 @@ def test_plan_for_several_processes_divides_the_windows_not_the_weights(tmp_path
     assert "2 processes of 32 windows" in result.output and "expected speed-up" in result.output
     with pytest.raises(StreamPruneError, match="--nproc"):
         describe_plan(cfg, timing=False, processes=65)
+
+
+def test_plan_uses_runs_window_rule():
+    """The default --seq-len is capped at max positions with a warning, as run caps it; one set past
+    them is refused, as run refuses it."""
+    r = CliRunner().invoke(main, ["plan", "--shards", str(DEMO / "stories260K"), "--no-timing", "--json"])
+    info = json.loads(r.stdout)
+    assert info["seq_len"] == 512 and any("max_position_embeddings is 512" in w for w in info["warnings"])
+    r = CliRunner().invoke(main, ["plan", "--shards", str(DEMO / "stories260K"), "--no-timing", "--seq-len", "1024"])
+    assert r.exit_code == 2 and "exceeds max_position_embeddings 512" in r.output

@@ -128,3 +128,11 @@ def test_one_shape_replaces_the_equal_bars_with_what_it_keeps_and_the_time_per_b
     seconds = axes[3]
     heights = [p.get_height() for p in seconds.patches]
     assert heights[:3] == [1.0, 2.0, 3.0]  # scoring seconds of the three blocks, then the other parts stacked
+
+
+def test_summary_says_what_the_time_covers(out):
+    report = json.loads((out / "report.json").read_text())
+    assert "s of setup, survey, pruning and writing" in render_report(report)
+    report["timing"].update(sessions=2, eval_seconds={"before": 1.5, "after": 2.0}, wall_seconds_total=20.0)
+    line = render_report(report).splitlines()[-1]
+    assert "writing over 2 sessions; evaluation 3.5s; 20.0s in all" in line
