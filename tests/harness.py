@@ -132,3 +132,18 @@ def trial(args: list[str], out: Path, sig: int, reference: dict, finish=None, **
     if problem is None and (out / ".streamprune" / "cache").exists():
         problem = "activation cache left behind"
     return dict(result, survived=problem is None, problem=problem)
+
+
+def interrupt_pruning_at(monkeypatch, layer: int):
+    """Make the pruning pass raise KeyboardInterrupt (a Ctrl-C) when it reaches block `layer`;
+    returns the undo (for the re-run that resumes)."""
+    from streamprune import pipeline
+    real_prune = pipeline.BlockRunner.prune
+
+    def interrupted(self, i, W):
+        if i == layer:
+            raise KeyboardInterrupt
+        return real_prune(self, i, W)
+
+    monkeypatch.setattr(pipeline.BlockRunner, "prune", interrupted)
+    return lambda: monkeypatch.setattr(pipeline.BlockRunner, "prune", real_prune)

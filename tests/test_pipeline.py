@@ -17,7 +17,7 @@ from streamprune.calibration import bos_id, load_tokenizer, token_windows, token
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
 from tests.models import DEVICES, save_tiny_model
-from tests.harness import digests
+from tests.harness import digests, interrupt_pruning_at
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
@@ -137,18 +137,11 @@ def test_llama_with_indivisible_head_count_is_written_as_mistral(tmp_path):
 def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch, device):
     src = tiny(tmp_path, "qwen3", layers=4)
     pipeline.run(config(src, tmp_path / "whole", device=device))
-    real_prune = pipeline.BlockRunner.prune
-
-    def interrupted(self, layer, W):
-        if layer == 2:
-            raise KeyboardInterrupt
-        return real_prune(self, layer, W)
-
-    monkeypatch.setattr(pipeline.BlockRunner, "prune", interrupted)
+    resume = interrupt_pruning_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(config(src, tmp_path / "resumed", device=device))
     assert not (tmp_path / "resumed" / "model.safetensors.index.json").exists()
-    monkeypatch.setattr(pipeline.BlockRunner, "prune", real_prune)
+    resume()
     pipeline.run(config(src, tmp_path / "resumed", device=device))
     assert digests(tmp_path / "whole") == digests(tmp_path / "resumed")
     assert not (tmp_path / "resumed" / ".streamprune" / "cache").exists()

@@ -13,6 +13,7 @@ from streamprune import pipeline, validate
 from streamprune.cli import main
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
+from tests.harness import interrupt_pruning_at
 from tests.models import save_tiny_model
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
@@ -114,18 +115,11 @@ def test_resumed_run_reports_the_time_of_all_sessions_and_logs_them(tmp_path, mo
     out = tmp_path / "out"
     cfg = RunConfig(shards=model, out=out, calib=DEMO / "calib.txt", samples=4, seq_len=32, progress=False,
                     method="magnitude")
-    real_prune = pipeline.BlockRunner.prune
-
-    def interrupted(self, layer, W):
-        if layer == 2:
-            raise KeyboardInterrupt
-        return real_prune(self, layer, W)
-
-    monkeypatch.setattr(pipeline.BlockRunner, "prune", interrupted)
+    resume = interrupt_pruning_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg)
     first = journal(out)["wall_seconds"]
-    monkeypatch.setattr(pipeline.BlockRunner, "prune", real_prune)
+    resume()
     r = run("--shards", model, "--out", out, "--calib", DEMO / "calib.txt", "--samples", 4, "--seq-len", 32,
             "--method", "magnitude")  # the same run, from the command line
     assert r.exit_code == 0, r.output
