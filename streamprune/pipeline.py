@@ -385,7 +385,9 @@ def cache_folder_of(cfg: RunConfig, ranks: Ranks) -> Path:
 
 def check_before_model(cfg: RunConfig) -> None:
     """What can be checked before the model is read (or downloaded, for a Hub id): the output
-    folder, the texts, the device."""
+    folder (against the input too, when that is a folder), the texts, the device."""
+    if Path(cfg.shards).is_dir():  # (a Hub id is checked once it is a folder, in run)
+        check_paths(Path(cfg.shards), cfg.out, cfg.cache_dir)
     refuse_foreign_folder(cfg.out)  # --restart too: it deletes only what a streamprune run writes
     check_text_sources(cfg)
     check_device(cfg.device)

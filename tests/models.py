@@ -79,6 +79,7 @@ def save_header_only_model(folder: Path, family: str = "llama", layers: int = 1,
     import struct
     config = tiny_config(family, layers, hidden, heads, kv, intermediate, vocab)
     config.dtype = "bfloat16"
+    config.max_position_embeddings = 8192  # as Llama 3 70B: windows of 2048 are what run takes
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     header, offset = {}, 0

@@ -132,7 +132,7 @@ def test_help_and_version_still_work():
 
 
 def test_max_memory_beyond_the_machine_is_a_warning(tmp_path):
-    r = invoke(*plan_args("--max-memory", "17179869184GiB", "--json"))  # 16 EiB
+    r = invoke(*plan_args("--seq-len", "256", "--max-memory", "17179869184GiB", "--json"))  # 16 EiB
     assert r.exit_code == 0, r.output
     assert re.fullmatch(r"warning: --max-memory [\d.]+ GiB is more than the [\d.]+ GiB of memory on this machine; "
                         r"the run may swap or be killed\n", r.stderr), r.stderr

@@ -7,6 +7,7 @@ the CPU activation cap and a --max-memory beyond the machine."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -104,7 +105,19 @@ def test_plan_command_prints_disk_memory_and_time():
 
 
 
-STORIES = str(DEMO / "stories260K")
+STORIES = str(DEMO / "stories260K")  # replaced by its long-window copy below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def long_window_stories(tmp_path_factory):
+    """The demo model with max_position_embeddings 4096, so plans of 2048-token windows (the
+    default) are ones run would accept: its own 512 caps them."""
+    global STORIES
+    folder = tmp_path_factory.mktemp("plan") / "stories260K"
+    shutil.copytree(DEMO / "stories260K", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=4096)))
+    STORIES = str(folder)
 NO_GPU_HERE = pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU that is not on this machine")
 COMPONENTS = ("weights", "prefetch and write", "activations", "scoring", "compensation", "embedding rows", "process")
 
