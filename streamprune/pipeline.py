@@ -1,6 +1,7 @@
-"""The streaming loop: for each block, load it, score its units on the cached calibration
-inputs, slice it, write it, pass its outputs on as the next block's inputs, journal it.
-Only this module and the I/O modules touch files; the math lives in block/scoring/slicing."""
+"""A run, step by step (docs/design.md): check everything that can be checked up front, lock the
+output and open the journal, measure the input's perplexity, survey, allocate, run the pruning
+pass (pruning_pass.py), write the model files and the report, measure the output's perplexity.
+Only the orchestration and the I/O modules touch files; the math lives in block/scoring/slicing."""
 
 from __future__ import annotations
 
@@ -11,13 +12,10 @@ import resource
 import shutil
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from .block import block_forward
 from .cache import ActivationCache, check_cache_folder, read_owner, run_cache_folder
 from .calibration import (bos_id, check_tokens_fit, fit_windows, load_tokenizer, max_window, run_window,
                           token_windows, tokenize_file, write_embeddings)
@@ -29,24 +27,20 @@ from .compensate import COMPENSATIONS
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
 from .allocation import allocate_global, allocate_uniform
-from .model import (Model, Shape, block_generator, check_device, check_uniform, compute_dtype, cut_sublayers,
-                    open_model, output_shape, shape_of)
+from .model import Model, Shape, check_device, check_uniform, cut_sublayers, open_model, output_shape, shape_of
 from .journal import WORKDIR, Journal, expect, read_checked_json, refuse_foreign_folder
 from .numerics import ON_DEVICE, GramPlacement
 from .run_eval import attach_eval, eval_window, journaled_eval
-from .runlog import FILE_ONLY, BlockProgress, held_records, run_log
+from .runlog import FILE_ONLY, held_records, run_log
 from .lock import OutputLock
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from .advice import refusal
-from .plan import Plan, plan_run, scoring_options
-from .scoring import Calibration, make_scorer
-from .selection import select_units
+from .plan import Plan, plan_run
+from .pruning_pass import BlockRunner
 from .survey import survey
 from .shards import OutTensor, read_header, shard_name, write_safetensors
-from .slicing import add_zero_biases, slice_block
-from .phases import PhaseTimer, add_phases, phase, timed_batches
-from .validate import (check_finite_activations, check_finite_weights, check_free_disk, check_paths,
-                       check_sparsity, check_writable)
+from .phases import add_phases
+from .validate import check_free_disk, check_paths, check_sparsity, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -108,194 +102,6 @@ def calibration_tokens(cfg: RunConfig, model: Model) -> tuple[RunConfig, torch.T
     tokens = token_windows(ids, samples, seq_len, bos)
     check_tokens_fit(model.index, tokens)
     return cfg, tokens
-
-
-class BlockRunner:
-    """Prunes one block at a time; holds only what every block shares. Reading block i+1 from the
-    shards (prefetch) and writing block i's shard run on background threads while block i is
-    scored; a block is journaled only once its shard is durable."""
-
-    def __init__(self, cfg: RunConfig, model: Model, shape: Shape, cache: ActivationCache, batch: int,
-                 placement: GramPlacement = ON_DEVICE, ranks: Ranks = SINGLE, share: Share | None = None):
-        self.cfg, self.model, self.shape, self.cache, self.batch = cfg, model, shape, cache, batch
-        self.placement = placement  # where the large Gram matrices live (the memory plan's choice)
-        self.ranks, self.share = ranks, share or Share(cfg.samples, batch, range(cfg.samples))
-        self.biases = bias_sublayers(shape.config)  # sublayers whose output projection has a bias in the output
-        self.device = check_device(cfg.device)
-        self.compensation = COMPENSATIONS[cfg.compensate]
-        self.n_shards = model.arch.n_layers + 1
-        self.cos, self.sin = rotary_tables(model.arch.config, cfg.seq_len, self.device)
-        self.progress = BlockProgress(None)
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamprune-read")
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="streamprune-write")
-
-    def close(self) -> None:
-        self.reader.shutdown(wait=True, cancel_futures=True)
-        self.writer.shutdown(wait=True)
-
-    def prefetch(self, layer: int) -> Future:
-        """Start reading block `layer` (stored dtype, host memory; pinned for a CUDA device)."""
-        def read():
-            t0 = time.time()
-            names = self.model.arch.block_tensors(layer)
-            W = self.model.index.load(names)
-            check_finite_weights(W, names)
-            # copy out of the memory map now, so the disk reads happen on this thread
-            W = {k: t.pin_memory() if self.device.type == "cuda" else t.clone() for k, t in W.items()}
-            return W, time.time() - t0
-        return self.reader.submit(read)
-
-    def batches(self, layer: int, dtype: torch.dtype):
-        """(start, x) for this rank's micro-batches, start counted in its own windows."""
-        n = len(self.share.windows)
-        for start in range(0, n, self.batch):
-            self.progress.tick(layer)
-            yield start, self.cache.batch(layer, start, min(start + self.batch, n), self.device, dtype)
-
-    def write_shard(self, layer: int, tensors: list) -> Future:
-        """Write block `layer`'s shard on the writer thread (rank 0 only: the others' is done at once)."""
-        if self.ranks.is_writer:
-            return self.writer.submit(timed, write_safetensors, self.model_path(layer + 1), tensors)
-        done = Future()
-        done.set_result(0.0)  # (the seconds of a write)
-        return done
-
-    def prune(self, layer: int, stored: dict[str, torch.Tensor]) -> tuple[dict, Future]:
-        """Score, slice and pass on block `layer`; returns its record and the future of its shard write."""
-        t0, timer = time.time(), PhaseTimer(self.device, self.cfg.profile)
-        spec, sizes = self.model.arch.blocks[layer], self.shape.sizes[layer]
-        dtype = compute_dtype(self.device, stored["q"].dtype)
-        if sizes is None:
-            return self.drop(layer, spec, stored, dtype, t0)
-        out_layer = self.shape.out_layer(layer)
-        with timer.phase("to_device"):
-            W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
-        generator = block_generator(self.cfg.seed, layer)
-        calib = Calibration(lambda: timed_batches((x for _, x in self.batches(layer, dtype)), timer), self.cos,
-                            self.sin, generator, self.cfg.samples, timer, self.placement, self.ranks,
-                            self.share.batch_sizes, self.share.local)
-        with torch.no_grad():
-            with timer.phase("score"):
-                scores = make_scorer(self.cfg.method, scoring_options(self.cfg, sizes)).score(W, spec, calib)
-            with timer.phase("slice"):
-                kept = self.ranks.broadcast(select_units(scores.heads, scores.neurons, spec, sizes))  # rank 0's, exactly
-                W_new, spec_new = slice_block(W, spec, kept)
-            with timer.phase("compensate"):
-                W_new = self.ranks.broadcast_tensors(self.compensation.apply(W, spec, W_new, spec_new, kept, calib,
-                                                                             self.biases))
-            spec_new = spec_new.with_biases(self.biases)
-            W_new = add_zero_biases(W_new, spec_new)
-            t_score = time.time()
-            with timer.phase("to_host"):
-                out = [OutTensor.of(self.model.arch.layer_tensor(out_layer, s),
-                                    t.to("cpu", stored.get(s, stored["o"]).dtype)) for s, t in W_new.items()
-                       ] if self.ranks.is_writer else []
-            write = self.write_shard(layer, out)
-            rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype, timer)
-        return {
-            "layer": layer,
-            "heads": [spec.n_heads, spec_new.n_heads], "kv_heads": [spec.n_kv, spec_new.n_kv],
-            "neurons": [spec.intermediate, spec_new.intermediate],
-            "params": [spec.n_params(), spec_new.n_params()],
-            "kept_heads": kept.heads.tolist(), "kept_kv_heads": kept.kv.tolist(),
-            "relative_error": rel_error, "scoring": scores.info,
-            "timing": {"score_seconds": round(t_score - t0, 3), "forward_seconds": round(time.time() - t_score, 3),
-                       "phases": timer.rounded()},
-        }, write
-
-    def drop(self, layer: int, spec, stored, dtype, t0: float) -> tuple[dict, Future]:
-        """A dropped block: its shard holds no tensor, and its inputs pass on unchanged (the pruned
-        model's stream), or its dense outputs with --calibrate-on dense."""
-        write = self.write_shard(layer, [])
-        dense = self.cfg.calibrate_on == "dense"
-        W = {k: t.to(self.device, dtype) for k, t in stored.items()} if dense else None
-        writer = self.cache.writer(layer + 1)
-        with torch.no_grad():
-            for start, x in self.batches(layer, dtype):
-                writer.write(start, block_forward(W, spec, x, self.cos, self.sin) if dense else x)
-        writer.commit()
-        return {
-            "layer": layer, "dropped": True,
-            "heads": [spec.n_heads, 0], "kv_heads": [spec.n_kv, 0], "neurons": [spec.intermediate, 0],
-            "params": [spec.n_params(), 0], "kept_heads": [], "kept_kv_heads": [], "relative_error": 1.0,
-            "scoring": {}, "timing": {"score_seconds": 0.0, "forward_seconds": round(time.time() - t0, 3)},
-        }, write
-
-    def pass_outputs(self, layer, W, spec, W_new, spec_new, dtype, timer: PhaseTimer | None = None) -> float:
-        """Run the pruned block on the calibration inputs; its outputs are the next block's
-        inputs (so later blocks are calibrated on what they will really see), or the dense
-        block's outputs with --calibrate-on dense. Returns the relative squared error of the
-        pruned against the dense block output."""
-        writer = self.cache.writer(layer + 1)
-        err = ref = 0.0
-        for start, x in timed_batches(self.batches(layer, dtype), timer):
-            with phase(timer, "output_forward"):
-                y_dense = block_forward(W, spec, x, self.cos, self.sin)
-                y = block_forward(W_new, spec_new, x, self.cos, self.sin)
-                check_finite_activations(y, layer, start)
-                err += (y - y_dense).double().pow(2).sum().item()
-                ref += (y_dense - x).double().pow(2).sum().item()
-            with phase(timer, "cache_write"):
-                writer.write(start, y_dense if self.cfg.calibrate_on == "dense" else y)
-        writer.commit()
-        err, ref = self.ranks.sum_float(err), self.ranks.sum_float(ref)
-        return err / max(ref, 1e-30)
-
-    def model_path(self, k: int) -> Path:
-        return self.cfg.out / shard_name(k, self.n_shards)
-
-    def run_blocks(self, journal: Journal, start: int) -> None:
-        """Blocks start..L-1 with prefetch and asynchronous writes. Block i is journaled (and its
-        inputs dropped) after its shard is written, while block i+1 is already being scored."""
-        L = self.model.arch.n_layers
-        bar = tqdm(total=L, initial=start, unit="block", desc="pruning", disable=not self.cfg.progress,
-                   dynamic_ncols=True)
-        self.progress = BlockProgress(bar if self.cfg.progress else None)
-        next_read, pending = None, None
-        try:
-            for layer in range(start, L):
-                t0 = time.time()
-                W, read_seconds = (next_read or self.prefetch(layer)).result()
-                wait = time.time() - t0
-                next_read = self.prefetch(layer + 1) if layer + 1 < L and self.cfg.overlap else None
-                record, write = self.prune(layer, W)
-                fault_point("after_scoring")
-                del W
-                if not self.cfg.overlap:
-                    write.result()
-                record["timing"].update(read_seconds=round(read_seconds, 3), read_wait_seconds=round(wait, 3))
-                if pending is not None:
-                    self.finish(journal, *pending)
-                pending = (layer, record, write, time.time())
-                bar.update(1)
-            if pending is not None:
-                self.finish(journal, *pending)
-        finally:
-            bar.close()
-
-    def finish(self, journal: Journal, layer: int, record: dict, write: Future, t_done: float) -> None:
-        t0 = time.time()
-        write_seconds = write.result()
-        fault_point("before_journal")
-        record["timing"]["write_wait_seconds"] = round(time.time() - t0, 3)
-        record["timing"]["write_seconds"] = round(write_seconds, 3)
-        record["timing"]["seconds"] = round(sum(v for k, v in record["timing"].items()
-                                                if k.endswith("_seconds") and k not in ("read_seconds", "write_seconds")), 3)
-        self.ranks.barrier()  # every rank's inputs of block layer + 1 are on disk
-        if self.ranks.is_writer:
-            journal.finish_block(layer, record)
-        self.ranks.barrier()  # block `layer` is journaled: its inputs can go
-        self.cache.drop(layer)
-        log.info("pruned block %d: heads %d -> %d, KV heads %d -> %d, neurons %d -> %d, relative error %.4g, %.1fs",
-                 layer, *record["heads"], *record["kv_heads"], *record["neurons"], record["relative_error"],
-                 record["timing"]["seconds"], extra=FILE_ONLY)
-
-
-def timed(f, *args) -> float:
-    """Seconds f(*args) took (a shard write, on the writer thread)."""
-    t0 = time.time()
-    f(*args)
-    return time.time() - t0
 
 
 def copy_file(src: Path, f) -> None:
