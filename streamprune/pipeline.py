@@ -96,8 +96,9 @@ def calibration_tokens(cfg: RunConfig, model: Model) -> tuple[RunConfig, torch.T
     reasons = ([f"max_position_embeddings is {max_window(config)}"] if capped < cfg.seq_len else []) + \
         ([f"the calibration text has {len(ids):,} tokens"] if (samples, seq_len) != (cfg.samples, capped) else [])
     if reasons:
-        log.warning("using --samples %d --seq-len %d instead of %d x %d: %s (set --samples and --seq-len to choose)",
-                    samples, seq_len, cfg.samples, cfg.seq_len, " and ".join(reasons))
+        changed = [f"--{option} {new:,} (not {old:,})" for option, new, old in
+                   (("samples", samples, cfg.samples), ("seq-len", seq_len, cfg.seq_len)) if new != old]
+        log.warning("using %s: %s (set --samples and --seq-len to choose)", " and ".join(changed), " and ".join(reasons))
     cfg = dataclasses.replace(cfg, samples=samples, seq_len=seq_len)
     tokens = token_windows(ids, samples, seq_len, bos)
     check_tokens_fit(model.index, tokens)

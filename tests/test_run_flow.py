@@ -3,6 +3,7 @@ one evaluation window for `run --eval` and `eval`, a re-run of a finished output
 nothing, time kept over sessions, and the log file."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -50,11 +51,19 @@ def test_defaults_fit_a_short_text_and_the_model_with_a_warning(tmp_path, model)
     fp = journal(out)["fingerprint"]
     samples, seq_len = fp["samples"], fp["seq_len"]
     assert samples == 8 and 32 <= seq_len < 512  # too short for 8 windows of 512 (max positions): 8 shorter
-    assert (f"warning: using --samples 8 --seq-len {seq_len} instead of 128 x 2048: max_position_embeddings is 512 "
-            "and the calibration text has ") in r.stderr
+    assert (f"warning: using --samples 8 (not 128) and --seq-len {seq_len} (not 2,048): max_position_embeddings is "
+            "512 and the calibration text has ") in r.stderr
     assert json.loads((out / "report.json").read_text())["arguments"]["seq_len"] == seq_len
     again = run(*args[:-5], *FAST)  # the same command fits the same way: it resumes (here: nothing to do)
     assert again.exit_code == 0 and "already complete" in again.stderr
+
+
+def test_the_warning_names_only_the_options_it_changed(tmp_path, model):
+    r = run("--shards", model, "--out", tmp_path / "out", "--calib", text(tmp_path, 4000), "--seq-len", 64, "--quiet",
+            *FAST)  # --seq-len set: only the window count adapts
+    assert r.exit_code == 0, r.output
+    assert re.search(r"warning: using --samples \d+ \(not 128\): the calibration text has [\d,]+ tokens", r.stderr), \
+        r.stderr
 
 
 def test_values_the_user_set_are_kept_or_refused_with_what_the_text_holds(tmp_path, model):
