@@ -50,9 +50,11 @@ def needed_limit(p: Plan) -> int:
     return int((p.peak_device_bytes or p.peak_host_bytes) / USABLE) + 1
 
 
-def suggestions(cfg, model, p: Plan, disk_ok=None, check_host: bool = True) -> list[Suggestion]:
+def suggestions(cfg, model, p: Plan, disk_ok=None, check_host: bool = True, offer_gpu: bool = True
+                ) -> list[Suggestion]:
     """Changes to cfg under which the run fits (memory, and disk where disk_ok(plan) says so),
-    each checked by planning the changed run with the same limits."""
+    each checked by planning the changed run with the same limits; for a CPU run, also the GPU
+    it would need (`offer_gpu`)."""
     disk_ok = disk_ok or (lambda q: True)
 
     def replan(limit: int | None = None, **changes) -> Plan:
@@ -87,7 +89,7 @@ def suggestions(cfg, model, p: Plan, disk_ok=None, check_host: bool = True) -> l
         change = " ".join(x for x in (m != cfg.method and f"--method {m}", c != cfg.compensate and f"--compensate {c}")
                           if x)
         out.append(found(change, q))
-    if parse_device(cfg.device).type == "cpu" and p.short_of:
+    if offer_gpu and parse_device(cfg.device).type == "cpu" and p.short_of:
         out += [s for s, q in gpu_suggestion(cfg, model) if disk_ok(q)]
     return out
 
@@ -98,7 +100,7 @@ def limit_suggestions(cfg, p: Plan, replan, ok, found) -> list[Suggestion]:
     least = replan(limit=ANY_GPU, batch_size=batch)
     text = size_option(needed_limit(least))
     q = replan(limit=parse_bytes(text), batch_size=cfg.batch_size)
-    if not q.fits:  # the host is short too (a GPU run): no --max-memory alone helps
+    if not ok(q):  # the host is short too (a GPU run), or the disk: no --max-memory alone helps
         return []
     if p.peak_device_bytes:
         note = gpu_note(parse_bytes(text))
@@ -106,7 +108,7 @@ def limit_suggestions(cfg, p: Plan, replan, ok, found) -> list[Suggestion]:
         memory = psutil.virtual_memory()
         note = (f"this machine has {gib(memory.total)}, {gib(memory.available)} free now"
                 + ("; it may swap or be killed" if parse_bytes(text) > memory.total else ""))
-    return [found(f"--max-memory {text}", q, note)] if ok(q) else []
+    return [found(f"--max-memory {text}", q, note)]
 
 
 def gpu_suggestion(cfg, model) -> list[tuple[Suggestion, Plan]]:
@@ -133,8 +135,7 @@ def refusal(cfg, model, p: Plan) -> str:
     need = p.peak_device_bytes if which == "GPU" else p.peak_host_bytes
     have = p.max_memory_bytes if which == "GPU" or not p.peak_device_bytes else p.host_limit_bytes
     parts = ", ".join(f"{c.name.replace('_', ' ')} {gib(c.bytes)}" for c in p.breakdown if c.memory == which and c.bytes)
-    fixes = [s.change for s in suggestions(cfg, model, p)
-             if torch.cuda.is_available() or not s.change.startswith("--device cuda")]  # what runs here
+    fixes = [s.change for s in suggestions(cfg, model, p, offer_gpu=torch.cuda.is_available())]  # what runs here
     return (f"this run needs about {gib(need)} of {which} memory with micro-batch {p.micro_batch} ({parts}), "
             f"{gib(have)} available ({USABLE:.0%} of it planned for); "
             + (f"it would fit with {', '.join(fixes[:-1])}{' or ' if len(fixes) > 1 else ''}{fixes[-1]}" if fixes

@@ -108,14 +108,21 @@ class TimeEstimate:
         return asdict(self)
 
 
-def run_work(model, samples: int, seq_len: int, forward_passes: float) -> tuple[float, float]:
-    """(FLOPs, bytes moved): 2 FLOPs per weight per token per block forward; every input byte read
-    once, about two-thirds as much written back, the cache written and read once per block."""
+def run_parts(model, samples: int, seq_len: int) -> tuple[float, float, float]:
+    """(FLOPs of one block forward over all blocks and tokens, bytes of weights moved, bytes of
+    activation cache moved): 2 FLOPs per weight per token; every input byte read once, about
+    two-thirds as much written back; the cache written and read once per block."""
     arch = model.arch
-    flops = 2 * sum(b.n_params() for b in arch.blocks) * samples * seq_len * forward_passes
-    io = (sum(t.nbytes for t in model.index.tensors.values()) * 1.7
-          + 2 * arch.n_layers * samples * seq_len * arch.hidden * 4)
-    return flops, io
+    per_pass = 2 * sum(b.n_params() for b in arch.blocks) * samples * seq_len
+    weights = sum(t.nbytes for t in model.index.tensors.values()) * 1.7
+    cache = 2 * arch.n_layers * samples * seq_len * arch.hidden * 4
+    return per_pass, weights, cache
+
+
+def run_work(model, samples: int, seq_len: int, forward_passes: float) -> tuple[float, float]:
+    """(FLOPs, bytes moved) of a run of `forward_passes` block forwards per block (run_parts)."""
+    per_pass, weights, cache = run_parts(model, samples, seq_len)
+    return per_pass * forward_passes, weights + cache
 
 
 NOT_COUNTED = "attention scores, the OBS and least-squares solves, and Python overhead are not counted"
@@ -148,10 +155,7 @@ def speedup(model, samples: int, seq_len: int, forward_passes: float, sample_pas
     forward passes and the activation cache divide among them; every process still reads every
     block's weights, and the passes over a fixed token sample (`sample_passes`, part of
     forward_passes: perturb's) are computed whole by each."""
-    arch = model.arch
-    per_pass = 2 * sum(b.n_params() for b in arch.blocks) * samples * seq_len
-    weights = sum(t.nbytes for t in model.index.tensors.values()) * 1.7
-    cache = 2 * arch.n_layers * samples * seq_len * arch.hidden * 4
+    per_pass, weights, cache = run_parts(model, samples, seq_len)
 
     def seconds(n: int) -> float:
         compute = per_pass * ((forward_passes - sample_passes) / n + sample_passes)
