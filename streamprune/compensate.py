@@ -21,7 +21,7 @@ import torch
 from .block import attention_heads, attention_output, block_forward, mlp_activations, rms_norm
 from .families import BlockSpec
 from .scoring.base import Calibration
-from .numerics import FP64_SOLVE_MAX, ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, solve_spd, token_scale
+from .numerics import ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, gram_dtype, solve_spd, token_scale
 from .selection import Kept
 from .phases import phase
 
@@ -40,9 +40,8 @@ class NormalEquations:
         """Rows of A and Y (tokens) weighted by `scale` (per token)."""
         s = scale.reshape(-1, 1).float()
         A, Y = A.reshape(-1, A.shape[-1]).float() * s, Y.reshape(-1, Y.shape[-1]).float() * s
-        dtype = accumulate_dtype(A.shape[1])
-        self.G = add_gram(self.G, A, dtype=dtype, placement=self.placement)
-        self.C = add_gram(self.C, A, Y, dtype=dtype, placement=self.placement)
+        self.G = add_gram(self.G, A, placement=self.placement)  # (in gram_dtype of A's columns)
+        self.C = add_gram(self.C, A, Y, placement=self.placement)
 
     def solve(self, W0: torch.Tensor, ridge: float) -> torch.Tensor:
         """The (out, in) weight minimising |A W^T - Y|^2 + lam |W - W0|^2. Large systems are
@@ -54,14 +53,10 @@ class NormalEquations:
         return solve_spd(G, rhs).T.to(W0.device, W0.dtype).contiguous()
 
 
-def accumulate_dtype(n_in: int) -> torch.dtype:
-    return torch.float64 if n_in <= FP64_SOLVE_MAX else torch.float32
-
-
 def memory_bytes(n_in: int, n_out: int) -> int:
     """Peak bytes of one refit with n_in kept input channels: G and C, and beside them either one
     micro-batch's product (fp32, and its fp64 copy up to FP64_SOLVE_MAX) or the Cholesky factor."""
-    item = 8 if accumulate_dtype(n_in) == torch.float64 else 4
+    item = 8 if gram_dtype(n_in) == torch.float64 else 4
     product = (12 if item == 8 else 4) * n_in * max(n_in, n_out)
     return item * n_in * (n_in + n_out) + max(product, item * n_in * n_in)
 

@@ -91,7 +91,7 @@ class Grams:
         s = token_scale(y).reshape(-1, 1)  # (N, 1): 1 / rms of each output token
         o = heads.reshape(-1, spec.n_heads * spec.head_dim).float() * s
         a = a.reshape(-1, spec.intermediate).float() * s
-        self.heads = accumulate(self.heads, o)
+        self.heads = add_gram(self.heads, o)
         self.mlp = add_gram(self.mlp, a, placement=self.placement)
         self.update += ((y - x).reshape(-1, spec.hidden).float() * s).double().pow(2).sum().item()
         self.tokens += s.shape[0]
@@ -123,11 +123,6 @@ class Grams:
     def norm(self) -> float:
         """sum_t w_t |y_t|^2 = E per token (w_t = 1 / mean(y_t^2)): divides weighted errors into the unit."""
         return float(self.spec.hidden * max(self.tokens, 1))
-
-
-def accumulate(G: torch.Tensor | None, A: torch.Tensor) -> torch.Tensor:
-    """G + A^T A, kept in fp64 up to FP64_SOLVE_MAX columns and in fp32 beyond."""
-    return add_gram(G, A)
 
 
 def columns(units: torch.Tensor, width: int) -> torch.Tensor:

@@ -98,6 +98,11 @@ class GramPlacement:
 ON_DEVICE = GramPlacement()
 
 
+def gram_dtype(n: int) -> torch.dtype:
+    """The dtype a Gram matrix of n columns is kept and factored in: fp64 up to FP64_SOLVE_MAX, fp32 beyond."""
+    return torch.float64 if n <= FP64_SOLVE_MAX else torch.float32
+
+
 def add_gram(G: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor | None = None, dtype: torch.dtype | None = None,
              placement: GramPlacement = ON_DEVICE) -> torch.Tensor:
     """G + A^T B (B defaults to A; rows are tokens) in `dtype` (default: fp64 up to FP64_SOLVE_MAX
@@ -105,7 +110,7 @@ def add_gram(G: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor | None = N
     the plain sum; in column blocks each block is the same product's columns."""
     B = A if B is None else B
     n, m = A.shape[1], B.shape[1]
-    dtype = dtype or (torch.float64 if n <= FP64_SOLVE_MAX else torch.float32)
+    dtype = dtype or gram_dtype(n)
     where = torch.device("cpu") if placement.host else A.device
     step = placement.columns or m
     if step >= m:

@@ -20,7 +20,8 @@ import torch
 
 from ..block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from ..families import BlockSpec
-from ..numerics import FP64_SOLVE_MAX, ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, invert_spd, solve, token_scale
+from ..numerics import (ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, gram_dtype, invert_spd, solve,
+                        token_scale)
 from ..phases import phase
 
 CHUNKS = 32  # greedy steps
@@ -96,5 +97,5 @@ def memory_bytes(spec: BlockSpec) -> int:
     Cholesky factor and the inverse while it is computed, then beside the inverse and its
     compacted copy after the first step) and three copies of down_proj's size (its updated
     weights, their squares, the compacted copy)."""
-    item = 8 if spec.intermediate <= FP64_SOLVE_MAX else 4
+    item = 8 if gram_dtype(spec.intermediate) == torch.float64 else 4
     return 3 * item * spec.intermediate ** 2 + 3 * item * spec.hidden * spec.intermediate
