@@ -38,10 +38,6 @@ class PhaseTimer:
             if self.stack:
                 self.stack[-1][1] += spent
 
-    def add(self, name: str, seconds: float) -> None:
-        """Seconds measured elsewhere (a reader or writer thread)."""
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in sorted(self.seconds.items())}
 

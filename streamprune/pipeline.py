@@ -193,7 +193,7 @@ def cache_folder_of(cfg: RunConfig, ranks: Ranks) -> Path:
 def check_before_model(cfg: RunConfig) -> None:
     """What can be checked before the model is read (or downloaded, for a Hub id): the output
     folder (against the input too, when that is a folder), the texts, the device."""
-    if Path(cfg.shards).is_dir():  # (a Hub id is checked once it is a folder, in run)
+    if Path(cfg.shards).is_dir():  # (a Hub id: once the CLI has made it a folder, when run calls this again)
         check_paths(Path(cfg.shards), cfg.out, cfg.cache_dir)
     refuse_foreign_folder(cfg.out)  # --restart too: it deletes only what a streamprune run writes
     check_text_sources(cfg)
@@ -202,9 +202,8 @@ def check_before_model(cfg: RunConfig) -> None:
 
 def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
     t0 = time.time()
-    check_before_model(cfg)
+    check_before_model(cfg)  # (its check_paths covers the model folder: open_model refuses anything else)
     model = open_model(cfg.shards)
-    check_paths(model.folder, cfg.out, cfg.cache_dir)
     check_cache_folder(cache_folder_of(cfg, ranks), cfg.out)
     if cfg.samples < ranks.world:
         raise StreamPruneError(f"--samples {cfg.samples} is fewer than the {ranks.world} processes: each needs a window")

@@ -191,14 +191,14 @@ class BlockRunner:
                 record["timing"].update(read_seconds=round(read_seconds, 3), read_wait_seconds=round(wait, 3))
                 if pending is not None:
                     self.finish(journal, *pending)
-                pending = (layer, record, write, time.time())
+                pending = (layer, record, write)
                 bar.update(1)
             if pending is not None:
                 self.finish(journal, *pending)
         finally:
             bar.close()
 
-    def finish(self, journal: Journal, layer: int, record: dict, write: Future, t_done: float) -> None:
+    def finish(self, journal: Journal, layer: int, record: dict, write: Future) -> None:
         t0 = time.time()
         write_seconds = write.result()
         fault_point("before_journal")
