@@ -11,6 +11,7 @@ and never imports or initialises torch.distributed."""
 from __future__ import annotations
 
 import datetime
+import glob
 import os
 import re
 from dataclasses import dataclass
@@ -157,6 +158,11 @@ def rank_cache_folder(folder: Path, ranks: Ranks) -> Path:
     """Rank k's activation cache (its windows only): the run's cache folder for rank 0, beside it
     with the suffix -rank<k> for the others."""
     return folder if ranks.rank == 0 else folder.with_name(f"{folder.name}-rank{ranks.rank}")
+
+
+def other_rank_cache_folders(folder: Path) -> list[Path]:
+    """The caches of ranks other than 0 beside the run's cache `folder` (rank_cache_folder's names)."""
+    return sorted(folder.parent.glob(f"{glob.escape(folder.name)}-rank*"))
 
 
 def shared_micro_batch(micro_batch: int, samples: int, world: int) -> int:

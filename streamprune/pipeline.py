@@ -20,7 +20,8 @@ from .cache import ActivationCache, check_cache_folder, read_owner, run_cache_fo
 from .calibration import (bos_id, check_tokens_fit, fit_windows, load_tokenizer, max_window, run_window,
                           token_windows, tokenize_file, write_embeddings)
 from .config import RunConfig
-from .distributed import SINGLE, Ranks, Share, join_ranks, rank_cache_folder, shared_micro_batch
+from .distributed import (SINGLE, Ranks, Share, join_ranks, other_rank_cache_folders, rank_cache_folder,
+                          shared_micro_batch)
 from .errors import StreamPruneError
 from .families import bias_sublayers, rotary_tables
 from .compensate import COMPENSATIONS
@@ -58,13 +59,13 @@ def memory_plan(cfg: RunConfig, model: Model) -> Plan:
     return p
 
 
-def clear_output(out: Path) -> None:
+def clear_output(out: Path, cache_folder: Path) -> None:
     """Forget a previous run in `out`, a folder streamprune wrote: its journal and the files a run
     writes (shards, config, index, report). The lock, held by this run, stays; the activation
-    cache is cleared when the new run claims it."""
+    cache (`cache_folder`) is cleared when the new run claims it."""
     for p in [out / WORKDIR / "journal.json", *out.glob("model-*.safetensors*"), *(out / n for n in OUTPUT_FILES)]:
         p.unlink(missing_ok=True)
-    for folder in (out / WORKDIR).glob("cache-rank*"):  # the other ranks' caches of an earlier torchrun job
+    for folder in other_rank_cache_folders(cache_folder):  # the other ranks' caches of an earlier torchrun job
         if folder.is_dir() and not folder.is_symlink() and (read_owner(folder) or {}).get("out") == str(out.resolve()):
             ActivationCache(folder, 0, 0, 0).remove()
 
@@ -274,7 +275,7 @@ def open_journal(cfg: RunConfig, model: Model, memory: Plan, ranks: Ranks, t0: f
         state, done = ranks.broadcast(None)
         return Journal.copy(state), done
     if cfg.restart:
-        clear_output(cfg.out)
+        clear_output(cfg.out, run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir))
     fingerprint = dict(cfg.fingerprint(), **input_fingerprint(model.folder, {t.file for t in model.index.tensors.values()}))
     if ranks.world > 1:  # float sums, and so the output bytes, depend on how the windows are split
         fingerprint["processes"] = ranks.world

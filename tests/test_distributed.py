@@ -146,3 +146,15 @@ def test_one_process_sees_every_batch_as_its_own():
                         ranks=SINGLE, batch_sizes=(2, 2, 1), local=range(1, 2))
     assert [(b, None if t is None else t.flatten().tolist()) for b, t in calib.every_batch()] == \
         [(2, None), (2, [2, 3]), (1, None)]
+
+
+def test_other_ranks_caches_are_found_beside_any_cache_folder(tmp_path):
+    """--restart clears the other ranks' caches of an earlier job, in OUT/.streamprune and in a
+    --cache-dir alike (rank_cache_folder's names)."""
+    from types import SimpleNamespace
+    from streamprune.distributed import other_rank_cache_folders, rank_cache_folder
+    for base in (tmp_path / ".streamprune" / "cache", tmp_path / "dir" / "streamprune-cache-ab12"):
+        ranks = [rank_cache_folder(base, SimpleNamespace(rank=k)) for k in range(3)]
+        for folder in ranks + [base.with_name(base.name + "x-rank1")]:
+            folder.mkdir(parents=True)
+        assert other_rank_cache_folders(base) == ranks[1:]
