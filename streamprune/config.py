@@ -111,14 +111,14 @@ class RunConfig:
                          "eval_seq_len", "adaptable")
 
     # Fingerprinted only when not the default, so a journal written before they existed still resumes.
-    FINGERPRINTED_WHEN_SET = ("calib_dataset", "text_field")
+    FINGERPRINTED_WHEN_SET = ("calib_dataset", "text_field", "multiple_of")
 
     def fingerprint(self) -> dict:
         """What must match for a re-run to resume into the same output folder."""
         fp = {}
         for f in dataclasses.fields(self):
-            if f.name in self.NOT_FINGERPRINTED or (f.name == "multiple_of" and self.multiple_of == 1):
-                continue  # (an earlier run's journal, before --multiple-of, resumes)
+            if f.name in self.NOT_FINGERPRINTED:
+                continue
             v = getattr(self, f.name)
             if f.name in self.FINGERPRINTED_WHEN_SET and v == f.default:
                 continue

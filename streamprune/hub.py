@@ -107,9 +107,10 @@ def model_for_planning(arg, revision: str | None = None):
     snapshot folder; any other Hub id, a model.Model from the Hub's safetensors headers (a few
     HTTP range reads per shard) and its small files, so nothing the size of the weights is
     downloaded to see whether a run would fit."""
+    if Path(arg).exists() or not is_hub_id(str(arg)):  # a local folder: huggingface_hub is not needed
+        return resolve_model(arg, revision)
     from huggingface_hub import constants
-    path = Path(arg)
-    if path.exists() or not is_hub_id(str(arg)) or constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE:
         return resolve_model(arg, revision)
     return cached_model(str(arg), revision) or remote_model(str(arg), revision)
 
