@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .config import ALLOCATIONS, COMPENSATIONS, RunConfig
+from .config import ALLOCATIONS, COMPENSATIONS, GGUF_TYPES, RunConfig
 from .errors import StreamPruneError
 
 EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 128 + signal.SIGINT, 128 + signal.SIGTERM
@@ -545,6 +545,31 @@ def eval_command(model, revision, text, text_dataset, text_field, seq_len, devic
         return
     click.echo(f"{model}: perplexity {r.ppl:.4f} on {r.text} over {r.windows} windows of {r.seq_len} tokens "
                f"({r.tokens:,} predicted; {r.seconds:.1f}s)")
+
+
+@main.command()
+@click.argument("model_dir", type=PathArg(file_okay=False))
+@click.option("--gguf", "gguf_file", required=True, type=PathArg(dir_okay=False),
+              help="The GGUF file to write (llama.cpp, and engines built on it).")
+@click.option("--type", "ggml_type", type=click.Choice(list(GGUF_TYPES)), default="f16", show_default=True,
+              help="Weight type; a tensor whose rows a quantized type cannot split stays f16 (listed).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export(model_dir: Path, gguf_file: Path, ggml_type: str, quiet: bool):
+    """Write MODEL_DIR (an input, or any streamprune output) as one GGUF file for llama.cpp; per-block
+    shapes as llama.cpp's 'deci' architecture. One tensor in memory at a time."""
+    from tqdm import tqdm
+
+    from .gguf_export import export_gguf
+    bars = []
+    r = export_gguf(model_dir, gguf_file, ggml_type, progress=lambda n: bars[0].update(n),
+                    on_total=lambda n: bars.append(tqdm(total=n, unit="tensor", desc="exporting", disable=quiet,
+                                                        dynamic_ncols=True)))
+    bars[0].close()
+    for name, written, why in r.fallbacks:
+        click.echo(f"  {name}: {written} ({why})")
+    click.echo(f"{r.path}: llama.cpp architecture {r.architecture}, {r.tensors} tensors in {r.ggml_type}"
+               + (f" ({len(r.fallbacks)} in another type, listed above)" if r.fallbacks else "")
+               + f", {r.bytes / 2**20:,.1f} MiB")
 
 
 @main.command()

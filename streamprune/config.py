@@ -12,6 +12,7 @@ from .errors import StreamPruneError
 
 COMPENSATIONS = ("lsq", "mean", "none")
 ALLOCATIONS = ("global", "uniform", "rule")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")  # streamprune export --type
 MAX_SEED = 2**32 - 1  # seeds derive as seed * 1_000_003 + layer, which must fit torch's 64-bit seed
 MAX_COUNT = 2**31 - 1  # samples, tokens per window, micro-batch: what int32 indexing allows
 MAX_BUDGET = 1000.0  # 64,000 perturbations per block: a thousand times the default work

@@ -10,7 +10,7 @@ from pathlib import Path
 from .runlog import LOG_FILE
 
 # Written by streamprune itself into the output (never copied from the input).
-OUTPUT_FILES = ("config.json", "model.safetensors.index.json", "report.json", LOG_FILE)
+OUTPUT_FILES = ("config.json", "model.safetensors.index.json", "report.json", "README.md", LOG_FILE)
 # Never copied into the output: weights in any format (the dense ones would sit beside the pruned
 # shards) and code (streamprune neither runs nor passes on code shipped with a model).
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".h5", ".msgpack",
