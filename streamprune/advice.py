@@ -191,7 +191,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
     if cfg.method not in SCORERS:
         raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
     model = remote_model or open_model(cfg.shards)
-    check_sparsity(model.arch, cfg.sparsity, cfg.multiple_of)
+    check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
     window = run_window(model.arch.config, cfg.seq_len, cfg.adaptable)
     capped = (f"--seq-len {window}, not {cfg.seq_len}: max_position_embeddings is {window} (as run uses)"
               if window < cfg.seq_len else None)

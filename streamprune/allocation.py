@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .costs import BlockCosts
 from .families import BlockSpec
-from .selection import Sizes, attention_params, head_layouts, most_neurons, neuron_step
+from .selection import Sizes, aligned, attention_params, head_layouts, most_neurons, neuron_step
 
 
 def linear_params(block: BlockSpec, sizes: Sizes | None) -> int:
@@ -59,7 +59,7 @@ def allocate_uniform(blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], spa
 def neuron_curve(block: BlockSpec, c: BlockCosts, multiple_of: int) -> list[tuple[int, float]]:
     """The points (neurons kept, cost) a block may take: its measured curve, each point rounded
     down to a multiple of `multiple_of` (and costed there) when that is more than 1."""
-    if multiple_of == 1:
+    if aligned(multiple_of).free:
         return [(n, cost) for n, cost in c.neurons if n >= 1]
     step = neuron_step(block, multiple_of)
     counts = sorted({n // step * step for n, _ in c.neurons if n >= step}, reverse=True)

@@ -303,7 +303,11 @@ TEXT_FIELD_HELP = "The text field of JSON lines / Parquet rows or a dataset's co
 
 
 def multiple_of_option(command):
-    """--multiple-of N (run, plan and inspect share it)."""
+    """--multiple-of N and --row-multiple M (run, plan and inspect share them)."""
+    command = click.option(
+        "--row-multiple", default=RunConfig.row_multiple, show_default=True,
+        help="Keep neuron counts and query heads x head_dim multiples of M in every block, so a quantized "
+             "GGUF type splits every row (32: q8_0, q5_0, q4_0).")(command)
     return click.option(
         "--multiple-of", default=RunConfig.multiple_of, show_default=True,
         help="Keep query heads and neurons multiples of N, and KV heads a multiple or divisor of N, in every "
@@ -386,10 +390,10 @@ def run(quiet: bool, revision: str | None, **kwargs):
 @click.option("--sparsity", default=RunConfig.sparsity, show_default=True, help="Show what this sparsity would remove.")
 @multiple_of_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: int, as_json: bool):
+def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: int, row_multiple: int, as_json: bool):
     """Print the model's shape and the fixed rule's cut, with the reasons, from headers only."""
     from .inspect import describe, render_description
-    info = describe(planning_model(shards, revision), sparsity, multiple_of)
+    info = describe(planning_model(shards, revision), sparsity, multiple_of, row_multiple)
     click.echo(json.dumps(info, indent=2) if as_json else render_description(info))
 
 
@@ -417,7 +421,7 @@ def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: in
               help="Processes of a data-parallel run (torchrun --nproc-per-node N): memory and disk per process, speed-up.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_command(shards, revision, out, cache_dir, sparsity, samples, seq_len, device, gpu_name, method, budget,
-                 compensate, multiple_of, batch_size, max_memory, no_timing, nproc, as_json):
+                 compensate, multiple_of, row_multiple, batch_size, max_memory, no_timing, nproc, as_json):
     """Predict disk, memory, micro-batch and time of a run, from headers only. Exit code 0: it
     fits; 1: it does not (the prediction and what would fit are printed); 2: an error."""
     from .advice import describe_plan
@@ -427,7 +431,8 @@ def plan_command(shards, revision, out, cache_dir, sparsity, samples, seq_len, d
     remote = not isinstance(model, Path)  # a Hub model known from its headers, weights not downloaded
     cfg = RunConfig(shards=model.folder if remote else model, out=out, cache_dir=cache_dir, sparsity=sparsity,
                     samples=samples, seq_len=seq_len, device=device, method=method, budget=budget,
-                    compensate=compensate, multiple_of=multiple_of, batch_size=batch_size, max_memory=max_memory,
+                    compensate=compensate, multiple_of=multiple_of, row_multiple=row_multiple, batch_size=batch_size,
+                    max_memory=max_memory,
                     adaptable=defaulted("samples", "seq_len"))
     info = describe_plan(cfg, timing=not no_timing, gpu_name=gpu_name, remote_model=model if remote else None,
                          processes=nproc)

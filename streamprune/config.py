@@ -22,12 +22,13 @@ MAX_MULTIPLE = 2**16  # --multiple-of: more GPUs than any tensor-parallel group
 
 def check_sparsity_range(sparsity: float) -> None:
     if not 0 <= sparsity < 1:  # also refuses NaN
-        raise StreamPruneError(f"--sparsity must be in [0, 1), got {sparsity}")
+        hint = f" (a fraction: --sparsity {sparsity / 100:g} for {sparsity:g}%)" if 1 <= sparsity < 100 else ""
+        raise StreamPruneError(f"--sparsity must be in [0, 1), got {sparsity}{hint}")
 
 
-def check_multiple_of_range(multiple_of: int) -> None:
+def check_multiple_of_range(multiple_of: int, option: str = "--multiple-of") -> None:
     if not 1 <= multiple_of <= MAX_MULTIPLE:
-        raise StreamPruneError(f"--multiple-of must be in [1, {MAX_MULTIPLE}], got {multiple_of}")
+        raise StreamPruneError(f"{option} must be in [1, {MAX_MULTIPLE}], got {multiple_of}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class RunConfig:
     # kept query heads, KV heads and neurons split evenly over this many GPUs (tensor parallelism,
     # selection.tensor_parallel_ok); 1 = no constraint
     multiple_of: int = 1
+    # kept neuron counts and query heads x head_dim multiples of this (row lengths a block-quantized
+    # type splits: 32 for q8_0/q4_0, 256 for k-quants); 1 = no constraint
+    row_multiple: int = 1
     calibrate_on: str = "pruned"  # block i+1's calibration inputs: outputs of the pruned or the dense block i
     batch_size: int = 0  # calibration samples per micro-batch; 0 = pick from memory
     max_memory: int | None = None  # bytes the run may use (host on CPU, GPU on CUDA); None = what is free
@@ -86,6 +90,7 @@ class RunConfig:
         if self.allocation not in ALLOCATIONS:
             raise StreamPruneError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
         check_multiple_of_range(self.multiple_of)
+        check_multiple_of_range(self.row_multiple, "--row-multiple")
         if self.calibrate_on not in ("pruned", "dense"):
             raise StreamPruneError("--calibrate-on must be pruned or dense")
         if isinstance(self.compensate, bool):
@@ -96,6 +101,12 @@ class RunConfig:
             raise StreamPruneError(f"--batch-size must be in [0, {MAX_COUNT}] (0: from memory)")
         if self.max_memory is not None and not 1 <= self.max_memory <= MAX_MEMORY:
             raise StreamPruneError("--max-memory must be between 1 byte and 16 EiB")
+
+    @property
+    def alignment(self):
+        """What kept counts are multiples of (--multiple-of, --row-multiple): selection.Alignment."""
+        from .selection import Alignment
+        return Alignment(gpus=self.multiple_of, rows=self.row_multiple)
 
     def calib_source(self) -> TextSource:
         return TextSource(file=self.calib, dataset=self.calib_dataset, field=self.text_field)
@@ -112,7 +123,7 @@ class RunConfig:
                          "eval_seq_len", "adaptable")
 
     # Fingerprinted only when not the default, so a journal written before they existed still resumes.
-    FINGERPRINTED_WHEN_SET = ("calib_dataset", "text_field", "multiple_of")
+    FINGERPRINTED_WHEN_SET = ("calib_dataset", "text_field", "multiple_of", "row_multiple")
 
     def fingerprint(self) -> dict:
         """What must match for a re-run to resume into the same output folder."""

@@ -11,7 +11,7 @@ from .config import check_multiple_of_range, check_sparsity_range
 from .families import FAMILIES, BlockSpec
 from .model import Model, open_model, output_shape
 from .output_config import family_change
-from .selection import attention_kept, head_layouts, ranked_layouts
+from .selection import Alignment, attention_kept, head_layouts, ranked_layouts
 from .validate import check_sparsity
 
 RULE = ("attention keeps the GQA layout (KV groups x query heads per group) whose share of the attention weights "
@@ -22,7 +22,7 @@ MEASURED = ("--allocation global (the default) and uniform choose the shapes fro
             "show them")
 
 
-def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1) -> dict:
+def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1, row_multiple: int = 1) -> dict:
     """The model's shape and what the fixed rule (--allocation rule) would cut at `sparsity`, with
     the reasons; the measured allocations (uniform, global) decide only after the survey of a
     run. An input cut per block lists each block's shape, and has no fixed-rule plan. Refuses a
@@ -30,6 +30,8 @@ def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1) -> dic
     (hub.remote_model)."""
     check_sparsity_range(sparsity)
     check_multiple_of_range(multiple_of)
+    check_multiple_of_range(row_multiple, "--row-multiple")
+    given, multiple_of = multiple_of, Alignment(gpus=multiple_of, rows=row_multiple)
     model = folder if isinstance(folder, Model) else open_model(folder)
     arch = model.arch
     check_sparsity(arch, sparsity, multiple_of)
@@ -42,7 +44,7 @@ def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1) -> dic
         "model_type": arch.model_type, "layers": arch.n_layers, "hidden": arch.hidden,
         "heads": per_block(lambda x: x.n_heads), "kv_heads": per_block(lambda x: x.n_kv), "head_dim": b.head_dim,
         "neurons": per_block(lambda x: x.intermediate), "vocab": arch.vocab, "dtype": "/".join(dtypes),
-        "params": params, "block_params": block_params, "multiple_of": multiple_of, "plan": None,
+        "params": params, "block_params": block_params, "multiple_of": given, "row_multiple": row_multiple, "plan": None,
         "measured_allocations": MEASURED,
         "output_family": output_family(arch.model_type, b, multiple_of) if arch.uniform else None,
     }
@@ -99,6 +101,9 @@ def render_description(info: dict) -> str:
         lines.append(f"  (--multiple-of {info['multiple_of']}: only layouts with a multiple of {info['multiple_of']} "
                      f"query heads and a multiple or divisor of {info['multiple_of']} KV heads, and neuron counts "
                      f"that are multiples of {info['multiple_of']})")
+    if info.get("row_multiple", 1) > 1:
+        lines.append(f"  (--row-multiple {info['row_multiple']}: neuron counts and query heads x head_dim "
+                     f"{info['head_dim']} are multiples of {info['row_multiple']}, so a quantized type splits every row)")
     if pl["output_model_type_reason"]:
         lines.append(f"why {pl['output_model_type']}: {pl['output_model_type_reason']}")
     lines.append(f"{MEASURED}.")

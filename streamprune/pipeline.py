@@ -210,12 +210,12 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
     check_cache_folder(cache_folder_of(cfg, ranks), cfg.out)
     if cfg.samples < ranks.world:
         raise StreamPruneError(f"--samples {cfg.samples} is fewer than the {ranks.world} processes: each needs a window")
-    check_sparsity(model.arch, cfg.sparsity, cfg.multiple_of)
+    check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
     compensation = COMPENSATIONS[cfg.compensate]
     if cfg.allocation != "global":
         check_uniform(model.arch, f"--allocation {cfg.allocation}")
     # the fixed rule's shape: a model that cannot be written fails now (blocks of one shape only)
-    rule = output_shape(model, cfg.sparsity, compensation.needs_biases, cfg.multiple_of) if model.arch.uniform else None
+    rule = output_shape(model, cfg.sparsity, compensation.needs_biases, cfg.alignment) if model.arch.uniform else None
     with held_records() as early:  # what the checks say goes into the log file too
         cfg, tokens = calibration_tokens(cfg, model)
     memory = memory_plan(cfg, model)
@@ -255,7 +255,7 @@ def decide_shape(cfg: RunConfig, model: Model, rule: Shape | None, cache: Activa
     costs = survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits, cfg.seed,
                    cfg.progress, cfg.profile, placement, ranks, share)
     allocate = allocate_global if cfg.allocation == "global" else allocate_uniform
-    sizes = allocate(model.arch.blocks, costs, cfg.sparsity, multiple_of=cfg.multiple_of)
+    sizes = allocate(model.arch.blocks, costs, cfg.sparsity, multiple_of=cfg.alignment)
     return shape_of(model, sizes, COMPENSATIONS[cfg.compensate].needs_biases)
 
 

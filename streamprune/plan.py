@@ -261,7 +261,7 @@ def planned_sizes(model, sparsity: float, multiple_of: int = 1) -> Sizes:
 def plan_run(cfg, model, max_memory: int | None = None, host_memory: int | None = None,
              check_host: bool = True) -> Plan:
     """make_plan for the run `cfg` describes; max_memory overrides cfg.max_memory."""
-    sizes = planned_sizes(model, cfg.sparsity, cfg.multiple_of)
+    sizes = planned_sizes(model, cfg.sparsity, cfg.alignment)
     scoring, compensation = stage_bytes(cfg, model, sizes)
     return make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity, max_memory or cfg.max_memory,
                      cfg.batch_size, scoring, compensation, host_memory, check_host)

@@ -24,6 +24,8 @@ SECTIONS = {"arguments": {}, "model": {}, "plan": {},
 
 def load_report(out_dir: Path) -> dict:
     path = Path(out_dir)
+    if not path.exists():
+        raise StreamPruneError(f"not found: {out_dir}")
     path = path / "report.json" if path.is_dir() else path
     if not path.is_file():
         raise StreamPruneError(f"no report.json in {out_dir} (is it a finished streamprune output?)")
@@ -92,7 +94,8 @@ def render_report(report: dict) -> str:
              f"pruned to a {model.get('output_model_type', '?')}",
              f"sparsity {args.get('sparsity', '?')}, method {args.get('method', '?')}, "
              f"calibration {args.get('samples', '?')} x {args.get('seq_len', '?')} tokens of {args.get('calib', '?')}"
-             + (f", --multiple-of {args['multiple_of']} (tensor parallelism)" if args.get("multiple_of", 1) != 1 else ""),
+             + (f", --multiple-of {args['multiple_of']} (tensor parallelism)" if args.get("multiple_of", 1) != 1 else "")
+             + (f", --row-multiple {args['row_multiple']} (quantized rows)" if args.get("row_multiple", 1) != 1 else ""),
              ""]
     rows = [["layer", "heads", "kv", "neurons", "params", "rel.err", "kept heads"]]
     for b in blocks:

@@ -30,6 +30,39 @@ class Kept:
     neurons: torch.Tensor  # kept MLP neurons, ascending
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """What kept counts are multiples of. `gpus` (--multiple-of N): N GPUs can split every block
+    (tensor_parallel_ok). `rows` (--row-multiple M): every row length a cut sets, the neurons
+    (down_proj's rows) and the query heads x head_dim (o_proj's rows), splits into the blocks of a
+    quantized type (32 for q8_0 and q4_0, 256 for llama.cpp's k-quants)."""
+
+    gpus: int = 1
+    rows: int = 1
+
+    @property
+    def free(self) -> bool:
+        return self.gpus == 1 and self.rows == 1
+
+    @property
+    def neurons(self) -> int:
+        """What every kept neuron count is a multiple of."""
+        return math.lcm(self.gpus, self.rows)
+
+    def layout_ok(self, spec: BlockSpec, n_kv: int, group: int) -> bool:
+        return tensor_parallel_ok(n_kv, group, self.gpus) and n_kv * group * spec.head_dim % self.rows == 0
+
+    def options(self) -> str:
+        """The options that asked for it, as typed."""
+        return " ".join(f"--{name} {n}" for name, n in (("multiple-of", self.gpus), ("row-multiple", self.rows))
+                        if n > 1)
+
+
+def aligned(multiple_of: "int | Alignment") -> Alignment:
+    """An Alignment from --multiple-of alone (an int), or as it is."""
+    return multiple_of if isinstance(multiple_of, Alignment) else Alignment(gpus=int(multiple_of))
+
+
 def attention_params(spec: BlockSpec, n_kv: int, group: int) -> int:
     # q and o hold n_kv * group heads, k and v hold n_kv heads (biases and norms ignored)
     return 2 * spec.head_dim * spec.hidden * (n_kv * group + n_kv)
@@ -43,21 +76,22 @@ def tensor_parallel_ok(n_kv: int, group: int, multiple_of: int) -> bool:
     return n_kv * group % multiple_of == 0 and (n_kv % multiple_of == 0 or multiple_of % n_kv == 0)
 
 
-def head_layouts(spec: BlockSpec, multiple_of: int = 1) -> list[tuple[int, int]]:
+def head_layouts(spec: BlockSpec, multiple_of: int | Alignment = 1) -> list[tuple[int, int]]:
     """Every GQA layout (KV groups kept, query heads per group) a block may be cut to."""
+    align = aligned(multiple_of)
     return [(kv, g) for kv in range(1, spec.n_kv + 1) for g in range(1, spec.group + 1)
-            if tensor_parallel_ok(kv, g, multiple_of)]
+            if align.layout_ok(spec, kv, g)]
 
 
-def neuron_step(spec: BlockSpec, multiple_of: int = 1) -> int:
+def neuron_step(spec: BlockSpec, multiple_of: int | Alignment = 1) -> int:
     """What kept neuron counts are rounded to: 64 for wide MLPs, 1 for small ones, and a multiple
-    of `multiple_of`."""
-    return math.lcm(64 if spec.intermediate >= 4096 else 1, multiple_of)
+    of what the alignment asks."""
+    return math.lcm(64 if spec.intermediate >= 4096 else 1, aligned(multiple_of).neurons)
 
 
-def most_neurons(spec: BlockSpec, multiple_of: int = 1) -> int:
-    """The most neurons a block may keep: all of them, or the largest multiple of `multiple_of`."""
-    return spec.intermediate - spec.intermediate % multiple_of
+def most_neurons(spec: BlockSpec, multiple_of: int | Alignment = 1) -> int:
+    """The most neurons a block may keep: all of them, or the largest aligned count."""
+    return spec.intermediate - spec.intermediate % aligned(multiple_of).neurons
 
 
 def attention_kept(spec: BlockSpec, n_kv: int, group: int) -> float:
@@ -72,13 +106,13 @@ def ranked_layouts(spec: BlockSpec, sparsity: float, multiple_of: int = 1) -> li
         abs(attention_kept(spec, *o) - (1 - sparsity)), -o[0] * o[1], -o[0]))
 
 
-def uniform_sizes(spec: BlockSpec, sparsity: float, multiple_of: int = 1) -> Sizes:
+def uniform_sizes(spec: BlockSpec, sparsity: float, multiple_of: int | Alignment = 1) -> Sizes:
     """Remove about `sparsity` of the block's weights. Attention takes the GQA layout whose kept
     fraction is closest to 1 - sparsity (ties: more query heads); the MLP width absorbs the
     rest, so the block total lands on target. Neuron counts are rounded to neuron_step (64 for
     wide MLPs, 1 for small ones). With `multiple_of` > 1, only layouts and neuron counts that
     many GPUs can split (tensor_parallel_ok) are taken, at sparsity 0 too."""
-    if sparsity == 0 and multiple_of == 1:
+    if sparsity == 0 and aligned(multiple_of).free:
         return Sizes(spec.n_kv, spec.group, spec.intermediate)
     full_attn = attention_params(spec, spec.n_kv, spec.group)
     target = (1 - sparsity) * (full_attn + 3 * spec.hidden * spec.intermediate)

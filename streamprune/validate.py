@@ -14,7 +14,7 @@ from .errors import StreamPruneError
 from .families import BlockSpec
 from .journal import WORKDIR
 from .numerics import first_bad_value
-from .selection import attention_params, head_layouts, neuron_step
+from .selection import aligned, attention_params, head_layouts, neuron_step
 
 
 
@@ -71,34 +71,38 @@ def max_sparsity(block: BlockSpec, multiple_of: int = 1) -> float:
     `multiple_of` > 1: its smallest layout and neuron count that many GPUs can split)."""
     full = attention_params(block, block.n_kv, block.group) + 3 * block.hidden * block.intermediate
     least = min(attention_params(block, kv, g) for kv, g in head_layouts(block, multiple_of))
-    return 1 - (least + 3 * block.hidden * (1 if multiple_of == 1 else neuron_step(block, multiple_of))) / full
+    return 1 - (least + 3 * block.hidden * (1 if aligned(multiple_of).free else neuron_step(block, multiple_of))) / full
 
 
 def check_multiple_of(arch, multiple_of: int) -> None:
     """Every block can be cut to counts that `multiple_of` GPUs split (selection.tensor_parallel_ok)."""
-    if multiple_of == 1:
+    align = aligned(multiple_of)
+    if align.free:
         return
+    smaller = " or ".join(name for name, n in (("--multiple-of", align.gpus), ("--row-multiple", align.rows)) if n > 1)
     for i, b in enumerate(arch.blocks):
-        if not head_layouts(b, multiple_of):
+        if not head_layouts(b, align):
+            wants = [f"a multiple of {align.gpus} query heads and a multiple or divisor of {align.gpus} KV heads"
+                     if align.gpus > 1 else "",
+                     f"query heads x head_dim {b.head_dim} a multiple of {align.rows}" if align.rows > 1 else ""]
             raise StreamPruneError(
-                f"--multiple-of {multiple_of}: block {i} has {b.n_heads} query heads in {b.n_kv} KV groups; no cut "
-                f"keeps a multiple of {multiple_of} query heads and a multiple or divisor of {multiple_of} KV heads "
-                "(use a smaller --multiple-of)")
-        if neuron_step(b, multiple_of) > b.intermediate:
-            raise StreamPruneError(f"--multiple-of {multiple_of}: block {i} has only {b.intermediate} MLP neurons "
-                                   "(use a smaller --multiple-of)")
+                f"{align.options()}: block {i} has {b.n_heads} query heads in {b.n_kv} KV groups; no cut keeps "
+                f"{' with '.join(w for w in wants if w)} (use a smaller {smaller})")
+        if neuron_step(b, align) > b.intermediate:
+            raise StreamPruneError(f"{align.options()}: block {i} has only {b.intermediate} MLP neurons "
+                                   f"(use a smaller {smaller})")
 
 
 def check_sparsity(arch, sparsity: float, multiple_of: int = 1) -> None:
     """What this model can lose (the range [0, 1) itself is RunConfig's check): every block keeps a
     head and a neuron, in counts `multiple_of` GPUs can split."""
     check_multiple_of(arch, multiple_of)
-    most = min(max_sparsity(b, multiple_of) for b in set(arch.blocks))
+    align = aligned(multiple_of)
+    most = min(max_sparsity(b, align) for b in set(arch.blocks))
     if sparsity > most:
-        kept = "every attention head of each block" if multiple_of == 1 else \
-            f"more than each block's smallest cut in multiples of {multiple_of}"
+        kept = "every attention head of each block" if align.free else "more than each block's smallest aligned cut"
         raise StreamPruneError(f"--sparsity {sparsity} would remove {kept}; this model allows at most {most:.3f}"
-                               + ("" if multiple_of == 1 else f" with --multiple-of {multiple_of}"))
+                               + ("" if align.free else f" with {align.options()}"))
 
 
 def existing_ancestor(folder: Path) -> Path:

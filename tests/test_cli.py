@@ -39,6 +39,11 @@ def test_compensation_options():
     assert parse("--compensate", "mean") == "mean"
 
 
+def test_a_sparsity_given_as_a_percentage_gets_the_fraction_in_the_message(tmp_path):
+    r = invoke("run", "--shards", DEMO / "stories260K", "--out", tmp_path / "o", "--sparsity", 30)
+    assert r.exit_code == 2 and "got 30.0 (a fraction: --sparsity 0.3 for 30%)" in r.output, r.output
+
+
 def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     cases = [
         ("run", "--shards", DEMO / "stories260K", "--out", tmp_path / "o", "--sparsity", 1.5),

@@ -183,3 +183,10 @@ def test_bad_destinations(tmp_path):
     assert r.returncode == 2 and "not found" in r.stderr or "does not exist" in r.stderr
     with pytest.raises(StreamPruneError, match="unknown --type"):
         export_gguf(DEMO, tmp_path / "x.gguf", "q3_k")
+
+
+def test_a_run_with_row_multiple_32_quantizes_every_matrix(tmp_path):
+    out = prune(DEMO, tmp_path / "r32", "--row-multiple", "32")
+    r = cli("export", out, "--gguf", tmp_path / "q4.gguf", "--type", "q4_0", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "in another type" not in r.stdout and "tensors in Q4_0" in r.stdout, r.stdout

@@ -77,6 +77,11 @@ def test_missing_report_is_an_error(tmp_path):
     assert r.exit_code == 2 and r.output.startswith("error: no report.json")
 
 
+def test_a_folder_that_does_not_exist_is_not_found(tmp_path):
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "kjv-ot")])
+    assert r.exit_code == 2 and r.output == f"error: not found: {tmp_path / 'kjv-ot'}\n"
+
+
 def synthetic_report(blocks: list[dict]) -> dict:
     timing = [{"score_seconds": 1.0 + i, "forward_seconds": 0.5, "seconds": 2.0 + i} for i in range(len(blocks))]
     return {"arguments": {"shards": "m", "sparsity": 0.3, "method": "perturb"}, "blocks": blocks,
