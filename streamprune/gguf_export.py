@@ -91,25 +91,33 @@ def gguf_architecture(arch: Architecture) -> str:
     return PER_LAYER_ARCH
 
 
-def rope_frequency_factors(config: dict, head_dim: int) -> torch.Tensor | None:
-    """llama.cpp's rope_freqs (one divisor per frequency) for a rope_type that only rescales the
-    frequencies (linear, llama3); None for the default. Others are refused."""
+def rope_scaling(config: dict, head_dim: int) -> tuple[float, torch.Tensor | None]:
+    """(linear factor, llama3 frequency factors) of the rotary embedding, as llama.cpp takes them:
+    `rope.scaling.factor` for linear scaling, a `rope_freqs` tensor (one divisor per frequency,
+    transformers' own frequencies against the default ones) for llama3. Other kinds are refused."""
     cfg = hf_config(config)
     kind = rope_type(cfg)
     if kind == "default":
-        return None
-    from .families import FAMILIES
+        return 1.0, None
+    params = cfg.rope_parameters if isinstance(getattr(cfg, "rope_parameters", None), dict) else {}
+    if kind == "linear":
+        return float(params["factor"]), None
+    if kind != "llama3":
+        raise StreamPruneError(f"rope_type {kind!r} has no exact llama.cpp equivalent here; exported: default, "
+                               "linear and llama3 rotary embeddings")
     import importlib
+
+    from .families import FAMILIES
     fam = FAMILIES[config["model_type"]]
     mod = importlib.import_module(f"transformers.models.{fam.module}.modeling_{fam.module}")
     rotary = getattr(mod, f"{fam.prefix}RotaryEmbedding")(cfg)
-    if kind not in ("linear", "llama3") or abs(float(rotary.attention_scaling) - 1.0) > 1e-12:
-        raise StreamPruneError(f"rope_type {kind!r} has no exact llama.cpp equivalent here; exported: default, "
-                               "linear and llama3 rotary embeddings")
+    default = 1.0 / (rope_theta(cfg) ** (torch.arange(0, head_dim, 2, dtype=torch.int64).double() / head_dim))
+    return 1.0, (default / rotary.inv_freq.double()).float()
+
+
+def rope_theta(cfg) -> float:
     params = cfg.rope_parameters if isinstance(getattr(cfg, "rope_parameters", None), dict) else {}
-    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    default = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).double() / head_dim))
-    return (default / rotary.inv_freq.double()).float()
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
 def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -145,7 +153,7 @@ def plan_tensors(model, gguf_arch: str, wanted: str) -> list[Tensor]:
         tensors.append(Tensor(name, tuple(shape), ggml, read, why))
 
     add("token_embd.weight", index.tensors[EMBED].shape, lambda: index.row_chunks(EMBED, CHUNK_ELEMENTS))
-    factors = rope_frequency_factors(arch.config, arch.blocks[0].head_dim)
+    _, factors = rope_scaling(arch.config, arch.blocks[0].head_dim)
     if factors is not None:
         if gguf_arch not in PAIRED_ROPE:
             raise StreamPruneError(f"rope_type {rope_type(hf_config(arch.config))!r} on a {arch.model_type}: "
@@ -203,9 +211,11 @@ def metadata(writer, arch: Architecture, gguf_arch: str, vocab: GGUFVocab, wante
     writer.add_uint32(f"{a}.attention.value_length", head_dim)
     writer.add_uint32(f"{a}.rope.dimension_count", head_dim)
     writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", float(blocks[0].eps))
-    cfg = hf_config(arch.config)
-    params = cfg.rope_parameters if isinstance(getattr(cfg, "rope_parameters", None), dict) else {}
-    writer.add_float32(f"{a}.rope.freq_base", float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    writer.add_float32(f"{a}.rope.freq_base", rope_theta(hf_config(arch.config)))
+    factor, _ = rope_scaling(arch.config, head_dim)
+    if factor != 1.0:
+        writer.add_string(f"{a}.rope.scaling.type", "linear")
+        writer.add_float32(f"{a}.rope.scaling.factor", factor)
     tokenizer_metadata(writer, vocab)
 
 

@@ -190,3 +190,26 @@ def test_a_run_with_row_multiple_32_quantizes_every_matrix(tmp_path):
     r = cli("export", out, "--gguf", tmp_path / "q4.gguf", "--type", "q4_0", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "in another type" not in r.stdout and "tensors in Q4_0" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_linear_rope_scaling_past_the_original_window(family, tmp_path):
+    """Linear scaling goes in as llama.cpp's rope.scaling.factor (llama3's as rope_freqs, above)."""
+    folder = peaky_model(tmp_path / family, family,
+                         rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    assert cli("export", folder, "--gguf", tmp_path / "m.gguf", "--type", "f32", "--quiet").returncode == 0
+    ids = tokenize_file(load_tokenizer(folder), DEMO_TEXT, special_tokens=True)[:160]
+    with torch.no_grad():
+        ref = load_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits[0].log_softmax(-1)
+    want = ref[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    with llama_cpp(tmp_path / "m.gguf") as llm:
+        got = torch.tensor(llm.logprobs(ids))
+    assert (got - want).abs().max() < 1e-3
+
+
+def test_llama3_rope_on_a_qwen_is_refused(tmp_path):
+    qwen2 = save_tiny_model(tmp_path / "q", "qwen2", tokenizer_from=DEMO, vocab=512,
+                            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 64})
+    refused(qwen2, tmp_path, "rope_type 'llama3' on a qwen2", "takes no frequency factors")
