@@ -188,8 +188,10 @@ def family(config: dict) -> Family:
 
 
 def hf_config(config: dict):
-    """The transformers config object of this family, validated by transformers itself."""
+    """The transformers config object of this family, validated by transformers itself (a
+    per_layer_config by streamprune first: check_per_layer_config)."""
     fam = family(config)
+    check_per_layer_config(config)
     cls = getattr(importlib.import_module(f"transformers.models.{fam.module}"), f"{fam.prefix}Config")
     kwargs = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
     try:
@@ -335,6 +337,41 @@ def bias_sublayers(config: dict) -> frozenset[str]:
 # sublayers) changes a computation streamprune does not model, so such a config is refused.
 PER_LAYER_SHAPE = {"n_heads": "num_attention_heads", "n_kv": "num_key_value_heads", "intermediate": "intermediate_size"}
 PER_LAYER_KEYS = frozenset(PER_LAYER_SHAPE.values()) | {"attention_bias", "mlp_bias"}
+
+
+def check_per_layer_config(config: dict) -> None:
+    """A per_layer_config streamprune can build, refused in one line before transformers or any
+    allocation sees it: an object keyed by distinct layer indices within num_hidden_layers, each
+    entry an object of PER_LAYER_KEYS with positive integer sizes (at most MAX_SIZE) and boolean
+    bias switches."""
+    per_layer = config.get("per_layer_config")
+    if per_layer is None:
+        return
+    where = "config.json: per_layer_config"
+    if not isinstance(per_layer, dict):
+        raise StreamPruneError(f"{where} must be an object keyed by layer index, got {type(per_layer).__name__}")
+    layers = config.get("num_hidden_layers")
+    seen: dict[int, str] = {}
+    for key, entry in per_layer.items():
+        if not (isinstance(key, str) and key.isdigit() and key.isascii()):
+            raise StreamPruneError(f"{where}: key {key!r} is not a layer index")
+        i = int(key)
+        if type(layers) is int and i >= layers:
+            raise StreamPruneError(f"{where}: layer {i} is out of range (num_hidden_layers is {layers})")
+        if i in seen:
+            raise StreamPruneError(f"{where}: layer {i} is given twice ({seen[i]!r} and {key!r})")
+        seen[i] = key
+        if not isinstance(entry, dict):
+            raise StreamPruneError(f"{where}: layer {i} must be an object, got {type(entry).__name__}")
+        unknown = sorted(set(entry) - PER_LAYER_KEYS - {"skip"})
+        if unknown:
+            raise StreamPruneError(f"{where}: layer {i} overrides {', '.join(unknown)}; streamprune supports "
+                                   f"per-layer {', '.join(sorted(PER_LAYER_KEYS))} only")
+        for name, value in entry.items():
+            if name in PER_LAYER_SHAPE.values() and (type(value) is not int or not 1 <= value <= MAX_SIZE):
+                raise StreamPruneError(f"{where}: layer {i} {name} must be a positive integer, got {value!r}")
+            if name in ("attention_bias", "mlp_bias") and type(value) is not bool:
+                raise StreamPruneError(f"{where}: layer {i} {name} must be true or false, got {value!r}")
 
 
 def layer_configs(cfg) -> list:
