@@ -22,12 +22,18 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
     check_folder_files(folder)  # a FIFO or a device among the tokenizer files would block or never end
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing/bad tokenizer
         if "trust_remote_code" in str(e):
             raise StreamPruneError(f"the tokenizer in {folder} needs code shipped with the model (auto_map); "
                                    "streamprune never runs a model's code") from None
         raise StreamPruneError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0][:200]}") from None
+    if not tokenizer("streamprune", add_special_tokens=False).input_ids:
+        # transformers builds an empty tokenizer from tokenizer_config.json alone
+        present = [p.name for p in sorted(Path(folder).glob("tokenizer*"))] or ["none"]
+        raise StreamPruneError(f"the tokenizer in {folder} is incomplete: it turns text into no tokens (tokenizer "
+                               f"files there: {', '.join(present)}; tokenizer.json or tokenizer.model is missing)")
+    return tokenizer
 
 
 def bos_id(tokenizer) -> int | None:
@@ -112,10 +118,11 @@ def fit_windows(n_tokens: int, samples: int, seq_len: int, bos: bool, adaptable:
                 return FEWEST_WINDOWS, short
     elif "seq_len" in adaptable and n_tokens // samples + bos >= SHORTEST_WINDOW:
         return samples, n_tokens // samples + bos
+    holds = supported_windows(n_tokens, samples, seq_len, bos)
     raise StreamPruneError(
         f"calibration text has {n_tokens:,} tokens; --samples {samples} x --seq-len {seq_len} needs "
-        f"{samples * (seq_len - bos):,}: it holds {supported_windows(n_tokens, samples, seq_len, bos)}; "
-        "or use a longer text")
+        f"{samples * (seq_len - bos):,}: " + ("use a longer text" if holds == "use a longer text" else
+                                             f"it holds {holds}; or use a longer text"))
 
 
 def token_windows(ids: list[int], n: int, seq_len: int, bos: int | None) -> torch.Tensor:

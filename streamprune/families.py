@@ -4,6 +4,7 @@ the model family."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -195,9 +196,23 @@ def hf_config(config: dict):
     cls = getattr(importlib.import_module(f"transformers.models.{fam.module}"), f"{fam.prefix}Config")
     kwargs = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
     try:
-        return cls(**kwargs)
+        with transformers_quiet():  # its warnings would come before our one-line error
+            return cls(**kwargs)
     except Exception as e:  # transformers raises several validation error types
         raise StreamPruneError(f"config.json rejected by transformers: {str(e).splitlines()[-1].strip()}") from None
+
+
+@contextlib.contextmanager
+def transformers_quiet():
+    """transformers' own logging off below ERROR for the duration (its config validation warns on
+    stderr about what streamprune then refuses, or accepts, in its own words)."""
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 # Sizes config.json must state (transformers' defaults are some other model's), and ones it may.
@@ -321,10 +336,17 @@ def rotary_tables(config: dict, seq_len: int, device="cpu") -> tuple[torch.Tenso
     rope_type transformers knows (llama3, yarn, ...) is computed exactly as transformers does."""
     fam = FAMILIES[config["model_type"]]
     mod = importlib.import_module(f"transformers.models.{fam.module}.modeling_{fam.module}")
-    rotary = getattr(mod, f"{fam.prefix}RotaryEmbedding")(hf_config(config)).to(device)
+    # the rotary embedding is the same in every layer (a per-layer head_dim is refused): built from
+    # the global config, whose sizes some rope types (yarn, dynamic) read
+    rotary = getattr(mod, f"{fam.prefix}RotaryEmbedding")(hf_config(global_config(config))).to(device)
     x = torch.zeros(1, dtype=torch.float32, device=device)
     cos, sin = rotary(x, torch.arange(seq_len, device=device)[None])
     return cos[0].float(), sin[0].float()
+
+
+def global_config(config: dict) -> dict:
+    """config.json without its per-layer overrides."""
+    return {k: v for k, v in config.items() if k != "per_layer_config"}
 
 
 def bias_sublayers(config: dict) -> frozenset[str]:

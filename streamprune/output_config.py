@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 
 from .errors import StreamPruneError
-from .families import FAMILIES, PER_LAYER_SHAPE, hf_config, layer_configs
+from .families import FAMILIES, PER_LAYER_SHAPE, architecture, hf_config, layer_configs
 
 
 def pruned_config(config: dict, n_heads: int, n_kv: int, intermediate: int, biases=()) -> dict:
@@ -55,7 +55,27 @@ def heterogeneous_config(config: dict, per_layer: list[dict | None], biases=()) 
     if len(kept) < len(per_layer):
         _drop_layers(out, config, kept)
     _check_layer_shapes(hf_config(out), shapes)
+    architecture(out)  # everything the loader checks on reading it back (rotary tables included)
     return out
+
+
+def check_per_block_writable(arch) -> None:
+    """--allocation global writes blocks of different shapes: refuse up front, before the survey,
+    a model whose config transformers cannot read with per-layer shapes (its rope validation reads
+    sizes that become per-layer, as longrope's does), so no run writes what its loader refuses."""
+    if not arch.uniform or arch.blocks[0].intermediate < 2:
+        return
+    b = arch.blocks[0]
+    trial = [{"n_heads": 1, "n_kv": 1, "intermediate": b.intermediate - 1} if i == 0 else  # every size per layer
+             {"n_heads": b.n_heads, "n_kv": b.n_kv, "intermediate": b.intermediate} for i in range(arch.n_layers)]
+    if arch.n_layers < 2:
+        return
+    try:
+        heterogeneous_config(arch.config, trial)
+    except StreamPruneError as e:
+        raise StreamPruneError(f"--allocation global writes blocks of different shapes, and this model's config "
+                               f"cannot say so ({str(e).removeprefix('config.json: ')[:160]}); use --allocation "
+                               "uniform") from None
 
 
 def _layer_shape(i: int, shape: dict) -> tuple[int, int, int]:

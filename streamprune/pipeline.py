@@ -35,6 +35,7 @@ from .run_eval import attach_eval, eval_window, journaled_eval
 from .runlog import FILE_ONLY, held_records, run_log
 from .lock import OutputLock
 from .model_card import write_card
+from .output_config import check_per_block_writable
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from .advice import refusal
 from .plan import Plan, plan_run
@@ -214,6 +215,8 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
     compensation = COMPENSATIONS[cfg.compensate]
     if cfg.allocation != "global":
         check_uniform(model.arch, f"--allocation {cfg.allocation}")
+    else:
+        check_per_block_writable(model.arch)
     # the fixed rule's shape: a model that cannot be written fails now (blocks of one shape only)
     rule = output_shape(model, cfg.sparsity, compensation.needs_biases, cfg.alignment) if model.arch.uniform else None
     with held_records() as early:  # what the checks say goes into the log file too

@@ -132,3 +132,27 @@ def test_write_embeddings_puts_the_lookup_into_the_cache(embedding, tmp_path, ba
     write_embeddings(cache, index, TOKENS, batch)
     assert cache.has(0)
     assert torch.equal(cache.batch(0, 0, len(TOKENS)), emb[TOKENS].float())
+
+
+def test_a_tokenizer_without_its_vocabulary_is_named(tmp_path):
+    """tokenizer_config.json kept, tokenizer.json gone: transformers builds an empty tokenizer."""
+    import shutil
+
+    from streamprune.calibration import load_tokenizer
+    from streamprune.errors import StreamPruneError
+    folder = tmp_path / "m"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "demo" / "stories260K", folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(StreamPruneError, match=r"the tokenizer in .* is incomplete: it turns text into no tokens "
+                                               r"\(tokenizer files there: tokenizer_config.json; tokenizer.json or "
+                                               r"tokenizer.model is missing\)"):
+        load_tokenizer(folder)
+
+
+def test_a_text_too_short_for_any_window_says_so_plainly():
+    from streamprune.calibration import fit_windows
+    from streamprune.errors import StreamPruneError
+    with pytest.raises(StreamPruneError) as e:
+        fit_windows(0, 128, 512, True)
+    assert str(e.value) == ("calibration text has 0 tokens; --samples 128 x --seq-len 512 needs 65,408: "
+                            "use a longer text")
