@@ -63,6 +63,16 @@ def _counts(values) -> str:
     return f"{min(kept)} to {max(kept)} ({', '.join('dropped' if v is None else str(v) for v in values)})"
 
 
+def base_model_name(folder) -> str:
+    """The input's name for the card: `org/name` for a Hub cache snapshot
+    (.../models--org--name/snapshots/<commit>), else the folder's name."""
+    folder = Path(folder)
+    repo = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/")
+    return folder.resolve().name
+
+
 def write_card(out: Path, report: dict, base_model: str) -> None:
     """OUT/README.md from the report and OUT/config.json (written before it)."""
     from .fsutil import atomic_write_bytes

@@ -34,7 +34,7 @@ from .numerics import ON_DEVICE, GramPlacement
 from .run_eval import attach_eval, eval_window, journaled_eval
 from .runlog import FILE_ONLY, held_records, run_log
 from .lock import OutputLock
-from .model_card import write_card
+from .model_card import base_model_name, write_card
 from .output_config import check_per_block_writable
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from .advice import refusal
@@ -125,7 +125,7 @@ def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: di
     atomic_write_json(cfg.out / "config.json", out_config)
     fault_point("final_files")
     atomic_write_json(cfg.out / "report.json", report)
-    write_card(cfg.out, report, Path(cfg.shards).name)
+    write_card(cfg.out, report, base_model_name(cfg.shards))
     fault_point("final_files")
     weight_map, total = {}, 0
     for k in range(1, n + 1):

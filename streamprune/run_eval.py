@@ -11,7 +11,7 @@ from .evaluate import choose_seq_len, perplexity
 from .families import read_config
 from .fsutil import atomic_write_json
 from .journal import Journal
-from .model_card import write_card
+from .model_card import base_model_name, write_card
 from .runlog import FILE_ONLY
 
 log = logging.getLogger(__name__)
@@ -62,5 +62,5 @@ def attach_eval(cfg: RunConfig, journal: Journal, report: dict, cache_folder: Pa
     report["timing"] = dict(report.get("timing", {}), wall_seconds_total=journal.wall_seconds,
                             eval_seconds={"before": before["seconds"], "after": after["seconds"]})
     atomic_write_json(Path(cfg.out) / "report.json", report)
-    write_card(Path(cfg.out), report, Path(cfg.shards).name)
+    write_card(Path(cfg.out), report, base_model_name(cfg.shards))
     return report

@@ -64,9 +64,12 @@ def invoke(*args):
 
 def model_files(out: Path) -> dict:
     """Every output file's bytes; report.json without the input's path and the timing; not the log
-    (its times and paths differ)."""
+    (its times and paths differ); the model card without its base_model line (the Hub id, or the
+    folder's name)."""
     files = {f.name: f.read_bytes() for f in sorted(out.iterdir())
-             if f.is_file() and f.name not in ("report.json", "streamprune.log")}
+             if f.is_file() and f.name not in ("report.json", "streamprune.log", "README.md")}
+    lines = (out / "README.md").read_text().split("\n")
+    files["README.md"] = [line for i, line in enumerate(lines) if i not in (1, 9)]  # base_model, title
     report = json.loads((out / "report.json").read_text())
     report.pop("timing")
     report["arguments"].pop("shards")
@@ -90,6 +93,7 @@ def test_run_on_a_hub_id_writes_what_a_run_on_the_folder_writes(offline_cache, t
     r = invoke("run", "--shards", tiny, "--out", tmp_path / "from-folder", *RUN)
     assert r.exit_code == 0, r.output
     assert model_files(tmp_path / "from-hub") == model_files(tmp_path / "from-folder")
+    assert "base_model: org/tiny\n" in (tmp_path / "from-hub" / "README.md").read_text()
     # the output's companion files are copies, not links into the Hub cache
     assert not any(f.is_symlink() for f in (tmp_path / "from-hub").iterdir())
     # the same command resumes (here: finds the run complete), the Hub id resolving to the same snapshot
