@@ -317,16 +317,18 @@ def multiple_of_option(command):
 @main.command()
 @model_options("--shards", "Model to prune")
 @click.option("--out", required=True, type=PathArg(), help="Output folder (resumable).")
-@click.option("--sparsity", default=RunConfig.sparsity, show_default=True, help="Fraction of each block's weights to remove, in [0, 1).")
+@click.option("--sparsity", default=RunConfig.sparsity, show_default=True,
+              help="Fraction of the decoder blocks' weights to remove, in [0, 1) (0.3 for 30%). Over all blocks "
+                   "together: under --allocation global some blocks lose much more, others less or nothing.")
 @click.option("--calib", type=PathArg(dir_okay=False),
               help="Calibration text: a plain text file, JSON lines (.jsonl, .json, .gz) or Parquet.")
 @click.option("--calib-dataset", help="Calibration from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --calib).")
 @click.option("--text-field", default=RunConfig.text_field, show_default=True, help=TEXT_FIELD_HELP)
-@click.option("--samples", default=RunConfig.samples, show_default=True,
+@click.option("--samples", default=RunConfig.samples, show_default=f"{RunConfig.samples}, or what the text holds",
               help="Calibration windows (unset: fewer when the text is short, with a warning).")
-@click.option("--seq-len", default=RunConfig.seq_len, show_default=True,
-              help="Tokens per calibration window (unset: at most max_position_embeddings; shorter when the "
-                   "text is very short).")
+@click.option("--seq-len", default=RunConfig.seq_len,
+              show_default=f"{RunConfig.seq_len}, at most max_position_embeddings",
+              help="Tokens per calibration window (unset: shorter when the text is very short).")
 @click.option("--device", type=Device(), default=RunConfig.device, show_default=True, help="cpu or cuda.")
 @click.option("--seed", default=RunConfig.seed, show_default=True)
 @click.option("--method", default=RunConfig.method, show_default=True,

@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .documents import TextSource
 from .errors import StreamPruneError
 
 
@@ -108,13 +107,15 @@ class RunConfig:
         from .selection import Alignment
         return Alignment(gpus=self.multiple_of, rows=self.row_multiple)
 
-    def calib_source(self) -> TextSource:
+    def calib_source(self) -> "TextSource":
+        from .documents import TextSource  # (it imports torch: not when the CLI starts)
         return TextSource(file=self.calib, dataset=self.calib_dataset, field=self.text_field)
 
-    def eval_source(self) -> TextSource | None:
+    def eval_source(self) -> "TextSource | None":
         """The held-out text (--eval or --eval-dataset), or None without one."""
         if self.eval is None and self.eval_dataset is None:
             return None
+        from .documents import TextSource
         return TextSource(file=self.eval, dataset=self.eval_dataset, field=self.text_field)
 
     # Fields that do not change the output bytes, so a resumed run may differ in them.

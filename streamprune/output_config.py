@@ -112,7 +112,9 @@ def _per_layer_config(config: dict, shapes: list[tuple[int, int, int]], biases) 
 def base_config(config: dict) -> dict:
     """The input's config.json as the start of the output's: built from stock classes only (no
     auto_map), its own per-layer overrides gone, head_dim written out (heads will change)."""
+    import transformers
     out = copy.deepcopy(config)
+    out["transformers_version"] = transformers.__version__  # the version that validated it, as save_pretrained writes
     out.pop("auto_map", None)
     out.pop("per_layer_config", None)
     out["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]

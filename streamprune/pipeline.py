@@ -32,7 +32,7 @@ from .model import Model, Shape, check_device, check_uniform, cut_sublayers, ope
 from .journal import WORKDIR, Journal, expect, read_checked_json, refuse_foreign_folder
 from .numerics import ON_DEVICE, GramPlacement
 from .run_eval import attach_eval, eval_window, journaled_eval
-from .runlog import FILE_ONLY, held_records, run_log
+from .runlog import FILE_ONLY, TERMINAL_ONLY, held_records, run_log
 from .lock import OutputLock
 from .model_card import base_model_name, write_card
 from .output_config import check_per_block_writable
@@ -381,7 +381,7 @@ def finished_report(cfg: RunConfig, model: Model, rule: Shape | None, journal: J
         atomic_write_json(cfg.out / "report.json", report)
     held = report.get("eval") or {}
     if cfg.eval_source() is None or eval_window(cfg) == (held.get("text_sha256"), held.get("seq_len")):
-        log.info("already complete: %s (nothing to do)", cfg.out)
+        log.info("already complete: %s (nothing to do)", cfg.out, extra=TERMINAL_ONLY)  # the log is left alone too
         return report
     log.info("already complete: %s; measuring perplexity on %s", cfg.out, cfg.eval_source().describe())
     return attach_eval(cfg, journal, report, cache.folder)

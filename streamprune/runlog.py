@@ -11,6 +11,26 @@ from pathlib import Path
 
 LOG_FILE = "streamprune.log"
 FILE_ONLY = {"file_only": True}  # `extra=` of a record for the log file, not the terminal (one per block)
+TERMINAL_ONLY = {"terminal_only": True}  # `extra=` of a record for the terminal only ("already complete")
+
+
+class RunLogHandler(logging.FileHandler):
+    """OUT/streamprune.log, opened only when a session has something to log: the `earlier` records
+    (checks made before the folder was locked) are written before the first record of the session,
+    and records meant for the terminal only are not written. So a re-run that finds the run
+    complete leaves the file as it is."""
+
+    def __init__(self, path: Path, earlier=()):
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.pending = list(earlier)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "terminal_only", False):
+            return
+        pending, self.pending = self.pending, []
+        for r in pending:
+            super().emit(r)
+        super().emit(record)
 
 
 class FileOnly(logging.Filter):
@@ -58,13 +78,11 @@ def held_records():
 def run_log(out: Path, earlier: list[logging.LogRecord] = ()):
     """Append the records of streamprune's loggers (INFO and up) to OUT/streamprune.log while the
     run is in the block, after the `earlier` ones (with their own times)."""
-    handler = logging.FileHandler(Path(out) / LOG_FILE, encoding="utf-8")
+    handler = RunLogHandler(Path(out) / LOG_FILE, earlier)
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     handler.setLevel(logging.INFO)
-    for record in earlier:
-        handler.handle(record)
     try:
         with recording(handler):
             yield

@@ -54,3 +54,14 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
         r = invoke(*args)
         assert r.exit_code == 2, r.output
         assert r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
+
+
+def test_help_does_not_import_torch_or_transformers():
+    """`streamprune --help` and `inspect --help` answer at once: nothing heavy at import."""
+    import subprocess
+    import sys
+    code = ("import sys; from click.testing import CliRunner; from streamprune.cli import main; "
+            "r = CliRunner().invoke(main, ['inspect', '--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -325,3 +325,11 @@ def test_llama_with_biases_and_varying_heads_is_refused(tmp_path):
 def test_import_streamprune_stays_light():
     code = "import sys, streamprune; assert 'torch' not in sys.modules; assert callable(streamprune.load_pretrained)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_the_output_config_names_the_transformers_version_that_wrote_it(tmp_path, qwen2):
+    import transformers
+    config = read_config(qwen2)
+    config["transformers_version"] = "4.0.0"
+    from streamprune.output_config import pruned_config
+    assert pruned_config(config, 2, 1, 10)["transformers_version"] == transformers.__version__
