@@ -143,13 +143,6 @@ def kv_group_boundaries(blocks: list[dict]) -> list[tuple[float, int]]:
     return lines
 
 
-def one_shape(blocks: list[dict]) -> bool:
-    """Every kept block has the same sizes (and started from the same): the per-layer bars of
-    neurons and params would all be equal."""
-    kept = [b for b in blocks if not b.get("dropped")]
-    return len({tuple(tuple(b[f]) for f in ("heads", "kv_heads", "neurons", "params")) for b in kept}) <= 1
-
-
 HEAD_COLOURS = {-1.0: ("#bbbbbb", "block dropped"), 0.0: ("#f3e3e1", "head removed"), 1.0: ("#3a7d44", "head kept")}
 
 
@@ -173,91 +166,76 @@ def draw_head_map(ax, blocks: list[dict], layers: list[int]) -> None:
                for v in (1.0, 0.0, -1.0) if v in shown]
     if bounds:
         handles.append(ax.collections[-1])
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, -0.1), ncol=2, fontsize="small",
+              frameon=False)
 
 
-def draw_one_shape(ax, blocks: list[dict]) -> None:
-    """For a cut that gives every block one shape: what that shape keeps of each kind of unit."""
-    b = next((b for b in blocks if not b.get("dropped")), blocks[0])
-    parts = [("query heads", b["heads"]), ("KV heads", b["kv_heads"]), ("MLP neurons", b["neurons"]),
-             ("parameters", b["params"])]
-    kept = [100 * after / before if before else 0.0 for _, (before, after) in parts]
-    bars = ax.barh([name for name, _ in parts], kept, color="#3a7d44")
-    ax.bar_label(bars, [f"{after:,} of {before:,}" for _, (before, after) in parts], padding=3, fontsize="small")
-    ax.set(title="one shape for every kept block: kept of each", xlabel="% kept", xlim=(0, 130))
-    ax.invert_yaxis()
+KINDS = (("query heads", "heads", "#3a7d44"), ("KV heads", "kv_heads", "#7fb3d5"),
+         ("MLP neurons", "neurons", "#d98c3a"), ("parameters", "params", "#555555"))
 
 
-def draw_block_seconds(ax, layers: list[int], timing: list) -> None:
-    """Seconds per block of the pruning pass, split into scoring, forward passes and the rest."""
-    def seconds(t, key):
-        v = t.get(key, 0) if isinstance(t, dict) else 0
-        return v if isinstance(v, (int, float)) else 0
-    score = [seconds(t, "score_seconds") for t in timing]
-    forward = [seconds(t, "forward_seconds") for t in timing]
-    rest = [max(0.0, seconds(t, "seconds") - s - f) for t, s, f in zip(timing, score, forward)]
-    ax.bar(layers, score, color="#3a7d44", label="scoring, slicing, compensation")
-    ax.bar(layers, forward, bottom=score, color="#7fb3d5", label="pruned block's forward pass")
-    ax.bar(layers, rest, bottom=[s + f for s, f in zip(score, forward)], color="#cccccc",
-           label="waiting for reads and writes")
-    ax.set(title="time per block (pruning pass)", xlabel="layer", ylabel="seconds",
-           ylim=(0, 1.45 * max([s + f + r for s, f, r in zip(score, forward, rest)] + [1e-3])))
-    ax.legend(loc="upper right", fontsize="small")
+def kept_percent(blocks: list[dict], key: str) -> list[float]:
+    """% of each block's `key` (heads, kv_heads, neurons, params) kept; 0 for a dropped block."""
+    return [0.0 if b.get("dropped") or not b[key][0] else 100 * b[key][1] / b[key][0] for b in blocks]
+
+
+def draw_kept(ax, blocks: list[dict], layers: list[int]) -> None:
+    """Per block, the share of its query heads, KV heads, neurons and parameters kept."""
+    for label, key, colour in KINDS:
+        ax.plot(layers, kept_percent(blocks, key), marker="o", markersize=4, color=colour, label=label,
+                linewidth=2.5 if key == "params" else 1.5, linestyle="--" if key == "params" else "-")
+    dropped = [b["layer"] for b in blocks if b.get("dropped")]
+    if dropped:
+        ax.scatter(dropped, [0] * len(dropped), marker="x", s=80, color="#b5443b", zorder=3, label="block dropped")
+    every_head = all(b["heads"][1] == b["heads"][0] for b in blocks if not b.get("dropped"))
+    ax.set(title="kept per block" + (" (every query head kept)" if every_head else ""), ylabel="% kept",
+           ylim=(-5, 108), xticks=layers)
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.08), ncol=5, fontsize="small", frameon=False)
+
+
+def draw_error(ax, blocks: list[dict], layers: list[int]) -> None:
+    ax.plot(layers, [b["relative_error"] for b in blocks], marker="o", color="#b5443b")
+    ax.set(title="what it cost: relative reconstruction error of the block's output", xlabel="layer",
+           ylabel="|y - y_dense|² / |y_dense - x|²", xticks=layers)
+    ax.set_ylim(bottom=0)
+
+
+def figure_title(report: dict) -> str:
+    """Model, options and size on the first line; the perplexities with their window on the second."""
+    args, e, p = report.get("arguments", {}), report.get("eval"), report.get("block_params")
+    title = (f"{Path(str(args.get('shards', 'model'))).name}: sparsity {args.get('sparsity', '?')} "
+             f"({args.get('method', '?')}, allocation {args.get('allocation', '?')})")
+    if p:
+        title += f", block params {p['before']:,} -> {p['after']:,} ({1 - p['after'] / p['before']:.1%} removed)"
+    if e:
+        window = (f", {e['windows']} windows of {e['seq_len']} tokens" if "windows" in e
+                  else f", windows of {e['seq_len']} tokens")
+        title += (f"\nperplexity {e['ppl_before']:.3f} -> {e['ppl_after']:.3f} "
+                  f"({e['ppl_after'] / e['ppl_before'] - 1:+.1%}) on {Path(e['text']).name}{window}")
+    return title
 
 
 def report_figure(report: dict):
-    """The picture as a matplotlib Figure (Agg): head map (legend, KV-group lines), relative error
-    per block, and either neurons and params per layer (blocks of different shapes) or, when every
-    block has one shape (those bars would all be equal), what that shape keeps and the time per block."""
+    """The picture as a matplotlib Figure (Agg): per block, what was kept (shares of heads, KV heads,
+    neurons, parameters) and the error it cost, above each other on one layer axis; beside them the
+    map of which query heads were kept (with KV-group lines), drawn only when some head was removed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     blocks = report["blocks"]
     layers = [b["layer"] for b in blocks]
-    fig, ax = plt.subplots(2, 2, figsize=(12, 7.5))
-    draw_head_map(ax[0, 0], blocks, layers)
-
-    error = ax[1, 0]
-    error.plot(layers, [b["relative_error"] for b in blocks], marker="o", color="#b5443b")
-    error.set(title="relative reconstruction error per block", xlabel="layer",
-              ylabel="|y - y_dense|² / |y_dense - x|²")
-    error.set_ylim(bottom=0)
-    error.set_xticks(layers)
-
-    timing = report.get("timing", {}).get("blocks")
-    if one_shape(blocks):
-        draw_one_shape(ax[0, 1], blocks)
-        if isinstance(timing, list) and len(timing) == len(blocks):
-            draw_block_seconds(ax[1, 1], layers, timing)
-            ax[1, 1].set_xticks(layers)
-        else:
-            ax[1, 1].set_axis_off()
+    heads_cut = any(b["heads"][1] < b["heads"][0] for b in blocks)
+    width = max(8.0, 0.32 * len(layers) + 4)
+    if heads_cut:
+        fig = plt.figure(figsize=(width + 5, 8))
+        grid = fig.add_gridspec(2, 2, width_ratios=(width, 5))
+        kept, error = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0])
+        draw_head_map(fig.add_subplot(grid[:, 1]), blocks, layers)
     else:
-        neurons = ax[0, 1]
-        neurons.bar(layers, [b["neurons"][0] for b in blocks], color="#dddddd", label="before")
-        neurons.bar(layers, [b["neurons"][1] for b in blocks], color="#3a7d44", label="kept")
-        neurons.set(title="MLP neurons per layer", xlabel="layer", ylabel="neurons")
-        neurons.legend(loc="lower right")
-
-        params = ax[1, 1]
-        width = 0.4
-        params.bar([x - width / 2 for x in layers], [b["params"][0] for b in blocks], width, color="#999999",
-                   label="before")
-        params.bar([x + width / 2 for x in layers], [b["params"][1] for b in blocks], width, color="#3a7d44",
-                   label="after")
-        params.set(title="block parameters", xlabel="layer", ylabel="parameters")
-        params.legend(loc="lower right")
-        for a in (neurons, params):
-            a.set_xticks(layers)
-
-    args, e = report.get("arguments", {}), report.get("eval")
-    title = f"{Path(str(args.get('shards', 'model'))).name}: sparsity {args.get('sparsity', '?')} ({args.get('method', '?')})"
-    p = report.get("block_params")
-    if p:
-        title += f", block params {p['before']:,} -> {p['after']:,}"
-    if e:
-        title += f"\nperplexity {e['ppl_before']:.3f} -> {e['ppl_after']:.3f} on {Path(e['text']).name}"
-    fig.suptitle(title)
+        fig, (kept, error) = plt.subplots(2, 1, figsize=(width, 8))
+    draw_kept(kept, blocks, layers)
+    draw_error(error, blocks, layers)
+    fig.suptitle(figure_title(report))
     fig.tight_layout()
     return fig
 

@@ -103,10 +103,14 @@ def figure_of(report):
     return fig.axes
 
 
+def by_title(axes) -> dict:
+    return {a.get_title(): a for a in axes}
+
+
 def test_head_map_has_a_legend_and_kv_group_lines():
     blocks = [block(0, 8, 4, list(range(8))), block(1, 4, 2, [0, 1, 4, 5], neurons=(96, 40)),
               block(2, 0, 0, [], neurons=(96, 0), dropped=True)]
-    heads = figure_of(synthetic_report(blocks))[0]
+    heads = by_title(figure_of(synthetic_report(blocks)))["attention heads per layer"]
     legend = [t.get_text() for t in heads.get_legend().get_texts()]
     assert legend == ["head kept", "head removed", "block dropped", "KV group boundary"]
     lines = next(c for c in heads.collections if c.get_label() == "KV group boundary")
@@ -115,24 +119,31 @@ def test_head_map_has_a_legend_and_kv_group_lines():
     assert segments == sorted((x, r - 0.5, r + 0.5) for x in (1.5, 3.5, 5.5) for r in range(3))
 
 
-def test_blocks_of_different_shapes_show_neurons_and_params_per_layer():
-    blocks = [block(0, 8, 4, list(range(8))), block(1, 4, 2, [0, 1, 4, 5], neurons=(96, 40))]
-    titles = [a.get_title() for a in figure_of(synthetic_report(blocks))]
-    assert titles == ["attention heads per layer", "MLP neurons per layer",
-                      "relative reconstruction error per block", "block parameters"]
+def test_per_block_what_was_kept_and_what_it_cost():
+    blocks = [block(0, 8, 4, list(range(8))), block(1, 4, 2, [0, 1, 4, 5], neurons=(96, 40)),
+              block(2, 0, 0, [], neurons=(96, 0), dropped=True)]
+    axes = by_title(figure_of(synthetic_report(blocks)))
+    assert set(axes) == {"kept per block", "what it cost: relative reconstruction error of the block's output",
+                         "attention heads per layer"}
+    kept = axes["kept per block"]
+    lines = {line.get_label(): list(line.get_ydata()) for line in kept.get_lines()}
+    assert lines["query heads"] == [100.0, 50.0, 0.0] and lines["MLP neurons"][1] == pytest.approx(100 * 40 / 96)
+    legend = [t.get_text() for t in kept.get_legend().get_texts()]
+    assert legend == ["query heads", "KV heads", "MLP neurons", "parameters", "block dropped"]
+    assert kept.get_legend().get_bbox_to_anchor().y0 > kept.get_window_extent().y1  # above the plot, not on it
 
 
-def test_one_shape_replaces_the_equal_bars_with_what_it_keeps_and_the_time_per_block():
-    blocks = [block(i, 4, 4, [0, 2, 4, 6]) for i in range(3)]
-    axes = figure_of(synthetic_report(blocks))
-    assert [a.get_title() for a in axes] == ["attention heads per layer", "one shape for every kept block: kept of each",
-                                             "relative reconstruction error per block", "time per block (pruning pass)"]
-    kept = axes[1]
-    assert [t.get_text() for t in kept.get_yticklabels()] == ["query heads", "KV heads", "MLP neurons", "parameters"]
-    assert [round(p.get_width()) for p in kept.patches] == [50, 100, 62, 56]
-    seconds = axes[3]
-    heights = [p.get_height() for p in seconds.patches]
-    assert heights[:3] == [1.0, 2.0, 3.0]  # scoring seconds of the three blocks, then the other parts stacked
+def test_no_head_map_when_every_head_is_kept_and_the_title_names_the_window():
+    blocks = [block(i, 8, 4, list(range(8)), neurons=(96, 50 + i)) for i in range(3)]
+    report = synthetic_report(blocks)
+    report["eval"] = {"text": "/x/eval.txt", "seq_len": 256, "windows": 90, "tokens": 22950, "ppl_before": 20.0,
+                      "ppl_after": 25.0}
+    axes = figure_of(report)
+    assert [a.get_title() for a in axes] == ["kept per block (every query head kept)",
+                                             "what it cost: relative reconstruction error of the block's output"]
+    from streamprune.report import figure_title
+    assert figure_title(report).splitlines()[1] == ("perplexity 20.000 -> 25.000 (+25.0%) on eval.txt, 90 windows "
+                                                    "of 256 tokens")
 
 
 def test_summary_says_what_the_time_covers(out):
