@@ -302,6 +302,15 @@ def planning_model(arg: Path, revision: str | None):
 TEXT_FIELD_HELP = "The text field of JSON lines / Parquet rows or a dataset's column."
 
 
+def preview_sparsities(sparsity: float, text: str) -> list[float]:
+    """--sparsity, then the --preview list (comma-separated), each once, in order."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise StreamPruneError(f"--preview must be sparsities separated by commas (e.g. 0.2,0.4), got {text!r}") from None
+    return sorted({sparsity, *values})
+
+
 def multiple_of_option(command):
     """--multiple-of N and --row-multiple M (run, plan and inspect share them)."""
     command = click.option(
@@ -358,8 +367,13 @@ def multiple_of_option(command):
 @click.option("--eval-dataset", help="Held-out text from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --eval).")
 @click.option("--eval-seq-len", default=0,
               help="Tokens per evaluation window (0: 2048, at most max_position_embeddings; as `eval`).")
+@click.option("--survey-only", is_flag=True,
+              help="Measure the costs (the survey) and show each block's shape at --sparsity and the --preview "
+                   "sparsities; prune nothing. A later run into the same --out at any sparsity reuses the survey.")
+@click.option("--preview", default="0.2,0.3,0.4,0.5", show_default=True,
+              help="With --survey-only: the other sparsities to show (comma-separated).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(quiet: bool, revision: str | None, **kwargs):
+def run(quiet: bool, revision: str | None, preview: str, **kwargs):
     """Prune a model; re-running the same command resumes an interrupted run."""
     from .pipeline import check_before_model, run as run_pipeline
     from .scoring import SCORERS
@@ -372,8 +386,17 @@ def run(quiet: bool, revision: str | None, **kwargs):
     warn_beyond_physical(cfg.max_memory, cfg.device)
     if not quiet and not ctx.find_root().params.get("debug"):
         show_messages(logging.INFO)
+    sparsities = preview_sparsities(cfg.sparsity, preview) if cfg.survey_only else ()
     report = run_pipeline(cfg)
     if report is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return
+    if report.get("survey_only"):
+        from .preview import render_previews, survey_previews
+        model = report["model"]
+        previews = survey_previews(cfg, model.arch, report["costs"], sparsities)
+        click.echo("\n".join(render_previews(previews, model.arch.blocks)))
+        click.echo(f"survey kept in {kwargs['out']}: `streamprune run` with the same arguments and any --sparsity, "
+                   "--allocation (global, uniform), --method, --multiple-of or --row-multiple reuses it")
         return
     p, t = report["block_params"], report["timing"]
     sessions = f" over {t['sessions']} sessions" if t.get("sessions", 1) > 1 else ""

@@ -61,6 +61,7 @@ class RunConfig:
     max_memory: int | None = None  # bytes the run may use (host on CPU, GPU on CUDA); None = what is free
     cache_dir: Path | None = None
     keep_cache: bool = False
+    survey_only: bool = False  # stop after the survey (a later run with another sparsity reuses it)
     restart: bool = False
     progress: bool = True
     overlap: bool = True  # prefetch the next block and write shards in the background
@@ -119,9 +120,13 @@ class RunConfig:
         return TextSource(file=self.eval, dataset=self.eval_dataset, field=self.text_field)
 
     # Fields that do not change the output bytes, so a resumed run may differ in them.
-    NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "restart", "progress", "batch_size", "max_memory", "overlap",
+    NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "survey_only", "restart", "progress", "batch_size", "max_memory", "overlap",
                          "profile", "eval", "eval_dataset",
                          "eval_seq_len", "adaptable")
+
+    # What the survey does not depend on: a survey-only run (or one stopped before pruning) gives its
+    # survey to a run that differs only in these (journal.survey_carried).
+    SURVEY_FREE = ("sparsity", "allocation", "method", "budget", "multiple_of", "row_multiple", "calibrate_on")
 
     # Fingerprinted only when not the default, so a journal written before they existed still resumes.
     FINGERPRINTED_WHEN_SET = ("calib_dataset", "text_field", "multiple_of", "row_multiple")

@@ -18,8 +18,8 @@ RULE = ("attention keeps the GQA layout (KV groups x query heads per group) whos
         "is closest to 1 - sparsity (ties: more query heads); the MLP keeps as many neurons as make the block as a "
         "whole lose the sparsity")
 MEASURED = ("--allocation global (the default) and uniform choose the shapes from costs measured on the calibration "
-            "text during the run (the survey), so they are known only then: report.json and `streamprune report` "
-            "show them")
+            "text (the survey): `streamprune run ... --survey-only` measures them and shows every block's shape at "
+            "several sparsities without pruning (a later run reuses that survey)")
 
 
 def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1, row_multiple: int = 1) -> dict:

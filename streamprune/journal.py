@@ -138,6 +138,26 @@ def has_work(state: dict) -> bool:
     return bool(state.get("blocks") or state.get("survey") or state.get("eval") or state.get("complete"))
 
 
+# what a reused survey brings along: its costs, the micro-batch and Gram placement its float sums
+# depend on, its run id (whose activation cache it claimed), its time, the input's perplexity
+CARRIED = ("survey", "micro_batch", "grams", "run", "wall_seconds", "sessions")
+
+
+def survey_carried(state: dict, fingerprint: dict, survey_free: tuple[str, ...]) -> dict | None:
+    """What a run with `fingerprint` takes from the journal `state` of a survey-only (or stopped
+    before pruning) run whose arguments differ only in `survey_free` ones; None when nothing."""
+    if not survey_free or not state.get("survey") or state.get("blocks") or state.get("complete"):
+        return None
+    strip = lambda fp: {k: v for k, v in fp.items() if k not in survey_free}  # noqa: E731
+    if strip(state.get("fingerprint", {})) != strip(fingerprint):
+        return None
+    carried = {k: state[k] for k in CARRIED if k in state}
+    before = state.get("eval", {}).get("before")
+    if before is not None:
+        carried["eval"] = {"before": before}
+    return carried
+
+
 class Journal:
     """Also keeps the run's time over all its sessions: every save adds the time since the last one
     (or since this session began) to "wall_seconds", so a killed session loses only what it did
@@ -148,12 +168,16 @@ class Journal:
         self.state = state
         self.mark = time.time() if started is None else started
         self.replaced = False  # whether it replaced the journal of a run with other arguments that did no work
+        self.reused_survey = 0  # blocks surveyed by an earlier run with other survey-free arguments
 
     @classmethod
-    def open(cls, out: Path, fingerprint: dict, restart: bool, started: float | None = None) -> "Journal":
+    def open(cls, out: Path, fingerprint: dict, restart: bool, started: float | None = None,
+             survey_free: tuple[str, ...] = ()) -> "Journal":
         """Resume the journal in `out`, or start a new one (this session began at `started`).
         Refuses to mix arguments, and to write into a non-empty folder that streamprune did not
-        create."""
+        create. A journal that holds a survey and no pruned block, of a run whose arguments differ
+        from these only in `survey_free` ones (what the survey does not depend on: the sparsity,
+        the allocation, the method), gives this run its survey (`reused_survey` blocks)."""
         out = Path(out)
         path = out / WORKDIR / "journal.json"
         replaced = False
@@ -161,6 +185,12 @@ class Journal:
             state = load_state(path)
             if state.get("fingerprint") == fingerprint:
                 return cls(path, state, started)
+            carried = survey_carried(state, fingerprint, survey_free)
+            if carried is not None:
+                journal = cls(path, {"fingerprint": fingerprint, "blocks": {}, "complete": False, **carried}, started)
+                journal.reused_survey = len(carried["survey"])
+                journal.save()
+                return journal
             if has_work(state):
                 raise mismatch(out, state.get("fingerprint", {}), fingerprint)
             # a run refused or stopped before it did any work (not enough disk) pins nothing: the

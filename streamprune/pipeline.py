@@ -27,7 +27,6 @@ from .families import bias_sublayers, rotary_tables
 from .compensate import COMPENSATIONS
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
-from .allocation import allocate_global, allocate_uniform
 from .model import Model, Shape, check_device, check_uniform, cut_sublayers, open_model, output_shape, shape_of
 from .journal import WORKDIR, Journal, expect, read_checked_json, refuse_foreign_folder
 from .numerics import ON_DEVICE, GramPlacement
@@ -35,6 +34,7 @@ from .run_eval import attach_eval, eval_window, journaled_eval
 from .runlog import FILE_ONLY, TERMINAL_ONLY, held_records, run_log
 from .lock import OutputLock
 from .model_card import base_model_name, write_card
+from .preview import allocate
 from .output_config import check_per_block_writable
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from .advice import refusal
@@ -213,6 +213,9 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
         raise StreamPruneError(f"--samples {cfg.samples} is fewer than the {ranks.world} processes: each needs a window")
     check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
     compensation = COMPENSATIONS[cfg.compensate]
+    if cfg.survey_only and cfg.allocation == "rule":
+        raise StreamPruneError("--survey-only measures costs for --allocation global or uniform; the fixed rule "
+                               "needs none (streamprune inspect shows its cut)")
     if cfg.allocation != "global":
         check_uniform(model.arch, f"--allocation {cfg.allocation}")
     else:
@@ -251,15 +254,21 @@ def decide_shape(cfg: RunConfig, model: Model, rule: Shape | None, cache: Activa
     blocks not surveyed yet) by the allocation asked for."""
     if cfg.allocation == "rule":
         return rule
+    costs = measured_costs(cfg, model, cache, journal, batch, tokens, placement, ranks)
+    sizes = allocate(cfg.allocation, model.arch.blocks, costs, cfg.sparsity, cfg.alignment)
+    return shape_of(model, sizes, COMPENSATIONS[cfg.compensate].needs_biases)
+
+
+def measured_costs(cfg: RunConfig, model: Model, cache: ActivationCache, journal: Journal, batch: int,
+                   tokens: torch.Tensor, placement: GramPlacement = ON_DEVICE, ranks: Ranks = SINGLE
+                   ) -> list:
+    """The survey's costs of every block (run now for the blocks not surveyed yet)."""
     share = ranks.share(cfg.samples, batch)
     ensure_inputs(model, cache, len(journal.surveyed), tokens[share.windows.start:share.windows.stop], batch, ranks)
     device = check_device(cfg.device)
     cos, sin = rotary_tables(model.arch.config, cfg.seq_len, device)
-    costs = survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits, cfg.seed,
-                   cfg.progress, cfg.profile, placement, ranks, share)
-    allocate = allocate_global if cfg.allocation == "global" else allocate_uniform
-    sizes = allocate(model.arch.blocks, costs, cfg.sparsity, multiple_of=cfg.alignment)
-    return shape_of(model, sizes, COMPENSATIONS[cfg.compensate].needs_biases)
+    return survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits, cfg.seed,
+                  cfg.progress, cfg.profile, placement, ranks, share)
 
 
 def warn_uncompensated(cfg: RunConfig, model: Model, shape: Shape) -> None:
@@ -284,7 +293,7 @@ def open_journal(cfg: RunConfig, model: Model, memory: Plan, ranks: Ranks, t0: f
     fingerprint = dict(cfg.fingerprint(), **input_fingerprint(model.folder, {t.file for t in model.index.tensors.values()}))
     if ranks.world > 1:  # float sums, and so the output bytes, depend on how the windows are split
         fingerprint["processes"] = ranks.world
-    journal = Journal.open(cfg.out, fingerprint, cfg.restart, t0)
+    journal = Journal.open(cfg.out, fingerprint, cfg.restart, t0, cfg.SURVEY_FREE)
     # a resumed run keeps its micro-batch: float sums depend on it, and resume must be byte-identical
     journal.pin("micro_batch", memory.micro_batch if ranks.world == 1 else
                 shared_micro_batch(memory.micro_batch, cfg.samples, ranks.world))
@@ -305,6 +314,9 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, t
         if journal.replaced:
             log.warning("%s held a run with other arguments that had not started (nothing done); starting over",
                         cfg.out)
+        if journal.reused_survey:
+            log.info("reusing the survey of %d blocks in %s (it depends on none of: %s)", journal.reused_survey,
+                     cfg.out, ", ".join(cfg.SURVEY_FREE))
         batch, run_id = journal.state["micro_batch"], journal.state["run"]
         placement = GramPlacement.of(journal.state["grams"])
         share = ranks.share(cfg.samples, batch)
@@ -337,6 +349,10 @@ def prune(cfg: RunConfig, model: Model, rule: Shape | None, journal: Journal, ba
              "resuming the" if session > 1 else "starting a", cfg.shards, cfg.out, cfg.sparsity, cfg.samples,
              cfg.seq_len, batch, cfg.method, cfg.allocation,
              f", {ranks.world} processes" if ranks.world > 1 else "")
+    if cfg.survey_only:
+        costs = measured_costs(cfg, model, cache, journal, batch, tokens, placement, ranks)
+        log.info("survey done: %s (run the same command without --survey-only, at any sparsity, to prune)", cfg.out)
+        return {"survey_only": True, "costs": costs, "model": model} if ranks.is_writer else None
     if cfg.eval_source() is not None and ranks.world == 1:  # the input's perplexity, once (journaled), before any pruning
         journaled_eval(cfg, journal, "before", model.folder, cache.folder)  # (several ranks: rank 0's, at the end)
     shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens, placement, ranks)
