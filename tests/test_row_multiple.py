@@ -56,9 +56,10 @@ def test_inspect_takes_a_row_multiple_that_tensor_parallelism_refuses():
     assert r.exit_code == 2 and "(use a smaller --row-multiple)" in r.output
 
 
-def test_default_is_not_in_the_fingerprint_so_earlier_runs_resume():
+@pytest.mark.parametrize("field", ["multiple_of", "row_multiple"])
+def test_default_is_not_in_the_fingerprint_so_earlier_runs_resume(field):
     cfg = RunConfig(shards=DEMO, out=DEMO, calib=DEMO / "calib.txt")
-    assert "row_multiple" not in cfg.fingerprint()
-    assert RunConfig(shards=DEMO, out=DEMO, calib=DEMO / "calib.txt", row_multiple=32).fingerprint()["row_multiple"] == 32
-    with pytest.raises(StreamPruneError, match="--row-multiple must be in"):
-        RunConfig(shards=DEMO, out=DEMO, row_multiple=0)
+    assert field not in cfg.fingerprint()
+    assert RunConfig(shards=DEMO, out=DEMO, calib=DEMO / "calib.txt", **{field: 32}).fingerprint()[field] == 32
+    with pytest.raises(StreamPruneError, match=f"--{field.replace('_', '-')} must be in"):
+        RunConfig(shards=DEMO, out=DEMO, **{field: 0})

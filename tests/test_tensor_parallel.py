@@ -62,14 +62,6 @@ def test_a_model_that_cannot_be_split_is_refused_in_one_sentence():
     assert uniform_sizes(wide, 0.3, multiple_of=4).intermediate == 4  # 6 neurons round down to 4
 
 
-def test_default_is_not_in_the_fingerprint_so_earlier_runs_resume():
-    cfg = RunConfig(shards=DEMO, out=DEMO, calib=DEMO / "calib.txt")
-    assert "multiple_of" not in cfg.fingerprint()
-    assert RunConfig(shards=DEMO, out=DEMO, calib=DEMO / "calib.txt", multiple_of=4).fingerprint()["multiple_of"] == 4
-    with pytest.raises(StreamPruneError, match="--multiple-of must be in"):
-        RunConfig(shards=DEMO, out=DEMO, multiple_of=0)
-
-
 @pytest.mark.parametrize("allocation", ["global", "rule"])
 def test_pruned_output_splits_four_ways_and_loads(tmp_path, allocation):
     src = save_tiny_model(tmp_path / "in", "llama", layers=3, vocab=512, heads=8, kv=4,
