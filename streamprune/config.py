@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import StreamPruneError
+
+if TYPE_CHECKING:
+    from .documents import TextSource
 
 
 COMPENSATIONS = ("lsq", "mean", "none")
@@ -108,11 +112,11 @@ class RunConfig:
         from .selection import Alignment
         return Alignment(gpus=self.multiple_of, rows=self.row_multiple)
 
-    def calib_source(self) -> "TextSource":
+    def calib_source(self) -> TextSource:
         from .documents import TextSource  # (it imports torch: not when the CLI starts)
         return TextSource(file=self.calib, dataset=self.calib_dataset, field=self.text_field)
 
-    def eval_source(self) -> "TextSource | None":
+    def eval_source(self) -> TextSource | None:
         """The held-out text (--eval or --eval-dataset), or None without one."""
         if self.eval is None and self.eval_dataset is None:
             return None

@@ -4,7 +4,6 @@ and the export either runs in llama.cpp or is refused in one line. A run never w
 own loader refuses."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
