@@ -375,3 +375,20 @@ def test_ignored_sigint_stays_ignored():
                "signal.getsignal(signal.SIGTERM) is cli.on_signal)",
                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert p.stdout.split() == ["True", "True"], p.stderr
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (("inspect", "--shards", "org/na me"), r"^error: model folder not found: org/na me$"),
+    (("inspect", "--shards", "a/b/c"), r"^error: model folder not found: a/b/c$"),
+    (("inspect", "--shards", "org/name:rev"), r"^error: model folder not found: org/name:rev$"),
+    (("inspect", "--shards", "org/tiny-not-cached"), r"as a Hugging Face Hub id it is not \(completely\) in the cache"),
+    (("eval", "--model", MODEL, "--text-dataset", "a:b:c:d"), r"dataset 'a:b:c:d': expected NAME, NAME:SPLIT"),
+    (("eval", "--model", MODEL, "--text-dataset", ":"), r"dataset ':': expected NAME"),
+    (("eval", "--model", MODEL, "--text-dataset", "name:config:"), r"dataset 'name:config:': expected NAME"),
+    (("run", "--shards", MODEL, "--out", "OUT", "--calib-dataset", "x::"), r"dataset 'x::': expected NAME"),
+])
+def test_malformed_hub_ids_and_dataset_options_are_one_line(tmp_path, args, pattern):
+    """(the test suite runs offline: tests/conftest.py)"""
+    args = [tmp_path / "out" if a == "OUT" else a for a in args]
+    one_error_line(invoke(*args), pattern)
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
