@@ -49,6 +49,16 @@ log = logging.getLogger(__name__)
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started: Linux's VmHWM. (ru_maxrss also counts
+    the parent's memory at the moment it spawned this process, so a run launched from a large
+    Python process would report that process's size.)"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -70,6 +70,20 @@ def test_prediction_covers_the_measured_peak(tmp_path):
     assert predicted.peak_host_bytes >= report["timing"]["peak_rss_bytes"]
 
 
+def test_peak_rss_is_the_runs_own_not_its_parents():
+    """getrusage's ru_maxrss also counts the parent's memory at the moment it spawned the process (a
+    run launched from a large pytest or notebook process): the report takes VmHWM instead."""
+    big = bytearray(800 * 2**20)
+    big[::4096] = b"\1" * len(big[::4096])  # resident
+    code = ("import resource; from streamprune.pipeline import peak_rss_bytes; "
+            "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(DEMO.parent))).stdout.split()
+    own, with_parent = int(out[0]), int(out[1])
+    assert with_parent > len(big) > own
+    del big
+
+
 @pytest.mark.parametrize("device", DEVICES[1:])
 def test_gpu_prediction_covers_the_measured_gpu_peak(tmp_path, device):
     src = save_tiny_model(tmp_path / "bf16", "llama", layers=2, hidden=256, heads=8, kv=2, intermediate=768,

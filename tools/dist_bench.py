@@ -16,7 +16,6 @@ import atexit
 import json
 import os
 import platform
-import resource
 import runpy
 import subprocess
 import sys
@@ -31,9 +30,10 @@ SHARED = ROOT.parent / "shared"
 def rank_wrapper(folder: str, argv: list[str]) -> None:
     """Run streamprune with `argv`; at exit, record this rank's peak RSS."""
     def record():
+        from streamprune.pipeline import peak_rss_bytes
         rank = os.environ.get("RANK", "0")
         Path(folder, f"rank-{rank}.json").write_text(json.dumps(
-            {"rank": int(rank), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+            {"rank": int(rank), "peak_rss_bytes": peak_rss_bytes()}))
     atexit.register(record)
     sys.argv = ["streamprune", *argv]
     runpy.run_module("streamprune", run_name="__main__", alter_sys=True)
