@@ -334,14 +334,19 @@ def _block_spec(cfg, layer, fam: Family, i: int) -> BlockSpec:
 def rotary_tables(config: dict, seq_len: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (seq_len, head_dim), fp32, from the family's own rotary module, so every
     rope_type transformers knows (llama3, yarn, ...) is computed exactly as transformers does."""
-    fam = FAMILIES[config["model_type"]]
-    mod = importlib.import_module(f"transformers.models.{fam.module}.modeling_{fam.module}")
-    # the rotary embedding is the same in every layer (a per-layer head_dim is refused): built from
-    # the global config, whose sizes some rope types (yarn, dynamic) read
-    rotary = getattr(mod, f"{fam.prefix}RotaryEmbedding")(hf_config(global_config(config))).to(device)
+    rotary = rotary_embedding(config).to(device)
     x = torch.zeros(1, dtype=torch.float32, device=device)
     cos, sin = rotary(x, torch.arange(seq_len, device=device)[None])
     return cos[0].float(), sin[0].float()
+
+
+def rotary_embedding(config: dict):
+    """The family's own rotary module (transformers' <Prefix>RotaryEmbedding) for config.json. The
+    rotary embedding is the same in every layer (a per-layer head_dim is refused), so it is built
+    from the global config, whose sizes some rope types (yarn, dynamic) read."""
+    fam = FAMILIES[config["model_type"]]
+    mod = importlib.import_module(f"transformers.models.{fam.module}.modeling_{fam.module}")
+    return getattr(mod, f"{fam.prefix}RotaryEmbedding")(hf_config(global_config(config)))
 
 
 def global_config(config: dict) -> dict:

@@ -22,7 +22,7 @@ import torch
 
 from .config import GGUF_TYPES
 from .errors import StreamPruneError
-from .families import EMBED, FINAL_NORM, LM_HEAD, Architecture, BlockSpec, hf_config, rope_type
+from .families import EMBED, FINAL_NORM, LM_HEAD, Architecture, BlockSpec, hf_config, rope_type, rotary_embedding
 from .fsutil import fsync_dir
 from .gguf_vocab import GGUFVocab, read_vocab
 from .model import open_model
@@ -105,12 +105,7 @@ def rope_scaling(config: dict, head_dim: int) -> tuple[float, torch.Tensor | Non
     if kind != "llama3":
         raise StreamPruneError(f"rope_type {kind!r} has no exact llama.cpp equivalent here; exported: default, "
                                "linear and llama3 rotary embeddings")
-    import importlib
-
-    from .families import FAMILIES
-    fam = FAMILIES[config["model_type"]]
-    mod = importlib.import_module(f"transformers.models.{fam.module}.modeling_{fam.module}")
-    rotary = getattr(mod, f"{fam.prefix}RotaryEmbedding")(cfg)
+    rotary = rotary_embedding(config)
     default = 1.0 / (rope_theta(cfg) ** (torch.arange(0, head_dim, 2, dtype=torch.int64).double() / head_dim))
     return 1.0, (default / rotary.inv_freq.double()).float()
 
@@ -144,7 +139,8 @@ def tensor_type(name: str, shape: tuple[int, ...], wanted: str) -> tuple[str, st
     return ggml, why
 
 
-def plan_tensors(model, gguf_arch: str, wanted: str) -> list[Tensor]:
+def plan_tensors(model, gguf_arch: str, wanted: str, factors: torch.Tensor | None) -> list[Tensor]:
+    """Every tensor of the file in order, with its type; `factors`: rope_scaling's rope_freqs."""
     arch, index = model.arch, model.index
     tensors: list[Tensor] = []
 
@@ -153,7 +149,6 @@ def plan_tensors(model, gguf_arch: str, wanted: str) -> list[Tensor]:
         tensors.append(Tensor(name, tuple(shape), ggml, read, why))
 
     add("token_embd.weight", index.tensors[EMBED].shape, lambda: index.row_chunks(EMBED, CHUNK_ELEMENTS))
-    _, factors = rope_scaling(arch.config, arch.blocks[0].head_dim)
     if factors is not None:
         if gguf_arch not in PAIRED_ROPE:
             raise StreamPruneError(f"rope_type {rope_type(hf_config(arch.config))!r} on a {arch.model_type}: "
@@ -181,7 +176,9 @@ def _block_reader(index, name: str, short: str, block: BlockSpec, paired: bool):
     return read
 
 
-def metadata(writer, arch: Architecture, gguf_arch: str, vocab: GGUFVocab, wanted: str, name: str) -> None:
+def metadata(writer, arch: Architecture, gguf_arch: str, vocab: GGUFVocab, wanted: str, name: str,
+             factor: float) -> None:
+    """The file's key-values; `factor`: rope_scaling's linear factor."""
     from gguf import GGUFValueType
     blocks = arch.blocks
     per_layer = gguf_arch == PER_LAYER_ARCH
@@ -212,7 +209,6 @@ def metadata(writer, arch: Architecture, gguf_arch: str, vocab: GGUFVocab, wante
     writer.add_uint32(f"{a}.rope.dimension_count", head_dim)
     writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", float(blocks[0].eps))
     writer.add_float32(f"{a}.rope.freq_base", rope_theta(hf_config(arch.config)))
-    factor, _ = rope_scaling(arch.config, head_dim)
     if factor != 1.0:
         writer.add_string(f"{a}.rope.scaling.type", "linear")
         writer.add_float32(f"{a}.rope.scaling.factor", factor)
@@ -270,12 +266,13 @@ def export_gguf(folder: Path, out: Path, wanted: str = "f16", progress: Callable
     model = open_model(folder)
     gguf_arch = gguf_architecture(model.arch)
     vocab = read_vocab(model.folder, model.arch.vocab)
-    tensors = plan_tensors(model, gguf_arch, wanted)
+    factor, factors = rope_scaling(model.arch.config, model.arch.blocks[0].head_dim)
+    tensors = plan_tensors(model, gguf_arch, wanted, factors)
     if on_total:
         on_total(len(tensors))
     partial = out.with_name(f".{out.name}.partial")
     try:
-        _write(partial, model.arch, gguf_arch, vocab, wanted, tensors, Path(folder).resolve().name, progress)
+        _write(partial, model.arch, gguf_arch, vocab, wanted, tensors, Path(folder).resolve().name, factor, progress)
         os.replace(partial, out)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -286,10 +283,11 @@ def export_gguf(folder: Path, out: Path, wanted: str = "f16", progress: Callable
                         fallbacks=[(t.name, t.ggml_type, t.fallback) for t in tensors if t.fallback])
 
 
-def _write(path: Path, arch, gguf_arch: str, vocab, wanted: str, tensors: list[Tensor], name: str, progress) -> None:
+def _write(path: Path, arch, gguf_arch: str, vocab, wanted: str, tensors: list[Tensor], name: str, factor: float,
+           progress) -> None:
     from gguf import GGMLQuantizationType, GGUFWriter
     writer = GGUFWriter(path, gguf_arch)
-    metadata(writer, arch, gguf_arch, vocab, wanted, name)
+    metadata(writer, arch, gguf_arch, vocab, wanted, name, factor)
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(t.shape, t.ggml_type),
                                raw_dtype=GGMLQuantizationType[t.ggml_type])
