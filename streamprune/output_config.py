@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 
 from .errors import StreamPruneError
-from .families import FAMILIES, PER_LAYER_SHAPE, architecture, hf_config, layer_configs
+from .families import FAMILIES, PER_LAYER_SHAPE, architecture, hf_config
 
 
 def pruned_config(config: dict, n_heads: int, n_kv: int, intermediate: int, biases=()) -> dict:
@@ -54,8 +54,7 @@ def heterogeneous_config(config: dict, per_layer: list[dict | None], biases=()) 
         out = _per_layer_config(config, shapes, biases)
     if len(kept) < len(per_layer):
         _drop_layers(out, config, kept)
-    _check_layer_shapes(hf_config(out), shapes)
-    architecture(out)  # everything the loader checks on reading it back (rotary tables included)
+    _check_layer_shapes(out, shapes)
     return out
 
 
@@ -65,11 +64,11 @@ def check_per_block_writable(arch) -> None:
     sizes that become per-layer, as longrope's does), so no run writes what its loader refuses."""
     if not arch.uniform or arch.blocks[0].intermediate < 2:
         return
+    if arch.n_layers < 2:
+        return
     b = arch.blocks[0]
     trial = [{"n_heads": 1, "n_kv": 1, "intermediate": b.intermediate - 1} if i == 0 else  # every size per layer
              {"n_heads": b.n_heads, "n_kv": b.n_kv, "intermediate": b.intermediate} for i in range(arch.n_layers)]
-    if arch.n_layers < 2:
-        return
     try:
         heterogeneous_config(arch.config, trial)
     except StreamPruneError as e:
@@ -171,9 +170,11 @@ def _drop_layers(out: dict, config: dict, kept: list[int]) -> None:
             out["layer_types"] = kept_types
 
 
-def _check_layer_shapes(cfg, shapes: list[tuple[int, int, int]]) -> None:
-    """transformers read back the shape written for every block (nothing dropped or misnumbered)."""
-    for j, (layer, shape) in enumerate(zip(layer_configs(cfg), shapes, strict=True)):
-        got = tuple(getattr(layer, key) for key in PER_LAYER_SHAPE.values())
+def _check_layer_shapes(out: dict, shapes: list[tuple[int, int, int]]) -> None:
+    """The output config read back as the loader reads it (families.architecture: transformers'
+    per-layer configs, rotary tables included) gives every block the shape written (nothing
+    dropped or misnumbered)."""
+    for j, (block, shape) in enumerate(zip(architecture(out).blocks, shapes, strict=True)):
+        got = (block.n_heads, block.n_kv, block.intermediate)
         if got != shape:
             raise AssertionError(f"layer {j}: config reads back {got}, {shape} was written")
