@@ -52,10 +52,13 @@ class Alignment:
     def layout_ok(self, spec: BlockSpec, n_kv: int, group: int) -> bool:
         return tensor_parallel_ok(n_kv, group, self.gpus) and n_kv * group * spec.head_dim % self.rows == 0
 
+    def given(self) -> list[tuple[str, int]]:
+        """The options that asked for it, with their values: [("--multiple-of", 8), ...]."""
+        return [(option, n) for option, n in (("--multiple-of", self.gpus), ("--row-multiple", self.rows)) if n > 1]
+
     def options(self) -> str:
         """The options that asked for it, as typed."""
-        return " ".join(f"--{name} {n}" for name, n in (("multiple-of", self.gpus), ("row-multiple", self.rows))
-                        if n > 1)
+        return " ".join(f"{option} {n}" for option, n in self.given())
 
 
 def aligned(multiple_of: "int | Alignment") -> Alignment:

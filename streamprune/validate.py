@@ -79,7 +79,7 @@ def check_multiple_of(arch, multiple_of: int) -> None:
     align = aligned(multiple_of)
     if align.free:
         return
-    smaller = " or ".join(name for name, n in (("--multiple-of", align.gpus), ("--row-multiple", align.rows)) if n > 1)
+    smaller = " or ".join(option for option, _ in align.given())
     for i, b in enumerate(arch.blocks):
         if not head_layouts(b, align):
             wants = [f"a multiple of {align.gpus} query heads and a multiple or divisor of {align.gpus} KV heads"
