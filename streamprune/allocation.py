@@ -131,3 +131,10 @@ def fill(blocks, costs: list[BlockCosts], sizes: list[Sizes | None], slack: floa
         _, i, step, cost_params = best
         sizes[i] = Sizes(sizes[i].n_kv, sizes[i].group, sizes[i].intermediate + step)
         slack -= cost_params
+
+
+def allocate(allocation: str, blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], sparsity: float,
+             alignment=1) -> list[Sizes | None]:
+    """Every block's sizes by `allocation` ("global" or "uniform") at `sparsity`."""
+    allocator = allocate_global if allocation == "global" else allocate_uniform
+    return allocator(blocks, costs, sparsity, multiple_of=alignment)

@@ -27,6 +27,7 @@ from .families import bias_sublayers, rotary_tables
 from .compensate import COMPENSATIONS
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
+from .allocation import allocate
 from .model import Model, Shape, check_device, check_uniform, cut_sublayers, open_model, output_shape, shape_of
 from .journal import WORKDIR, Journal, expect, read_checked_json, refuse_foreign_folder
 from .numerics import ON_DEVICE, GramPlacement
@@ -34,7 +35,6 @@ from .run_eval import attach_eval, eval_window, journaled_eval
 from .runlog import FILE_ONLY, TERMINAL_ONLY, held_records, run_log
 from .lock import OutputLock
 from .model_card import base_model_name, write_card
-from .preview import allocate
 from .output_config import check_per_block_writable
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from .advice import refusal

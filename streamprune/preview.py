@@ -5,17 +5,10 @@ costs, sizes); nothing is pruned."""
 
 from __future__ import annotations
 
-from .allocation import allocate_global, allocate_uniform, linear_params
+from .allocation import allocate, linear_params
 from .costs import BlockCosts
 from .families import BlockSpec
 from .selection import Sizes
-
-
-def allocate(allocation: str, blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], sparsity: float,
-             alignment) -> list[Sizes | None]:
-    """Every block's sizes by `allocation` (global or uniform) at `sparsity`."""
-    allocator = allocate_global if allocation == "global" else allocate_uniform
-    return allocator(blocks, costs, sparsity, multiple_of=alignment)
 
 
 def survey_previews(cfg, arch, costs: list[BlockCosts], sparsities) -> list[dict]:
