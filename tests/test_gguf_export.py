@@ -6,7 +6,6 @@ quantized types load and stay close; what llama.cpp cannot run exactly is refuse
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from streamprune.errors import StreamPruneError
 from streamprune.evaluate import eval_windows, perplexity
 from streamprune.gguf_export import export_gguf, permute_rotary, tensor_type
 
+from .harness import run_cli
 from .models import SHARED, TINYSTORIES, save_tiny_model
 
 pytest.importorskip("xllamacpp")
@@ -31,7 +31,7 @@ WINDOW = 64
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "streamprune", *map(str, args)], capture_output=True, text=True)
+    return run_cli([str(a) for a in args])
 
 
 def prune(model: Path, out: Path, *extra) -> Path:
