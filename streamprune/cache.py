@@ -24,7 +24,7 @@ from .fsutil import TMP_SUFFIX, atomic_write_json, fsync_dir, no_space
 
 CHUNK_BYTES = 64 * 2**20  # host staging per copy between the cache and the compute device
 OWNER_MARK = "streamprune-cache.json"
-OWN_FILE = re.compile(r"inputs-\d{5}\.f32(\.tmp)?")  # what a cache folder may hold besides the mark
+OWN_FILE = re.compile(r"(inputs|targets)-\d{5}\.f32(\.tmp)?")  # what a cache folder may hold besides the mark
 EVAL_PREFIX = "streamprune-eval-"  # temporary caches of evaluations (a run's: inside its cache folder)
 
 
@@ -92,31 +92,36 @@ class ActivationCache:
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * 4
 
-    def path(self, block: int) -> Path:
-        return self.folder / f"inputs-{block:05d}.f32"
+    def path(self, block: int, kind: str = "inputs") -> Path:
+        """The file of block's inputs, or (kind "targets") of its dense outputs on them, kept
+        between the passes of the pruning pass over that block."""
+        return self.folder / f"{kind}-{block:05d}.f32"
 
     def has(self, block: int) -> bool:
         p = self.path(block)
         return p.is_file() and p.stat().st_size == self.nbytes
 
-    def reader(self, block: int) -> np.memmap:
-        return np.memmap(self.path(block), dtype=np.float32, mode="r", shape=self.shape)
+    def reader(self, block: int, kind: str = "inputs") -> np.memmap:
+        return np.memmap(self.path(block, kind), dtype=np.float32, mode="r", shape=self.shape)
 
-    def batch(self, block: int, start: int, stop: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    def batch(self, block: int, start: int, stop: int, device="cpu", dtype=torch.float32,
+              kind: str = "inputs") -> torch.Tensor:
         """Samples [start, stop) of block's inputs, copied into a tensor: (b, T, E). Copied a
         chunk at a time, so a GPU micro-batch needs no host copy of its own size."""
-        rows = self.reader(block)[start:stop]
+        rows = self.reader(block, kind)[start:stop]
         out = torch.empty(rows.shape, dtype=dtype, device=device)
         step = chunk_rows(rows.shape)
         for i in range(0, len(rows), step):
             out[i:i + step] = torch.from_numpy(np.array(rows[i:i + step]))
         return out
 
-    def writer(self, block: int) -> "CacheWriter":
-        return CacheWriter(self, block)
+    def writer(self, block: int, kind: str = "inputs") -> "CacheWriter":
+        return CacheWriter(self, block, kind)
 
     def drop(self, block: int) -> None:
+        """Delete block's inputs and the dense outputs kept beside them."""
         self.path(block).unlink(missing_ok=True)
+        self.path(block, "targets").unlink(missing_ok=True)
 
     def remove_contents(self) -> None:
         """Delete the files streamprune writes here (and leftover evaluation caches), nothing else."""
@@ -170,8 +175,8 @@ class CacheWriter:
     """Writes block inputs sample-range by sample-range to a temporary file; commit() makes
     them durable and visible under the final name, so a crash never leaves a partial file."""
 
-    def __init__(self, cache: ActivationCache, block: int):
-        self.final = cache.path(block)
+    def __init__(self, cache: ActivationCache, block: int, kind: str = "inputs"):
+        self.final = cache.path(block, kind)
         self.tmp = self.final.with_name(self.final.name + ".tmp")
         preallocate(self.tmp, cache.nbytes)
         self.mm = np.memmap(self.tmp, dtype=np.float32, mode="r+", shape=cache.shape)
@@ -183,10 +188,15 @@ class CacheWriter:
             part = x[i:i + step].detach().float().cpu().numpy()
             self.mm[start + i:start + i + len(part)] = part
 
-    def commit(self) -> None:
-        self.mm.flush()
+    def commit(self, durable: bool = True) -> None:
+        """Make the file visible; `durable`: on disk first (a scratch file, which a resumed run
+        writes again, need not be)."""
+        if durable:
+            self.mm.flush()
         del self.mm
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(self.tmp, self.final)
-        fsync_dir(self.final.parent)
+        if durable:
+            fsync_dir(self.final.parent)

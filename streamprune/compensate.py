@@ -18,39 +18,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from .block import attention_heads, attention_output, block_forward, mlp_activations, rms_norm
+from .block import attention_heads, attention_output, mlp_activations, rms_norm
 from .families import BlockSpec
 from .scoring.base import Calibration
-from .numerics import ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, gram_dtype, solve_spd, token_scale
+from .numerics import RIDGE, NormalEquations, gram_dtype, token_scale
+from .scoring.obs import down_equations
 from .selection import Kept
 from .phases import phase
-
-
-class NormalEquations:
-    """Streaming accumulation of G = A^T A and C = A^T Y and the ridge solve: in fp64 up to
-    FP64_SOLVE_MAX inputs, in fp32 beyond, where the solve is fp32 anyway (as OBS keeps its Gram)."""
-
-    def __init__(self, placement: GramPlacement = ON_DEVICE,
-                 sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t):
-        self.G = self.C = None
-        self.placement = placement
-        self.sum_ = sum_  # adds the other ranks' parts (several processes)
-
-    def add(self, A: torch.Tensor, Y: torch.Tensor, scale: torch.Tensor) -> None:
-        """Rows of A and Y (tokens) weighted by `scale` (per token)."""
-        s = scale.reshape(-1, 1).float()
-        A, Y = A.reshape(-1, A.shape[-1]).float() * s, Y.reshape(-1, Y.shape[-1]).float() * s
-        self.G = add_gram(self.G, A, placement=self.placement)  # (in gram_dtype of A's columns)
-        self.C = add_gram(self.C, A, Y, placement=self.placement)
-
-    def solve(self, W0: torch.Tensor, ridge: float) -> torch.Tensor:
-        """The (out, in) weight minimising |A W^T - Y|^2 + lam |W - W0|^2. Large systems are
-        factored in fp32 (the ridge keeps them well conditioned) to halve the memory."""
-        G, self.G = self.sum_(self.G), None
-        self.sum_(self.C)
-        lam = add_ridge(G, ridge)
-        rhs = self.C.add_(lam * W0.T.to(self.C.device, self.C.dtype))
-        return solve_spd(G, rhs).T.to(W0.device, W0.dtype).contiguous()
 
 
 def memory_bytes(n_in: int, n_out: int) -> int:
@@ -68,33 +42,43 @@ def work_bytes(spec: BlockSpec, spec_new: BlockSpec) -> int:
 
 
 def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, torch.Tensor], spec_new: BlockSpec,
-               kept: Kept, batches: Callable[[], Iterator[torch.Tensor]], cos, sin,
-               ridge: float | None = None, timer=None, placement: GramPlacement = ON_DEVICE,
-               sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
-    """W_new with o_proj and down_proj refit; W (dense) gives the targets; `sum_` adds the other
-    ranks' parts of the normal equations."""
+               kept: Kept, calib: Calibration, ridge: float | None = None) -> dict[str, torch.Tensor]:
+    """W_new with o_proj and down_proj refit; W (dense) gives the targets. What the scorer already
+    measured behind the same heads (calib.shared: the refit o_proj, down_proj's equations over
+    all neurons) is used instead of a pass; the dense outputs are read back when kept."""
     W_new, ridge = dict(W_new), RIDGE if ridge is None else ridge
     heads_removed = spec_new.n_heads < spec.n_heads
     if heads_removed:
-        eq = NormalEquations(placement, sum_)
-        with phase(timer, "compensation_gram"):
-            for x in batches():
-                heads = attention_heads(W, spec, x, cos, sin)
-                target = attention_output(W, heads) - W.get("o_bias", 0)
-                eq.add(heads[:, :, kept.heads.to(x.device)].flatten(-2), target, token_scale(x + target))
-        with phase(timer, "compensation_solve"):
-            W_new["o"] = eq.solve(W_new["o"], ridge)
+        o_proj = shared(calib, "attention", kept)
+        W_new["o"] = o_proj if o_proj is not None else refit_o_proj(W, spec, W_new, kept, calib, ridge)
     if heads_removed or spec_new.intermediate < spec.intermediate:
-        eq = NormalEquations(placement, sum_)
-        with phase(timer, "compensation_gram"):
-            for x in batches():
-                y_dense = block_forward(W, spec, x, cos, sin)
-                h = x + attention_output(W_new, attention_heads(W_new, spec_new, x, cos, sin))
-                a = mlp_activations(W_new, rms_norm(h, W_new["mlp_norm"], spec.eps))
-                eq.add(a, y_dense - h - W.get("down_bias", 0), token_scale(y_dense))
-        with phase(timer, "compensation_solve"):
+        eq = shared(calib, "mlp", kept)
+        if eq is not None:  # over all neurons
+            eq = eq.restricted(kept.neurons)
+        else:
+            with phase(calib.timer, "compensation_gram"):
+                eq = down_equations(W, spec, calib, kept.heads, W_new["o"], kept.neurons)
+        with phase(calib.timer, "compensation_solve"):
             W_new["down"] = eq.solve(W_new["down"], ridge)
     return W_new
+
+
+def shared(calib: Calibration, what: str, kept: Kept):
+    """What the scorer left in calib.shared[what], if it was measured behind the kept heads (else None)."""
+    heads, value = calib.shared.get(what, (None, None))
+    return value if heads is not None and torch.equal(heads.cpu(), kept.heads.cpu()) else None
+
+
+def refit_o_proj(W, spec: BlockSpec, W_new, kept: Kept, calib: Calibration, ridge: float) -> torch.Tensor:
+    """o_proj refit so the kept heads reproduce the dense attention output (one attention pass)."""
+    eq = NormalEquations(calib.placement, calib.ranks.sum_)
+    with phase(calib.timer, "compensation_gram"):
+        for x in calib.batches():
+            heads = attention_heads(W, spec, x, calib.cos, calib.sin)
+            target = attention_output(W, heads) - W.get("o_bias", 0)
+            eq.add(heads[:, :, kept.heads.to(x.device)].flatten(-2), target, token_scale(x + target))
+    with phase(calib.timer, "compensation_solve"):
+        return eq.solve(W_new["o"], ridge)
 
 
 def restore_means(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, torch.Tensor], kept: Kept,
@@ -144,11 +128,10 @@ class Compensation:
 
 
 class LeastSquares(Compensation):
-    name, refits, forward_passes = "lsq", True, 3.0  # two passes, dense and pruned attention in each
+    name, refits, forward_passes = "lsq", True, 2.0  # o_proj's pass (attention), down_proj's (a block and its Gram)
 
     def apply(self, W, spec, W_new, spec_new, kept, calib, biases):
-        return compensate(W, spec, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin, timer=calib.timer,
-                          placement=calib.placement, sum_=calib.ranks.sum_)
+        return compensate(W, spec, W_new, spec_new, kept, calib)
 
     def work_bytes(self, spec, spec_new):
         return work_bytes(spec, spec_new)

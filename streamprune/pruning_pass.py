@@ -26,6 +26,7 @@ from .numerics import ON_DEVICE, GramPlacement
 from .runlog import FILE_ONLY, BlockProgress
 from .plan import scoring_options
 from .scoring import Calibration, make_scorer
+from .scoring.base import TargetKeeper, Targets
 from .selection import select_units
 from .shards import OutTensor, shard_name, write_safetensors
 from .slicing import add_zero_biases, slice_block
@@ -96,9 +97,10 @@ class BlockRunner:
         with timer.phase("to_device"):
             W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
         generator = block_generator(self.cfg.seed, layer)
+        targets = KeptTargets(self, layer, dtype, timer)
         calib = Calibration(lambda: timed_batches((x for _, x in self.batches(layer, dtype)), timer), self.cos,
                             self.sin, generator, self.cfg.samples, timer, self.placement, self.ranks,
-                            self.share.batch_sizes, self.share.local)
+                            self.share.batch_sizes, self.share.local, targets)
         with torch.no_grad():
             with timer.phase("score"):
                 scores = make_scorer(self.cfg.method, scoring_options(self.cfg, sizes)).score(W, spec, calib)
@@ -116,7 +118,8 @@ class BlockRunner:
                                     t.to("cpu", stored.get(s, stored["o"]).dtype)) for s, t in W_new.items()
                        ] if self.ranks.is_writer else []
             write = self.write_shard(layer, out)
-            rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype, timer)
+            rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype, timer, targets)
+        self.cache.path(layer, "targets").unlink(missing_ok=True)  # read for the last time
         return {
             "layer": layer,
             "heads": [spec.n_heads, spec_new.n_heads], "kv_heads": [spec.n_kv, spec_new.n_kv],
@@ -146,16 +149,20 @@ class BlockRunner:
             "scoring": {}, "timing": {"score_seconds": 0.0, "forward_seconds": round(time.time() - t0, 3)},
         }, write
 
-    def pass_outputs(self, layer, W, spec, W_new, spec_new, dtype, timer: PhaseTimer | None = None) -> float:
+    def pass_outputs(self, layer, W, spec, W_new, spec_new, dtype, timer: PhaseTimer | None = None,
+                     targets: "KeptTargets | None" = None) -> float:
         """Run the pruned block on the calibration inputs; its outputs are the next block's
         inputs (so later blocks are calibrated on what they will really see), or the dense
         block's outputs with --calibrate-on dense. Returns the relative squared error of the
-        pruned against the dense block output."""
+        pruned against the dense block output (read back when scoring kept it)."""
         writer = self.cache.writer(layer + 1)
         err = ref = 0.0
+        dense = iter(targets.batches()) if targets is not None and targets.ready else None
         for start, x in timed_batches(self.batches(layer, dtype), timer):
+            y_dense = next(dense) if dense is not None else None
             with phase(timer, "output_forward"):
-                y_dense = block_forward(W, spec, x, self.cos, self.sin)
+                if y_dense is None:
+                    y_dense = block_forward(W, spec, x, self.cos, self.sin)
                 y = block_forward(W_new, spec_new, x, self.cos, self.sin)
                 check_finite_activations(y, layer, start)
                 err += (y - y_dense).double().pow(2).sum().item()
@@ -214,6 +221,43 @@ class BlockRunner:
         log.info("pruned block %d: heads %d -> %d, KV heads %d -> %d, neurons %d -> %d, relative error %.4g, %.1fs",
                  layer, *record["heads"], *record["kv_heads"], *record["neurons"], record["relative_error"],
                  record["timing"]["seconds"], extra=FILE_ONLY)
+
+
+class KeptTargets(Targets):
+    """The dense outputs of block `layer` on this rank's calibration inputs, kept in the activation
+    cache beside them by the first pass that computes them (scoring's), read back by the later
+    ones (compensation, the output pass), so the dense block runs once per block. A file of this
+    process alone: a resumed run computes it again."""
+
+    def __init__(self, runner: "BlockRunner", layer: int, dtype: torch.dtype, timer: PhaseTimer | None):
+        self.runner, self.layer, self.dtype, self.timer = runner, layer, dtype, timer
+        self.ready = False
+
+    def keeper(self) -> "TargetWriter":
+        return TargetWriter(self)
+
+    def batches(self):
+        cache, n, batch = self.runner.cache, len(self.runner.share.windows), self.runner.batch
+        for start in range(0, n, batch):
+            with phase(self.timer, "cache_read"):
+                y = cache.batch(self.layer, start, min(start + batch, n), self.runner.device, self.dtype, "targets")
+            yield y
+
+
+class TargetWriter(TargetKeeper):
+    def __init__(self, targets: KeptTargets):
+        self.targets, self.start = targets, 0
+        self.writer = targets.runner.cache.writer(targets.layer, "targets")
+
+    def add(self, y: torch.Tensor) -> None:
+        with phase(self.targets.timer, "cache_write"):
+            self.writer.write(self.start, y)
+        self.start += y.shape[0]
+
+    def done(self) -> None:
+        with phase(self.targets.timer, "cache_write"):
+            self.writer.commit(durable=False)
+        self.targets.ready = True
 
 
 def timed(f, *args) -> float:

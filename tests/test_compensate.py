@@ -29,7 +29,7 @@ def cut(W, spec, sparsity, seed=0):
 def test_least_squares_lowers_the_reconstruction_error(sparsity):
     W, calib = random_block(SPEC), block_calibration(SPEC)
     kept, W_new, spec_new = cut(W, SPEC, sparsity)
-    W_comp = compensate(W, SPEC, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin)
+    W_comp = compensate(W, SPEC, W_new, spec_new, kept, calib)
 
     def error(Wp):
         return sum((block_forward(Wp, spec_new, x, calib.cos, calib.sin)
@@ -43,7 +43,7 @@ def test_least_squares_lowers_the_reconstruction_error(sparsity):
 def test_least_squares_leaves_an_unpruned_block_alone():
     W, calib = random_block(SPEC), block_calibration(SPEC)
     kept, W_new, spec_new = cut(W, SPEC, 0.0)
-    W_comp = compensate(W, SPEC, W_new, spec_new, kept, calib.batches, calib.cos, calib.sin)
+    W_comp = compensate(W, SPEC, W_new, spec_new, kept, calib)
     assert all(torch.equal(W_comp[k], W[k]) for k in W)
 
 

@@ -26,6 +26,28 @@ class UnitScores:
         object.__setattr__(self, "neurons", self.neurons.cpu())
 
 
+class Targets:
+    """Where one block's dense outputs on its calibration inputs are kept between passes (the
+    pruning pass keeps them in the activation cache). `keeper()` takes them micro-batch by
+    micro-batch, in order; `batches()` yields them back, in the micro-batches of the inputs."""
+
+    ready: bool = False
+
+    def keeper(self) -> "TargetKeeper":
+        raise NotImplementedError
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+
+class TargetKeeper:
+    def add(self, y: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def done(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
 class Calibration:
     """A block's calibration inputs, streamed from the activation cache in micro-batches."""
@@ -44,6 +66,30 @@ class Calibration:
     ranks: Ranks = SINGLE
     batch_sizes: tuple[int, ...] = ()  # () : the micro-batches of `batches` are all there are
     local: range = range(0)
+    # The dense block's outputs on these inputs, kept by the first pass that computes them so later
+    # passes read them instead of running the dense block again (None: always computed).
+    targets: Targets | None = None
+    # What a scorer measured that compensation reuses instead of another pass (compensate.py):
+    # "attention" -> (kept heads, refit o_proj), "mlp" -> (kept heads, normal equations of all neurons)
+    shared: dict = field(default_factory=dict)
+
+    def with_targets(self, dense: Callable[[torch.Tensor], tuple[torch.Tensor, object]]
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, object]]:
+        """(x, y, extra) for this rank's micro-batches, (y, extra) = dense(x), y the dense block
+        output: read back when a pass already kept them (extra None then), else computed (and
+        kept, once the pass is complete)."""
+        if self.targets is not None and self.targets.ready:
+            for x, y in zip(self.batches(), self.targets.batches()):
+                yield x, y, None
+            return
+        keep = self.targets.keeper() if self.targets is not None else None
+        for x in self.batches():
+            y, extra = dense(x)
+            if keep is not None:
+                keep.add(y)
+            yield x, y, extra
+        if keep is not None:
+            keep.done()
 
     def every_batch(self) -> Iterator[tuple[int, torch.Tensor | None]]:
         """(windows, x) for the micro-batches of all ranks in window order; x is None for another

@@ -9,41 +9,73 @@ SlimGPT and ZipLM). Greedily: remove the cheapest neurons, update W and G^-1 as 
 (the kept weights absorb the removed ones), and repeat. The greedy runs in `chunks` steps, so
 its cost is about 2 I^2 x (neurons removed) multiply-adds plus one I x I factorization.
 
-Forward passes only: G comes from the block's activations behind the already chosen heads, with
-tokens weighted as compensation weighs them."""
+Forward passes only: G comes from the block's activations behind the already chosen heads, o_proj
+refit, with tokens weighted as compensation weighs them; the same pass gives compensation's
+equations (down_equations), so the neurons are chosen on the Gram their refit then uses."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
-
 import torch
+import torch.nn.functional as F
 
-from ..block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
+from ..block import attention_heads, attention_output, mlp_activations, rms_norm
 from ..families import BlockSpec
-from ..numerics import (ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, gram_dtype, invert_spd, solve,
-                        token_scale)
+from ..numerics import RIDGE, NormalEquations, add_ridge, gram_dtype, invert_spd, solve, token_scale
 from ..phases import phase
+from .base import Calibration
 
 CHUNKS = 32  # greedy steps
 COMPACT = 0.75  # the greedy's matrices shrink to the remaining neurons when fewer than this fraction remain
 
 
-def activation_gram(W, spec: BlockSpec, head_keep: torch.Tensor, batches: Callable[[], Iterator[torch.Tensor]],
-                    cos, sin, placement: GramPlacement = ON_DEVICE,
-                    sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
-    """G = sum_t w_t a_t a_t^T over the calibration tokens, a_t the MLP activations behind the
-    heads in `head_keep` (H,) and w_t = 1 / mean(y_t^2) of the dense block output. Large Gram
-    matrices are kept in fp32, as compensation keeps its factors. `sum_` adds the other ranks' parts."""
-    G = None
-    for x in batches():
-        heads = attention_heads(W, spec, x, cos, sin)  # once: the dense and the cut block share it
-        h_dense = x + attention_output(W, heads)
-        y = h_dense + mlp_output(W, spec, h_dense)
-        h = x + attention_output(W, heads, head_keep.to(x.device))
-        a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps)).reshape(-1, spec.intermediate).float()
-        a = a * token_scale(y).reshape(-1, 1)
-        G = add_gram(G, a, placement=placement)
-    return sum_(G)
+def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """o_proj's input columns of the query heads listed (head_dim each)."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+
+
+def refit_attention(G: torch.Tensor, W_o: torch.Tensor, spec: BlockSpec, kept_heads: torch.Tensor,
+                    ridge: float = RIDGE) -> torch.Tensor:
+    """o_proj (E, kept heads x D) refit so the kept heads reproduce the dense attention output,
+    from G (H*D, H*D), the token-weighted Gram of all head outputs: the target is o_proj of all
+    heads, so A_K^T Y = G[K, :] o_proj^T needs no pass of its own (compensate.py's o refit)."""
+    cols = head_columns(kept_heads.to(G.device), spec.head_dim)
+    C = G[cols] @ W_o.T.to(G.device, G.dtype)
+    return NormalEquations.of(G[cols][:, cols], C).solve(W_o[:, cols.to(W_o.device)], ridge)
+
+
+def down_equations(W, spec: BlockSpec, calib: Calibration, kept_heads: torch.Tensor | None = None,
+                   o_proj: torch.Tensor | None = None, neurons: torch.Tensor | None = None) -> NormalEquations:
+    """down_proj's normal equations over all neurons (or those listed in `neurons`), behind the
+    attention cut to `kept_heads` with `o_proj` (None: the dense attention): A = the MLP activations, Y = what down_proj must add
+    for the block to reproduce its dense output, tokens weighted by 1 / rms of that output. G is
+    what greedy OBS ranks the neurons on; restricted to the kept neurons, G and C are least-squares
+    compensation's refit of down_proj. One pass; the dense outputs are read back when kept."""
+    eq = NormalEquations(calib.placement, calib.ranks.sum_)
+    bias = W.get("down_bias", 0)
+    W_in = W if neurons is None else {k: W[k][neurons.to(W[k].device)] for k in ("gate", "up", "gate_bias", "up_bias")
+                                      if k in W}
+
+    def dense(x):  # the dense block, its MLP activations kept for an uncut attention
+        h = x + attention_output(W, attention_heads(W, spec, x, calib.cos, calib.sin))
+        a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps))
+        return h + F.linear(a, W["down"], W.get("down_bias")), a
+
+    assert kept_heads is not None or neurons is None, "a neuron subset needs the attention it sits behind"
+    for x, y, a in calib.with_targets(dense):
+        if kept_heads is not None:
+            heads = attention_heads(W, spec, x, calib.cos, calib.sin)[:, :, kept_heads.to(x.device)]
+            h = x + F.linear(heads.flatten(-2), o_proj, W.get("o_bias"))
+            a = mlp_activations(W_in, rms_norm(h, W["mlp_norm"], spec.eps))
+            eq.add(a, y - h - bias, token_scale(y))
+        else:
+            if a is None:  # (dense outputs read back: the activations once more)
+                h = x + attention_output(W, attention_heads(W, spec, x, calib.cos, calib.sin))
+                a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps))
+            eq.add(a, None, token_scale(y))
+    eq.summed()
+    if kept_heads is None:  # the dense attention: down_proj's own output is the target, C = G W^T
+        eq.C = eq.G @ W["down"].T.to(eq.G.device, eq.G.dtype)
+    return eq
 
 
 def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, chunks: int = CHUNKS,
@@ -95,7 +127,7 @@ def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, 
 def memory_bytes(spec: BlockSpec) -> int:
     """Peak bytes: three I x I matrices (the caller's Gram matrix, which stays alive, beside the
     Cholesky factor and the inverse while it is computed, then beside the inverse and its
-    compacted copy after the first step) and three copies of down_proj's size (its updated
-    weights, their squares, the compacted copy)."""
+    compacted copy after the first step) and four of down_proj's size (compensation's C, kept
+    beside G, the updated weights, their squares, the compacted copy)."""
     item = 8 if gram_dtype(spec.intermediate) == torch.float64 else 4
-    return 3 * item * spec.intermediate ** 2 + 3 * item * spec.hidden * spec.intermediate
+    return 3 * item * spec.intermediate ** 2 + 4 * item * spec.hidden * spec.intermediate

@@ -17,11 +17,11 @@ import torch
 
 from ..block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from ..families import BlockSpec
-from ..numerics import one_thread, token_weight
-from ..selection import Sizes, masks, select_units
+from ..numerics import NormalEquations, add_gram, one_thread, token_scale, token_weight
+from ..selection import Sizes, select_units
 from ..phases import phase
 from .base import Calibration, Scorer, UnitScores
-from .obs import activation_gram, greedy_removal_scores, memory_bytes as obs_memory_bytes
+from .obs import down_equations, greedy_removal_scores, memory_bytes as obs_memory_bytes, refit_attention
 
 MASKS = 64  # head perturbations per block at --budget 1
 TOKENS = 2048  # calibration tokens each perturbation is measured on, at --budget 1
@@ -32,9 +32,13 @@ RIDGES = (0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried, relative to t
 class TokenSample:
     """Block inputs x, per-head outputs o and dense block outputs y at randomly chosen tokens."""
 
-    def __init__(self, W, spec: BlockSpec, calib: Calibration, n_tokens: int):
+    def __init__(self, W, spec: BlockSpec, calib: Calibration, n_tokens: int, head_gram: bool = False):
         xs, os, ys, seen, drawn = [], [], [], 0, 0
         total, E = calib.samples, spec.hidden
+        # the pass runs the dense block on every token: its outputs are kept for later passes
+        # (calib.targets), and with `head_gram` the Gram of the head outputs, which gives o_proj's refit
+        keep = calib.targets.keeper() if calib.targets is not None and not calib.targets.ready else None
+        self.head_gram = None
         # every rank draws the tokens of every micro-batch (one random stream, as one process
         # would), and keeps those of its own
         for b, x in calib.every_batch():
@@ -45,19 +49,29 @@ class TokenSample:
             seen += b
             T = calib.cos.shape[0] if x is None else x.shape[1]
             k = min(k, b * T)
-            if k <= 0:
-                continue
-            drawn += k
-            pick = torch.randperm(b * T, generator=calib.generator)[:k].sort().values
+            pick = torch.randperm(b * T, generator=calib.generator)[:k].sort().values if k > 0 else None
+            drawn += max(k, 0)
             if x is None:
                 continue
-            pick = pick.to(x.device)
             heads = attention_heads(W, spec, x, calib.cos, calib.sin)
             h = x + attention_output(W, heads)
             y = h + mlp_output(W, spec, h)
+            if keep is not None:
+                keep.add(y)
+            if head_gram:  # weighted as compensation weighs the attention refit: 1 / rms(x + attention)
+                scale = token_scale(h - W.get("o_bias", 0)).reshape(-1, 1)
+                o = heads.reshape(-1, spec.n_heads * spec.head_dim).float() * scale
+                self.head_gram = add_gram(self.head_gram, o, placement=calib.placement)
+            if pick is None:
+                continue
+            pick = pick.to(x.device)
             xs.append(x.reshape(-1, E)[pick])
             os.append(heads.reshape(b * T, spec.n_heads, spec.head_dim)[pick])
             ys.append(y.reshape(-1, E)[pick])
+        if keep is not None:
+            keep.done()
+        if head_gram:
+            self.head_gram = calib.ranks.sum_(self.head_gram)
         if not xs:  # this rank drew no token (more micro-batches than tokens): its share is empty
             like = W["o"]
             xs, os, ys = [like.new_empty(0, E)], [like.new_empty(0, spec.n_heads, spec.head_dim)], [like.new_empty(0, E)]
@@ -166,30 +180,53 @@ class PerturbScorer(Scorer):
 
     def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores:
         n_masks, n_tokens = self.budget()
+        sizes, refit = self.options.sizes, self.options.refit
+        cut_heads = sizes is not None and sizes.n_heads < spec.n_heads
+        cut_neurons = sizes is not None and sizes.intermediate < spec.intermediate
+        if refit and cut_neurons and not cut_heads:  # neurons alone: one pass gives the OBS Gram and the refit
+            with phase(calib.timer, "obs_gram"):
+                eq = down_equations(W, spec, calib)
+            calib.shared["mlp"] = (torch.arange(spec.n_heads), eq)
+            neurons = greedy_scores(eq, W["down"], spec.intermediate - sizes.intermediate, calib.timer)
+            return UnitScores(torch.zeros(spec.n_heads), neurons, {"perturbations": 0, "neurons": "greedy OBS"})
         with phase(calib.timer, "token_sample"):
-            sample = TokenSample(W, spec, calib, n_tokens)
+            sample = TokenSample(W, spec, calib, n_tokens, head_gram=refit and cut_heads)
             prior_heads, prior_neurons = alone_errors(W, spec, sample)
-        sizes = self.options.sizes
-        if sizes is None or (sizes.n_heads == spec.n_heads and sizes.intermediate == spec.intermediate):
+        if not (cut_heads or cut_neurons):
             return UnitScores(prior_heads, prior_neurons, {"perturbations": 0})
         info = {"perturbations": 0, "tokens": len(sample)}
         heads = prior_heads
-        if sizes.n_heads < spec.n_heads:  # heads, all neurons present, on random valid head cuts
+        if cut_heads:  # heads, all neurons present, on random valid head cuts
             per_token = 4 * spec.hidden + spec.n_heads * spec.head_dim + 3 * spec.intermediate
             per_pass = max(1, min(n_masks, PASS_BYTES // (4 * len(sample) * per_token)))
             with phase(calib.timer, "head_perturbations"):
                 head_keep = sample_masks(spec, sizes, n_masks, calib.generator)[0]
                 errors = masked_errors(W, spec, sample, head_keep, per_pass)
                 heads, fit = fit_removal_costs(1 - head_keep, errors, prior_heads)
+            # how many kept heads the perturbations changed against each head's cost alone (the prior)
+            changed = len(set(select_units(prior_heads, prior_neurons, spec, sizes).heads.tolist())
+                          - set(select_units(heads, prior_neurons, spec, sizes).heads.tolist()))
             info.update(perturbations=n_masks, masks_per_pass=per_pass,
-                        heads={"mean_error": round(errors.mean().item(), 6), **fit})
-        del sample
+                        heads={"mean_error": round(errors.mean().item(), 6), "changed": changed, **fit})
+        head_gram, sample = sample.head_gram, None
         neurons = prior_neurons  # without a refit a neuron costs what it contributes alone
-        if sizes.intermediate < spec.intermediate and self.options.refit:  # behind the chosen heads, by greedy OBS
-            chosen_heads = masks(spec, select_units(heads, prior_neurons, spec, sizes))[0]
+        if refit:  # behind the chosen heads, o_proj refit: the neurons by greedy OBS, and the refit's equations
+            kept_heads = select_units(heads, prior_neurons, spec, sizes).heads
+            with phase(calib.timer, "compensation_solve"):
+                o_proj = refit_attention(head_gram, W["o"], spec, kept_heads)
+            del head_gram
             with phase(calib.timer, "obs_gram"):
-                G = activation_gram(W, spec, chosen_heads, calib.batches, calib.cos, calib.sin, calib.placement,
-                                    calib.ranks.sum_)
-            neurons = greedy_removal_scores(G, W["down"], spec.intermediate - sizes.intermediate, timer=calib.timer)
-            info["neurons"] = "greedy OBS"
+                eq = down_equations(W, spec, calib, kept_heads, o_proj)
+            calib.shared.update(attention=(kept_heads, o_proj), mlp=(kept_heads, eq))
+            if cut_neurons:
+                neurons = greedy_scores(eq, W["down"], spec.intermediate - sizes.intermediate, calib.timer)
+                info["neurons"] = "greedy OBS"
         return UnitScores(heads, neurons, info)
+
+
+def greedy_scores(eq: NormalEquations, W_down: torch.Tensor, n_remove: int, timer=None) -> torch.Tensor:
+    """Greedy OBS on the equations' Gram, left as it was for compensation (the greedy adds a ridge)."""
+    diagonal = eq.G.diagonal().clone()
+    scores = greedy_removal_scores(eq.G, W_down, n_remove, timer=timer)
+    eq.G.diagonal().copy_(diagonal)
+    return scores
