@@ -17,7 +17,8 @@ from .compensate import COMPENSATIONS
 from .errors import StreamPruneError
 from .journal import WORKDIR
 from .model import open_model, parse_device
-from .plan import USABLE, Plan, available_memory, largest, parse_bytes, plan_run, scoring_options, stage_forward_passes
+from .plan import (USABLE, Plan, available_memory, largest, parse_bytes, plan_run, run_passes, scoring_options,
+                   stage_forward_passes)
 from .scoring import SCORERS, make_scorer
 from .timing import GPUS, Gpu, TimeEstimate, estimate_time, find_gpu, gpus_with, run_work, speedup
 from .validate import check_sparsity, disk_needs, gib
@@ -192,6 +193,15 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
     model = remote_model or open_model(cfg.shards)
     check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
+    fitted = None
+    if cfg.calib is not None or cfg.calib_dataset is not None:  # the windows the run will use
+        if remote_model is not None:
+            fitted = "windows not fitted to --calib: the tokenizer is not downloaded (planned as given)"
+        else:
+            from .calibration import check_text_sources, fitted_windows
+            check_text_sources(whole)
+            whole, _, _, fitted = fitted_windows(whole, model)
+            cfg = dataclasses.replace(cfg, samples=-(-whole.samples // processes), seq_len=whole.seq_len)
     window = run_window(model.arch.config, cfg.seq_len, cfg.adaptable)
     capped = (f"--seq-len {window}, not {cfg.seq_len}: max_position_embeddings is {window} (as run uses)"
               if window < cfg.seq_len else None)
@@ -213,9 +223,9 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         estimate = None
     elif remote_model is not None and here:
         estimate = TimeEstimate(None, None, None, None, NOT_DOWNLOADED,
-                                *run_work(model, whole.samples, cfg.seq_len, stage_forward_passes(whole)))
+                                *run_work(model, whole.samples, cfg.seq_len, stage_forward_passes(whole, model)))
     else:
-        estimate = estimate_time(model, whole.samples, cfg.seq_len, dev, stage_forward_passes(whole), gpu, here)
+        estimate = estimate_time(model, whole.samples, cfg.seq_len, dev, stage_forward_passes(whole, model), gpu, here)
     parallel = {}
     if processes > 1:
         parallel = dict(processes=processes, windows_per_process=cfg.samples)
@@ -224,7 +234,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         if rate:
             sample = make_scorer(whole.method, scoring_options(whole)).sample_passes(whole.samples * whole.seq_len)
             read = (estimate.read_bytes_per_second if estimate else None) or float("inf")
-            parallel["expected_speedup"] = round(speedup(model, whole.samples, whole.seq_len, stage_forward_passes(whole),
+            parallel["expected_speedup"] = round(speedup(model, whole.samples, whole.seq_len, stage_forward_passes(whole, model),
                                                          sample, processes, rate, read), 2)
     return dict(
         p.as_dict(), fits=fits, memory_fits=p.fits, disk_fits=all(d.fits for d in disk),
@@ -235,8 +245,8 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         samples=whole.samples, seq_len=cfg.seq_len, out=str(cfg.out), cache_folder=str(cache_folder),
         disk=[dict(folder=str(d.folder), need_bytes=d.need_bytes, free_bytes=d.free_bytes, parts=list(d.parts),
                    fits=d.fits) for d in disk],
-        suggestions=[asdict(s) for s in advice], warnings=[w for w in (capped, warning) if w],
-        time=estimate.as_dict() if estimate else None,
+        suggestions=[asdict(s) for s in advice], warnings=[w for w in (fitted, capped, warning) if w],
+        time=estimate.as_dict() if estimate else None, passes=run_passes(whole, model),
         estimated_seconds=round(estimate.seconds, 1) if estimate and estimate.seconds is not None else None,
         **parallel)
 

@@ -398,11 +398,12 @@ def run(quiet: bool, revision: str | None, preview: str, **kwargs):
         click.echo(f"survey kept in {kwargs['out']}: `streamprune run` with the same arguments and any --sparsity, "
                    "--allocation (global, uniform), --method, --multiple-of or --row-multiple reuses it")
         return
+    from .report import dense_passes
     p, t = report["block_params"], report["timing"]
     sessions = f" over {t['sessions']} sessions" if t.get("sessions", 1) > 1 else ""
     click.echo(f"{kwargs['out']}: block params {p['before']:,} -> {p['after']:,} "
                f"({100 * p['removed_fraction']:.1f}% removed) in {t['seconds']:.1f}s of setup, survey, pruning and "
-               f"writing{sessions}, peak RSS {t['peak_rss_bytes'] / 2**20:.0f} MiB")
+               f"writing{sessions}{dense_passes(t)}, peak RSS {t['peak_rss_bytes'] / 2**20:.0f} MiB")
     if "eval" in report:
         e, ev = report["eval"], t.get("eval_seconds", {})
         click.echo(f"perplexity on {e['text']} over {e['windows']} windows of {e['seq_len']} tokens: "
@@ -428,8 +429,15 @@ def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: in
               "there (default: the current folder).")
 @click.option("--cache-dir", type=PathArg(), help="Where the activation cache would go (default: inside --out).")
 @click.option("--sparsity", default=RunConfig.sparsity, show_default=True)
+@click.option("--calib", type=PathArg(dir_okay=False),
+              help="The run's calibration text: windows are fitted to it as run fits them (without one: "
+                   "--samples and --seq-len as given).")
+@click.option("--calib-dataset", help="The run's --calib-dataset NAME[:CONFIG][:SPLIT] (instead of --calib).")
+@click.option("--text-field", default=RunConfig.text_field, show_default=True, help=TEXT_FIELD_HELP)
 @click.option("--samples", default=RunConfig.samples, show_default=True)
 @click.option("--seq-len", default=RunConfig.seq_len, show_default=True)
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default=RunConfig.allocation, show_default=True,
+              help="The run's --allocation (global and uniform survey the model first; rule does not).")
 @click.option("--device", type=PlanDevice(), default=RunConfig.device, show_default=True,
               help="cpu or cuda; cuda without a GPU here plans for the GPU --max-memory or --gpu describes.")
 @click.option("--gpu", "gpu_name", help="Plan for a known GPU (its datasheet memory and peak speed): "
@@ -445,8 +453,9 @@ def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: in
 @click.option("--nproc", default=1, show_default=True,
               help="Processes of a data-parallel run (torchrun --nproc-per-node N): memory and disk per process, speed-up.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan_command(shards, revision, out, cache_dir, sparsity, samples, seq_len, device, gpu_name, method, budget,
-                 compensate, multiple_of, row_multiple, batch_size, max_memory, no_timing, nproc, as_json):
+def plan_command(shards, revision, out, cache_dir, sparsity, calib, calib_dataset, text_field, samples, seq_len,
+                 allocation, device, gpu_name, method, budget, compensate, multiple_of, row_multiple, batch_size,
+                 max_memory, no_timing, nproc, as_json):
     """Predict disk, memory, micro-batch and time of a run, from headers only. Exit code 0: it
     fits; 1: it does not (the prediction and what would fit are printed); 2: an error."""
     from .advice import describe_plan
@@ -455,6 +464,7 @@ def plan_command(shards, revision, out, cache_dir, sparsity, samples, seq_len, d
     model = planning_model(shards, revision)
     remote = not isinstance(model, Path)  # a Hub model known from its headers, weights not downloaded
     cfg = RunConfig(shards=model.folder if remote else model, out=out, cache_dir=cache_dir, sparsity=sparsity,
+                    calib=calib, calib_dataset=calib_dataset, text_field=text_field, allocation=allocation,
                     samples=samples, seq_len=seq_len, device=device, method=method, budget=budget,
                     compensate=compensate, multiple_of=multiple_of, row_multiple=row_multiple, batch_size=batch_size,
                     max_memory=max_memory,
@@ -520,6 +530,9 @@ def plan_lines(info: dict) -> list[str]:
             lines.append(f"time: at least {duration(t['at_least_seconds'])}")
         else:
             lines.append("time: not measured here")
+        passes = info["passes"]
+        lines.append(f"  work: {sum(passes.values()):.1f} dense passes over {info['samples']} x {info['seq_len']} tokens ("
+                     + ", ".join(f"{k} {v:.1f}" for k, v in passes.items()) + ")")
         lines.append(f"  how: {t['how']}")
     if info.get("expected_speedup"):
         seconds = t["seconds"] if t and t["seconds"] is not None else None

@@ -81,13 +81,15 @@ class Grams:
         self.generator, self.per_window = generator, per_window  # tokens of each window kept in `sample`
         self.sample: list[tuple[torch.Tensor, ...]] = []  # (x, head outputs, y) at those tokens
 
-    def add(self, W, x: torch.Tensor, cos, sin) -> torch.Tensor:
-        """Accumulate the batch x (B, T, E); returns the dense block output (B, T, E)."""
+    def add(self, W, x: torch.Tensor, cos, sin, timer=None) -> torch.Tensor:
+        """Accumulate the batch x (B, T, E); returns the dense block output (B, T, E). The forward
+        is timed as `dense_forward` (what a plain dense pass costs), the rest as `survey_gram`."""
         spec = self.spec
-        heads = attention_heads(W, spec, x, cos, sin)  # (B, T, H, D)
-        h = x + attention_output(W, heads)
-        a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps))  # (B, T, I)
-        y = h + F.linear(a, W["down"], W.get("down_bias"))
+        with phase(timer, "dense_forward"):
+            heads = attention_heads(W, spec, x, cos, sin)  # (B, T, H, D)
+            h = x + attention_output(W, heads)
+            a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps))  # (B, T, I)
+            y = h + F.linear(a, W["down"], W.get("down_bias"))
         s = token_scale(y).reshape(-1, 1)  # (N, 1): 1 / rms of each output token
         o = heads.reshape(-1, spec.n_heads * spec.head_dim).float() * s
         a = a.reshape(-1, spec.intermediate).float() * s
@@ -218,8 +220,8 @@ def block_costs(W, spec: BlockSpec, batches: Callable[[], Iterator[torch.Tensor]
 
     def add(x: torch.Tensor) -> None:
         nonlocal start
-        with phase(timer, "survey_forward"):
-            y = grams.add(W, x, cos, sin)
+        with phase(timer, "survey_gram"):
+            y = grams.add(W, x, cos, sin, timer)
         with phase(timer, "cache_write"):
             write(start, y)
         start += x.shape[0]

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from .cache import ActivationCache, check_cache_folder, read_owner, run_cache_folder
-from .calibration import (bos_id, check_tokens_fit, fit_windows, load_tokenizer, max_window, run_window,
-                          token_windows, tokenize_file, write_embeddings)
+from .calibration import check_text_sources, check_tokens_fit, fitted_windows, token_windows, write_embeddings
 from .config import RunConfig
 from .distributed import (SINGLE, Ranks, Share, join_ranks, other_rank_cache_folders, rank_cache_folder,
                           shared_micro_batch)
@@ -82,38 +81,14 @@ def clear_output(out: Path, cache_folder: Path) -> None:
             ActivationCache(folder, 0, 0, 0).remove()
 
 
-def check_text_sources(cfg: RunConfig) -> None:
-    """One calibration source, given: a file (plain text, JSON lines, Parquet) or a dataset; at
-    most one held-out text."""
-    if cfg.calib is None and cfg.calib_dataset is None:
-        raise StreamPruneError("--calib FILE is required (text in the model's domain; or --calib-dataset NAME)")
-    if cfg.calib is not None and cfg.calib_dataset is not None:
-        raise StreamPruneError("give --calib or --calib-dataset, not both")
-    if cfg.calib is not None and not Path(cfg.calib).is_file():
-        raise StreamPruneError(f"text file not found: {cfg.calib}")
-    if cfg.eval is not None and cfg.eval_dataset is not None:
-        raise StreamPruneError("give --eval or --eval-dataset, not both")
-
-
 def calibration_tokens(cfg: RunConfig, model: Model) -> tuple[RunConfig, torch.Tensor]:
     """The calibration windows, (samples, seq_len) token ids, and the config with the window count
-    and length the run uses: the defaults fitted to the text and the model (said in a warning),
-    values the user set kept or refused. Read before anything is written, so a tokenizer or text
-    that does not do is refused up front."""
-    tokenizer = load_tokenizer(model.folder)
-    ids, bos = tokenize_file(tokenizer, cfg.calib_source()), bos_id(tokenizer)
-    config = model.arch.config
-    seq_len = run_window(config, cfg.seq_len, cfg.adaptable)
-    samples, seq_len = fit_windows(len(ids), cfg.samples, seq_len, bos is not None, cfg.adaptable)
-    capped = min(cfg.seq_len, max_window(config))
-    reasons = ([f"max_position_embeddings is {max_window(config)}"] if capped < cfg.seq_len else []) + \
-        ([f"the calibration text has {len(ids):,} tokens"] if (samples, seq_len) != (cfg.samples, capped) else [])
-    if reasons:
-        changed = [f"--{option} {new:,} (not {old:,})" for option, new, old in
-                   (("samples", samples, cfg.samples), ("seq-len", seq_len, cfg.seq_len)) if new != old]
-        log.warning("using %s: %s (set --samples and --seq-len to choose)", " and ".join(changed), " and ".join(reasons))
-    cfg = dataclasses.replace(cfg, samples=samples, seq_len=seq_len)
-    tokens = token_windows(ids, samples, seq_len, bos)
+    and length the run uses (fitted_windows; what was fitted said in a warning). Read before
+    anything is written, so a tokenizer or text that does not do is refused up front."""
+    cfg, ids, bos, note = fitted_windows(cfg, model)
+    if note:
+        log.warning("%s", note)
+    tokens = token_windows(ids, cfg.samples, cfg.seq_len, bos)
     check_tokens_fit(model.index, tokens)
     return cfg, tokens
 
@@ -167,12 +142,38 @@ def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, b
                      biases_added=sorted(bias_sublayers(out_config) - bias_sublayers(model.arch.config))),
         "blocks": [{k: v for k, v in b.items() if k != "timing"} for b in blocks],
         "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
-        "timing": {"seconds": work_seconds(journal), "wall_seconds_total": journal.wall_seconds,
+        "timing": {"seconds": work_seconds(journal), **dense_passes(journal), "wall_seconds_total": journal.wall_seconds,
                    "sessions": journal.sessions, "blocks_seconds": journal.blocks_seconds,
                    "peak_rss_bytes": peak_rss_bytes(), "micro_batch": batch,
                    "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
                    "phases": phase_totals(blocks, journal), "blocks": [b["timing"] for b in blocks]},
     }
+
+
+DENSE_PASS_PHASES = ("shard_read", "to_device", "cache_read", "dense_forward", "cache_write")
+
+
+def dense_passes(journal: Journal) -> dict:
+    """The run's time in dense streaming forwards of the model over its calibration windows
+    (`dense_pass_seconds`, measured in the survey), where the survey measured one."""
+    one = dense_pass_seconds(journal)
+    if not one:
+        return {}
+    return {"dense_pass_seconds": one, "dense_passes": round(work_seconds(journal) / one, 2)}
+
+
+def dense_pass_seconds(journal: Journal) -> float | None:
+    """Seconds of one dense streaming forward over the calibration windows, measured inside the
+    run: the survey's reads, forwards and cache writes, without its statistics (the yardstick of
+    the run's time, report.json's `dense_passes`). None without a survey."""
+    records = list(journal.surveyed.values())
+    if not records:
+        return None
+    phases = add_phases({}, {})
+    for record in records:
+        add_phases(phases, record.get("phases", {}))
+    seconds = sum(phases.get(k, 0.0) for k in DENSE_PASS_PHASES)
+    return round(seconds, 3) if phases.get("dense_forward") else None
 
 
 def phase_totals(blocks: list[dict], journal: Journal) -> dict:

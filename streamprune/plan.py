@@ -20,12 +20,14 @@ import torch
 
 from .cache import chunk_rows
 from .compensate import COMPENSATIONS
+from .costs import SAMPLE_TOKENS
 from .errors import StreamPruneError
 from .model import output_shape
 from .numerics import ON_DEVICE, GramPlacement
 from .scoring import ScoringOptions, make_scorer
 from .selection import Sizes
 from .shards import ITEMSIZE
+from .timing import block_flops, gram_flops
 
 BASE_PROCESS_BYTES = 700 * 2**20  # measured 440-660 MiB for `streamprune run` on CPU, rounded up
 CUDA_PROCESS_BYTES = 1700 * 2**20  # host RSS with the CUDA libraries loaded: 1.6 GiB measured (H200)
@@ -81,7 +83,7 @@ class Plan:
     limited_by: str  # what stopped the micro-batch growing: samples, memory, activation cap, --batch-size
     block_stored_bytes: int  # largest block, as stored
     block_compute_bytes: int  # largest block, in the compute dtype
-    cache_bytes: int  # on disk, two block boundaries live at once
+    cache_bytes: int  # on disk: four block boundaries live at once (make_plan)
     output_bytes: int
     peak_host_bytes: int
     peak_device_bytes: int  # 0 on CPU
@@ -154,7 +156,9 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
     kept = 1 - sparsity
     others = sum(index.tensors[n].nbytes for n in arch.other_tensors())
     output = int(sum(block_bytes(index, arch.block_tensors(i)) for i in range(arch.n_layers)) * kept) + others
-    cache = 2 * samples * seq_len * arch.hidden * 4
+    # on disk while block i is scored: its inputs and dense outputs, the inputs of block i+1 being
+    # written, and block i-1's inputs, kept until block i-1 is journaled (its shard written)
+    cache = 4 * samples * seq_len * arch.hidden * 4
     limit = max_memory or available_memory(dev)
     host_limit = limit if not gpu else (host_memory or psutil.virtual_memory().available) if check_host else None
     emb_item = ITEMSIZE[index.tensors[arch.other_tensors()[0]].dtype]
@@ -241,12 +245,43 @@ def stage_bytes(cfg, model, sizes) -> tuple[int, int]:
     return scorer.work_bytes(block), COMPENSATIONS[cfg.compensate].work_bytes(block, cut)
 
 
-def stage_forward_passes(cfg) -> float:
-    """Block forwards per block over all calibration tokens: scoring, compensation (two passes,
-    each dense and pruned attention), and passing outputs on (dense and pruned)."""
+def run_passes(cfg, model) -> dict[str, float]:
+    """The run's work in dense passes (one: every block's dense forward over all calibration
+    tokens), by stage, counted in FLOPs at the widest block: the survey (--allocation global and
+    uniform: the dense forward, its Gram matrices, the head layouts, the neuron curve), scoring,
+    compensation and the output pass (the pruned block; the dense outputs are kept from the first
+    pass that runs the dense block). Reported beside the measured `dense_passes` of a run."""
+    spec = max(model.arch.blocks, key=lambda b: b.n_params())
+    T, N = cfg.seq_len, cfg.samples * cfg.seq_len
+    E, I, HD = spec.hidden, spec.intermediate, spec.n_heads * spec.head_dim
+    block = block_flops(spec, T)
+    attention = block - 6 * E * I
+    mlp_after_attention = 2 * E * HD + 6 * E * I  # o_proj and the MLP: a head layout or a head mask measured
+    solves = I ** 3 / N  # a factorization and the greedy's updates, per calibration token
+    refit = COMPENSATIONS[cfg.compensate].refits
+    parts = {}
+    if cfg.allocation != "rule":
+        layouts = spec.n_kv * spec.group * min(SAMPLE_TOKENS, N) / N
+        parts["survey"] = 1 + (gram_flops(HD) + gram_flops(I) + layouts * mlp_after_attention
+                               + (solves if refit else 0)) / block
     scorer = make_scorer(cfg.method, scoring_options(cfg))
-    compensation = COMPENSATIONS[cfg.compensate].forward_passes
-    return scorer.forward_passes(cfg.samples * cfg.seq_len) + compensation + 2.0
+    if cfg.method == "perturb" and refit:  # scoring measures what compensation needs (scoring/perturb.py)
+        masks, tokens = scorer.budget()
+        sample = masks * min(tokens, N) / N
+        parts["scoring"] = 1 + (gram_flops(HD) + sample * mlp_after_attention + attention + 4 * E * I
+                                + gram_flops(I) + 2 * E * I + solves) / block
+        parts["compensation"] = 0.0
+    else:
+        parts["scoring"] = scorer.forward_passes(N)
+        parts["compensation"] = COMPENSATIONS[cfg.compensate].forward_passes
+    kept_dense = refit  # the refit's pass kept the dense outputs
+    parts["output"] = (1 - cfg.sparsity) + (0 if kept_dense else 1)
+    return {k: round(v, 3) for k, v in parts.items()}
+
+
+def stage_forward_passes(cfg, model) -> float:
+    """The run's work in dense passes (run_passes), in all."""
+    return sum(run_passes(cfg, model).values())
 
 
 def planned_sizes(model, sparsity: float, multiple_of: int = 1) -> Sizes:

@@ -118,8 +118,17 @@ def render_report(report: dict) -> str:
         sessions = f" over {t['sessions']} sessions" if t.get("sessions", 1) > 1 else ""
         evals = f"; evaluation {sum(ev.values()):.1f}s" if ev else ""
         total = f"; {t['wall_seconds_total']:.1f}s in all" if "wall_seconds_total" in t else ""
-        lines.append(f"time {t['seconds']:.1f}s of setup, survey, pruning and writing{sessions}{evals}{total}{rss}")
+        lines.append(f"time {t['seconds']:.1f}s of setup, survey, pruning and writing{sessions}{dense_passes(t)}"
+                     f"{evals}{total}{rss}")
     return "\n".join(lines)
+
+
+def dense_passes(timing: dict) -> str:
+    """' = 4.2 dense passes (one: 61.0s)': the run's time against one dense streaming forward over
+    the same calibration windows, measured in the same run (pipeline.dense_passes)."""
+    if not timing.get("dense_passes"):
+        return ""
+    return f" = {timing['dense_passes']:.1f} dense passes (one: {timing['dense_pass_seconds']:.1f}s)"
 
 
 def kept_head_map(blocks: list[dict]) -> list[list[float]]:

@@ -73,6 +73,47 @@ def measure_flops(device: torch.device, rounds: int = CALIBRATIONS, seconds: flo
     return rates
 
 
+BLOCK_PARAMS_TIMED = 48 * 2**20  # a wider block is timed with fewer neurons (the same FLOPs per second)
+BLOCK_TOKENS_TIMED = 2048
+
+
+def measure_block_rate(spec, seq_len: int, device: torch.device, rounds: int = CALIBRATIONS) -> list[float]:
+    """FLOP/s of a dense block forward shaped like `spec` (random weights; narrowed to about
+    BLOCK_PARAMS_TIMED parameters) on one micro-batch of about BLOCK_TOKENS_TIMED tokens in windows
+    of seq_len: what a dense pass runs at, attention, norms and all, once per round."""
+    import dataclasses
+
+    from .block import block_forward
+    if spec.n_params() > BLOCK_PARAMS_TIMED:
+        attention = spec.n_params() - 3 * spec.hidden * spec.intermediate
+        neurons = max(64, (BLOCK_PARAMS_TIMED - attention) // (3 * spec.hidden))
+        spec = dataclasses.replace(spec, intermediate=min(spec.intermediate, neurons), sliding_window=None)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    W = {k: (torch.randn(shape, generator=g) * shape[-1] ** -0.5).to(device, dtype)
+         for k, shape in spec.shapes().items() if k in spec.tensor_names()}
+    for k in ("attn_norm", "mlp_norm", "q_norm", "k_norm"):
+        if k in W:
+            W[k] = torch.ones_like(W[k])
+    T = min(seq_len, BLOCK_TOKENS_TIMED)
+    x = torch.randn(max(1, BLOCK_TOKENS_TIMED // T), T, spec.hidden, generator=g).to(device, dtype)
+    cos = torch.ones(T, spec.head_dim, device=device)  # (any table costs the same)
+    sin = torch.zeros(T, spec.head_dim, device=device)
+    flops = block_flops(spec, T) * x.shape[0] * T
+    rates = []
+    with torch.no_grad():
+        block_forward(W, spec, x, cos, sin)  # warm-up
+        for _ in range(rounds):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            block_forward(W, spec, x, cos, sin)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rates.append(flops / (time.perf_counter() - t0))
+    return rates
+
+
 def measure_read_speed(index) -> float:
     """Bytes/s reading the largest input shard from its start, for at most READ_SECONDS. Its
     pages are dropped from the OS cache first (where the OS allows), so a second plan measures
@@ -108,24 +149,38 @@ class TimeEstimate:
         return asdict(self)
 
 
+def block_flops(spec, seq_len: int) -> float:
+    """FLOPs per token of one dense block forward: 2 per weight, and causal attention over windows
+    of seq_len (scores and the weighted sum, half the square)."""
+    return 2 * spec.n_params() + 2 * seq_len * spec.n_heads * spec.head_dim
+
+
+def gram_flops(n: int) -> float:
+    """FLOPs per token of a Gram matrix of n columns (numerics.add_gram: 5/8 of the square when wide)."""
+    from .numerics import SYMMETRIC_BLOCKS, SYMMETRIC_MIN
+    k = SYMMETRIC_BLOCKS
+    return 2 * n * n * ((k + 1) / (2 * k) if n >= SYMMETRIC_MIN else 1)
+
+
 def run_parts(model, samples: int, seq_len: int) -> tuple[float, float, float]:
-    """(FLOPs of one block forward over all blocks and tokens, bytes of weights moved, bytes of
-    activation cache moved): 2 FLOPs per weight per token; every input byte read once, about
-    two-thirds as much written back; the cache written and read once per block."""
+    """(FLOPs of one dense pass: every block's forward over all tokens, bytes of weights moved,
+    bytes of activation cache moved): every input byte read once, about two-thirds as much written
+    back; the cache written once and read about four times per block."""
     arch = model.arch
-    per_pass = 2 * sum(b.n_params() for b in arch.blocks) * samples * seq_len
+    per_pass = sum(block_flops(b, seq_len) for b in arch.blocks) * samples * seq_len
     weights = sum(t.nbytes for t in model.index.tensors.values()) * 1.7
-    cache = 2 * arch.n_layers * samples * seq_len * arch.hidden * 4
+    cache = 5 * arch.n_layers * samples * seq_len * arch.hidden * 4
     return per_pass, weights, cache
 
 
 def run_work(model, samples: int, seq_len: int, forward_passes: float) -> tuple[float, float]:
-    """(FLOPs, bytes moved) of a run of `forward_passes` block forwards per block (run_parts)."""
+    """(FLOPs, bytes moved) of a run of `forward_passes` dense passes (run_parts)."""
     per_pass, weights, cache = run_parts(model, samples, seq_len)
     return per_pass * forward_passes, weights + cache
 
 
-NOT_COUNTED = "attention scores, the OBS and least-squares solves, and Python overhead are not counted"
+NOT_COUNTED = "the OBS and least-squares solves, the regressions and Python overhead"
+LOW, HIGH = 0.85, 1.5  # the range around the fastest and slowest timed rates: what the counted work leaves out
 
 
 def estimate_time(model, samples: int, seq_len: int, device: torch.device, forward_passes: float,
@@ -138,15 +193,16 @@ def estimate_time(model, samples: int, seq_len: int, device: torch.device, forwa
                                 "(--gpu NAME gives a lower bound from a known GPU's datasheet)", flops, io)
         return TimeEstimate(None, None, None, flops / (gpu.tflops * 1e12),
                             f"a lower bound: the counted work ({flops:.3g} FLOPs) at the {gpu.name}'s datasheet "
-                            f"peak of {gpu.tflops:g} TFLOP/s; {NOT_COUNTED}, nor I/O", flops, io)
-    rates = measure_flops(device)
+                            f"peak of {gpu.tflops:g} TFLOP/s; not counted: {NOT_COUNTED}, nor I/O", flops, io)
+    rates = measure_block_rate(max(model.arch.blocks, key=lambda b: b.n_params()), seq_len, device)
     read = measure_read_speed(model.index)
     each = sorted(flops / r + io / read for r in rates)
-    how = (f"{flops:.3g} FLOPs at the {len(rates)} matmul calibrations' {min(rates) / 1e9:.0f}-"
-           f"{max(rates) / 1e9:.0f} GFLOP/s ({CALIBRATION_SECONDS} s each), {io / 2**30:.3g} GiB of I/O at the "
-           f"{read / 1e6:.0f} MB/s read from the largest shard, under this machine's load now (other work changes it); "
-           f"{NOT_COUNTED}, so a run may take longer")
-    return TimeEstimate(statistics.median(each), each[0], each[-1], None, how, flops, io, tuple(rates), read)
+    how = (f"{forward_passes:.1f} dense passes of {flops / forward_passes:.3g} FLOPs, at the {min(rates) / 1e9:.0f}-"
+           f"{max(rates) / 1e9:.0f} GFLOP/s of {len(rates)} timed block forwards, {io / 2**30:.3g} GiB of I/O at the "
+           f"{read / 1e6:.0f} MB/s read from the largest shard, under this machine's load now (other work changes "
+           f"it); the range allows for {NOT_COUNTED}")
+    median = statistics.median(each)
+    return TimeEstimate(median, each[0] * LOW, each[-1] * HIGH, None, how, flops, io, tuple(rates), read)
 
 
 def speedup(model, samples: int, seq_len: int, forward_passes: float, sample_passes: float, processes: int,

@@ -1,6 +1,7 @@
 """The command line: inspect prints the plan, run prunes, errors are one line with exit 2."""
 
 import json
+import re
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -28,6 +29,7 @@ def test_run_prunes_the_demo_model(tmp_path):
                "--samples", 4, "--seq-len", 64, "--quiet")
     assert r.exit_code == 0, r.output
     assert "% removed" in r.output
+    assert re.search(r"of setup, survey, pruning and writing = [\d.]+ dense passes \(one: [\d.]+s\)", r.output)
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
 
 

@@ -5,10 +5,12 @@ pruning pass."""
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from streamprune import pipeline
 from streamprune.config import RunConfig
+from streamprune.report import render_report
 from streamprune.phases import PhaseTimer, add_phases, phase, timed_batches
 from tests.models import save_tiny_model
 
@@ -59,6 +61,18 @@ def test_report_has_phases_per_block_and_in_total(tmp_path):
         assert {"to_device", "cache_read", "output_forward", "cache_write", "compensation_solve"} <= set(b["phases"])
         assert b["write_seconds"] >= 0
     survey, prune = timing["phases"]["survey"], timing["phases"]["prune"]
-    assert {"shard_read", "survey_forward", "survey_heads", "obs_factor", "obs_greedy", "cache_write"} <= set(survey)
-    assert {"shard_read", "shard_write", "token_sample", "compensation_gram", "output_forward"} <= set(prune)
+    assert {"shard_read", "dense_forward", "survey_gram", "survey_heads", "obs_factor", "obs_greedy", "cache_write"} <= set(survey)
+    assert {"shard_read", "shard_write", "obs_gram", "output_forward"} <= set(prune)
     assert prune["output_forward"] == round(sum(b["phases"]["output_forward"] for b in timing["blocks"]), 3)
+    # the yardstick: one dense streaming pass, the survey's reads, forwards and cache writes
+    one = sum(survey.get(k, 0.0) for k in ("shard_read", "to_device", "cache_read", "dense_forward", "cache_write"))
+    assert timing["dense_pass_seconds"] == pytest.approx(one, abs=2e-3) and 0 < one < timing["seconds"]
+    assert timing["dense_passes"] == round(timing["seconds"] / timing["dense_pass_seconds"], 2) > 1
+    assert " dense passes (one: " in render_report(report)
+
+
+def test_a_run_without_a_survey_has_no_dense_pass_yardstick(tmp_path):
+    src = save_tiny_model(tmp_path / "in", "llama", layers=1, vocab=512, tokenizer_from=DEMO / "stories260K")
+    report = pipeline.run(RunConfig(shards=src, out=tmp_path / "out", sparsity=0.3, calib=DEMO / "calib.txt",
+                                    samples=2, seq_len=16, progress=False, allocation="rule"))
+    assert "dense_passes" not in report["timing"] and "dense passes" not in render_report(report)

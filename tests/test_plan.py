@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import dataclasses
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,8 +24,9 @@ from streamprune.cli import main
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
 from streamprune.model import open_model, output_shape
-from streamprune.plan import activation_bytes, make_plan, parse_bytes, stage_bytes
-from streamprune.timing import duration, estimate_time, find_gpu
+from streamprune.pipeline import calibration_tokens
+from streamprune.plan import activation_bytes, make_plan, parse_bytes, run_passes, stage_bytes
+from streamprune.timing import HIGH, LOW, block_flops, duration, estimate_time, find_gpu, measure_block_rate
 from tests.models import DEVICES, save_tiny_model
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
@@ -114,7 +116,7 @@ def test_plan_command_prints_disk_memory_and_time():
     r = CliRunner().invoke(main, ["plan", "--shards", str(DEMO / "stories260K"), "--samples", "8", "--seq-len", "64"])
     assert r.exit_code == 0, r.output
     assert "activation cache" in r.output and "peak host" in r.output and "time: about" in r.output
-    assert re.search(r"time: about [\d.]+ s \(from [\d.]+ s to [\d.]+ s\)\n  how: .* 3 matmul calibrations", r.output)
+    assert re.search(r"time: about [\d.]+ s \(from [\d.]+ s to [\d.]+ s\)\n  work: [\d.]+ dense passes over 8 x 64 tokens \(survey [\d.]+, scoring [\d.]+, compensation 0.0, output 0.7\)\n  how: .* 3 timed block forwards", r.output)
     assert r.output.endswith("verdict: fits\n")
 
 
@@ -214,13 +216,13 @@ def test_plan_checks_free_disk(monkeypatch, tmp_path):
     args = ("--samples", 64, "--seq-len", 256, "--out", tmp_path / "out")
     r = plan(*args)
     assert r.exit_code == 1, r.output
-    assert f"{tmp_path}: needs 8.7 MiB (output 0.7 MiB, activation cache 8.0 MiB), 5.0 MiB free: DOES NOT FIT" in r.output
+    assert f"{tmp_path}: needs 16.7 MiB (output 0.7 MiB, activation cache 16.0 MiB), 5.0 MiB free: DOES NOT FIT" in r.output
     info = plan_json(*args)
     assert info["memory_fits"] and not info["disk_fits"] and info["verdict"] == "does not fit"
     changes = [s["change"] for s in info["suggestions"]]
-    assert f"free 3.7 MiB in {tmp_path}" in changes and "--cache-dir on a disk with 8.0 MiB free" in changes
+    assert f"free 11.7 MiB in {tmp_path}" in changes and "--cache-dir on a disk with 16.0 MiB free" in changes
     samples = [c for c in changes if c.startswith("--samples ")]
-    assert samples == ["--samples 34"] and plan_json(*args, *samples[0].split())["fits"]  # below 2 x 64: not rounded
+    assert samples == ["--samples 17"] and plan_json(*args, *samples[0].split())["fits"]  # below 2 x 64: not rounded
 
 
 def test_plan_says_when_the_cpu_activation_cap_sets_the_micro_batch():
@@ -241,15 +243,48 @@ def test_durations_read_in_hours_and_days():
         "0.2 s", "45 s", "12 min", "6.3 h", "6303 h (262.6 days)"]
 
 
-def test_time_estimate_is_the_median_of_the_calibrations_and_says_how(monkeypatch):
-    monkeypatch.setattr("streamprune.timing.measure_flops", lambda device: [1e9, 2e9, 4e9])
+def test_time_estimate_is_the_median_of_the_timed_block_forwards_and_says_how(monkeypatch):
+    monkeypatch.setattr("streamprune.timing.measure_block_rate", lambda spec, seq_len, device: [1e9, 2e9, 4e9])
     monkeypatch.setattr("streamprune.timing.measure_read_speed", lambda index: 1e12)
     model = open_model(DEMO / "stories260K")
     t = estimate_time(model, 8, 64, torch.device("cpu"), 5.0)
-    flops = 2 * sum(b.n_params() for b in model.arch.blocks) * 8 * 64 * 5.0
-    assert t.flops == flops and t.seconds == pytest.approx(flops / 2e9 + t.io_bytes / 1e12)
-    assert t.low_seconds == pytest.approx(flops / 4e9 + t.io_bytes / 1e12) and t.low_seconds < t.seconds < t.high_seconds
-    assert "3 matmul calibrations' 1-4 GFLOP/s" in t.how and "not counted" in t.how
+    flops = sum(block_flops(b, 64) for b in model.arch.blocks) * 8 * 64 * 5.0
+    assert t.flops == pytest.approx(flops) and t.seconds == pytest.approx(flops / 2e9 + t.io_bytes / 1e12)
+    assert t.low_seconds == pytest.approx(LOW * (flops / 4e9 + t.io_bytes / 1e12))
+    assert t.high_seconds == pytest.approx(HIGH * (flops / 1e9 + t.io_bytes / 1e12))
+    assert "5.0 dense passes" in t.how and "1-4 GFLOP/s of 3 timed block forwards" in t.how
+
+
+def test_a_timed_block_forward_runs_at_a_plausible_rate():
+    model = open_model(DEMO / "stories260K")
+    rates = measure_block_rate(model.arch.blocks[0], 64, torch.device("cpu"), rounds=2)
+    assert len(rates) == 2 and all(1e6 < r < 1e14 for r in rates)
+
+
+def test_the_plan_counts_the_survey_and_the_passes_of_the_method(tmp_path):
+    model = open_model(DEMO / "stories260K")
+    cfg = RunConfig(shards=model.folder, out=tmp_path / "o", samples=16, seq_len=64, sparsity=0.3)
+    default = run_passes(cfg, model)
+    assert set(default) == {"survey", "scoring", "compensation", "output"} and default["compensation"] == 0
+    assert default["survey"] > 1 and default["scoring"] > 1 and default["output"] == pytest.approx(0.7)
+    assert "survey" not in run_passes(dataclasses.replace(cfg, allocation="rule"), model)
+    wanda = run_passes(dataclasses.replace(cfg, method="wanda-sp"), model)
+    assert wanda["compensation"] == 2.0 and wanda["scoring"] == 1.0
+    assert run_passes(dataclasses.replace(cfg, compensate="none"), model)["output"] == pytest.approx(1.7)
+    # the perturbations' sample is a fixed number of tokens: more windows, fewer passes for it
+    assert run_passes(dataclasses.replace(cfg, samples=256), model)["scoring"] < default["scoring"]
+
+
+def test_plan_fits_the_windows_to_the_calibration_text_as_run_does(tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text((DEMO / "calib.txt").read_text()[:20000])
+    info = json.loads(plan("--calib", text, "--json", "--out", tmp_path / "o").stdout)
+    cfg, _ = calibration_tokens(RunConfig(shards=Path(STORIES), out=tmp_path / "o", calib=text,
+                                          adaptable=("samples", "seq_len")), open_model(STORIES))
+    assert (info["samples"], info["seq_len"]) == (cfg.samples, cfg.seq_len) and cfg.samples < RunConfig.samples
+    assert any(w.startswith("using --samples") for w in info["warnings"])
+    rule = json.loads(plan("--calib", text, "--allocation", "rule", "--json", "--out", tmp_path / "o").stdout)
+    assert "survey" in info["passes"] and "survey" not in rule["passes"]
 
 
 def test_plan_json_carries_the_breakdown_disk_verdict_and_time():
