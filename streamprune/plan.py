@@ -265,12 +265,15 @@ def run_passes(cfg, model) -> dict[str, float]:
         parts["survey"] = 1 + (gram_flops(HD) + gram_flops(I) + layouts * mlp_after_attention
                                + (solves if refit else 0)) / block
     scorer = make_scorer(cfg.method, scoring_options(cfg))
-    if cfg.method == "perturb" and refit:  # scoring measures what compensation needs (scoring/perturb.py)
+    if cfg.method == "perturb" and refit:  # (scoring/perturb.py) counted for a block that loses heads:
+        # the token sample keeps the dense outputs and the heads' Gram (o_proj's refit), the OBS pass,
+        # then compensation's pass for down_proj behind the refit o_proj, over the kept neurons
         masks, tokens = scorer.budget()
         sample = masks * min(tokens, N) / N
+        kept = 1 - cfg.sparsity
         parts["scoring"] = 1 + (gram_flops(HD) + sample * mlp_after_attention + attention + 4 * E * I
-                                + gram_flops(I) + 2 * E * I + solves) / block
-        parts["compensation"] = 0.0
+                                + gram_flops(I) + solves) / block
+        parts["compensation"] = (attention + kept * 4 * E * I + gram_flops(round(kept * I)) + kept * 2 * E * I) / block
     else:
         parts["scoring"] = scorer.forward_passes(N)
         parts["compensation"] = COMPENSATIONS[cfg.compensate].forward_passes

@@ -11,7 +11,7 @@ perplexity before and after with --eval).
 Everything after `--` goes to both plan and run (plan ignores what it does not take: the
 evaluation options). --survey-from DIR copies a finished run's folder first, so the run reuses
 its survey (`streamprune run` keeps the survey across --sparsity, --allocation, --method,
---budget); the row then says so and its seconds exclude the survey.
+--budget); the row then says so, and its seconds count the survey's blocks as they were timed.
 """
 
 from __future__ import annotations
@@ -54,10 +54,17 @@ def bench(model: Path, out: Path, calib: Path, eval_text: Path | None, args: lis
                                   *plan_args(args), capture=True).stdout)
     if out.exists():
         shutil.rmtree(out)
-    if survey_from is not None:
+    if survey_from is not None:  # a finished run's folder, its pruning forgotten: what --survey-only leaves
         shutil.copytree(survey_from, out)
-        for name in ("model.safetensors.index.json", "report.json"):  # (the run must run again)
-            (out / name).unlink(missing_ok=True)
+        journal = out / ".streamprune" / "journal.json"
+        state = json.loads(journal.read_text())
+        # the time so far: the survey's blocks (the seconds of the run then add this run's setup,
+        # pruning and writing: a whole run's, less the first run's setup)
+        state.update(blocks={}, complete=False, wall_seconds=sum(b["seconds"] for b in state["survey"].values()))
+        for key in ("blocks_seconds", "sessions"):
+            state.pop(key, None)
+        state["eval"] = {k: v for k, v in state.get("eval", {}).items() if k == "before"}  # (measured once)
+        journal.write_text(json.dumps(state))
     t0 = time.time()
     streamprune("run", "--shards", model, "--out", out, "--calib", calib, "--quiet",
                 *(("--eval", eval_text) if eval_text else ()), *args)

@@ -44,12 +44,14 @@ def refit_attention(G: torch.Tensor, W_o: torch.Tensor, spec: BlockSpec, kept_he
 
 
 def down_equations(W, spec: BlockSpec, calib: Calibration, kept_heads: torch.Tensor | None = None,
-                   o_proj: torch.Tensor | None = None, neurons: torch.Tensor | None = None) -> NormalEquations:
+                   o_proj: torch.Tensor | None = None, neurons: torch.Tensor | None = None,
+                   rhs: bool = True) -> NormalEquations:
     """down_proj's normal equations over all neurons (or those listed in `neurons`), behind the
     attention cut to `kept_heads` with `o_proj` (None: the dense attention): A = the MLP activations, Y = what down_proj must add
     for the block to reproduce its dense output, tokens weighted by 1 / rms of that output. G is
     what greedy OBS ranks the neurons on; restricted to the kept neurons, G and C are least-squares
-    compensation's refit of down_proj. One pass; the dense outputs are read back when kept."""
+    compensation's refit of down_proj. One pass; the dense outputs are read back when kept.
+    `rhs` False: G alone (OBS's ranking)."""
     eq = NormalEquations(calib.placement, calib.ranks.sum_)
     bias = W.get("down_bias", 0)
     W_in = W if neurons is None else {k: W[k][neurons.to(W[k].device)] for k in ("gate", "up", "gate_bias", "up_bias")
@@ -66,14 +68,14 @@ def down_equations(W, spec: BlockSpec, calib: Calibration, kept_heads: torch.Ten
             heads = attention_heads(W, spec, x, calib.cos, calib.sin)[:, :, kept_heads.to(x.device)]
             h = x + F.linear(heads.flatten(-2), o_proj, W.get("o_bias"))
             a = mlp_activations(W_in, rms_norm(h, W["mlp_norm"], spec.eps))
-            eq.add(a, y - h - bias, token_scale(y))
+            eq.add(a, y - h - bias if rhs else None, token_scale(y))
         else:
             if a is None:  # (dense outputs read back: the activations once more)
                 h = x + attention_output(W, attention_heads(W, spec, x, calib.cos, calib.sin))
                 a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps))
             eq.add(a, None, token_scale(y))
     eq.summed()
-    if kept_heads is None:  # the dense attention: down_proj's own output is the target, C = G W^T
+    if kept_heads is None and rhs:  # the dense attention: down_proj's own output is the target, C = G W^T
         eq.C = eq.G @ W["down"].T.to(eq.G.device, eq.G.dtype)
     return eq
 

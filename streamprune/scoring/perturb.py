@@ -21,10 +21,10 @@ from ..numerics import NormalEquations, add_gram, one_thread, token_scale, token
 from ..selection import Sizes, select_units
 from ..phases import phase
 from .base import Calibration, Scorer, UnitScores
-from .obs import down_equations, greedy_removal_scores, memory_bytes as obs_memory_bytes, refit_attention
+from .obs import down_equations, greedy_removal_scores, head_columns, memory_bytes as obs_memory_bytes, refit_attention
 
-MASKS = 64  # head perturbations per block at --budget 1
-TOKENS = 2048  # calibration tokens each perturbation is measured on, at --budget 1
+MASKS = 24  # head perturbations per block at --budget 1 (64 before 2026-12-04: docs/scoring.md)
+TOKENS = 768  # calibration tokens each perturbation is measured on, at --budget 1 (2048 before)
 PASS_BYTES = 256 * 2**20  # activations of one batch of masked forwards
 RIDGES = (0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried, relative to the mean squared feature norm
 
@@ -210,16 +210,17 @@ class PerturbScorer(Scorer):
                         heads={"mean_error": round(errors.mean().item(), 6), "changed": changed, **fit})
         head_gram, sample = sample.head_gram, None
         neurons = prior_neurons  # without a refit a neuron costs what it contributes alone
-        if refit:  # behind the chosen heads, o_proj refit: the neurons by greedy OBS, and the refit's equations
+        if refit:  # heads cut (an uncut block returned above): o_proj's refit, and the neurons by greedy OBS
             kept_heads = select_units(heads, prior_neurons, spec, sizes).heads
             with phase(calib.timer, "compensation_solve"):
-                o_proj = refit_attention(head_gram, W["o"], spec, kept_heads)
+                calib.shared["attention"] = (kept_heads, refit_attention(head_gram, W["o"], spec, kept_heads))
             del head_gram
-            with phase(calib.timer, "obs_gram"):
-                eq = down_equations(W, spec, calib, kept_heads, o_proj)
-            calib.shared.update(attention=(kept_heads, o_proj), mlp=(kept_heads, eq))
-            if cut_neurons:
-                neurons = greedy_scores(eq, W["down"], spec.intermediate - sizes.intermediate, calib.timer)
+            if cut_neurons:  # behind the kept heads with o_proj as it is: measured better than behind the refit one
+                unrefit = W["o"][:, head_columns(kept_heads, spec.head_dim).to(W["o"].device)]
+                with phase(calib.timer, "obs_gram"):
+                    eq = down_equations(W, spec, calib, kept_heads, unrefit, rhs=False)
+                neurons = greedy_removal_scores(eq.G, W["down"], spec.intermediate - sizes.intermediate,
+                                                timer=calib.timer)
                 info["neurons"] = "greedy OBS"
         return UnitScores(heads, neurons, info)
 
