@@ -165,8 +165,8 @@ class BlockRunner:
                     y_dense = block_forward(W, spec, x, self.cos, self.sin)
                 y = block_forward(W_new, spec_new, x, self.cos, self.sin)
                 check_finite_activations(y, layer, start)
-                err += (y - y_dense).double().pow(2).sum().item()
-                ref += (y_dense - x).double().pow(2).sum().item()
+                err += squared_norm(y - y_dense)
+                ref += squared_norm(y_dense - x)
             with phase(timer, "cache_write"):
                 writer.write(start, y_dense if self.cfg.calibrate_on == "dense" else y)
         writer.commit()
@@ -258,6 +258,11 @@ class TargetWriter(TargetKeeper):
         with phase(self.targets.timer, "cache_write"):
             self.writer.commit(durable=False)
         self.targets.ready = True
+
+
+def squared_norm(t: torch.Tensor) -> float:
+    """|t|^2, accumulated in fp64 (without an fp64 copy of t)."""
+    return torch.linalg.vector_norm(t, dtype=torch.float64).item() ** 2
 
 
 def timed(f, *args) -> float:

@@ -71,11 +71,24 @@ def test_has_and_drop(tmp_path):
     cache.drop(0)  # dropping what is gone is fine
 
 
+def test_a_blocks_kept_dense_outputs_are_a_file_beside_its_inputs_and_go_with_them(tmp_path):
+    x, cache = activations(), ActivationCache(tmp_path / "c", SAMPLES, SEQ, HIDDEN)
+    for kind in ("inputs", "targets"):
+        writer = cache.writer(4, kind)
+        writer.write(0, x if kind == "inputs" else 2 * x)
+        writer.commit(durable=kind == "inputs")
+    assert cache.path(4, "targets").name == "targets-00004.f32"
+    assert torch.equal(cache.batch(4, 1, 3, kind="targets"), 2 * x[1:3]) and torch.equal(cache.batch(4, 1, 3), x[1:3])
+    cache.drop(4)
+    assert not list((tmp_path / "c").iterdir())
+
+
 def own_and_foreign_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """Files a run writes into its cache folder, and files it must never touch."""
     (folder / "streamprune-eval-123").mkdir()
     (folder / "streamprune-eval-123" / "inputs-00000.f32").write_bytes(b"x")
-    own = [folder / "inputs-00000.f32", folder / "inputs-00007.f32.tmp", folder / "streamprune-eval-123"]
+    own = [folder / "inputs-00000.f32", folder / "inputs-00007.f32.tmp", folder / "targets-00002.f32",
+           folder / "targets-00003.f32.tmp", folder / "streamprune-eval-123"]
     (folder / "user-folder").mkdir()
     elsewhere = folder.parent / "elsewhere"
     elsewhere.mkdir()
@@ -84,7 +97,7 @@ def own_and_foreign_files(folder: Path) -> tuple[list[Path], list[Path]]:
     foreign = [folder / "notes.txt", folder / "inputs-1.f32", folder / "inputs-00002.f32.bak",
                folder / "inputs-00003.f32.tmp.old", folder / "user-folder", folder / "streamprune-eval-link",
                elsewhere / "keep.txt"]
-    for p in own[:2] + foreign[:4]:
+    for p in own[:4] + foreign[:4]:
         p.write_bytes(b"data")
     return own, foreign
 

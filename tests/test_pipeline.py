@@ -16,6 +16,7 @@ from streamprune.cache import ActivationCache
 from streamprune.calibration import bos_id, load_tokenizer, token_windows, tokenize_file
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
+from streamprune.scoring.perturb import MASKS
 from tests.models import DEVICES, save_tiny_model
 from tests.harness import digests, interrupt_pruning_at
 
@@ -179,7 +180,7 @@ def test_every_method_prunes_to_a_loadable_model_and_compensation_helps(tmp_path
         load(out)
     assert errors["lsq"][0] < errors["none"][0]
     if method == "perturb":
-        assert report["blocks"][0]["scoring"]["perturbations"] == 64
+        assert report["blocks"][0]["scoring"]["perturbations"] == MASKS
 
 
 @pytest.mark.parametrize("device", DEVICES[1:])
