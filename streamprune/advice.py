@@ -225,7 +225,8 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         estimate = TimeEstimate(None, None, None, None, NOT_DOWNLOADED,
                                 *run_work(model, whole.samples, cfg.seq_len, stage_forward_passes(whole, model)))
     else:
-        estimate = estimate_time(model, whole.samples, cfg.seq_len, dev, stage_forward_passes(whole, model), gpu, here)
+        estimate = estimate_time(model, whole.samples, cfg.seq_len, dev, stage_forward_passes(whole, model), gpu, here,
+                                 stage_forward_passes(whole, model, heads_cut=False))
     parallel = {}
     if processes > 1:
         parallel = dict(processes=processes, windows_per_process=cfg.samples)
@@ -247,6 +248,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
                    fits=d.fits) for d in disk],
         suggestions=[asdict(s) for s in advice], warnings=[w for w in (fitted, capped, warning) if w],
         time=estimate.as_dict() if estimate else None, passes=run_passes(whole, model),
+        passes_without_head_cuts=run_passes(whole, model, heads_cut=False),
         estimated_seconds=round(estimate.seconds, 1) if estimate and estimate.seconds is not None else None,
         **parallel)
 

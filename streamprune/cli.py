@@ -530,9 +530,9 @@ def plan_lines(info: dict) -> list[str]:
             lines.append(f"time: at least {duration(t['at_least_seconds'])}")
         else:
             lines.append("time: not measured here")
-        passes = info["passes"]
+        passes, fewest = info["passes"], sum(info["passes_without_head_cuts"].values())
         lines.append(f"  work: {sum(passes.values()):.1f} dense passes over {info['samples']} x {info['seq_len']} tokens ("
-                     + ", ".join(f"{k} {v:.1f}" for k, v in passes.items()) + ")")
+                     + ", ".join(f"{k} {v:.1f}" for k, v in passes.items()) + f"); {fewest:.1f} if no block loses heads")
         lines.append(f"  how: {t['how']}")
     if info.get("expected_speedup"):
         seconds = t["seconds"] if t and t["seconds"] is not None else None

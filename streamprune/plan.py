@@ -245,12 +245,14 @@ def stage_bytes(cfg, model, sizes) -> tuple[int, int]:
     return scorer.work_bytes(block), COMPENSATIONS[cfg.compensate].work_bytes(block, cut)
 
 
-def run_passes(cfg, model) -> dict[str, float]:
+def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
     """The run's work in dense passes (one: every block's dense forward over all calibration
     tokens), by stage, counted in FLOPs at the widest block: the survey (--allocation global and
     uniform: the dense forward, its Gram matrices, the head layouts, the neuron curve), scoring,
     compensation and the output pass (the pruned block; the dense outputs are kept from the first
-    pass that runs the dense block). Reported beside the measured `dense_passes` of a run."""
+    pass that runs the dense block). Reported beside the measured `dense_passes` of a run.
+    The allocation decides later which blocks lose heads: `heads_cut` counts every block as
+    losing some (the most work), or none (the least)."""
     spec = max(model.arch.blocks, key=lambda b: b.n_params())
     T, N = cfg.seq_len, cfg.samples * cfg.seq_len
     E, I, HD = spec.hidden, spec.intermediate, spec.n_heads * spec.head_dim
@@ -265,7 +267,10 @@ def run_passes(cfg, model) -> dict[str, float]:
         parts["survey"] = 1 + (gram_flops(HD) + gram_flops(I) + layouts * mlp_after_attention
                                + (solves if refit else 0)) / block
     scorer = make_scorer(cfg.method, scoring_options(cfg))
-    if cfg.method == "perturb" and refit:  # (scoring/perturb.py) counted for a block that loses heads:
+    if cfg.method == "perturb" and refit and not heads_cut:  # one pass: the OBS Gram, the refit's equations
+        parts["scoring"] = 1 + (gram_flops(I) + solves) / block
+        parts["compensation"] = 0.0
+    elif cfg.method == "perturb" and refit:  # (scoring/perturb.py) counted for a block that loses heads:
         # the token sample keeps the dense outputs and the heads' Gram (o_proj's refit), the OBS pass,
         # then compensation's pass for down_proj behind the refit o_proj, over the kept neurons
         masks, tokens = scorer.budget()
@@ -282,9 +287,9 @@ def run_passes(cfg, model) -> dict[str, float]:
     return {k: round(v, 3) for k, v in parts.items()}
 
 
-def stage_forward_passes(cfg, model) -> float:
+def stage_forward_passes(cfg, model, heads_cut: bool = True) -> float:
     """The run's work in dense passes (run_passes), in all."""
-    return sum(run_passes(cfg, model).values())
+    return sum(run_passes(cfg, model, heads_cut).values())
 
 
 def planned_sizes(model, sparsity: float, multiple_of: int = 1) -> Sizes:

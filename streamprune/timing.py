@@ -184,8 +184,12 @@ LOW, HIGH = 0.85, 1.5  # the range around the fastest and slowest timed rates: w
 
 
 def estimate_time(model, samples: int, seq_len: int, device: torch.device, forward_passes: float,
-                  gpu: Gpu | None = None, here: bool = True) -> TimeEstimate:
-    """Measured on this machine (`here`), or a datasheet lower bound for `gpu`, or nothing."""
+                  gpu: Gpu | None = None, here: bool = True, fewest_passes: float | None = None) -> TimeEstimate:
+    """Measured on this machine (`here`), or a datasheet lower bound for `gpu`, or nothing. The work
+    is between `fewest_passes` (default: the same) and `forward_passes` dense passes; the estimate
+    is the middle at the median speed, the range the fewest at the fastest and the most at the
+    slowest, widened by LOW and HIGH."""
+    fewest = forward_passes if fewest_passes is None else fewest_passes
     flops, io = run_work(model, samples, seq_len, forward_passes)
     if not here:
         if gpu is None:
@@ -196,13 +200,16 @@ def estimate_time(model, samples: int, seq_len: int, device: torch.device, forwa
                             f"peak of {gpu.tflops:g} TFLOP/s; not counted: {NOT_COUNTED}, nor I/O", flops, io)
     rates = measure_block_rate(max(model.arch.blocks, key=lambda b: b.n_params()), seq_len, device)
     read = measure_read_speed(model.index)
-    each = sorted(flops / r + io / read for r in rates)
-    how = (f"{forward_passes:.1f} dense passes of {flops / forward_passes:.3g} FLOPs, at the {min(rates) / 1e9:.0f}-"
+    per_pass = flops / forward_passes
+    middle = statistics.median([per_pass * (fewest + forward_passes) / 2 / r + io / read for r in rates])
+    low = per_pass * fewest / max(rates) + io / read
+    high = flops / min(rates) + io / read
+    passes = f"{forward_passes:.1f}" if fewest == forward_passes else f"{fewest:.1f} to {forward_passes:.1f}"
+    how = (f"{passes} dense passes of {per_pass:.3g} FLOPs, at the {min(rates) / 1e9:.0f}-"
            f"{max(rates) / 1e9:.0f} GFLOP/s of {len(rates)} timed block forwards, {io / 2**30:.3g} GiB of I/O at the "
            f"{read / 1e6:.0f} MB/s read from the largest shard, under this machine's load now (other work changes "
            f"it); the range allows for {NOT_COUNTED}")
-    median = statistics.median(each)
-    return TimeEstimate(median, each[0] * LOW, each[-1] * HIGH, None, how, flops, io, tuple(rates), read)
+    return TimeEstimate(middle, low * LOW, high * HIGH, None, how, flops, io, tuple(rates), read)
 
 
 def speedup(model, samples: int, seq_len: int, forward_passes: float, sample_passes: float, processes: int,

@@ -116,7 +116,7 @@ def test_plan_command_prints_disk_memory_and_time():
     r = CliRunner().invoke(main, ["plan", "--shards", str(DEMO / "stories260K"), "--samples", "8", "--seq-len", "64"])
     assert r.exit_code == 0, r.output
     assert "activation cache" in r.output and "peak host" in r.output and "time: about" in r.output
-    assert re.search(r"time: about [\d.]+ s \(from [\d.]+ s to [\d.]+ s\)\n  work: [\d.]+ dense passes over 8 x 64 tokens \(survey [\d.]+, scoring [\d.]+, compensation [\d.]+, output 0.7\)\n  how: .* 3 timed block forwards", r.output)
+    assert re.search(r"time: about [\d.]+ s \(from [\d.]+ s to [\d.]+ s\)\n  work: [\d.]+ dense passes over 8 x 64 tokens \(survey [\d.]+, scoring [\d.]+, compensation [\d.]+, output 0.7\); [\d.]+ if no block loses heads\n  how: .* 3 timed block forwards", r.output)
     assert r.output.endswith("verdict: fits\n")
 
 
@@ -255,6 +255,18 @@ def test_time_estimate_is_the_median_of_the_timed_block_forwards_and_says_how(mo
     assert "5.0 dense passes" in t.how and "1-4 GFLOP/s of 3 timed block forwards" in t.how
 
 
+def test_time_range_spans_the_fewest_passes_at_the_fastest_to_the_most_at_the_slowest(monkeypatch):
+    monkeypatch.setattr("streamprune.timing.measure_block_rate", lambda spec, seq_len, device: [1e9, 2e9, 4e9])
+    monkeypatch.setattr("streamprune.timing.measure_read_speed", lambda index: 1e12)
+    model = open_model(DEMO / "stories260K")
+    t = estimate_time(model, 8, 64, torch.device("cpu"), 5.0, fewest_passes=3.0)
+    one, io = t.flops / 5.0, t.io_bytes / 1e12
+    assert t.seconds == pytest.approx(one * 4.0 / 2e9 + io)
+    assert t.low_seconds == pytest.approx(LOW * (one * 3.0 / 4e9 + io))
+    assert t.high_seconds == pytest.approx(HIGH * (one * 5.0 / 1e9 + io))
+    assert "3.0 to 5.0 dense passes" in t.how
+
+
 def test_a_timed_block_forward_runs_at_a_plausible_rate():
     model = open_model(DEMO / "stories260K")
     rates = measure_block_rate(model.arch.blocks[0], 64, torch.device("cpu"), rounds=2)
@@ -271,6 +283,8 @@ def test_the_plan_counts_the_survey_and_the_passes_of_the_method(tmp_path):
     wanda = run_passes(dataclasses.replace(cfg, method="wanda-sp"), model)
     assert wanda["compensation"] == 2.0 and wanda["scoring"] == 1.0
     assert run_passes(dataclasses.replace(cfg, compensate="none"), model)["output"] == pytest.approx(1.7)
+    fewest = run_passes(cfg, model, heads_cut=False)
+    assert fewest["compensation"] == 0 and fewest["scoring"] < default["scoring"]
     # the perturbations' sample is a fixed number of tokens: more windows, fewer passes for it
     assert run_passes(dataclasses.replace(cfg, samples=256), model)["scoring"] < default["scoring"]
 

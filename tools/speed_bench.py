@@ -60,7 +60,10 @@ def bench(model: Path, out: Path, calib: Path, eval_text: Path | None, args: lis
         state = json.loads(journal.read_text())
         # the time so far: the survey's blocks (the seconds of the run then add this run's setup,
         # pruning and writing: a whole run's, less the first run's setup)
-        state.update(blocks={}, complete=False, wall_seconds=sum(b["seconds"] for b in state["survey"].values()))
+        # (and the evaluation before, which is carried and which the run's seconds then leave out)
+        before = state.get("eval", {}).get("before", {}).get("seconds", 0.0)
+        state.update(blocks={}, complete=False,
+                     wall_seconds=sum(b["seconds"] for b in state["survey"].values()) + before)
         for key in ("blocks_seconds", "sessions"):
             state.pop(key, None)
         state["eval"] = {k: v for k, v in state.get("eval", {}).items() if k == "before"}  # (measured once)
