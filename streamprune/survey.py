@@ -30,7 +30,8 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
            placement: GramPlacement = ON_DEVICE, ranks: Ranks = SINGLE, share: Share | None = None
            ) -> list[BlockCosts]:
     """Costs of every block; blocks already surveyed (journal) are not run again. Expects the cache
-    to hold the inputs of the first block not surveyed yet; leaves no cache file behind. With
+    to hold the inputs of the first block not surveyed yet; leaves only block 0's (the embeddings,
+    which the pruning pass starts from: written once, not twice) behind. With
     several ranks, the cache holds this rank's `share` of the windows; every rank gets rank 0's
     costs, and rank 0 journals them once every rank's next inputs are durable."""
     L, samples = model.arch.n_layers, cache.shape[0]
@@ -76,7 +77,8 @@ def survey(model: Model, cache: ActivationCache, journal: Journal, batch: int, d
             if not ranks.is_writer:
                 journal.finish_survey_block(layer, record)  # (its journal is an in-memory copy)
             log.info("surveyed block %d (%.1fs)", layer, time.time() - t0, extra=FILE_ONLY)
-            cache.drop(layer)
+            if layer > 0:
+                cache.drop(layer)
             bar.update(1)
     finally:
         bar.close()

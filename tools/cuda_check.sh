@@ -17,6 +17,7 @@
 #   CAPS="24GiB 16GiB 8GiB" ...                  (the caps of part 70b; default 24GiB only: at 16 and 8 GiB
 #                                                the Gram matrices go to the host, whose factorizations run on
 #                                                one CPU thread, minutes per block: see docs/performance.md)
+#   TESTS_TIMEOUT, CAP_TIMEOUT, MID_TIMEOUT: seconds for the tests, each 70B cap, the 8B block (180, 150, 90)
 #   DRY=1 DEVICE=cpu ... : the same steps on tiny shapes on a CPU (checks the script itself)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -61,7 +62,7 @@ stamp "environment"
 
 if part tests; then
     stamp "tests, CUDA variants"
-    timeout 180 $PY -m pytest -q -p no:cacheprovider -k "$PYTEST_K" -rs tests 2>&1 | tee "$R/pytest.txt" | tail -15
+    timeout ${TESTS_TIMEOUT:-180} $PY -m pytest -q -p no:cacheprovider -k "$PYTEST_K" -rs tests 2>&1 | tee "$R/pytest.txt" | tail -15
 fi
 
 # 128 x 2048 tokens need ~262k tokens of text: the demo's calibration text four times
@@ -82,7 +83,7 @@ fi
 
 if part 8b; then
     stamp "8B-shaped block, default method, $TOK"
-    timeout 90 $PY tools/block_bench.py --device "$DEV" $MID $TOK --calib "$W/calib.txt" --workdir "$W" --profile \
+    timeout ${MID_TIMEOUT:-90} $PY tools/block_bench.py --device "$DEV" $MID $TOK --calib "$W/calib.txt" --workdir "$W" --profile \
         --json "$R/bench-block-8b-$DEV.json" > "$R/block-8b.log" 2>&1
     rc=$?
     if [ -f "$R/bench-block-8b-$DEV.json" ]; then block_line "$R/bench-block-8b-$DEV.json" "8B (exit $rc)"
