@@ -252,14 +252,18 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
     compensation and the output pass (the pruned block; the dense outputs are kept from the first
     pass that runs the dense block). Reported beside the measured `dense_passes` of a run.
     The allocation decides later which blocks lose heads: `heads_cut` counts every block as
-    losing some (the most work), or none (the least)."""
+    losing some and the factorizations at one thread's speed (the most work), or neither (the least)."""
     spec = max(model.arch.blocks, key=lambda b: b.n_params())
     T, N = cfg.seq_len, cfg.samples * cfg.seq_len
     E, I, HD = spec.hidden, spec.intermediate, spec.n_heads * spec.head_dim
     block = block_flops(spec, T)
     attention = block - 6 * E * I
     mlp_after_attention = 2 * E * HD + 6 * E * I  # o_proj and the MLP: a head layout or a head mask measured
-    solves = I ** 3 / N  # a factorization and the greedy's updates, per calibration token
+    # a factorization and the greedy's updates, per calibration token: the least work counts them at the
+    # timed rate, the most at one thread's (numerics.reproducible: CPU factorizations run on one thread;
+    # Qwen2.5-Coder-1.5B at 8,192 tokens measured about 3.5 I^3 at the timed rate, docs/performance.md)
+    threads = 1 if str(cfg.device).startswith("cuda") else torch.get_num_threads()
+    solves = I ** 3 * (1 + threads if heads_cut else 1) / N
     refit = COMPENSATIONS[cfg.compensate].refits
     parts = {}
     if cfg.allocation != "rule":

@@ -179,7 +179,7 @@ def run_work(model, samples: int, seq_len: int, forward_passes: float) -> tuple[
     return per_pass * forward_passes, weights + cache
 
 
-NOT_COUNTED = "the OBS and least-squares solves, the regressions and Python overhead"
+NOT_COUNTED = "the least-squares solves, the regressions and Python overhead"
 LOW, HIGH = 0.85, 1.5  # the range around the fastest and slowest timed rates: what the counted work leaves out
 
 

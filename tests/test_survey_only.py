@@ -49,6 +49,16 @@ def test_survey_only_previews_and_a_later_run_reuses_it(tmp_path):
         {k: v for k, v in digests(fresh).items() if Path(k).name not in skip}
 
 
+def test_the_embeddings_are_written_once_for_the_survey_and_the_pruning_pass(tmp_path, monkeypatch):
+    from streamprune import pipeline
+    written = []
+    real = pipeline.write_embeddings
+    monkeypatch.setattr(pipeline, "write_embeddings", lambda *a: written.append(1) or real(*a))
+    model = save_tiny_model(tmp_path / "in", "llama", layers=2, vocab=512, tokenizer_from=TINYSTORIES / "stories260K")
+    run(model, tmp_path / "out", "--sparsity", "0.3")
+    assert len(written) == 1  # the survey leaves block 0's inputs for the pruning pass
+
+
 def test_a_run_that_pruned_is_not_reused_with_another_sparsity(tmp_path):
     model = save_tiny_model(tmp_path / "in", "llama", layers=2, vocab=512, tokenizer_from=TINYSTORIES / "stories260K")
     out = tmp_path / "out"
