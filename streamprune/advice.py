@@ -17,8 +17,8 @@ from .compensate import COMPENSATIONS
 from .errors import StreamPruneError
 from .journal import WORKDIR
 from .model import open_model, parse_device
-from .plan import (USABLE, Plan, available_memory, largest, parse_bytes, plan_run, run_passes, scoring_options,
-                   stage_forward_passes)
+from .plan import (USABLE, Plan, available_memory, largest, one_thread_passes, parse_bytes, plan_run, run_passes,
+                   scoring_options)
 from .scoring import SCORERS, make_scorer
 from .timing import GPUS, Gpu, TimeEstimate, estimate_time, find_gpu, gpus_with, run_work, speedup
 from .validate import check_sparsity, disk_needs, gib
@@ -219,14 +219,16 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
     fits = p.fits and all(d.fits for d in disk)
     advice = [] if fits else suggestions(cfg, model, p, disk_ok, here) + (disk_suggestions(disk, p) if p.fits else [])
     warning = memory_warning(cfg.max_memory, cfg.device, gpu)
+    passes, fewest = run_passes(whole, model), run_passes(whole, model, heads_cut=False)
+    most = sum(passes.values())
     if not timing:
         estimate = None
     elif remote_model is not None and here:
         estimate = TimeEstimate(None, None, None, None, NOT_DOWNLOADED,
-                                *run_work(model, whole.samples, cfg.seq_len, stage_forward_passes(whole, model)))
-    else:
-        estimate = estimate_time(model, whole.samples, cfg.seq_len, dev, stage_forward_passes(whole, model), gpu, here,
-                                 stage_forward_passes(whole, model, heads_cut=False))
+                                *run_work(model, whole.samples, cfg.seq_len, most))
+    else:  # the range: the fewest passes at the fastest rate, to the most with one-thread factorizations at the slowest
+        estimate = estimate_time(model, whole.samples, cfg.seq_len, dev, most + one_thread_passes(whole, model), gpu,
+                                 here, sum(fewest.values()))
     parallel = {}
     if processes > 1:
         parallel = dict(processes=processes, windows_per_process=cfg.samples)
@@ -235,7 +237,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         if rate:
             sample = make_scorer(whole.method, scoring_options(whole)).sample_passes(whole.samples * whole.seq_len)
             read = (estimate.read_bytes_per_second if estimate else None) or float("inf")
-            parallel["expected_speedup"] = round(speedup(model, whole.samples, whole.seq_len, stage_forward_passes(whole, model),
+            parallel["expected_speedup"] = round(speedup(model, whole.samples, whole.seq_len, most,
                                                          sample, processes, rate, read), 2)
     return dict(
         p.as_dict(), fits=fits, memory_fits=p.fits, disk_fits=all(d.fits for d in disk),
@@ -247,8 +249,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         disk=[dict(folder=str(d.folder), need_bytes=d.need_bytes, free_bytes=d.free_bytes, parts=list(d.parts),
                    fits=d.fits) for d in disk],
         suggestions=[asdict(s) for s in advice], warnings=[w for w in (fitted, capped, warning) if w],
-        time=estimate.as_dict() if estimate else None, passes=run_passes(whole, model),
-        passes_without_head_cuts=run_passes(whole, model, heads_cut=False),
+        time=estimate.as_dict() if estimate else None, passes=passes, passes_without_head_cuts=fewest,
         estimated_seconds=round(estimate.seconds, 1) if estimate and estimate.seconds is not None else None,
         **parallel)
 

@@ -252,18 +252,14 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
     compensation and the output pass (the pruned block; the dense outputs are kept from the first
     pass that runs the dense block). Reported beside the measured `dense_passes` of a run.
     The allocation decides later which blocks lose heads: `heads_cut` counts every block as
-    losing some and the factorizations at one thread's speed (the most work), or neither (the least)."""
+    losing some (the most work), or none (the least)."""
     spec = max(model.arch.blocks, key=lambda b: b.n_params())
     T, N = cfg.seq_len, cfg.samples * cfg.seq_len
     E, I, HD = spec.hidden, spec.intermediate, spec.n_heads * spec.head_dim
     block = block_flops(spec, T)
     attention = block - 6 * E * I
     mlp_after_attention = 2 * E * HD + 6 * E * I  # o_proj and the MLP: a head layout or a head mask measured
-    # a factorization and the greedy's updates, per calibration token: the least work counts them at the
-    # timed rate, the most at one thread's (numerics.reproducible: CPU factorizations run on one thread;
-    # Qwen2.5-Coder-1.5B at 8,192 tokens measured about 3.5 I^3 at the timed rate, docs/performance.md)
-    threads = 1 if str(cfg.device).startswith("cuda") else torch.get_num_threads()
-    solves = I ** 3 * (1 + threads if heads_cut else 1) / N
+    solves = I ** 3 / N  # a factorization and the greedy's updates, per calibration token, at the timed rate
     refit = COMPENSATIONS[cfg.compensate].refits
     parts = {}
     if cfg.allocation != "rule":
@@ -291,9 +287,18 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
     return {k: round(v, 3) for k, v in parts.items()}
 
 
-def stage_forward_passes(cfg, model, heads_cut: bool = True) -> float:
-    """The run's work in dense passes (run_passes), in all."""
-    return sum(run_passes(cfg, model, heads_cut).values())
+def one_thread_passes(cfg, model) -> float:
+    """What the I x I factorizations and greedy updates (the survey's neuron curve, perturb's OBS)
+    add to run_passes' count, which has them at the timed rate of all threads, when they run on
+    one thread, as they do on a CPU (numerics.reproducible): threads x I^3 FLOPs each. The time
+    range's slow end counts it (Qwen2.5-Coder-1.5B at 8,192 tokens measured about 3.5 I^3 at the
+    timed rate, docs/performance.md)."""
+    if str(cfg.device).startswith("cuda") or not COMPENSATIONS[cfg.compensate].refits:
+        return 0.0
+    spec = max(model.arch.blocks, key=lambda b: b.n_params())
+    stages = (cfg.allocation != "rule") + (cfg.method == "perturb")  # the survey's curve, the scorer's OBS
+    return stages * torch.get_num_threads() * spec.intermediate ** 3 / (cfg.samples * cfg.seq_len) \
+        / block_flops(spec, cfg.seq_len)
 
 
 def planned_sizes(model, sparsity: float, multiple_of: int = 1) -> Sizes:

@@ -25,7 +25,7 @@ from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
 from streamprune.model import open_model, output_shape
 from streamprune.pipeline import calibration_tokens
-from streamprune.plan import activation_bytes, make_plan, parse_bytes, run_passes, stage_bytes
+from streamprune.plan import activation_bytes, make_plan, one_thread_passes, parse_bytes, run_passes, stage_bytes
 from streamprune.timing import HIGH, LOW, block_flops, duration, estimate_time, find_gpu, measure_block_rate
 from tests.models import DEVICES, save_tiny_model
 
@@ -287,6 +287,11 @@ def test_the_plan_counts_the_survey_and_the_passes_of_the_method(tmp_path):
     assert fewest["compensation"] == 0 and fewest["scoring"] < default["scoring"]
     # the perturbations' sample is a fixed number of tokens: more windows, fewer passes for it
     assert run_passes(dataclasses.replace(cfg, samples=256), model)["scoring"] < default["scoring"]
+    # the range's slow end: the survey's curve and perturb's OBS factorized on one thread (on a CPU)
+    both = one_thread_passes(cfg, model)
+    assert both > 0 and one_thread_passes(dataclasses.replace(cfg, method="wanda-sp"), model) == pytest.approx(both / 2)
+    assert one_thread_passes(dataclasses.replace(cfg, allocation="rule", method="wanda-sp"), model) == 0
+    assert one_thread_passes(dataclasses.replace(cfg, device="cuda"), model) == 0
 
 
 def test_plan_fits_the_windows_to_the_calibration_text_as_run_does(tmp_path):

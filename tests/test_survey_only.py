@@ -7,6 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from streamprune import pipeline
 from streamprune.cli import main
 from tests.harness import digests
 from tests.models import TINYSTORIES, save_tiny_model
@@ -50,7 +51,6 @@ def test_survey_only_previews_and_a_later_run_reuses_it(tmp_path):
 
 
 def test_the_embeddings_are_written_once_for_the_survey_and_the_pruning_pass(tmp_path, monkeypatch):
-    from streamprune import pipeline
     written = []
     real = pipeline.write_embeddings
     monkeypatch.setattr(pipeline, "write_embeddings", lambda *a: written.append(1) or real(*a))
