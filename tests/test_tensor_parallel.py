@@ -33,11 +33,29 @@ def test_the_issues_42_heads_and_7_kv_heads_do_not_split_and_replicated_kv_heads
     assert head_layouts(SPEC, 4) == [(2, 2), (4, 1), (4, 2)]  # 8 heads in 4 groups of 2
 
 
-@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.3, 0.5])
+# uniform_sizes(SPEC, sparsity) without --multiple-of, worked out by hand: the GQA layout closest to
+# 1 - sparsity, then the neurons that bring the block to the budget, rounded to the nearest one
+# (SPEC's MLP is small, so its neuron step is 1). At 30% that is 35 neurons, which 4 GPUs cannot split.
+DEFAULT_SIZES = {0.0: (4, 2, 48), 0.1: (4, 2, 40), 0.3: (4, 1, 35), 0.5: (2, 2, 24)}
+
+
+@pytest.mark.parametrize("sparsity", sorted(DEFAULT_SIZES))
 def test_fixed_rule_keeps_multiples(sparsity):
     sizes = uniform_sizes(SPEC, sparsity, multiple_of=4)
     assert splits(sizes.n_heads, sizes.n_kv, sizes.intermediate, 4)
-    assert uniform_sizes(SPEC, sparsity) == uniform_sizes(SPEC, sparsity, multiple_of=1)
+    default = uniform_sizes(SPEC, sparsity)
+    assert (default.n_kv, default.group, default.intermediate) == DEFAULT_SIZES[sparsity]
+    assert sizes.intermediate % 4 == 0 and abs(sizes.intermediate - default.intermediate) < 4
+    assert (sizes.n_kv, sizes.group) == (default.n_kv, default.group)  # SPEC's layouts already split 4 ways
+    if sparsity:  # the default spends the budget to within half a neuron's weights
+        target = budget((SPEC,), sparsity)
+        assert abs(linear_params(SPEC, default) - target) <= 3 * SPEC.hidden / 2
+
+
+def test_the_default_does_not_round_neurons_and_multiple_of_does():
+    assert uniform_sizes(SPEC, 0.3).intermediate == 35
+    assert uniform_sizes(SPEC, 0.3, multiple_of=4).intermediate == 36
+    assert uniform_sizes(SPEC, 0.3, multiple_of=2).intermediate == 34
 
 
 @pytest.mark.parametrize("multiple_of", [2, 4, 8])
