@@ -3,6 +3,7 @@ its time; a real run's report.json has them per block and in total, for the surv
 pruning pass."""
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,39 @@ def test_nested_phases_are_exclusive():
     assert abs(t.seconds["outer"] + t.seconds["inner"] - total) < 0.01
 
 
+def test_a_phase_is_recorded_under_its_name_and_accumulates():
+    t = PhaseTimer()
+    with phase(t, "gram"):
+        time.sleep(0.01)
+    first = t.seconds["gram"]
+    assert list(t.seconds) == ["gram"] and 0.009 <= first < 0.2
+    with phase(t, "gram"):
+        time.sleep(0.01)
+    assert t.seconds["gram"] >= first + 0.009 and t.stack == []
+
+
+def test_a_phase_that_raises_still_counts_and_closes():
+    t = PhaseTimer()
+    with t.phase("outer"):
+        with pytest.raises(ValueError), t.phase("inner"):
+            time.sleep(0.01)
+            raise ValueError("boom")
+    assert t.seconds["inner"] >= 0.009 and t.seconds["outer"] < t.seconds["inner"] and t.stack == []
+
+
+def test_rounded_sorts_names_and_keeps_three_decimals():
+    t = PhaseTimer()
+    t.seconds.update(write=0.12345, cache_read=1.0006, a=0.0)
+    assert list(t.rounded().items()) == [("a", 0.0), ("cache_read", 1.001), ("write", 0.123)]
+
+
 def test_without_a_timer_nothing_is_timed():
-    with phase(None, "x"):
-        pass
-    assert list(timed_batches(iter([1, 2]), None)) == [1, 2]
+    assert isinstance(phase(None, "x"), nullcontext)  # no clock read, nothing recorded
+    with pytest.raises(KeyError), phase(None, "x"):  # and errors pass through untouched
+        {}["y"]
+    batches = [torch.zeros(1), torch.ones(2)]
+    got = list(timed_batches(iter(batches), None))
+    assert len(got) == 2 and all(a is b for a, b in zip(got, batches))
 
 
 def test_timed_batches_count_producing_each_batch():
@@ -44,7 +74,11 @@ def test_timed_batches_count_producing_each_batch():
             yield torch.zeros(i)
     t = PhaseTimer()
     assert [len(x) for x in timed_batches(slow(), t)] == [0, 1, 2]
-    assert t.seconds["cache_read"] >= 0.025
+    assert list(t.seconds) == ["cache_read"] and 0.025 <= t.seconds["cache_read"] < 0.5
+    with t.phase("forward"):  # the consumer's work is not counted as producing batches
+        for _ in timed_batches(iter([torch.zeros(1)]), t, name="cache_read_2"):
+            time.sleep(0.02)
+    assert t.seconds["cache_read_2"] < 0.01 and t.seconds["forward"] >= 0.019
 
 
 def test_add_phases_skips_what_is_not_a_number():
@@ -59,11 +93,15 @@ def test_report_has_phases_per_block_and_in_total(tmp_path):
     timing = report["timing"]
     for b in timing["blocks"]:
         assert {"to_device", "cache_read", "output_forward", "cache_write", "compensation_solve"} <= set(b["phases"])
-        assert b["write_seconds"] >= 0
+        # a block's seconds are its own work and waits; the threads' reads and writes run beside
+        own = sum(v for k, v in b.items() if k.endswith("_seconds") and k not in ("read_seconds", "write_seconds"))
+        assert b["seconds"] == pytest.approx(own, abs=2e-3) and b["seconds"] > 0
     survey, prune = timing["phases"]["survey"], timing["phases"]["prune"]
     assert {"shard_read", "dense_forward", "survey_gram", "survey_heads", "obs_factor", "obs_greedy", "cache_write"} <= set(survey)
     assert {"shard_read", "shard_write", "obs_gram", "output_forward"} <= set(prune)
     assert prune["output_forward"] == round(sum(b["phases"]["output_forward"] for b in timing["blocks"]), 3)
+    for phase_name, key in (("shard_read", "read_seconds"), ("shard_write", "write_seconds")):
+        assert prune[phase_name] == round(sum(b[key] for b in timing["blocks"]), 3)
     # the yardstick: one dense streaming pass, the survey's reads, forwards and cache writes
     one = sum(survey.get(k, 0.0) for k in ("shard_read", "to_device", "cache_read", "dense_forward", "cache_write"))
     assert timing["dense_pass_seconds"] == pytest.approx(one, abs=2e-3) and 0 < one < timing["seconds"]
