@@ -1,4 +1,5 @@
 """Helpers that run `streamprune` as a user would, for the tests and for tools/fault_bench.py:
+the command in this process (`invoke`) and the check that it refused in one line (`refused`),
 a tiny sharded model with the demo tokenizer, the `run` arguments, a child process with or without
 a fault point (STREAMPRUNE_FAULT_POINT, streamprune/faults.py), the digests of an output folder,
 and one interrupt-resume-compare trial. Imports go one way: tools import tests.harness, tests
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +25,31 @@ DEMO = ROOT / "demo"
 TERM_AT_POINT = ("import runpy, signal, types, streamprune.faults as f; "
                  "f.signal = types.SimpleNamespace(SIGINT=signal.SIGTERM, SIGKILL=signal.SIGKILL); "
                  "runpy.run_module('streamprune', run_name='__main__', alter_sys=True)")
+
+
+def invoke(*args, **kwargs):
+    """`streamprune ARGS` in this process through click's CliRunner (each arg str()-ed, prog_name
+    "streamprune"); `kwargs` go to CliRunner.invoke (input, env, catch_exceptions, ...)."""
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+    kwargs.setdefault("prog_name", "streamprune")
+    return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
+
+
+def refused(r, *patterns: str) -> str:
+    """Assert that a command (a click Result from `invoke`, or a subprocess.CompletedProcess) was
+    refused as a user should see it: exit status 2, no traceback or usage text, and stderr one line
+    `error: ...` in which every regular expression of `patterns` is found. Returns that line."""
+    code = r.exit_code if hasattr(r, "exit_code") else r.returncode
+    output = r.output if hasattr(r, "output") else r.stdout + r.stderr
+    assert code == 2, (code, output, getattr(r, "exception", None))
+    assert "Traceback" not in output and "Usage:" not in output, output
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and r.stderr.endswith("\n"), r.stderr
+    line = r.stderr.rstrip("\n")
+    for pattern in patterns:
+        assert re.search(pattern, line), (pattern, line)
+    return line
 
 
 def make_model(folder: Path, layers: int) -> Path:

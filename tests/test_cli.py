@@ -4,15 +4,9 @@ import json
 import re
 from pathlib import Path
 
-from click.testing import CliRunner
-
-from streamprune.cli import main
+from tests.harness import invoke
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_inspect_prints_model_and_plan():

@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from streamprune.cli import main
 from tests.test_bad_inputs import sha256_tree
-from tests.harness import DEMO, child_env, digests, make_model, run_args, run_cli
+from tests.harness import DEMO, child_env, digests, invoke, make_model, refused, run_args, run_cli
 
 SAMPLES, SEQ_LEN = 4, 32
 
@@ -25,18 +23,8 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("safety-ref") / "out"
-    assert invoke(run_args(model, out, SAMPLES, SEQ_LEN)).exit_code == 0
+    assert invoke(*run_args(model, out, SAMPLES, SEQ_LEN)).exit_code == 0
     return digests(out)
-
-
-def invoke(args, **kwargs):
-    return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
-
-
-def refused(r, pattern: str) -> None:
-    assert r.exit_code == 2, (r.output, r.exception)
-    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
-    assert pattern in r.stderr, r.stderr
 
 
 def user_files(folder: Path) -> Path:
@@ -55,7 +43,7 @@ def test_cache_dir_keeps_every_file_it_did_not_write(model, reference, tmp_path,
                  "parent-of-input": model.parent,
                  "out-workdir": out / ".streamprune"}[where]
     before = sha256_tree(cache_dir)
-    r = invoke(run_args(model, out, SAMPLES, SEQ_LEN) + ["--cache-dir", cache_dir])
+    r = invoke(*run_args(model, out, SAMPLES, SEQ_LEN), "--cache-dir", cache_dir)
     assert r.exit_code == 0, (r.output, r.exception)
     assert digests(out) == reference
     after = sha256_tree(cache_dir)
@@ -83,16 +71,16 @@ def test_cache_dir_shared_by_two_concurrent_runs(model, reference, tmp_path):
 
 def test_cache_folder_not_made_by_streamprune_is_refused(model, tmp_path):
     out = tmp_path / "out"
-    r = invoke(run_args(model, out, SAMPLES, SEQ_LEN) + ["--cache-dir", tmp_path / "c"])
+    r = invoke(*run_args(model, out, SAMPLES, SEQ_LEN), "--cache-dir", tmp_path / "c")
     assert r.exit_code == 0
     # a folder under the name this output's cache would take, holding someone else's file
-    r = invoke(run_args(model, out, SAMPLES, SEQ_LEN) + ["--cache-dir", tmp_path / "c", "--keep-cache", "--restart"])
+    r = invoke(*run_args(model, out, SAMPLES, SEQ_LEN), "--cache-dir", tmp_path / "c", "--keep-cache", "--restart")
     assert r.exit_code == 0
     ours = next((tmp_path / "c").iterdir())
     (ours / "streamprune-cache.json").unlink()
     (ours / "theirs.txt").write_text("x")
     before = sha256_tree(tmp_path / "c")
-    refused(invoke(run_args(model, out, SAMPLES, SEQ_LEN) + ["--cache-dir", tmp_path / "c", "--restart"]),
+    refused(invoke(*run_args(model, out, SAMPLES, SEQ_LEN), "--cache-dir", tmp_path / "c", "--restart"),
             "is not empty and was not made by streamprune")
     assert sha256_tree(tmp_path / "c") == before
 
@@ -102,7 +90,7 @@ def test_restart_never_clears_a_folder_streamprune_did_not_write(model, tmp_path
     (out / "config.json").write_text("{}")
     (out / "model-00001-of-00002.safetensors").write_bytes(b"someone's weights")
     before = sha256_tree(out)
-    refused(invoke(run_args(model, out, SAMPLES, SEQ_LEN) + ["--restart"]), "is not a streamprune output")
+    refused(invoke(*run_args(model, out, SAMPLES, SEQ_LEN), "--restart"), "is not a streamprune output")
     assert sha256_tree(out) == before
 
 
@@ -115,7 +103,7 @@ def test_restart_discards_the_cache_of_the_previous_run(model, reference, tmp_pa
     args[args.index("--calib") + 1] = str(other)
     assert run_cli(args + ["--cache-dir", str(cache)], fault="after_scoring:1").returncode < 0  # killed
     assert list(cache.glob("*/inputs-00000.f32"))
-    r = invoke(run_args(model, out, SAMPLES, SEQ_LEN) + ["--cache-dir", cache, "--restart"])
+    r = invoke(*run_args(model, out, SAMPLES, SEQ_LEN), "--cache-dir", cache, "--restart")
     assert r.exit_code == 0, (r.output, r.exception)
     assert digests(out) == reference
 
@@ -133,7 +121,7 @@ def test_never_writes_into_the_input(model, tmp_path, case):
                "cache-inside-input": tmp_path / "out"}[case]
     before = sha256_tree(model)
     extra = ["--cache-dir", inp / "cache"] if case == "cache-inside-input" else []
-    r = invoke(run_args(inp, out, SAMPLES, SEQ_LEN) + extra)
+    r = invoke(*run_args(inp, out, SAMPLES, SEQ_LEN), *extra)
     refused(r, "choose " if case != "input-inside-out" else "is inside --out")
     assert sha256_tree(model) == before
 
@@ -165,10 +153,10 @@ def with_remote_code(model: Path, folder: Path, tokenizer_class: str) -> Path:
 def test_model_code_never_runs_even_when_answered_yes(model, tmp_path):
     folder = with_remote_code(model, tmp_path / "evil", "EvilTokenizer")
     out = tmp_path / "out"
-    r = invoke(run_args(folder, out, SAMPLES, SEQ_LEN), input="y\ny\n")
+    r = invoke(*run_args(folder, out, SAMPLES, SEQ_LEN), input="y\ny\n")
     refused(r, "never runs a model's code")
     assert not (folder / "RAN").exists() and not out.exists()
-    r = invoke(["eval", "--model", folder, "--text", DEMO / "calib.txt", "--max-windows", 1, "--seq-len", 32],
+    r = invoke("eval", "--model", folder, "--text", DEMO / "calib.txt", "--max-windows", 1, "--seq-len", 32,
                input="y\n")
     refused(r, "never runs a model's code")
     assert not (folder / "RAN").exists()
@@ -177,7 +165,7 @@ def test_model_code_never_runs_even_when_answered_yes(model, tmp_path):
 def test_model_with_auto_map_but_stock_classes_prunes_without_its_code(model, tmp_path):
     folder = with_remote_code(model, tmp_path / "evil", "PreTrainedTokenizerFast")
     out = tmp_path / "out"
-    r = invoke(run_args(folder, out, SAMPLES, SEQ_LEN))
+    r = invoke(*run_args(folder, out, SAMPLES, SEQ_LEN))
     assert r.exit_code == 0, (r.output, r.exception)
     assert not (folder / "RAN").exists()
     assert not (out / "evil.py").exists() and "auto_map" not in json.loads((out / "config.json").read_text())
@@ -209,7 +197,7 @@ def test_resume_refuses_an_input_changed_since_the_interruption(model, tmp_path,
         with open(folder / "tokenizer.json", "a") as f:
             f.write("\n")
         changed = "tokenizer.json"
-    r = invoke(run_args(folder, out, SAMPLES, SEQ_LEN))
+    r = invoke(*run_args(folder, out, SAMPLES, SEQ_LEN))
     refused(r, "the input model changed since the run")
     assert changed in r.stderr
-    assert invoke(run_args(folder, out, SAMPLES, SEQ_LEN) + ["--restart"]).exit_code == 0
+    assert invoke(*run_args(folder, out, SAMPLES, SEQ_LEN), "--restart").exit_code == 0

@@ -8,19 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from streamprune.cli import main
 from streamprune.config import RunConfig
 from streamprune.documents import SEPARATOR, TextSource, parse_dataset
 from streamprune.errors import StreamPruneError
+from tests.harness import invoke
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 DOCS = ["First document.\nIt has two lines.", "", "Third, after an empty one: é ü"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -12,29 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from streamprune.cli import INTERRUPTED, main, one_line
+from streamprune.cli import one_line
+from streamprune.signals import INTERRUPTED
+from tests.harness import invoke, refused
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
 MODEL = DEMO / "stories260K"
 CALIB = DEMO / "calib.txt"
 DAMAGED = r"the work folder .*\.streamprune is damaged \(journal\.json: .*{}.*\); re-run with --restart to start over$"
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="streamprune")
-
-
-def one_error_line(r, pattern: str = "") -> str:
-    """The single stderr line of a refused command (asserted), matched against `pattern`."""
-    assert r.exit_code == 2, (r.output, r.exception)
-    assert "Traceback" not in r.output and "Usage:" not in r.output
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert re.search(pattern, lines[0]), lines[0]
-    return lines[0]
 
 
 def run_args(out: Path, *extra):
@@ -119,7 +106,7 @@ def test_bad_values_are_one_line(tmp_path, case):
     out = tmp_path / "out"
     if args[0] not in ("run", "plan", "inspect", "eval", "report", "frobnicate"):
         args = run_args(out, *args)
-    one_error_line(invoke(*args), pattern)
+    refused(invoke(*args), pattern)
     assert not (out / ".streamprune" / "journal.json").exists() and not (out / "config.json").exists()
 
 
@@ -202,7 +189,7 @@ def test_damaged_journal_is_one_line(tmp_path, case):
     path = out / ".streamprune" / "journal.json"
     path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
     before = path.read_bytes()
-    line = one_error_line(invoke(*run_args(out)), DAMAGED.format(f"(?:{problem})"))
+    line = refused(invoke(*run_args(out)), DAMAGED.format(f"(?:{problem})"))
     assert f"{out}/.streamprune is damaged" in line
     assert path.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [".streamprune"]
 
@@ -210,10 +197,10 @@ def test_damaged_journal_is_one_line(tmp_path, case):
 def test_journal_that_is_not_a_file_is_damaged(tmp_path):
     out = tmp_path / "out"
     (out / ".streamprune" / "journal.json").mkdir(parents=True)
-    one_error_line(invoke(*run_args(out)), DAMAGED.format("not a regular file"))
+    refused(invoke(*run_args(out)), DAMAGED.format("not a regular file"))
     (out / ".streamprune" / "journal.json").rmdir()
     (out / ".streamprune" / "journal.json").symlink_to("/dev/zero")  # reading it would never end
-    one_error_line(invoke(*run_args(out)), DAMAGED.format("not a regular file"))
+    refused(invoke(*run_args(out)), DAMAGED.format("not a regular file"))
 
 
 def test_damaged_journal_restarts_with_restart(tmp_path):
@@ -266,9 +253,9 @@ REPORTS = {  # id -> (report.json bytes or object, what the error says)
 def test_damaged_report_is_one_line(tmp_path, case):
     content, problem = REPORTS[case]
     (tmp_path / "report.json").write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
-    one_error_line(invoke("report", tmp_path, "--no-png"),
-                   rf"^error: {re.escape(str(tmp_path))}/report\.json is damaged or not a streamprune report "
-                   rf"\(.*(?:{problem}).*\)$")
+    refused(invoke("report", tmp_path, "--no-png"),
+            rf"^error: {re.escape(str(tmp_path))}/report\.json is damaged or not a streamprune report "
+            rf"\(.*(?:{problem}).*\)$")
 
 
 def test_valid_report_renders_also_with_zero_perplexity(tmp_path):
@@ -370,9 +357,9 @@ def test_signal_after_the_command_returned(when):
 
 def test_ignored_sigint_stays_ignored():
     """nohup and background jobs of a non-interactive shell start with SIGINT ignored."""
-    p = python("import signal, streamprune.cli as cli; cli.handle_signals(arm=True); "
+    p = python("import signal, streamprune.signals as signals; signals.handle_signals(arm=True); "
                "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "
-               "signal.getsignal(signal.SIGTERM) is cli.on_signal)",
+               "signal.getsignal(signal.SIGTERM) is signals.on_signal)",
                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert p.stdout.split() == ["True", "True"], p.stderr
 
@@ -390,5 +377,5 @@ def test_ignored_sigint_stays_ignored():
 def test_malformed_hub_ids_and_dataset_options_are_one_line(tmp_path, args, pattern):
     """(the test suite runs offline: tests/conftest.py)"""
     args = [tmp_path / "out" if a == "OUT" else a for a in args]
-    one_error_line(invoke(*args), pattern)
+    refused(invoke(*args), pattern)
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()

@@ -12,12 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from streamprune.cli import main
 from streamprune.errors import StreamPruneError
 from streamprune.hub import SMALL_FILES, is_hub_id, resolve_model
-from tests.harness import DEMO, ROOT, make_model
+from tests.harness import DEMO, ROOT, invoke, make_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 RUN = ["--samples", 4, "--seq-len", 32, "--sparsity", 0.3, "--quiet", "--calib", DEMO / "calib.txt"]
@@ -56,10 +54,6 @@ def offline_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("tiny") / "model", layers=2)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def model_files(out: Path) -> dict:
