@@ -13,15 +13,13 @@ import torch
 
 from .cache import run_cache_folder
 from .calibration import run_window
-from .compensate import COMPENSATIONS
+from .config import COMPENSATIONS, METHODS
 from .errors import StreamPruneError
 from .journal import WORKDIR
 from .model import open_model, parse_device
-from .plan import (USABLE, Plan, available_memory, largest, one_thread_passes, parse_bytes, plan_run, run_passes,
-                   scoring_options)
-from .scoring import SCORERS, make_scorer
+from .plan import (USABLE, Plan, available_memory, largest, one_thread_passes, parse_bytes, plan_run, run_passes)
 from .timing import GPUS, Gpu, TimeEstimate, estimate_time, find_gpu, gpus_with, run_work, speedup
-from .validate import check_sparsity, disk_needs, gib
+from .validate import check_sparsity, disk_needs, size_text
 
 ANY_GPU = 2**62  # the memory of a GPU of any size, to find what one needs
 MAX_ALTERNATIVES = 3  # method / compensation changes listed
@@ -75,15 +73,15 @@ def suggestions(cfg, model, p: Plan, disk_ok=None, check_host: bool = True, offe
         out += limit_suggestions(cfg, p, replan, ok, found)
     if p.short_of == "host" and p.peak_device_bytes:
         need = int(p.peak_host_bytes / USABLE) + 1
-        out.append(Suggestion(f"a machine with {gib(need)} of free host memory", p.micro_batch, p.peak_host_bytes,
-                              f"this one has {gib(p.host_limit_bytes)} free"))
+        out.append(Suggestion(f"a machine with {size_text(need)} of free host memory", p.micro_batch, p.peak_host_bytes,
+                              f"this one has {size_text(p.host_limit_bytes)} free"))
     for option, current, least in (("seq_len", cfg.seq_len, 2), ("samples", cfg.samples, 1)):
         n = largest(least, current - 1, lambda v: ok(replan(**{option: v})))
         if n is not None:  # a round number below the largest that fits (which is said)
             rounded = n - n % ROUND_TO if n >= 2 * ROUND_TO else n
             out.append(found(f"--{option.replace('_', '-')} {rounded}", replan(**{option: rounded}),
                              f"at most {n} fits"))
-    alternatives = [((m != cfg.method) + (c != cfg.compensate), m, c) for m in SCORERS for c in COMPENSATIONS
+    alternatives = [((m != cfg.method) + (c != cfg.compensate), m, c) for m in METHODS for c in COMPENSATIONS
                     if (m, c) != (cfg.method, cfg.compensate)]
     fitting = [(k, m, c, q) for k, m, c in sorted(alternatives) if ok(q := replan(method=m, compensate=c))]
     for k, m, c, q in [f for f in fitting if f[0] == min(f[0] for f in fitting)][:MAX_ALTERNATIVES]:
@@ -107,7 +105,7 @@ def limit_suggestions(cfg, p: Plan, replan, ok, found) -> list[Suggestion]:
         note = gpu_note(parse_bytes(text))
     else:
         memory = psutil.virtual_memory()
-        note = (f"this machine has {gib(memory.total)}, {gib(memory.available)} free now"
+        note = (f"this machine has {size_text(memory.total)}, {size_text(memory.available)} free now"
                 + ("; it may swap or be killed" if parse_bytes(text) > memory.total else ""))
     return [found(f"--max-memory {text}", q, note)]
 
@@ -121,13 +119,13 @@ def gpu_suggestion(cfg, model) -> list[tuple[Suggestion, Plan]]:
     if not q.fits:
         return []
     return [(Suggestion(f"--device cuda --max-memory {text}", q.micro_batch, q.peak_device_bytes,
-                        f"{gpu_note(parse_bytes(text))}, and {gib(q.peak_host_bytes)} of host memory"), q)]
+                        f"{gpu_note(parse_bytes(text))}, and {size_text(q.peak_host_bytes)} of host memory"), q)]
 
 
 def gpu_note(memory_bytes: int) -> str:
     names = gpus_with(memory_bytes)
-    return (f"a GPU with at least {gib(memory_bytes)}, e.g. {', '.join(names[:3])}" if names
-            else f"a GPU with at least {gib(memory_bytes)}, more than any known one has")
+    return (f"a GPU with at least {size_text(memory_bytes)}, e.g. {', '.join(names[:3])}" if names
+            else f"a GPU with at least {size_text(memory_bytes)}, more than any known one has")
 
 
 def refusal(cfg, model, p: Plan) -> str:
@@ -135,10 +133,10 @@ def refusal(cfg, model, p: Plan) -> str:
     which = p.short_of or "host"
     need = p.peak_device_bytes if which == "GPU" else p.peak_host_bytes
     have = p.max_memory_bytes if which == "GPU" or not p.peak_device_bytes else p.host_limit_bytes
-    parts = ", ".join(f"{c.name.replace('_', ' ')} {gib(c.bytes)}" for c in p.breakdown if c.memory == which and c.bytes)
+    parts = ", ".join(f"{c.name.replace('_', ' ')} {size_text(c.bytes)}" for c in p.breakdown if c.memory == which and c.bytes)
     fixes = [s.change for s in suggestions(cfg, model, p, offer_gpu=torch.cuda.is_available())]  # what runs here
-    return (f"this run needs about {gib(need)} of {which} memory with micro-batch {p.micro_batch} ({parts}), "
-            f"{gib(have)} available ({USABLE:.0%} of it planned for); "
+    return (f"this run needs about {size_text(need)} of {which} memory with micro-batch {p.micro_batch} ({parts}), "
+            f"{size_text(have)} available ({USABLE:.0%} of it planned for); "
             + (f"it would fit with {', '.join(fixes[:-1])}{' or ' if len(fixes) > 1 else ''}{fixes[-1]}" if fixes
                else "no single change of its options makes it fit")
             + " (`streamprune plan` shows the whole prediction)")
@@ -161,7 +159,7 @@ def memory_warning(max_memory: int | None, device: str, gpu: Gpu | None = None) 
     if total is None or max_memory <= total[0]:
         return None
     risk = "run out of GPU memory" if parse_device(device).type == "cuda" else "swap or be killed"
-    return f"--max-memory {gib(max_memory)} is more than the {gib(total[0])} of {total[1]}; the run may {risk}"
+    return f"--max-memory {size_text(max_memory)} is more than the {size_text(total[0])} of {total[1]}; the run may {risk}"
 
 
 NOT_DOWNLOADED = ("not measured: the weights are not downloaded (read from the Hub's safetensors headers); plan again "
@@ -189,8 +187,6 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
     if not here and gpu is None and cfg.max_memory is None:
         raise StreamPruneError("no CUDA GPU on this machine: describe the one to plan for with --max-memory "
                                f"(its memory, e.g. 24GiB) or --gpu NAME ({', '.join(GPUS)})")
-    if cfg.method not in SCORERS:
-        raise StreamPruneError(f"unknown --method {cfg.method!r}; choose from {', '.join(SCORERS)}")
     model = remote_model or open_model(cfg.shards)
     check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
     fitted = None
@@ -235,7 +231,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         rates = sorted(estimate.flops_per_second) if estimate else []
         rate = rates[len(rates) // 2] if rates else gpu.tflops * 1e12 if gpu else None
         if rate:
-            sample = make_scorer(whole.method, scoring_options(whole)).sample_passes(whole.samples * whole.seq_len)
+            sample = whole.scorer().sample_passes(whole.samples * whole.seq_len)
             read = (estimate.read_bytes_per_second if estimate else None) or float("inf")
             parallel["expected_speedup"] = round(speedup(model, whole.samples, whole.seq_len, most,
                                                          sample, processes, rate, read), 2)
@@ -261,9 +257,9 @@ def disk_suggestions(disk, p: Plan) -> list[Suggestion]:
     for d in disk:
         if d.fits:
             continue
-        out.append(Suggestion(f"free {gib(d.need_bytes - d.free_bytes)} in {d.folder}", p.micro_batch, 0,
-                              f"needs {gib(d.need_bytes)} ({', '.join(d.parts)}), {gib(d.free_bytes)} free"))
+        out.append(Suggestion(f"free {size_text(d.need_bytes - d.free_bytes)} in {d.folder}", p.micro_batch, 0,
+                              f"needs {size_text(d.need_bytes)} ({', '.join(d.parts)}), {size_text(d.free_bytes)} free"))
         if any(part.startswith("activation cache") for part in d.parts) and (
                 len(d.parts) == 1 or p.output_bytes <= d.free_bytes):
-            out.append(Suggestion(f"--cache-dir on a disk with {gib(p.cache_bytes)} free", p.micro_batch, 0))
+            out.append(Suggestion(f"--cache-dir on a disk with {size_text(p.cache_bytes)} free", p.micro_batch, 0))
     return out

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from .documents import TextSource
 
 
-COMPENSATIONS = ("lsq", "mean", "none")
+METHODS = ("perturb", "magnitude", "wanda-sp", "flap")  # scoring.SCORERS' names
+COMPENSATIONS = ("lsq", "mean", "none")  # compensate.COMPENSATIONS' names
 ALLOCATIONS = ("global", "uniform", "rule")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")  # streamprune export --type
 MAX_SEED = 2**32 - 1  # seeds derive as seed * 1_000_003 + layer, which must fit torch's 64-bit seed
@@ -91,6 +92,8 @@ class RunConfig:
             raise StreamPruneError(f"--budget must be in (0, {MAX_BUDGET}], got {self.budget}")
         if not 0 <= self.seed <= MAX_SEED:
             raise StreamPruneError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
+        if self.method not in METHODS:
+            raise StreamPruneError(f"unknown --method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.allocation not in ALLOCATIONS:
             raise StreamPruneError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
         check_multiple_of_range(self.multiple_of)
@@ -111,6 +114,19 @@ class RunConfig:
         """What kept counts are multiples of (--multiple-of, --row-multiple): selection.Alignment."""
         from .selection import Alignment
         return Alignment(gpus=self.multiple_of, rows=self.row_multiple)
+
+    @property
+    def compensation(self):
+        """The --compensate method: compensate.Compensation."""
+        from .compensate import COMPENSATIONS as METHODS
+        return METHODS[self.compensate]
+
+    def scorer(self, sizes=None):
+        """The --method scorer for a block cut to `sizes`, told the budget and whether least squares
+        will refit (scoring.Scorer)."""
+        from .scoring import ScoringOptions, make_scorer
+        return make_scorer(self.method, ScoringOptions(sizes=sizes, budget=self.budget,
+                                                       refit=self.compensation.refits))
 
     def calib_source(self) -> TextSource:
         from .documents import TextSource  # (it imports torch: not when the CLI starts)

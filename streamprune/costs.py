@@ -20,18 +20,19 @@ outputs and of the MLP activations, the token sample, and the update energy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .distributed import SINGLE, Ranks
+from .distributed import Ranks
 from .block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from .families import BlockSpec
 from .numerics import ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, invert_spd, mean_square, solve, token_scale
+from .scoring.base import Calibration
 from .scoring.obs import greedy_removal_scores
 from .selection import Sizes, select_units
-from .phases import phase, timed_batches
+from .phases import phase
 
 CURVE_STEPS = 48  # points of a block's neuron curve
 SAMPLE_TOKENS = 2048  # calibration tokens the head layouts are measured on (the perturb scorer's default)
@@ -206,34 +207,24 @@ def neuron_curve(W_down: torch.Tensor, G: torch.Tensor, refit: bool, timer=None)
     return [(I, 0.0)] + [(I - r, c) for r, c in curve]
 
 
-def block_costs(W, spec: BlockSpec, batches: Callable[[], Iterator[torch.Tensor]], cos, sin, refit: bool,
-                write: Callable[[int, torch.Tensor], None], samples: int = 1,
-                generator: torch.Generator | None = None, timer=None, placement: GramPlacement = ON_DEVICE,
-                ranks: Ranks = SINGLE, batch_sizes: tuple[int, ...] = (), local: range = range(0)) -> BlockCosts:
-    """One pass over the block's dense calibration inputs: the costs of its cuts, in the unit of
-    this module; `write(start, y)` receives the dense outputs (the next block's inputs). With
-    several ranks, `batches` yields this rank's micro-batches, `batch_sizes` are every rank's in
-    window order, `local` the indices of this rank's among them (see scoring.base.Calibration)."""
-    per_window = -(-SAMPLE_TOKENS // max(1, samples))  # tokens of each window in the head sample
-    grams, start = Grams(spec, generator, per_window, placement), 0
-    mine = timed_batches(batches(), timer)
-
-    def add(x: torch.Tensor) -> None:
-        nonlocal start
+def block_costs(W, spec: BlockSpec, calib: Calibration, refit: bool,
+                write: Callable[[int, torch.Tensor], None]) -> BlockCosts:
+    """One pass over the block's dense calibration inputs (`calib`, scoring.base.Calibration): the
+    costs of its cuts, in the unit of this module; `write(start, y)` receives the dense outputs (the
+    next block's inputs), start counted in this rank's windows."""
+    timer, T = calib.timer, calib.cos.shape[0]
+    per_window = -(-SAMPLE_TOKENS // max(1, calib.samples))  # tokens of each window in the head sample
+    grams, start = Grams(spec, calib.generator, per_window, calib.placement), 0
+    for b, x in calib.every_batch():  # (several ranks: every micro-batch draws its token sample)
+        if x is None:
+            grams.skip(b, T)
+            continue
         with phase(timer, "survey_gram"):
-            y = grams.add(W, x, cos, sin, timer)
+            y = grams.add(W, x, calib.cos, calib.sin, timer)
         with phase(timer, "cache_write"):
             write(start, y)
         start += x.shape[0]
-
-    for i, b in enumerate(batch_sizes):  # several ranks: every micro-batch draws its token sample
-        if i in local:
-            add(next(mine))
-        else:
-            grams.skip(b, cos.shape[0])
-    for x in mine:  # (one process: all of them)
-        add(x)
-    grams.combine(ranks)
+    grams.combine(calib.ranks)
     norm = grams.norm
     with phase(timer, "survey_heads"):
         heads = head_costs(W, grams.heads, spec, refit, grams.sample)

@@ -26,7 +26,7 @@ from .errors import StreamPruneError
 from .families import EMBED, FINAL_NORM, LM_HEAD, rotary_tables
 from .model import check_device, compute_dtype, open_model
 from .plan import activation_bytes
-from .runlog import BlockProgress
+from .stream import BlockStream, progress_bar
 from .shards import DTYPES
 
 log = logging.getLogger(__name__)
@@ -111,25 +111,21 @@ def nll_sum(state) -> float:
 
 # ---- the I/O shell ----
 
-def run_blocks(model, cache: ActivationCache, windows: int, batch: int, device, cos, sin, progress,
-               on_batch=lambda layer: None) -> None:
-    """Pass the cached inputs through every block: inputs-i -> inputs-(i+1), one block loaded at a
-    time; `progress(1)` after each block, `on_batch(layer)` before each micro-batch."""
-    arch = model.arch
-    for layer in range(arch.n_layers):
-        names = arch.block_tensors(layer)
-        dtype = compute_dtype(device, DTYPES[model.index.tensors[names["q"]].dtype])
-        W = model.index.load(names, device, dtype)
-        writer = cache.writer(layer + 1)
+def pass_blocks(stream: BlockStream, bar, cos, sin) -> None:
+    """Pass the cached inputs through every block: inputs-i -> inputs-(i+1), one block in memory at
+    a time, each counted on `bar`."""
+    for layer in stream.blocks(0, bar):
+        stored = stream.read(layer)
+        dtype = stream.dtype(stored)
+        W = {k: t.to(stream.device, dtype) for k, t in stored.items()}
+        del stored
+        writer = stream.outputs(layer)
         with torch.no_grad():
-            for start in range(0, windows, batch):
-                on_batch(layer)
-                x = cache.batch(layer, start, min(start + batch, windows), device, dtype)
-                writer.write(start, block_forward(W, arch.blocks[layer], x, cos, sin))
+            for start, x in stream.batches(layer, dtype):
+                writer.write(start, block_forward(W, stream.model.arch.blocks[layer], x, cos, sin))
         writer.commit()
-        cache.drop(layer)
+        stream.cache.drop(layer)
         del W
-        progress(1)
 
 
 def head_nll(model, cache: ActivationCache, tokens: torch.Tensor, batch: int, device, chunk: int) -> float:
@@ -163,8 +159,6 @@ def perplexity(folder: Path, text, seq_len: int | None = None, device: str = "cp
                progress: bool = False, label: str = "evaluating") -> EvalResult:
     """Perplexity of the model in `folder` on `text` (a path or a documents.TextSource),
     streaming one block at a time."""
-    from tqdm import tqdm
-
     t0 = time.time()
     dev = check_device(device)
     model = open_model(folder)
@@ -181,12 +175,12 @@ def perplexity(folder: Path, text, seq_len: int | None = None, device: str = "cp
         cache = ActivationCache(Path(tmp), n, T, model.arch.hidden)
         write_embeddings(cache, model.index, tokens, batch)
         # counts the blocks, then the final norm and lm_head
-        bar = tqdm(total=model.arch.n_layers + 1, unit="step", desc=f"{label} ({model.arch.n_layers} blocks + head)",
-                   disable=not progress, dynamic_ncols=True)
-        run_blocks(model, cache, n, batch, dev, cos, sin, bar.update, BlockProgress(bar if progress else None).tick)
-        total = head_nll(model, cache, tokens, batch, dev, vocab_chunk(model.arch.vocab, model.arch.hidden, batch * T))
-        bar.update(1)
-        bar.close()
+        L = model.arch.n_layers
+        with progress_bar(f"{label} ({L} blocks + head)", L + 1, 0, progress, unit="step") as bar:
+            pass_blocks(BlockStream(model, cache, dev, batch, n), bar, cos, sin)
+            total = head_nll(model, cache, tokens, batch, dev, vocab_chunk(model.arch.vocab, model.arch.hidden,
+                                                                            batch * T))
+            bar.update(1)
     count = n * (T - 1)
     nll = total / count
     return EvalResult(text=source.describe(), text_sha256=source.sha256(),

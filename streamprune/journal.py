@@ -3,12 +3,12 @@ Every update is an atomic, fsynced rewrite of one small JSON file."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from .errors import StreamPruneError
 from .fsutil import atomic_write_json
+from .records import Damaged, check_block_record, expect, expect_fields, read_checked_json
 from .runlog import LOG_FILE
 
 WORKDIR = ".streamprune"
@@ -43,32 +43,7 @@ FIELDS = {"fingerprint": ((dict,), True), "blocks": ((dict,), True), "complete":
           "run": ((str,), False), "survey": ((dict,), False), "wall_seconds": ((int, float), False),
           "sessions": ((int,), False), "grams": ((dict,), False)}
 GRAMS_FIELDS = {"grams_on": (str,), "gram_chunk_columns": (int,)}
-RECORD_FIELDS = {"layer": (int,), "heads": (list,), "kv_heads": (list,), "neurons": (list,), "params": (list,),
-                 "relative_error": (int, float), "timing": (dict,)}
-PAIRS = ("heads", "kv_heads", "neurons", "params")  # [before, after]
 EVAL_FIELDS = {"text_sha256": (str,), "seq_len": (int,), "windows": (int,), "tokens": (int,), "ppl": (int, float)}
-JSON_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-              float: "a number", type(None): "null"}
-
-
-class Damaged(ValueError):
-    """What is wrong with a loaded journal or report (becomes part of the one-line error)."""
-
-
-def read_checked_json(path: Path, check) -> tuple[object, str | None]:
-    """Parse `path` as UTF-8 JSON and `check` its structure: (value, None), or (None, what is wrong)."""
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-        check(value)
-    except UnicodeDecodeError:
-        return None, "not UTF-8 text"
-    except Damaged as e:
-        return None, str(e)
-    except (ValueError, RecursionError) as e:  # bad syntax, a 5,000-digit number, [[[[...]]]] nested too deep
-        return None, f"not valid JSON: {e}"
-    return value, None
-
-
 def damaged(path: Path, problem: str) -> StreamPruneError:
     return StreamPruneError(f"the work folder {path.parent} is damaged ({path.name}: {problem}); "
                             "re-run with --restart to start over")
@@ -82,19 +57,6 @@ def load_state(path: Path) -> dict:
     if problem:
         raise damaged(path, problem)
     return state
-
-
-def expect(value, types: tuple, what: str) -> None:
-    """Refuse `value` unless it is one of `types` (a boolean is not a number here)."""
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise Damaged(f"{what} is {JSON_NAMES.get(type(value), type(value).__name__)}, not {JSON_NAMES[types[-1]]}")
-
-
-def expect_fields(obj: dict, fields: dict, what: str) -> None:
-    for key, types in fields.items():
-        if key not in obj:
-            raise Damaged(f"{what} has no {key!r}")
-        expect(obj[key], types, f"{what}[{key!r}]")
 
 
 def check_state(state) -> None:
@@ -111,26 +73,14 @@ def check_state(state) -> None:
         if state["grams"]["grams_on"] not in ("host", "device") or state["grams"]["gram_chunk_columns"] < 0:
             raise Damaged(f"'grams' is {state['grams']}")
     for key, record in state["blocks"].items():
-        check_record(key, record)
+        if not (key.isascii() and key.isdigit()) or (key != "0" and key.startswith("0")):
+            raise Damaged(f"block key {key!r} is not a layer number")
+        check_block_record(record, f"block {key}", journaled=True)
+        if record["layer"] != int(key):
+            raise Damaged(f"block {key} says it is layer {record['layer']}")
     for which, result in state.get("eval", {}).items():
         expect(result, (dict,), f"'eval'[{which!r}]")
         expect_fields(result, EVAL_FIELDS, f"'eval'[{which!r}]")
-
-
-def check_record(key: str, record) -> None:
-    """One finished block's entry: what the report is built from."""
-    if not (key.isascii() and key.isdigit()) or (key != "0" and key.startswith("0")):
-        raise Damaged(f"block key {key!r} is not a layer number")
-    what = f"block {key}"
-    expect(record, (dict,), what)
-    expect_fields(record, RECORD_FIELDS, what)
-    if record["layer"] != int(key):
-        raise Damaged(f"{what} says it is layer {record['layer']}")
-    for field in PAIRS:
-        if len(record[field]) != 2:
-            raise Damaged(f"{what}[{field!r}] has {len(record[field])} entries, not 2 (before, after)")
-        for n in record[field]:
-            expect(n, (int,), f"{what}[{field!r}] entry")
 
 
 def has_work(state: dict) -> bool:

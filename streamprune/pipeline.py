@@ -19,17 +19,17 @@ import torch
 from .cache import ActivationCache, check_cache_folder, read_owner, run_cache_folder
 from .calibration import check_text_sources, check_tokens_fit, fitted_windows, token_windows, write_embeddings
 from .config import RunConfig
-from .distributed import (SINGLE, Ranks, Share, join_ranks, other_rank_cache_folders, rank_cache_folder,
+from .distributed import (SINGLE, Ranks, join_ranks, other_rank_cache_folders, rank_cache_folder,
                           shared_micro_batch)
 from .errors import StreamPruneError
-from .families import bias_sublayers, rotary_tables
-from .compensate import COMPENSATIONS
+from .families import bias_sublayers
 from .faults import fault_point
 from .fsutil import atomic_write, atomic_write_json, remove_temporaries
 from .allocation import allocate
 from .model import Model, Shape, check_device, check_uniform, cut_sublayers, open_model, output_shape, shape_of
-from .journal import WORKDIR, Journal, expect, read_checked_json, refuse_foreign_folder
-from .numerics import ON_DEVICE, GramPlacement
+from .journal import WORKDIR, Journal, refuse_foreign_folder
+from .records import expect, read_checked_json
+from .numerics import GramPlacement
 from .run_eval import attach_eval, eval_window, journaled_eval
 from .runlog import FILE_ONLY, TERMINAL_ONLY, held_records, run_log
 from .lock import OutputLock
@@ -38,6 +38,7 @@ from .output_config import check_per_block_writable
 from .modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from .advice import refusal
 from .plan import Plan, plan_run
+from .context import RunContext
 from .pruning_pass import BlockRunner
 from .survey import survey
 from .shards import OutTensor, read_header, shard_name, write_safetensors
@@ -128,9 +129,8 @@ def work_seconds(journal: Journal) -> float:
     return round(max(0.0, journal.wall_seconds - evals), 3)
 
 
-def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, batch: int,
-                 placement: GramPlacement = ON_DEVICE) -> dict:
-    out_config = shape.config
+def build_report(ctx: RunContext, shape: Shape, journal: Journal) -> dict:
+    cfg, model, out_config = ctx.cfg, ctx.model, shape.config
     blocks = [journal.record(i) for i in range(model.arch.n_layers)]
     before = sum(b["params"][0] for b in blocks)
     after = sum(b["params"][1] for b in blocks)
@@ -138,13 +138,13 @@ def build_report(cfg: RunConfig, model: Model, shape: Shape, journal: Journal, b
         "arguments": {k: v for k, v in cfg.as_dict().items() if k not in RunConfig.NOT_FINGERPRINTED},
         "model": {"model_type": model.arch.model_type, "layers": model.arch.n_layers,
                   "output_model_type": out_config["model_type"]},
-        "plan": dict(shape.describe(), allocation=cfg.allocation, **placement.as_dict(),
+        "plan": dict(shape.describe(), allocation=cfg.allocation, **ctx.placement.as_dict(),
                      biases_added=sorted(bias_sublayers(out_config) - bias_sublayers(model.arch.config))),
         "blocks": [{k: v for k, v in b.items() if k != "timing"} for b in blocks],
         "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
         "timing": {"seconds": work_seconds(journal), **dense_passes(journal), "wall_seconds_total": journal.wall_seconds,
                    "sessions": journal.sessions, "blocks_seconds": journal.blocks_seconds,
-                   "peak_rss_bytes": peak_rss_bytes(), "micro_batch": batch,
+                   "peak_rss_bytes": peak_rss_bytes(), "micro_batch": ctx.batch,
                    "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
                    "phases": phase_totals(blocks, journal), "blocks": [b["timing"] for b in blocks]},
     }
@@ -223,7 +223,7 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
     if cfg.samples < ranks.world:
         raise StreamPruneError(f"--samples {cfg.samples} is fewer than the {ranks.world} processes: each needs a window")
     check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
-    compensation = COMPENSATIONS[cfg.compensate]
+    compensation = cfg.compensation
     if cfg.survey_only and cfg.allocation == "rule":
         raise StreamPruneError("--survey-only measures costs for --allocation global or uniform; the fixed rule "
                                "needs none (streamprune inspect shows its cut)")
@@ -243,15 +243,15 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
         return run_locked(cfg, model, rule, memory, tokens, t0, early, ranks)
 
 
-def ensure_inputs(model: Model, cache: ActivationCache, start: int, tokens: torch.Tensor, batch: int,
-                  ranks: Ranks = SINGLE) -> None:
+def ensure_inputs(ctx: RunContext, start: int) -> None:
     """The cache holds the inputs of block `start`, where a pass (survey or pruning) begins or
-    resumes: block 0's are the embeddings (of this rank's windows `tokens`), written now; a later
-    block's must be there already, on every rank."""
-    if start >= model.arch.n_layers:
+    resumes: block 0's are the embeddings (of this rank's windows), written now; a later block's
+    must be there already, on every rank."""
+    cache, ranks = ctx.cache, ctx.ranks
+    if start >= ctx.model.arch.n_layers:
         return
     if start == 0 and not cache.has(0):
-        write_embeddings(cache, model.index, tokens, batch)
+        write_embeddings(cache, ctx.model.index, ctx.tokens, ctx.batch)
     missing = ranks.sum_float(float(not cache.has(start)))  # every rank stops alike
     if missing:
         where = f"; on {int(missing)} of {ranks.world} ranks" if ranks.world > 1 else ""
@@ -259,32 +259,25 @@ def ensure_inputs(model: Model, cache: ActivationCache, start: int, tokens: torc
                                "re-run with --restart")
 
 
-def decide_shape(cfg: RunConfig, model: Model, rule: Shape | None, cache: ActivationCache, journal: Journal, batch: int,
-                 tokens: torch.Tensor, placement: GramPlacement = ON_DEVICE, ranks: Ranks = SINGLE) -> Shape:
+def decide_shape(ctx: RunContext, journal: Journal) -> Shape:
     """Every block's sizes: the fixed rule, or from the survey's measured costs (run now for the
     blocks not surveyed yet) by the allocation asked for."""
+    cfg = ctx.cfg
     if cfg.allocation == "rule":
-        return rule
-    costs = measured_costs(cfg, model, cache, journal, batch, tokens, placement, ranks)
-    sizes = allocate(cfg.allocation, model.arch.blocks, costs, cfg.sparsity, cfg.alignment)
-    return shape_of(model, sizes, COMPENSATIONS[cfg.compensate].needs_biases)
+        return ctx.rule
+    sizes = allocate(cfg.allocation, ctx.model.arch.blocks, measured_costs(ctx, journal), cfg.sparsity, cfg.alignment)
+    return shape_of(ctx.model, sizes, cfg.compensation.needs_biases)
 
 
-def measured_costs(cfg: RunConfig, model: Model, cache: ActivationCache, journal: Journal, batch: int,
-                   tokens: torch.Tensor, placement: GramPlacement = ON_DEVICE, ranks: Ranks = SINGLE
-                   ) -> list:
+def measured_costs(ctx: RunContext, journal: Journal) -> list:
     """The survey's costs of every block (run now for the blocks not surveyed yet)."""
-    share = ranks.share(cfg.samples, batch)
-    ensure_inputs(model, cache, len(journal.surveyed), tokens[share.windows.start:share.windows.stop], batch, ranks)
-    device = check_device(cfg.device)
-    cos, sin = rotary_tables(model.arch.config, cfg.seq_len, device)
-    return survey(model, cache, journal, batch, device, cos, sin, COMPENSATIONS[cfg.compensate].refits, cfg.seed,
-                  cfg.progress, cfg.profile, placement, ranks, share)
+    ensure_inputs(ctx, len(journal.surveyed))
+    return survey(ctx, journal)
 
 
 def warn_uncompensated(cfg: RunConfig, model: Model, shape: Shape) -> None:
     """Mean compensation needs output biases, which some output families cannot carry."""
-    if not COMPENSATIONS[cfg.compensate].needs_biases:
+    if not cfg.compensation.needs_biases:
         return
     cut = frozenset().union(*(cut_sublayers(b, s) for b, s in zip(model.arch.blocks, shape.sizes)))
     missing = cut - bias_sublayers(shape.config)
@@ -329,62 +322,59 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, t
             log.info("reusing the survey of %d blocks in %s (it depends on none of: %s)", journal.reused_survey,
                      cfg.out, ", ".join(cfg.SURVEY_FREE))
         batch, run_id = journal.state["micro_batch"], journal.state["run"]
-        placement = GramPlacement.of(journal.state["grams"])
         share = ranks.share(cfg.samples, batch)
         cache = ActivationCache.claim(cache_folder_of(cfg, ranks), cfg.out, run_id, len(share.windows), cfg.seq_len,
                                       model.arch.hidden)
         for folder in ((cfg.out, cfg.out / WORKDIR) if ranks.is_writer else ()) + (cache.folder,):
             remove_temporaries(folder)
+        ctx = RunContext.build(cfg, model, cache, tokens, batch, GramPlacement.of(journal.state["grams"]), ranks, rule)
         if done:
-            report = (finished_report(cfg, model, rule, journal, batch, tokens, cache, placement)
-                      if ranks.is_writer else None)
+            report = finished_report(ctx, journal) if ranks.is_writer else None
         else:
             part = len(share.windows) / cfg.samples
             check_free_disk(cfg.out, cache.folder, memory.output_bytes if ranks.is_writer else 0,
                             round(memory.cache_bytes * part))
-            report = prune(cfg, model, rule, journal, batch, tokens, cache, placement, ranks, share)
+            report = prune(ctx, journal)
         if not cfg.keep_cache:
             cache.remove()  # (of a complete run: one killed while deleting its cache)
         return report
 
 
-def prune(cfg: RunConfig, model: Model, rule: Shape | None, journal: Journal, batch: int, tokens: torch.Tensor,
-          cache: ActivationCache, placement: GramPlacement, ranks: Ranks = SINGLE, share: Share | None = None
-          ) -> dict | None:
+def prune(ctx: RunContext, journal: Journal) -> dict | None:
     """Survey, prune and write what the journal does not hold yet; evaluate before and after with
-    --eval. With several ranks, this rank's `share` of the windows; rank 0 writes and returns the
+    --eval. With several ranks, this rank's share of the windows; rank 0 writes and returns the
     report, the others None."""
-    share = share or Share(cfg.samples, batch, range(cfg.samples))
+    cfg, model, cache, ranks = ctx.cfg, ctx.model, ctx.cache, ctx.ranks
     session = journal.start_session()
     log.info("%s run: %s -> %s, sparsity %g, %d windows of %d tokens, micro-batch %d, method %s, allocation %s%s",
              "resuming the" if session > 1 else "starting a", cfg.shards, cfg.out, cfg.sparsity, cfg.samples,
-             cfg.seq_len, batch, cfg.method, cfg.allocation,
+             cfg.seq_len, ctx.batch, cfg.method, cfg.allocation,
              f", {ranks.world} processes" if ranks.world > 1 else "")
     if cfg.survey_only:
-        costs = measured_costs(cfg, model, cache, journal, batch, tokens, placement, ranks)
+        costs = measured_costs(ctx, journal)
         log.info("survey done: %s (run the same command without --survey-only, at any sparsity, to prune)", cfg.out)
         return {"survey_only": True, "costs": costs, "model": model} if ranks.is_writer else None
     if cfg.eval_source() is not None and ranks.world == 1:  # the input's perplexity, once (journaled), before any pruning
         journaled_eval(cfg, journal, "before", model.folder, cache.folder)  # (several ranks: rank 0's, at the end)
-    shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens, placement, ranks)
+    shape = decide_shape(ctx, journal)
     if ranks.is_writer:
         warn_uncompensated(cfg, model, shape)
 
     L, start = model.arch.n_layers, journal.next_block
-    ensure_inputs(model, cache, start, tokens[share.windows.start:share.windows.stop], batch, ranks)
+    ensure_inputs(ctx, start)
     if start < L:
         log.info("pruning: %d blocks%s", L, f" (resuming: {start} of {L} blocks done)" if start else "",
                  extra={} if start else FILE_ONLY)  # the bar says the rest
-        runner = BlockRunner(cfg, model, shape, cache, batch, placement, ranks, share)
+        runner = BlockRunner(ctx, shape)
         try:
             t_blocks = time.time()
-            runner.run_blocks(journal, start)
+            runner.prune_blocks(journal, start)
             journal.add_blocks_seconds(time.time() - t_blocks)
         finally:
             runner.close()
     if not ranks.is_writer:  # rank 0 writes the rest and measures perplexity
         return None
-    report = build_report(cfg, model, shape, journal, batch, placement)
+    report = build_report(ctx, shape, journal)
     write_model_files(cfg, model, shape.config, report)
     log.info("written: %s (%.1fs of setup, survey, pruning and writing)", cfg.out, report["timing"]["seconds"],
              extra=FILE_ONLY)
@@ -397,14 +387,13 @@ def prune(cfg: RunConfig, model: Model, rule: Shape | None, journal: Journal, ba
     return report
 
 
-def finished_report(cfg: RunConfig, model: Model, rule: Shape | None, journal: Journal, batch: int,
-                    tokens: torch.Tensor, cache: ActivationCache, placement: GramPlacement) -> dict:
+def finished_report(ctx: RunContext, journal: Journal) -> dict:
     """A complete run, re-run: its report.json left as it is, unless --eval asks for a perplexity it
     does not hold yet (measured now) or it is missing (rebuilt from the journal)."""
+    cfg, cache = ctx.cfg, ctx.cache
     report, problem = read_checked_json(cfg.out / "report.json", lambda r: expect(r, (dict,), "the report"))
     if problem:
-        shape = decide_shape(cfg, model, rule, cache, journal, batch, tokens, placement)  # from the journal
-        report = build_report(cfg, model, shape, journal, batch, placement)
+        report = build_report(ctx, decide_shape(ctx, journal), journal)  # (the shape from the journal)
         atomic_write_json(cfg.out / "report.json", report)
     held = report.get("eval") or {}
     if cfg.eval_source() is None or eval_window(cfg) == (held.get("text_sha256"), held.get("seq_len")):

@@ -19,12 +19,10 @@ import psutil
 import torch
 
 from .cache import chunk_rows
-from .compensate import COMPENSATIONS
 from .costs import SAMPLE_TOKENS
 from .errors import StreamPruneError
 from .model import output_shape
 from .numerics import ON_DEVICE, GramPlacement
-from .scoring import ScoringOptions, make_scorer
 from .selection import Sizes
 from .shards import ITEMSIZE
 from .timing import block_flops, gram_flops
@@ -229,20 +227,15 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
                 activation_cap_bytes=None if gpu else MAX_ACTIVATION_BYTES, **placement.as_dict())
 
 
-def scoring_options(cfg, sizes=None) -> ScoringOptions:
-    """What the run's scorer is told: the cut, the budget, and whether least squares will refit."""
-    return ScoringOptions(sizes=sizes, budget=cfg.budget, refit=COMPENSATIONS[cfg.compensate].refits)
-
-
 def stage_bytes(cfg, model, sizes) -> tuple[int, int]:
     """Memory held by scoring and by compensation (one after the other) for the widest block.
     With sizes from the survey (--allocation global or uniform) a block may keep nearly all its
     neurons, the largest refit: counted at the uncut block."""
     block = max(model.arch.blocks, key=lambda b: b.n_params())
-    scorer = make_scorer(cfg.method, scoring_options(cfg, sizes))
+    scorer = cfg.scorer(sizes)
     cut = (dataclasses.replace(block, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
            if cfg.allocation == "rule" else block)
-    return scorer.work_bytes(block), COMPENSATIONS[cfg.compensate].work_bytes(block, cut)
+    return scorer.work_bytes(block), cfg.compensation.work_bytes(block, cut)
 
 
 def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
@@ -260,13 +253,13 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
     attention = block - 6 * E * I
     mlp_after_attention = 2 * E * HD + 6 * E * I  # o_proj and the MLP: a head layout or a head mask measured
     solves = I ** 3 / N  # a factorization and the greedy's updates, per calibration token, at the timed rate
-    refit = COMPENSATIONS[cfg.compensate].refits
+    refit = cfg.compensation.refits
     parts = {}
     if cfg.allocation != "rule":
         layouts = spec.n_kv * spec.group * min(SAMPLE_TOKENS, N) / N
         parts["survey"] = 1 + (gram_flops(HD) + gram_flops(I) + layouts * mlp_after_attention
                                + (solves if refit else 0)) / block
-    scorer = make_scorer(cfg.method, scoring_options(cfg))
+    scorer = cfg.scorer()
     if cfg.method == "perturb" and refit and not heads_cut:  # one pass: the OBS Gram, the refit's equations
         parts["scoring"] = 1 + (gram_flops(I) + solves) / block
         parts["compensation"] = 0.0
@@ -281,7 +274,7 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
         parts["compensation"] = (attention + kept * 4 * E * I + gram_flops(round(kept * I)) + kept * 2 * E * I) / block
     else:
         parts["scoring"] = scorer.forward_passes(N)
-        parts["compensation"] = COMPENSATIONS[cfg.compensate].forward_passes
+        parts["compensation"] = cfg.compensation.forward_passes
     kept_dense = refit  # the refit's pass kept the dense outputs
     parts["output"] = (1 - cfg.sparsity) + (0 if kept_dense else 1)
     return {k: round(v, 3) for k, v in parts.items()}
@@ -293,7 +286,7 @@ def one_thread_passes(cfg, model) -> float:
     one thread, as they do on a CPU (numerics.reproducible): threads x I^3 FLOPs each. The time
     range's slow end counts it (Qwen2.5-Coder-1.5B at 8,192 tokens measured about 3.5 I^3 at the
     timed rate, docs/performance.md)."""
-    if str(cfg.device).startswith("cuda") or not COMPENSATIONS[cfg.compensate].refits:
+    if str(cfg.device).startswith("cuda") or not cfg.compensation.refits:
         return 0.0
     spec = max(model.arch.blocks, key=lambda b: b.n_params())
     stages = (cfg.allocation != "rule") + (cfg.method == "perturb")  # the survey's curve, the scorer's OBS

@@ -11,27 +11,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .block import block_forward
-from .cache import ActivationCache
-from .config import RunConfig
-from .distributed import SINGLE, Ranks, Share
-from .families import bias_sublayers, rotary_tables
-from .compensate import COMPENSATIONS
+from .context import RunContext
 from .faults import fault_point
-from .model import Model, Shape, block_generator, check_device, compute_dtype
+from .families import bias_sublayers
 from .journal import Journal
-from .numerics import ON_DEVICE, GramPlacement
-from .runlog import FILE_ONLY, BlockProgress
-from .plan import scoring_options
-from .scoring import Calibration, make_scorer
+from .model import Shape
+from .phases import PhaseTimer, phase, timed_batches
+from .records import BlockRecord
+from .runlog import FILE_ONLY
 from .scoring.base import TargetKeeper, Targets
 from .selection import select_units
 from .shards import OutTensor, shard_name, write_safetensors
 from .slicing import add_zero_biases, slice_block
-from .phases import PhaseTimer, phase, timed_batches
-from .validate import check_finite_activations, check_finite_weights
+from .stream import BlockStream, progress_bar
+from .validate import check_finite_activations
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +36,11 @@ class BlockRunner:
     shards (prefetch) and writing block i's shard run on background threads while block i is
     scored; a block is journaled only once its shard is durable."""
 
-    def __init__(self, cfg: RunConfig, model: Model, shape: Shape, cache: ActivationCache, batch: int,
-                 placement: GramPlacement = ON_DEVICE, ranks: Ranks = SINGLE, share: Share | None = None):
-        self.cfg, self.model, self.shape, self.cache, self.batch = cfg, model, shape, cache, batch
-        self.placement = placement  # where the large Gram matrices live (the memory plan's choice)
-        self.ranks, self.share = ranks, share or Share(cfg.samples, batch, range(cfg.samples))
+    def __init__(self, ctx: RunContext, shape: Shape):
+        self.ctx, self.cfg, self.model, self.shape, self.cache = ctx, ctx.cfg, ctx.model, shape, ctx.cache
+        self.ranks, self.device, self.stream = ctx.ranks, ctx.device, ctx.stream()
         self.biases = bias_sublayers(shape.config)  # sublayers whose output projection has a bias in the output
-        self.device = check_device(cfg.device)
-        self.compensation = COMPENSATIONS[cfg.compensate]
-        self.n_shards = model.arch.n_layers + 1
-        self.cos, self.sin = rotary_tables(model.arch.config, cfg.seq_len, self.device)
-        self.progress = BlockProgress(None)
+        self.n_shards = self.model.arch.n_layers + 1
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="streamprune-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="streamprune-write")
 
@@ -63,20 +52,11 @@ class BlockRunner:
         """Start reading block `layer` (stored dtype, host memory; pinned for a CUDA device)."""
         def read():
             t0 = time.time()
-            names = self.model.arch.block_tensors(layer)
-            W = self.model.index.load(names)
-            check_finite_weights(W, names)
+            W = self.stream.read(layer)
             # copy out of the memory map now, so the disk reads happen on this thread
             W = {k: t.pin_memory() if self.device.type == "cuda" else t.clone() for k, t in W.items()}
             return W, time.time() - t0
         return self.reader.submit(read)
-
-    def batches(self, layer: int, dtype: torch.dtype):
-        """(start, x) for this rank's micro-batches, start counted in its own windows."""
-        n = len(self.share.windows)
-        for start in range(0, n, self.batch):
-            self.progress.tick(layer)
-            yield start, self.cache.batch(layer, start, min(start + self.batch, n), self.device, dtype)
 
     def write_shard(self, layer: int, tensors: list) -> Future:
         """Write block `layer`'s shard on the writer thread (rank 0 only: the others' is done at once)."""
@@ -86,29 +66,26 @@ class BlockRunner:
         done.set_result(0.0)  # (the seconds of a write)
         return done
 
-    def prune(self, layer: int, stored: dict[str, torch.Tensor]) -> tuple[dict, Future]:
+    def prune(self, layer: int, stored: dict[str, torch.Tensor]) -> tuple[BlockRecord, Future]:
         """Score, slice and pass on block `layer`; returns its record and the future of its shard write."""
         t0, timer = time.time(), PhaseTimer(self.device, self.cfg.profile)
         spec, sizes = self.model.arch.blocks[layer], self.shape.sizes[layer]
-        dtype = compute_dtype(self.device, stored["q"].dtype)
+        dtype = self.stream.dtype(stored)
         if sizes is None:
             return self.drop(layer, spec, stored, dtype, t0)
         out_layer = self.shape.out_layer(layer)
         with timer.phase("to_device"):
             W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
-        generator = block_generator(self.cfg.seed, layer)
-        targets = KeptTargets(self, layer, dtype, timer)
-        calib = Calibration(lambda: timed_batches((x for _, x in self.batches(layer, dtype)), timer), self.cos,
-                            self.sin, generator, self.cfg.samples, timer, self.placement, self.ranks,
-                            self.share.batch_sizes, self.share.local, targets)
+        targets = KeptTargets(self.stream, layer, dtype, timer)
+        calib = self.ctx.calibration(self.stream, layer, dtype, timer, targets)
         with torch.no_grad():
             with timer.phase("score"):
-                scores = make_scorer(self.cfg.method, scoring_options(self.cfg, sizes)).score(W, spec, calib)
+                scores = self.cfg.scorer(sizes).score(W, spec, calib)
             with timer.phase("slice"):
                 kept = self.ranks.broadcast(select_units(scores.heads, scores.neurons, spec, sizes))  # rank 0's, exactly
                 W_new, spec_new = slice_block(W, spec, kept)
             with timer.phase("compensate"):
-                W_new = self.ranks.broadcast_tensors(self.compensation.apply(W, spec, W_new, spec_new, kept, calib,
+                W_new = self.ranks.broadcast_tensors(self.cfg.compensation.apply(W, spec, W_new, spec_new, kept, calib,
                                                                              self.biases))
             spec_new = spec_new.with_biases(self.biases)
             W_new = add_zero_biases(W_new, spec_new)
@@ -120,34 +97,27 @@ class BlockRunner:
             write = self.write_shard(layer, out)
             rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype, timer, targets)
         self.cache.path(layer, "targets").unlink(missing_ok=True)  # read for the last time
-        return {
-            "layer": layer,
-            "heads": [spec.n_heads, spec_new.n_heads], "kv_heads": [spec.n_kv, spec_new.n_kv],
-            "neurons": [spec.intermediate, spec_new.intermediate],
-            "params": [spec.n_params(), spec_new.n_params()],
-            "kept_heads": kept.heads.tolist(), "kept_kv_heads": kept.kv.tolist(),
-            "relative_error": rel_error, "scoring": scores.info,
-            "timing": {"score_seconds": round(t_score - t0, 3), "forward_seconds": round(time.time() - t_score, 3),
-                       "phases": timer.rounded()},
-        }, write
+        return BlockRecord(
+            layer, [spec.n_heads, spec_new.n_heads], [spec.n_kv, spec_new.n_kv],
+            [spec.intermediate, spec_new.intermediate], [spec.n_params(), spec_new.n_params()], rel_error,
+            kept.heads.tolist(), kept.kv.tolist(), scores.info,
+            {"score_seconds": round(t_score - t0, 3), "forward_seconds": round(time.time() - t_score, 3),
+             "phases": timer.rounded()}), write
 
-    def drop(self, layer: int, spec, stored, dtype, t0: float) -> tuple[dict, Future]:
+    def drop(self, layer: int, spec, stored, dtype, t0: float) -> tuple[BlockRecord, Future]:
         """A dropped block: its shard holds no tensor, and its inputs pass on unchanged (the pruned
         model's stream), or its dense outputs with --calibrate-on dense."""
         write = self.write_shard(layer, [])
         dense = self.cfg.calibrate_on == "dense"
         W = {k: t.to(self.device, dtype) for k, t in stored.items()} if dense else None
-        writer = self.cache.writer(layer + 1)
+        writer = self.stream.outputs(layer)
         with torch.no_grad():
-            for start, x in self.batches(layer, dtype):
-                writer.write(start, block_forward(W, spec, x, self.cos, self.sin) if dense else x)
+            for start, x in self.stream.batches(layer, dtype):
+                writer.write(start, block_forward(W, spec, x, self.ctx.cos, self.ctx.sin) if dense else x)
         writer.commit()
-        return {
-            "layer": layer, "dropped": True,
-            "heads": [spec.n_heads, 0], "kv_heads": [spec.n_kv, 0], "neurons": [spec.intermediate, 0],
-            "params": [spec.n_params(), 0], "kept_heads": [], "kept_kv_heads": [], "relative_error": 1.0,
-            "scoring": {}, "timing": {"score_seconds": 0.0, "forward_seconds": round(time.time() - t0, 3)},
-        }, write
+        return BlockRecord(layer, [spec.n_heads, 0], [spec.n_kv, 0], [spec.intermediate, 0], [spec.n_params(), 0],
+                           1.0, timing={"score_seconds": 0.0, "forward_seconds": round(time.time() - t0, 3)},
+                           dropped=True), write
 
     def pass_outputs(self, layer, W, spec, W_new, spec_new, dtype, timer: PhaseTimer | None = None,
                      targets: "KeptTargets | None" = None) -> float:
@@ -155,15 +125,15 @@ class BlockRunner:
         inputs (so later blocks are calibrated on what they will really see), or the dense
         block's outputs with --calibrate-on dense. Returns the relative squared error of the
         pruned against the dense block output (read back when scoring kept it)."""
-        writer = self.cache.writer(layer + 1)
+        writer = self.stream.outputs(layer)
         err = ref = 0.0
         dense = iter(targets.batches()) if targets is not None and targets.ready else None
-        for start, x in timed_batches(self.batches(layer, dtype), timer):
+        for start, x in timed_batches(self.stream.batches(layer, dtype), timer):
             y_dense = next(dense) if dense is not None else None
             with phase(timer, "output_forward"):
                 if y_dense is None:
-                    y_dense = block_forward(W, spec, x, self.cos, self.sin)
-                y = block_forward(W_new, spec_new, x, self.cos, self.sin)
+                    y_dense = block_forward(W, spec, x, self.ctx.cos, self.ctx.sin)
+                y = block_forward(W_new, spec_new, x, self.ctx.cos, self.ctx.sin)
                 check_finite_activations(y, layer, start)
                 err += squared_norm(y - y_dense)
                 ref += squared_norm(y_dense - x)
@@ -176,16 +146,13 @@ class BlockRunner:
     def model_path(self, k: int) -> Path:
         return self.cfg.out / shard_name(k, self.n_shards)
 
-    def run_blocks(self, journal: Journal, start: int) -> None:
+    def prune_blocks(self, journal: Journal, start: int) -> None:
         """Blocks start..L-1 with prefetch and asynchronous writes. Block i is journaled (and its
         inputs dropped) after its shard is written, while block i+1 is already being scored."""
         L = self.model.arch.n_layers
-        bar = tqdm(total=L, initial=start, unit="block", desc="pruning", disable=not self.cfg.progress,
-                   dynamic_ncols=True)
-        self.progress = BlockProgress(bar if self.cfg.progress else None)
         next_read, pending = None, None
-        try:
-            for layer in range(start, L):
+        with progress_bar("pruning", L, start, self.cfg.progress) as bar:
+            for layer in self.stream.blocks(start, bar):
                 t0 = time.time()
                 W, read_seconds = (next_read or self.prefetch(layer)).result()
                 wait = time.time() - t0
@@ -195,32 +162,29 @@ class BlockRunner:
                 del W
                 if not self.cfg.overlap:
                     write.result()
-                record["timing"].update(read_seconds=round(read_seconds, 3), read_wait_seconds=round(wait, 3))
+                record.timing.update(read_seconds=round(read_seconds, 3), read_wait_seconds=round(wait, 3))
                 if pending is not None:
                     self.finish(journal, *pending)
-                pending = (layer, record, write)
-                bar.update(1)
+                pending = (record, write)
             if pending is not None:
                 self.finish(journal, *pending)
-        finally:
-            bar.close()
 
-    def finish(self, journal: Journal, layer: int, record: dict, write: Future) -> None:
-        t0 = time.time()
+    def finish(self, journal: Journal, record: BlockRecord, write: Future) -> None:
+        t0, layer, timing = time.time(), record.layer, record.timing
         write_seconds = write.result()
         fault_point("before_journal")
-        record["timing"]["write_wait_seconds"] = round(time.time() - t0, 3)
-        record["timing"]["write_seconds"] = round(write_seconds, 3)
-        record["timing"]["seconds"] = round(sum(v for k, v in record["timing"].items()
-                                                if k.endswith("_seconds") and k not in ("read_seconds", "write_seconds")), 3)
+        timing["write_wait_seconds"] = round(time.time() - t0, 3)
+        timing["write_seconds"] = round(write_seconds, 3)
+        timing["seconds"] = round(sum(v for k, v in timing.items()
+                                      if k.endswith("_seconds") and k not in ("read_seconds", "write_seconds")), 3)
         self.ranks.barrier()  # every rank's inputs of block layer + 1 are on disk
         if self.ranks.is_writer:
-            journal.finish_block(layer, record)
+            journal.finish_block(layer, record.as_json())
         self.ranks.barrier()  # block `layer` is journaled: its inputs can go
         self.cache.drop(layer)
         log.info("pruned block %d: heads %d -> %d, KV heads %d -> %d, neurons %d -> %d, relative error %.4g, %.1fs",
-                 layer, *record["heads"], *record["kv_heads"], *record["neurons"], record["relative_error"],
-                 record["timing"]["seconds"], extra=FILE_ONLY)
+                 layer, *record.heads, *record.kv_heads, *record.neurons, record.relative_error, timing["seconds"],
+                 extra=FILE_ONLY)
 
 
 class KeptTargets(Targets):
@@ -229,25 +193,22 @@ class KeptTargets(Targets):
     ones (compensation, the output pass), so the dense block runs once per block. A file of this
     process alone: a resumed run computes it again."""
 
-    def __init__(self, runner: "BlockRunner", layer: int, dtype: torch.dtype, timer: PhaseTimer | None):
-        self.runner, self.layer, self.dtype, self.timer = runner, layer, dtype, timer
+    def __init__(self, stream: BlockStream, layer: int, dtype: torch.dtype, timer: PhaseTimer | None):
+        self.stream, self.layer, self.dtype, self.timer = stream, layer, dtype, timer
         self.ready = False
 
     def keeper(self) -> "TargetWriter":
         return TargetWriter(self)
 
     def batches(self):
-        cache, n, batch = self.runner.cache, len(self.runner.share.windows), self.runner.batch
-        for start in range(0, n, batch):
-            with phase(self.timer, "cache_read"):
-                y = cache.batch(self.layer, start, min(start + batch, n), self.runner.device, self.dtype, "targets")
-            yield y
+        yield from timed_batches((y for _, y in self.stream.batches(self.layer, self.dtype, "targets", tick=False)),
+                                 self.timer)
 
 
 class TargetWriter(TargetKeeper):
     def __init__(self, targets: KeptTargets):
         self.targets, self.start = targets, 0
-        self.writer = targets.runner.cache.writer(targets.layer, "targets")
+        self.writer = targets.stream.cache.writer(targets.layer, "targets")
 
     def add(self, y: torch.Tensor) -> None:
         with phase(self.targets.timer, "cache_write"):

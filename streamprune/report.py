@@ -8,13 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import StreamPruneError
-from .journal import Damaged, expect, expect_fields, read_checked_json
+from .records import Damaged, check_block_record, expect, expect_fields, read_checked_json
 
 
-MAX_UNITS = 2**53  # counts a float holds exactly
-MAX_HEADS = 2**16  # the head map draws one cell per head and layer
-BLOCK_FIELDS = {"layer": (int,), "heads": (list,), "kv_heads": (list,), "neurons": (list,), "params": (list,),
-                "relative_error": (int, float)}
 SECTIONS = {"arguments": {}, "model": {}, "plan": {},
             "block_params": {"before": (int,), "after": (int,), "removed_fraction": (int, float)},
             "eval": {"text": (str,), "tokens": (int,), "seq_len": (int,), "ppl_before": (int, float),
@@ -51,25 +47,7 @@ def check_report(report) -> None:
     if not report["blocks"]:
         raise Damaged("no per-block results")
     for i, block in enumerate(report["blocks"]):
-        check_block(block, f"'blocks'[{i}]")
-
-
-def check_block(block, what: str) -> None:
-    expect(block, (dict,), what)
-    expect_fields(block, BLOCK_FIELDS, what)
-    for field in ("heads", "kv_heads", "neurons", "params"):
-        pair = block[field]
-        if len(pair) != 2:
-            raise Damaged(f"{what}[{field!r}] has {len(pair)} entries, not 2 (before, after)")
-        for n in pair:
-            expect(n, (int,), f"{what}[{field!r}] entry")
-            if not 0 <= n <= MAX_UNITS:
-                raise Damaged(f"{what}[{field!r}] has {n}")
-    if block["heads"][0] > MAX_HEADS:
-        raise Damaged(f"{what} has {block['heads'][0]} heads")
-    expect(block.get("kept_heads", []), (list,), f"{what}['kept_heads']")
-    for h in block.get("kept_heads", []):
-        expect(h, (int,), f"{what}['kept_heads'] entry")
+        check_block_record(block, f"'blocks'[{i}]")
 
 
 def arrow(pair) -> str:

@@ -11,6 +11,7 @@ from streamprune.block import attention_heads, mlp_activations, rms_norm, attent
 from streamprune.costs import BlockCosts, Grams, block_costs, columns, refit_columns, removal_cost, with_ridge
 from streamprune.families import BlockSpec
 from streamprune.numerics import invert_spd, token_scale
+from streamprune.scoring import Calibration
 from streamprune.selection import Sizes
 from tests.models import random_block
 
@@ -28,7 +29,7 @@ def rotary(T=16):
 
 def costs_of(W, xs, refit=True):
     cos, sin = rotary()
-    return block_costs(W, SPEC, lambda: iter(xs), cos, sin, refit, lambda s, y: None)
+    return block_costs(W, SPEC, Calibration(lambda: iter(xs), cos, sin, None), refit, lambda s, y: None)
 
 
 def weighted_refit_error(A: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, s: torch.Tensor) -> float:

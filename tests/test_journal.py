@@ -180,7 +180,8 @@ def test_gram_placement_round_trips_through_the_journal_form():
 
 
 def test_damaged_gram_placement_is_refused():
-    from streamprune.journal import Damaged, check_state
+    from streamprune.journal import check_state
+    from streamprune.records import Damaged
     state = {"fingerprint": {}, "blocks": {}, "complete": False}
     check_state(dict(state, grams={"grams_on": "host", "gram_chunk_columns": 0}))
     for bad in ({"grams_on": "gpu", "gram_chunk_columns": 0}, {"grams_on": "host"},
