@@ -6,8 +6,6 @@ import dataclasses
 import errno
 import json
 import logging
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -15,9 +13,9 @@ import click
 
 from .config import ALLOCATIONS, COMPENSATIONS, GGUF_TYPES, RunConfig
 from .errors import StreamPruneError
+from .signals import finish, handle_signals, received, report_interrupt
 
-EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 128 + signal.SIGINT, 128 + signal.SIGTERM
-INTERRUPTED = "\ninterrupted; finished blocks are saved: re-run the same command to resume"
+EXIT_ERROR = 2
 
 
 def one_line(text: str) -> str:
@@ -41,60 +39,6 @@ def usage_message(e: click.ClickException) -> str:
     text = text[:1].lower() + text[1:]
     ctx = getattr(e, "ctx", None)
     return f"{text} (see {ctx.command_path} --help)" if ctx is not None else text
-
-
-# ---- signals: SIGTERM is handled like Ctrl-C; either one, at any moment, ends in the resume message ----
-
-class Terminated(KeyboardInterrupt):
-    """Raised by SIGTERM (timeout, Slurm, docker stop), so every path that saves work on Ctrl-C runs."""
-
-
-received: list[int] = []  # signals this process got, in order
-ignored_at_start = {s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.SIG_IGN}
-MAX_REDELIVERIES, REDELIVERY_DELAY = 4, 0.01  # seconds
-armed = False  # raise on a signal (while a command may be running), or only record it
-
-
-def on_signal(signum, frame) -> None:
-    received.append(signum)
-    if armed:
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-def on_unraisable(unraisable) -> None:
-    """A signal's KeyboardInterrupt raised where Python cannot propagate it (a weakref callback
-    during an import, a __del__) would be printed as "Exception ignored in ..." and lost: send the
-    signal again a moment later, from another thread, so that it raises in the main thread's
-    ordinary code (a few times at most). Sending it from here would raise it in this hook."""
-    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-        sys.__unraisablehook__(unraisable)
-    elif armed and received and len(received) <= MAX_REDELIVERIES:
-        import threading
-        threading.Timer(REDELIVERY_DELAY, os.kill, (os.getpid(), received[-1])).start()
-
-
-def handle_signals(arm: bool, handler=on_signal) -> None:
-    """Route SIGINT and SIGTERM to `handler`; one that was ignored when we started (nohup, a
-    background job) stays ignored."""
-    global armed
-    armed = arm
-    sys.unraisablehook = on_unraisable
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        if sig not in ignored_at_start:
-            signal.signal(sig, handler)
-
-
-def interrupted_code(e: BaseException | None = None) -> int:
-    """130 for Ctrl-C, 143 for SIGTERM (the first signal received decides)."""
-    if received:
-        return 128 + received[0]
-    return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
-
-
-def report_interrupt(e: BaseException | None = None, newline: bool = True) -> int:
-    """Print the resume message (after a newline, so it does not follow a ^C); the exit code."""
-    click.echo(INTERRUPTED if newline else INTERRUPTED.lstrip("\n"), err=True)
-    return interrupted_code(e)
 
 
 NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
@@ -242,11 +186,6 @@ def warn_beyond_physical(max_memory: int | None, device: str) -> None:
     warning = memory_warning(max_memory, device)
     if warning:
         click.echo(f"warning: {warning}", err=True)
-
-
-def gib(n: int) -> str:
-    from .validate import gib as size  # one format for sizes, in every message
-    return size(n)
 
 
 def defaulted(*names: str) -> tuple[str, ...]:
@@ -459,6 +398,7 @@ def plan_command(shards, revision, out, cache_dir, sparsity, calib, calib_datase
     """Predict disk, memory, micro-batch and time of a run, from headers only. Exit code 0: it
     fits; 1: it does not (the prediction and what would fit are printed); 2: an error."""
     from .advice import describe_plan
+    from .plan_text import render_plan
     if gpu_name and device == RunConfig.device:
         device = "cuda"
     model = planning_model(shards, revision)
@@ -476,85 +416,8 @@ def plan_command(shards, revision, out, cache_dir, sparsity, calib, calib_datase
             click.echo(f"warning: {warning}", err=True)
         click.echo(json.dumps(info, indent=2))
     else:
-        click.echo("\n".join(plan_lines(info)))
+        click.echo("\n".join(render_plan(info)))
     return 0 if info["fits"] else 1
-
-
-CAUSES = {"samples": "all the windows at once", "memory": "the largest that fits", "--batch-size": "as --batch-size asks"}
-
-
-def plan_lines(info: dict) -> list[str]:
-    """The plan as printed: model, disk, memory breakdown, time, verdict, what would fit."""
-    gpu = info["peak_device_bytes"] > 0
-    where = (f"{info['gpu']['name']} (datasheet numbers)" if info["gpu"] else
-             "a GPU described by --max-memory (none here)" if not info["device_here"] else info["device"])
-    lines = [f"plan for {where}: {info['samples']} windows of {info['seq_len']} tokens"
-             + (f", {info['processes']} processes of {info['windows_per_process']} windows (disk and memory below "
-                "are one process's)" if info.get("processes") else ""),
-             f"largest block: {gib(info['block_stored_bytes'])} stored, {gib(info['block_compute_bytes'])} "
-             f"in the compute dtype ({'as stored' if gpu else 'fp32'} on {info['device']})", "disk:"]
-    for d in info["disk"]:
-        lines.append(f"  {d['folder']}: needs {gib(d['need_bytes'])} ({', '.join(d['parts'])}), "
-                     f"{gib(d['free_bytes'])} free: {'fits' if d['fits'] else 'DOES NOT FIT'}")
-    lines.append(f"  (output in {info['out']}, activation cache in {info['cache_folder']})")
-    cap = info["activation_cap_bytes"]
-    cause = (f"capped: on a CPU a micro-batch is kept under {gib(cap)} of activations ({gib(info['activation_bytes_per_window'])}"
-             " per window), larger ones stop paying off; --batch-size N overrides"
-             if info["limited_by"] == "activation cap" else CAUSES[info["limited_by"]])
-    lines.append(f"memory with micro-batch {info['micro_batch']} ({cause}):")
-    for c in info["breakdown"]:
-        lines.append(f"  {c['name'].replace('_', ' '):<20}{gib(c['bytes']):>12}  {c['memory']:<4}  {c['what']}")
-    lines.append("  (scoring and compensation run one after the other, the larger counts; the embedding rows are "
-                 "read before any block, the larger of them and the block's memory counts)")
-    peaks = [("host", info["peak_host_bytes"], info["host_limit_bytes"], "free now")]
-    if gpu:
-        peaks.insert(0, ("GPU", info["peak_device_bytes"], info["max_memory_bytes"], info["limit_from"]))
-    else:
-        peaks[0] = ("host", info["peak_host_bytes"], info["max_memory_bytes"], info["limit_from"])
-    for what, peak, limit, source in peaks:
-        if limit is None:
-            lines.append(f"  peak {what}: {gib(peak)}; not checked here: the GPU's machine needs that much free")
-        else:
-            lines.append(f"  peak {what}: {gib(peak)} of {gib(limit)} ({source}; {info['usable_fraction']:.0%} is "
-                         f"planned for): {'DOES NOT FIT' if info['short_of'] == what else 'fits'}")
-    if info.get("grams_on") == "host":
-        lines.append(f"  the Gram matrices of OBS and least squares do not fit beside the block on the GPU: kept and "
-                     f"factored in host memory, formed {info['gram_chunk_columns']} columns at a time on the GPU")
-    lines += [f"warning: {w}" for w in info["warnings"]]
-    t = info["time"]
-    if t is not None:
-        if t["seconds"] is not None:
-            lines.append(f"time: about {duration(t['seconds'])} (from {duration(t['low_seconds'])} to "
-                         f"{duration(t['high_seconds'])})")
-        elif t["at_least_seconds"] is not None:
-            lines.append(f"time: at least {duration(t['at_least_seconds'])}")
-        else:
-            lines.append("time: not measured here")
-        passes, fewest = info["passes"], sum(info["passes_without_head_cuts"].values())
-        lines.append(f"  work: {sum(passes.values()):.1f} dense passes over {info['samples']} x {info['seq_len']} tokens ("
-                     + ", ".join(f"{k} {v:.1f}" for k, v in passes.items()) + f"); {fewest:.1f} if no block loses heads")
-        lines.append(f"  how: {t['how']}")
-    if info.get("expected_speedup"):
-        seconds = t["seconds"] if t and t["seconds"] is not None else None
-        lines.append(f"{info['processes']} processes: expected speed-up {info['expected_speedup']:.2f}x"
-                     + (f", about {duration(seconds / info['expected_speedup'])}" if seconds else "")
-                     + " (the windows' work and cache divide; each process reads every block's weights and scores "
-                       "perturb's token sample whole)")
-    lines.append(f"verdict: {info['verdict']}")
-    if info["suggestions"]:
-        lines.append("it would fit with any one of:")
-        for s in info["suggestions"]:
-            peak = f"micro-batch {s['micro_batch']}, peak {gib(s['peak_bytes'])}" if s["peak_bytes"] else ""
-            notes = "; ".join(x for x in (peak, s["note"]) if x)
-            lines.append(f"  {s['change']}" + (f" ({notes})" if notes else ""))
-    elif not info["fits"]:
-        lines.append("no single change of these options makes it fit")
-    return lines
-
-
-def duration(seconds: float) -> str:
-    from .timing import duration as text
-    return text(seconds)
 
 
 @main.command("eval")
@@ -654,21 +517,6 @@ def entry_point():
             raise
         code = report_interrupt()  # a library swallowed the signal's KeyboardInterrupt and failed after it
     finish(code)
-
-
-def finish(code) -> None:
-    """Exit with `code`, or as interrupted if a signal came that did not end the command yet."""
-    handle_signals(arm=False, handler=signal.SIG_IGN)  # the work is done or saved; shut down quietly
-    if received and code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):
-        code = report_interrupt()
-    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
-        # Everything is fsynced and the worker threads are joined; skip interpreter finalization,
-        # which turns an exit into a death by signal when an interrupted library left a
-        # KeyboardInterrupt flagged.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
 
 
 if __name__ == "__main__":

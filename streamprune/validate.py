@@ -18,7 +18,8 @@ from .selection import aligned, attention_params, head_layouts, neuron_step
 
 
 
-def gib(n: int) -> str:
+def size_text(n: int) -> str:
+    """A byte count as people read it: MiB under a GiB, GiB above (one format in every message)."""
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
@@ -143,7 +144,7 @@ def disk_needs(out: Path, cache_folder: Path, output_bytes: int, cache_bytes: in
         where = existing_ancestor(folder)
         need = needs.setdefault(where.stat().st_dev, [0, where, []])
         need[0] += n
-        need[2].append(f"{what} {gib(n)}")
+        need[2].append(f"{what} {size_text(n)}")
     return [DiskNeed(where, n, shutil.disk_usage(where).free, tuple(parts)) for n, where, parts in needs.values()]
 
 
@@ -151,8 +152,8 @@ def check_free_disk(out: Path, cache_folder: Path, output_bytes: int, cache_byte
     """Refuse up front when the output plus the activation cache will not fit (disk_needs)."""
     for d in disk_needs(out, cache_folder, output_bytes, cache_bytes):
         if not d.fits:
-            raise StreamPruneError(f"not enough free disk in {d.folder}: this run needs about {gib(d.need_bytes)} "
-                                   f"({', '.join(d.parts)}), {gib(d.free_bytes)} free; free some space or use "
+            raise StreamPruneError(f"not enough free disk in {d.folder}: this run needs about {size_text(d.need_bytes)} "
+                                   f"({', '.join(d.parts)}), {size_text(d.free_bytes)} free; free some space or use "
                                    "--cache-dir on another disk")
 
 
