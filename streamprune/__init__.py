@@ -9,13 +9,20 @@ import os as _os
 # results (must be set before MKL's first call; a value the user set wins).
 _os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-__all__ = ["load_pretrained"]
+__all__ = ["prune", "PruneResult", "StreamPruneError", "load_pretrained"]
 
 
 def __getattr__(name):
-    """streamprune.load_pretrained, imported on first use: `import streamprune` stays light (no
-    torch, no transformers) for the CLI's fast paths."""
+    """The API (api.prune, its PruneResult and StreamPruneError; output.loading.load_pretrained),
+    imported on first use: `import streamprune` stays light (no torch, no transformers), so the
+    command's signal handlers are armed before anything heavy is imported (__main__.py)."""
+    if name in ("prune", "PruneResult"):
+        from . import api
+        return getattr(api, name)
+    if name == "StreamPruneError":
+        from .errors import StreamPruneError
+        return StreamPruneError
     if name == "load_pretrained":
-        from .loading import load_pretrained
+        from .output.loading import load_pretrained
         return load_pretrained
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,8 @@
-"""The `streamprune` command: parses arguments, builds the config, calls the pipeline."""
+"""The `streamprune` command: parses arguments and calls the Python API (api.py) or the planning and
+output functions; prints what they return."""
 
 from __future__ import annotations
 
-import dataclasses
-import errno
 import json
 import logging
 import sys
@@ -12,20 +11,10 @@ from pathlib import Path
 import click
 
 from .config import ALLOCATIONS, COMPENSATIONS, GGUF_TYPES, RunConfig
-from .errors import StreamPruneError
+from .errors import StreamPruneError, error_message, one_line
 from .signals import finish, handle_signals, received, report_interrupt
 
 EXIT_ERROR = 2
-
-
-def one_line(text: str) -> str:
-    """`text` as one printable line: newlines and other control characters escaped, the bytes of
-    a non-UTF-8 path (surrogate escapes) shown as \\xNN."""
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def fail(message: str) -> None:
@@ -79,17 +68,6 @@ class Group(click.Group):
             fail(error_message(e))
 
 
-def error_message(e: StreamPruneError | MemoryError | OSError) -> str:
-    if isinstance(e, MemoryError):
-        return "out of memory; lower --batch-size or --samples"
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return (f"no space left on device{' writing ' + str(e.filename) if e.filename else ''}; "
-                "free some space and re-run the same command to resume")
-    if isinstance(e, OSError):
-        return f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
-    return str(e)
-
-
 @click.group(cls=Group)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.version_option(package_name="streamprune")
@@ -111,7 +89,7 @@ class Terminal(logging.Handler):
 def show_messages(level: int) -> None:
     """Print streamprune's log records from `level` up on the terminal (the run's log file, when a
     run writes one, gets them all)."""
-    from .runlog import FileOnly
+    from .store.runlog import FileOnly
     logger = logging.getLogger("streamprune")
     for h in [h for h in logger.handlers if isinstance(h, Terminal)]:
         logger.removeHandler(h)
@@ -139,7 +117,7 @@ class Size(click.ParamType):
     name = "size"
 
     def convert(self, value, param, ctx):
-        from .plan import parse_bytes
+        from .planning.plan import parse_bytes
         try:
             return value if isinstance(value, int) else parse_bytes(value)
         except StreamPruneError as e:
@@ -162,17 +140,17 @@ class PlanDevice(click.ParamType):
     def convert(self, value, param, ctx):
         import torch
 
-        from .model import parse_device
+        from .arch.model import parse_device
         if parse_device(value).type == "cuda" and torch.cuda.is_available():
             check_device(value)
         return value
 
 
 def check_device(device: str) -> None:
-    """pipeline.check_device, plus the GPU number: cuda:N must exist."""
+    """arch.model.check_device, plus the GPU number: cuda:N must exist."""
     import torch
 
-    from .pipeline import check_device as check_device_type
+    from .arch.model import check_device as check_device_type
     dev = check_device_type(device)
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         n = torch.cuda.device_count()
@@ -182,7 +160,7 @@ def check_device(device: str) -> None:
 
 def warn_beyond_physical(max_memory: int | None, device: str) -> None:
     """A --max-memory above what the machine has is allowed (the plan still has to fit), but said."""
-    from .advice import memory_warning
+    from .planning.advice import memory_warning
     warning = memory_warning(max_memory, device)
     if warning:
         click.echo(f"warning: {warning}", err=True)
@@ -216,7 +194,7 @@ def model_options(name: str, what: str):
 def model_folder(arg: Path, revision: str | None, progress: bool = True) -> Path:
     """The local folder of --shards / --model: the path, or a Hub id's snapshot in the Hub cache
     (download progress bars unless --quiet)."""
-    from .hub import resolve_model
+    from .arch.hub import resolve_model
     if not progress:
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()
@@ -229,7 +207,7 @@ def model_folder(arg: Path, revision: str | None, progress: bool = True) -> Path
 def planning_model(arg: Path, revision: str | None):
     """inspect and plan: a folder (a local path, or a Hub id in the cache), or the model.Model of
     a Hub id read from the Hub's safetensors headers, without downloading its weights."""
-    from .hub import model_for_planning
+    from .arch.hub import model_for_planning
     model = model_for_planning(arg, revision)
     if not isinstance(model, Path):
         click.echo(f"{arg}: read from the Hugging Face Hub's safetensors headers (weights not downloaded)", err=True)
@@ -312,39 +290,33 @@ def multiple_of_option(command):
 @click.option("--preview", default="0.2,0.3,0.4,0.5", show_default=True,
               help="With --survey-only: the other sparsities to show (comma-separated).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(quiet: bool, revision: str | None, preview: str, **kwargs):
+def run(quiet: bool, revision: str | None, preview: str, shards: Path, out: Path, sparsity: float,
+        calib: Path | None, **options):
     """Prune a model; re-running the same command resumes an interrupted run."""
-    from .pipeline import check_before_model, run as run_pipeline
-    from .scoring import SCORERS
-    if kwargs["method"] not in SCORERS:
-        raise StreamPruneError(f"unknown --method {kwargs['method']!r}; choose from {', '.join(SCORERS)}")
-    ctx = click.get_current_context()
-    cfg = RunConfig(progress=not quiet, adaptable=defaulted("samples", "seq_len"), **kwargs)
-    check_before_model(cfg)  # before a Hub id's download
-    cfg = dataclasses.replace(cfg, shards=model_folder(cfg.shards, revision, progress=not quiet))
-    warn_beyond_physical(cfg.max_memory, cfg.device)
-    if not quiet and not ctx.find_root().params.get("debug"):
+    from .api import ADAPTABLE, prune
+    sparsities = preview_sparsities(sparsity, preview) if options["survey_only"] else ()
+    warn_beyond_physical(options["max_memory"], options["device"])
+    if not quiet and not click.get_current_context().find_root().params.get("debug"):
         show_messages(logging.INFO)
-    sparsities = preview_sparsities(cfg.sparsity, preview) if cfg.survey_only else ()
-    report = run_pipeline(cfg)
-    if report is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+    result = prune(shards, out, sparsity, calib, revision=revision, progress=not quiet,
+                   notify=lambda text: click.echo(text, err=True), adaptable=defaulted(*ADAPTABLE), **options)
+    if result.report is None and result.costs is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return
-    if report.get("survey_only"):
-        from .preview import render_previews, survey_previews
-        model = report["model"]
-        previews = survey_previews(cfg, model.arch, report["costs"], sparsities)
-        click.echo("\n".join(render_previews(previews, model.arch.blocks)))
-        click.echo(f"survey kept in {kwargs['out']}: `streamprune run` with the same arguments and any --sparsity, "
+    if result.costs is not None:
+        from .planning.preview import render_previews, survey_previews
+        cfg = RunConfig(result.model.folder, out, sparsity, calib, **options)
+        previews = survey_previews(cfg, result.model.arch, result.costs, sparsities)
+        click.echo("\n".join(render_previews(previews, result.model.arch.blocks)))
+        click.echo(f"survey kept in {out}: `streamprune run` with the same arguments and any --sparsity, "
                    "--allocation (global, uniform), --method, --multiple-of or --row-multiple reuses it")
         return
-    from .report import dense_passes
-    p, t = report["block_params"], report["timing"]
-    sessions = f" over {t['sessions']} sessions" if t.get("sessions", 1) > 1 else ""
-    click.echo(f"{kwargs['out']}: block params {p['before']:,} -> {p['after']:,} "
-               f"({100 * p['removed_fraction']:.1f}% removed) in {t['seconds']:.1f}s of setup, survey, pruning and "
-               f"writing{sessions}{dense_passes(t)}, peak RSS {t['peak_rss_bytes'] / 2**20:.0f} MiB")
-    if "eval" in report:
-        e, ev = report["eval"], t.get("eval_seconds", {})
+    from .output.report import work_time
+    t = result.report["timing"]
+    click.echo(f"{out}: block params {result.params_before:,} -> {result.params_after:,} "
+               f"({100 * result.removed_fraction:.1f}% removed) in {work_time(t)}, "
+               f"peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB")
+    if "eval" in result.report:
+        e, ev = result.report["eval"], t.get("eval_seconds", {})
         click.echo(f"perplexity on {e['text']} over {e['windows']} windows of {e['seq_len']} tokens: "
                    f"{e['ppl_before']:.3f} -> {e['ppl_after']:.3f} (evaluation "
                    f"{ev.get('before', 0) + ev.get('after', 0):.1f}s; {t.get('wall_seconds_total', 0):.1f}s in all)")
@@ -357,7 +329,7 @@ def run(quiet: bool, revision: str | None, preview: str, **kwargs):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: int, row_multiple: int, as_json: bool):
     """Print the model's shape and the fixed rule's cut, with the reasons, from headers only."""
-    from .inspect import describe, render_description
+    from .planning.inspect import describe, render_description
     info = describe(planning_model(shards, revision), sparsity, multiple_of, row_multiple)
     click.echo(json.dumps(info, indent=2) if as_json else render_description(info))
 
@@ -397,8 +369,8 @@ def plan_command(shards, revision, out, cache_dir, sparsity, calib, calib_datase
                  max_memory, no_timing, nproc, as_json):
     """Predict disk, memory, micro-batch and time of a run, from headers only. Exit code 0: it
     fits; 1: it does not (the prediction and what would fit are printed); 2: an error."""
-    from .advice import describe_plan
-    from .plan_text import render_plan
+    from .planning.advice import describe_plan
+    from .planning.render import render_plan
     if gpu_name and device == RunConfig.device:
         device = "cuda"
     model = planning_model(shards, revision)
@@ -436,8 +408,8 @@ def plan_command(shards, revision, out, cache_dir, sparsity, calib, calib_datase
 def eval_command(model, revision, text, text_dataset, text_field, seq_len, device, batch_size, max_windows, cache_dir,
                  as_json, quiet):
     """Perplexity on held-out text, streaming one block at a time."""
-    from .documents import TextSource
-    from .evaluate import perplexity
+    from .store.documents import TextSource
+    from .engine.evaluate import perplexity
     if seq_len < 0 or batch_size < 0 or max_windows < 0:
         raise StreamPruneError("--seq-len, --batch-size and --max-windows must be >= 0")
     if (text is None) == (text_dataset is None):
@@ -465,7 +437,7 @@ def export(model_dir: Path, gguf_file: Path, ggml_type: str, quiet: bool):
     shapes as llama.cpp's 'deci' architecture. One tensor in memory at a time."""
     from tqdm import tqdm
 
-    from .gguf_export import export_gguf
+    from .output.gguf_export import export_gguf
     bars = []
     r = export_gguf(model_dir, gguf_file, ggml_type, progress=lambda n: bars[0].update(n),
                     on_total=lambda n: bars.append(tqdm(total=n, unit="tensor", desc="exporting", disable=quiet,
@@ -484,7 +456,7 @@ def export(model_dir: Path, gguf_file: Path, ggml_type: str, quiet: bool):
 @click.option("--no-png", is_flag=True, help="Terminal summary only.")
 def report(out_dir: Path, png: Path | None, no_png: bool):
     """Summarize a pruned model's report.json; draw kept units, errors and params per layer."""
-    from .report import load_report, plot_report, render_report
+    from .output.report import load_report, plot_report, render_report
     data = load_report(out_dir)
     click.echo(render_report(data))
     if no_png:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .errors import StreamPruneError
 
 if TYPE_CHECKING:
-    from .documents import TextSource
+    from .store.documents import TextSource
 
 
 METHODS = ("perturb", "magnitude", "wanda-sp", "flap")  # scoring.SCORERS' names
@@ -112,31 +112,31 @@ class RunConfig:
     @property
     def alignment(self):
         """What kept counts are multiples of (--multiple-of, --row-multiple): selection.Alignment."""
-        from .selection import Alignment
+        from .pruning.selection import Alignment
         return Alignment(gpus=self.multiple_of, rows=self.row_multiple)
 
     @property
     def compensation(self):
         """The --compensate method: compensate.Compensation."""
-        from .compensate import COMPENSATIONS as METHODS
+        from .pruning.compensate import COMPENSATIONS as METHODS
         return METHODS[self.compensate]
 
     def scorer(self, sizes=None):
         """The --method scorer for a block cut to `sizes`, told the budget and whether least squares
         will refit (scoring.Scorer)."""
-        from .scoring import ScoringOptions, make_scorer
+        from .pruning.scoring import ScoringOptions, make_scorer
         return make_scorer(self.method, ScoringOptions(sizes=sizes, budget=self.budget,
                                                        refit=self.compensation.refits))
 
     def calib_source(self) -> TextSource:
-        from .documents import TextSource  # (it imports torch: not when the CLI starts)
+        from .store.documents import TextSource  # (it imports torch: not when the CLI starts)
         return TextSource(file=self.calib, dataset=self.calib_dataset, field=self.text_field)
 
     def eval_source(self) -> TextSource | None:
         """The held-out text (--eval or --eval-dataset), or None without one."""
         if self.eval is None and self.eval_dataset is None:
             return None
-        from .documents import TextSource
+        from .store.documents import TextSource
         return TextSource(file=self.eval, dataset=self.eval_dataset, field=self.text_field)
 
     # Fields that do not change the output bytes, so a resumed run may differ in them.

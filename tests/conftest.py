@@ -1,6 +1,6 @@
 """The test suite never downloads: huggingface_hub, transformers and datasets run offline (they read
 these at import, which comes after this file). Hub ids and datasets are tested against local
-caches and folders (tests/test_hub.py, tests/test_documents.py)."""
+caches and folders (tests/arch/test_hub.py, tests/store/test_documents.py)."""
 
 import os
 

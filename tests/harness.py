@@ -1,7 +1,7 @@
 """Helpers that run `streamprune` as a user would, for the tests and for tools/fault_bench.py:
 the command in this process (`invoke`) and the check that it refused in one line (`refused`),
 a tiny sharded model with the demo tokenizer, the `run` arguments, a child process with or without
-a fault point (STREAMPRUNE_FAULT_POINT, streamprune/faults.py), the digests of an output folder,
+a fault point (STREAMPRUNE_FAULT_POINT, streamprune/store/faults.py), the digests of an output folder,
 and one interrupt-resume-compare trial. Imports go one way: tools import tests.harness, tests
 never import tools."""
 
@@ -16,13 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from streamprune.faults import FAULT_POINT, FAULT_RANK
+from streamprune.store.faults import FAULT_POINT, FAULT_RANK
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
 # The fault hook knows SIGKILL and SIGINT (":INT"); for SIGTERM at a named point the child runs
 # `python -m streamprune` through this bootstrap, which makes the hook's SIGINT a SIGTERM.
-TERM_AT_POINT = ("import runpy, signal, types, streamprune.faults as f; "
+TERM_AT_POINT = ("import runpy, signal, types, streamprune.store.faults as f; "
                  "f.signal = types.SimpleNamespace(SIGINT=signal.SIGTERM, SIGKILL=signal.SIGKILL); "
                  "runpy.run_module('streamprune', run_name='__main__', alter_sys=True)")
 
@@ -164,7 +164,7 @@ def trial(args: list[str], out: Path, sig: int, reference: dict, finish=None, **
 def interrupt_pruning_at(monkeypatch, layer: int):
     """Make the pruning pass raise KeyboardInterrupt (a Ctrl-C) when it reaches block `layer`;
     returns the undo (for the re-run that resumes)."""
-    from streamprune import pipeline
+    from streamprune.engine import pipeline
     real_prune = pipeline.BlockRunner.prune
 
     def interrupted(self, i, W):

@@ -63,7 +63,7 @@ def random_block(spec, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def block_calibration(spec, seed: int = 0, samples: int = 8, seq_len: int = 16):
     """Random calibration inputs for a block of `spec`, in micro-batches of 2, with rotary tables."""
-    from streamprune.scoring import Calibration
+    from streamprune.pruning.scoring import Calibration
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, seq_len, spec.hidden, generator=g)
     angles = torch.arange(seq_len)[:, None] * 0.1 * torch.arange(1, spec.head_dim + 1)[None]

@@ -1,5 +1,7 @@
-"""Imports go one way: in the package no cycle, and only the CLI imports the orchestrator; tools
-import tests (tests/harness.py, tests/models.py), never the other way round."""
+"""Imports go one way. In the package: no cycle; each subpackage imports only the layers below it
+(LAYERS); the math of pruning never touches storage; only the front (the API) imports the
+orchestrator. Tools import tests (tests/harness.py, tests/models.py), never the other way round;
+tests mirror the package's tree."""
 
 import ast
 from pathlib import Path
@@ -41,8 +43,68 @@ def test_no_import_cycle():
     assert not cycles, cycles
 
 
-def test_only_the_cli_imports_the_orchestrator():
-    assert {m for m, deps in import_graph().items() if "streamprune.pipeline" in deps} == {"streamprune.cli"}
+# Bottom to top; a module may import its own subpackage and the layers below it, nothing above and
+# nothing beside it. Top-level modules are placed by name.
+LAYERS = (
+    ("errors", "signals"),  # leaves: no streamprune import
+    ("store",),  # storage and state: shards, activation cache, journal, lock, log, texts
+    ("arch",),  # the model's description: config, shapes, tensor names, tokenizer windows
+    ("pruning",),  # the pure math: forward, scores, selection, slicing, compensation, costs, allocation
+    ("config",),  # the run's one config dataclass
+    ("planning", "output"),  # plan/validate/inspect; what a run leaves (loader, GGUF, card, report)
+    ("engine",),  # the streaming engine and the run's steps
+    ("api", "cli", "__main__", "__init__"),  # the front: Python API, command line
+)
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """(layer index, group name) of streamprune.<group>[.rest]; the package itself is the front."""
+    parts = module.split(".")
+    group = parts[1] if len(parts) > 1 else "__init__"
+    for i, groups in enumerate(LAYERS):
+        if group in groups:
+            return i, group
+    raise AssertionError(f"{module}: not placed in tests/test_layout.py LAYERS")
+
+
+def test_every_module_has_a_layer():
+    for module in import_graph():
+        layer_of(module)
+
+
+def test_layers_import_downwards_only():
+    wrong = []
+    for module, deps in import_graph().items():
+        (level, group), front = layer_of(module), len(LAYERS) - 1
+        for dep in deps:
+            dep_level, dep_group = layer_of(dep)
+            if dep_group == group or level == front and dep_level == front:
+                continue
+            if dep_level >= level:
+                wrong.append(f"{module} -> {dep}")
+    assert not wrong, wrong
+
+
+def test_the_math_never_imports_storage_or_the_engine():
+    offenders = {m: sorted(d for d in deps if d.split(".")[1] in ("store", "engine", "planning", "output"))
+                 for m, deps in import_graph().items() if m.startswith("streamprune.pruning")}
+    assert not {m: d for m, d in offenders.items() if d}
+
+
+def test_only_the_api_imports_the_orchestrator():
+    assert {m for m, deps in import_graph().items() if "streamprune.engine.pipeline" in deps} == {"streamprune.api"}
+
+
+def test_tests_mirror_the_package():
+    """A test file per subpackage folder sits in the same-named folder under tests/ (hostile-input
+    and fault tests apart, in tests/hostile/)."""
+    groups = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert groups <= folders
+    for group in groups:
+        modules = {f.stem for f in (PACKAGE / group).rglob("*.py")} - {"__init__"}
+        tests = {f.stem.removeprefix("test_") for f in (TESTS / group).glob("test_*.py")}
+        assert tests <= modules | {"scoring"} | EXTRA_TESTS.get(group, set()), (group, tests - modules)
 
 
 def imported_modules(tree: ast.AST) -> set[str]:
@@ -60,6 +122,12 @@ def test_imported_modules_sees_every_form_of_import():
     tree = ast.parse("import tools\nimport os, tools.synthetic as s\ndef f():\n    from tools.fault_bench import x\n"
                      "from . import models\nfrom tests.harness import digests")
     assert imported_modules(tree) == {"tools", "os", "tools.synthetic", "tools.fault_bench", "tests.harness"}
+
+
+# test files named for a behaviour across modules rather than for one module
+EXTRA_TESTS = {"pruning": {"selection_slicing", "row_multiple", "tensor_parallel"}, "arch": {"rope_types"},
+               "engine": {"shared_passes", "survey_only", "run_flow"}, "store": set(),
+               "planning": set(), "output": set()}
 
 
 def test_tests_never_import_tools():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamprune.plan import parse_bytes  # noqa: E402
+from streamprune.planning.plan import parse_bytes  # noqa: E402
 from tools.synthetic import (DEMO, ROOT, bench_parser, emit, method_args, run_streamprune,  # noqa: E402
                              synthetic_config, write_random_model)
 

@@ -30,7 +30,7 @@ SHARED = ROOT.parent / "shared"
 def rank_wrapper(folder: str, argv: list[str]) -> None:
     """Run streamprune with `argv`; at exit, record this rank's peak RSS."""
     def record():
-        from streamprune.pipeline import peak_rss_bytes
+        from streamprune.engine.pipeline import peak_rss_bytes
         rank = os.environ.get("RANK", "0")
         Path(folder, f"rank-{rank}.json").write_text(json.dumps(
             {"rank": int(rank), "peak_rss_bytes": peak_rss_bytes()}))
@@ -56,7 +56,7 @@ def run(n: int, run_args: list[str], rss_dir: Path) -> dict:
 
 
 def ppl(folder: Path, text: Path, seq_len: int, windows: int, device: str) -> float:
-    from streamprune.evaluate import perplexity
+    from streamprune.engine.evaluate import perplexity
     return perplexity(folder, text, seq_len=seq_len, device=device, max_windows=windows).ppl
 
 

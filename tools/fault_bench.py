@@ -8,7 +8,7 @@ byte-identical to an uninterrupted run (report.json without its `timing` section
 
 With SIGKILL the run must simply die; with SIGINT it must exit 130 and say how to resume, with
 SIGTERM (timeout, Slurm, docker stop) the same with exit 143. Named points use the
-STREAMPRUNE_FAULT_POINT hook (streamprune/faults.py): the process signals itself the count-th
+STREAMPRUNE_FAULT_POINT hook (streamprune/store/faults.py): the process signals itself the count-th
 time it passes the point."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from streamprune.faults import POINTS  # noqa: E402
+from streamprune.store.faults import POINTS  # noqa: E402
 from tests.harness import digests, make_model, run_args, run_cli, trial  # noqa: E402
 
 SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamprune.scoring import SCORERS  # noqa: E402
+from streamprune.pruning.scoring import SCORERS  # noqa: E402
 from tools.synthetic import ROOT, emit, run_streamprune  # noqa: E402
 
 DATA = {"kjv-": "kjv", "stories": "tinystories"}  # model name prefix -> folder under --data-dir

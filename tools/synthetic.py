@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from streamprune.families import EMBED, FINAL_NORM, LM_HEAD, architecture
-from streamprune.shards import OutTensor, read_header, shard_name, write_safetensors
+from streamprune.arch.spec import EMBED, FINAL_NORM, LM_HEAD
+from streamprune.arch.families import architecture
+from streamprune.store.shards import OutTensor, read_header, shard_name, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"

@@ -1,0 +1,117 @@
+"""The Python API: `streamprune.prune(...)` does what `streamprune run` does, with the same options,
+defaults, checks and resume, and returns what the run's report says.
+
+    import streamprune
+    r = streamprune.prune("./Llama-3-8B", "./Llama-3-8B-p30", sparsity=0.3, calib="calib.txt",
+                          eval="heldout.txt")
+    print(r.removed_fraction, r.ppl_before, r.ppl_after)
+
+Every refusal, out-of-memory and OS error is raised as `streamprune.StreamPruneError` whose message
+is the line the command prints after "error: "."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import StreamPruneError, error_message, one_line
+
+log = logging.getLogger(__name__)
+
+ADAPTABLE = ("samples", "seq_len")  # fitted to the text and the model unless given (as `run` does)
+NOT_OPTIONS = ("shards", "out", "sparsity", "calib", "progress")  # prune()'s own arguments
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What a run did: report.json's figures (`report`, its whole contents); with survey_only, the
+    survey's costs of every block instead (`costs`, `model`: what `run --survey-only` previews)."""
+
+    out: Path
+    report: dict | None = None
+    costs: list | None = None
+    model: object | None = None  # arch.model.Model, with survey_only
+
+    @property
+    def params_before(self) -> int:
+        return self.report["block_params"]["before"]
+
+    @property
+    def params_after(self) -> int:
+        return self.report["block_params"]["after"]
+
+    @property
+    def removed_fraction(self) -> float:
+        return self.report["block_params"]["removed_fraction"]
+
+    @property
+    def seconds(self) -> float:
+        """Setup, survey, pruning and writing, over every session of the run (not evaluation)."""
+        return self.report["timing"]["seconds"]
+
+    @property
+    def peak_rss_bytes(self) -> int:
+        return self.report["timing"]["peak_rss_bytes"]
+
+    @property
+    def dense_passes(self) -> float | None:
+        """The run's time in dense streaming forward passes over its calibration windows."""
+        return self.report["timing"].get("dense_passes")
+
+    @property
+    def ppl_before(self) -> float | None:
+        return self.report.get("eval", {}).get("ppl_before")
+
+    @property
+    def ppl_after(self) -> float | None:
+        return self.report.get("eval", {}).get("ppl_after")
+
+
+def prune(model: str | Path, out: str | Path, sparsity: float = RunConfig.sparsity, calib: str | Path | None = None,
+          *, revision: str | None = None, progress: bool = False, notify=log.info, **options) -> PruneResult:
+    """Prune `model` (a folder of safetensors shards, or a Hugging Face Hub id: `revision`) into
+    `out` by `sparsity` on the calibration text `calib`; calling it again with the same arguments
+    resumes an interrupted run, or returns the finished one's result. `options` are `run`'s other
+    options by their RunConfig names, e.g. samples=128, seq_len=2048, device="cuda", method="perturb",
+    allocation="global", compensate="lsq", multiple_of=1, calib_dataset=..., eval="heldout.txt",
+    max_memory=24 * 2**30, restart=True, survey_only=True. `progress` shows progress bars;
+    `notify(text)` is told which Hub snapshot a Hub id resolved to. Raises StreamPruneError (one
+    line) for whatever the command refuses."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - set(NOT_OPTIONS)
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise StreamPruneError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                               "see help(streamprune.prune) and streamprune run --help")
+    try:
+        return run_pruning(model, out, sparsity, calib, revision, progress, notify, options)
+    except StreamPruneError as e:
+        raise StreamPruneError(one_line(str(e))) from None
+    except (MemoryError, OSError) as e:
+        raise StreamPruneError(one_line(error_message(e))) from e
+
+
+def run_pruning(model, out, sparsity, calib, revision, progress, notify, options) -> PruneResult:
+    from .arch.hub import resolve_model
+    from .engine.pipeline import check_before_model, run
+
+    def path(value):
+        return Path(value) if isinstance(value, str) else value
+
+    options = {k: path(v) if k in ("cache_dir", "eval") else v for k, v in options.items()}
+    options.setdefault("adaptable", tuple(o for o in ADAPTABLE if o not in options))
+    cfg = RunConfig(shards=Path(model), out=Path(out), sparsity=sparsity, calib=path(calib), progress=progress,
+                    **options)
+    check_before_model(cfg)  # before a Hub id's download
+    if not progress:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    folder = resolve_model(cfg.shards, revision)
+    if folder != cfg.shards:
+        notify(f"{model}: Hugging Face Hub snapshot {folder}")
+    report = run(dataclasses.replace(cfg, shards=folder))
+    if report is not None and report.get("survey_only"):
+        return PruneResult(cfg.out, costs=report["costs"], model=report["model"])
+    return PruneResult(cfg.out, report)

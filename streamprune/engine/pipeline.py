@@ -1,0 +1,404 @@
+"""A run, step by step (docs/design.md): check everything that can be checked up front, lock the
+output and open the journal, measure the input's perplexity, survey, allocate, run the pruning
+pass (pruning_pass.py), write the model files and the report, measure the output's perplexity.
+Only the orchestration and the I/O modules touch files; the math lives in block/scoring/slicing."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import resource
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..store.cache import ActivationCache, check_cache_folder, read_owner, run_cache_folder
+from ..arch.calibration import check_text_sources, check_tokens_fit, fitted_windows, token_windows, write_embeddings
+from ..config import RunConfig
+from ..pruning.ranks import SINGLE, Ranks
+from .distributed import join_ranks, other_rank_cache_folders, rank_cache_folder, shared_micro_batch
+from ..errors import StreamPruneError
+from ..arch.families import bias_sublayers
+from ..store.faults import fault_point
+from ..store.fsutil import atomic_write, atomic_write_json, remove_temporaries
+from ..pruning.allocation import allocate
+from ..arch.model import Model, check_device, open_model
+from ..pruning.shape import Shape, check_uniform, cut_sublayers, rule_shape, shape_of
+from ..store.journal import WORKDIR, Journal, refuse_foreign_folder
+from ..store.records import expect, read_checked_json
+from ..pruning.numerics import GramPlacement
+from .run_eval import attach_eval, eval_window, journaled_eval
+from ..store.runlog import FILE_ONLY, TERMINAL_ONLY, held_records, run_log
+from ..store.lock import OutputLock
+from ..output.model_card import base_model_name, write_card
+from ..arch.output_config import check_per_block_writable
+from ..store.modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
+from ..planning.advice import refusal
+from ..planning.plan import Plan, plan_run
+from .context import RunContext
+from .pruning_pass import BlockRunner
+from .survey import survey
+from ..store.shards import OutTensor, read_header, shard_name, write_safetensors
+from ..pruning.phases import add_phases
+from ..planning.validate import check_free_disk, check_paths, check_sparsity, check_writable
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started: Linux's VmHWM. (ru_maxrss also counts
+    the parent's memory at the moment it spawned this process, so a run launched from a large
+    Python process would report that process's size.)"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_plan(cfg: RunConfig, model: Model) -> Plan:
+    """The micro-batch that fits in --max-memory (or what is free); refuses when none does, with
+    the breakdown and the changes that would fit (advice.refusal)."""
+    p = plan_run(cfg, model)
+    if not p.fits:
+        raise StreamPruneError(refusal(cfg, model, p))
+    return p
+
+
+def clear_output(out: Path, cache_folder: Path) -> None:
+    """Forget a previous run in `out`, a folder streamprune wrote: its journal and the files a run
+    writes (shards, config, index, report). The lock, held by this run, stays; the activation
+    cache (`cache_folder`) is cleared when the new run claims it."""
+    for p in [out / WORKDIR / "journal.json", *out.glob("model-*.safetensors*"), *(out / n for n in OUTPUT_FILES)]:
+        p.unlink(missing_ok=True)
+    for folder in other_rank_cache_folders(cache_folder):  # the other ranks' caches of an earlier torchrun job
+        if folder.is_dir() and not folder.is_symlink() and (read_owner(folder) or {}).get("out") == str(out.resolve()):
+            ActivationCache(folder, 0, 0, 0).remove()
+
+
+def calibration_tokens(cfg: RunConfig, model: Model) -> tuple[RunConfig, torch.Tensor]:
+    """The calibration windows, (samples, seq_len) token ids, and the config with the window count
+    and length the run uses (fitted_windows; what was fitted said in a warning). Read before
+    anything is written, so a tokenizer or text that does not do is refused up front."""
+    cfg, ids, bos, note = fitted_windows(cfg, model)
+    if note:
+        log.warning("%s", note)
+    tokens = token_windows(ids, cfg.samples, cfg.seq_len, bos)
+    check_tokens_fit(model.index, tokens)
+    return cfg, tokens
+
+
+def copy_file(src: Path, f) -> None:
+    with open(src, "rb") as s:
+        shutil.copyfileobj(s, f)
+
+
+def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: dict) -> None:
+    """Everything but the block shards; the index, which makes the folder loadable, comes last."""
+    n = model.arch.n_layers + 1
+    rest = shard_name(n, n)
+    write_safetensors(cfg.out / rest, [OutTensor.copy(name, model.index) for name in model.arch.other_tensors()])
+    fault_point("final_files")
+    for src in companion_files(model.folder):
+        atomic_write(cfg.out / src.name, lambda f, src=src: copy_file(src, f))
+    fault_point("final_files")
+    atomic_write_json(cfg.out / "config.json", out_config)
+    fault_point("final_files")
+    atomic_write_json(cfg.out / "report.json", report)
+    write_card(cfg.out, report, base_model_name(cfg.shards))
+    fault_point("final_files")
+    weight_map, total = {}, 0
+    for k in range(1, n + 1):
+        for name, info in read_header(cfg.out / shard_name(k, n)).items():
+            weight_map[name] = shard_name(k, n)
+            total += info.nbytes
+    atomic_write_json(cfg.out / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def work_seconds(journal: Journal) -> float:
+    """The run's time over all its sessions, less the perplexity measurements journaled so far:
+    setup, survey, pruning and writing."""
+    evals = sum(journal.eval_result(w)["seconds"] for w in ("before", "after") if journal.eval_result(w))
+    return round(max(0.0, journal.wall_seconds - evals), 3)
+
+
+def build_report(ctx: RunContext, shape: Shape, journal: Journal) -> dict:
+    cfg, model, out_config = ctx.cfg, ctx.model, shape.config
+    blocks = [journal.record(i) for i in range(model.arch.n_layers)]
+    before = sum(b["params"][0] for b in blocks)
+    after = sum(b["params"][1] for b in blocks)
+    return {
+        "arguments": {k: v for k, v in cfg.as_dict().items() if k not in RunConfig.NOT_FINGERPRINTED},
+        "model": {"model_type": model.arch.model_type, "layers": model.arch.n_layers,
+                  "output_model_type": out_config["model_type"]},
+        "plan": dict(shape.describe(), allocation=cfg.allocation, **ctx.placement.as_dict(),
+                     biases_added=sorted(bias_sublayers(out_config) - bias_sublayers(model.arch.config))),
+        "blocks": [{k: v for k, v in b.items() if k != "timing"} for b in blocks],
+        "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
+        "timing": {"seconds": work_seconds(journal), **dense_passes(journal), "wall_seconds_total": journal.wall_seconds,
+                   "sessions": journal.sessions, "blocks_seconds": journal.blocks_seconds,
+                   "peak_rss_bytes": peak_rss_bytes(), "micro_batch": ctx.batch,
+                   "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+                   "phases": phase_totals(blocks, journal), "blocks": [b["timing"] for b in blocks]},
+    }
+
+
+DENSE_PASS_PHASES = ("shard_read", "to_device", "cache_read", "dense_forward", "cache_write")
+
+
+def dense_passes(journal: Journal) -> dict:
+    """The run's time in dense streaming forwards of the model over its calibration windows
+    (`dense_pass_seconds`, measured in the survey), where the survey measured one."""
+    one = dense_pass_seconds(journal)
+    if not one:
+        return {}
+    return {"dense_pass_seconds": one, "dense_passes": round(work_seconds(journal) / one, 2)}
+
+
+def dense_pass_seconds(journal: Journal) -> float | None:
+    """Seconds of one dense streaming forward over the calibration windows, measured inside the
+    run: the survey's reads, forwards and cache writes, without its statistics (the yardstick of
+    the run's time, report.json's `dense_passes`). None without a survey."""
+    records = list(journal.surveyed.values())
+    if not records:
+        return None
+    phases = add_phases({}, {})
+    for record in records:
+        add_phases(phases, record.get("phases", {}))
+    seconds = sum(phases.get(k, 0.0) for k in DENSE_PASS_PHASES)
+    return round(seconds, 3) if phases.get("dense_forward") else None
+
+
+def phase_totals(blocks: list[dict], journal: Journal) -> dict:
+    """Seconds per phase over all blocks: the survey's and the pruning pass's (phases.py); shard
+    reads and writes run on threads beside the computation."""
+    survey, prune = {}, {}
+    for record in journal.surveyed.values():
+        add_phases(survey, record.get("phases", {}))
+    for b in blocks:
+        t = b.get("timing", {})
+        add_phases(prune, dict(t.get("phases", {}), shard_read=t.get("read_seconds", 0.0),
+                               shard_write=t.get("write_seconds", 0.0)))
+    return {"survey": survey, "prune": prune}
+
+
+def run(cfg: RunConfig) -> dict | None:
+    """Prune cfg.shards into cfg.out; resumes from the journal. Returns the report (None on the
+    ranks other than 0 of a torchrun job: rank 0 reports)."""
+    ranks = join_ranks(cfg.device)
+    try:
+        if not ranks.is_writer:
+            cfg = dataclasses.replace(cfg, progress=False)
+        return run_ranks(cfg, ranks)
+    finally:
+        ranks.close()
+
+
+def cache_folder_of(cfg: RunConfig, ranks: Ranks) -> Path:
+    return rank_cache_folder(run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir), ranks)
+
+
+def check_before_model(cfg: RunConfig) -> None:
+    """What can be checked before the model is read (or downloaded, for a Hub id): the output
+    folder (against the input too, when that is a folder), the texts, the device."""
+    if Path(cfg.shards).is_dir():  # (a Hub id: once the CLI has made it a folder, when run calls this again)
+        check_paths(Path(cfg.shards), cfg.out, cfg.cache_dir)
+    refuse_foreign_folder(cfg.out)  # --restart too: it deletes only what a streamprune run writes
+    check_text_sources(cfg)
+    check_device(cfg.device)
+
+
+def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
+    t0 = time.time()
+    check_before_model(cfg)  # (its check_paths covers the model folder: open_model refuses anything else)
+    model = open_model(cfg.shards)
+    check_cache_folder(cache_folder_of(cfg, ranks), cfg.out)
+    if cfg.samples < ranks.world:
+        raise StreamPruneError(f"--samples {cfg.samples} is fewer than the {ranks.world} processes: each needs a window")
+    check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
+    compensation = cfg.compensation
+    if cfg.survey_only and cfg.allocation == "rule":
+        raise StreamPruneError("--survey-only measures costs for --allocation global or uniform; the fixed rule "
+                               "needs none (streamprune inspect shows its cut)")
+    if cfg.allocation != "global":
+        check_uniform(model.arch, f"--allocation {cfg.allocation}")
+    else:
+        check_per_block_writable(model.arch)
+    # the fixed rule's shape: a model that cannot be written fails now (blocks of one shape only)
+    rule = rule_shape(model, cfg.sparsity, compensation.needs_biases, cfg.alignment) if model.arch.uniform else None
+    with held_records() as early:  # what the checks say goes into the log file too
+        cfg, tokens = calibration_tokens(cfg, model)
+    memory = memory_plan(cfg, model)
+    if not ranks.is_writer:  # rank 0 holds the lock for the whole job
+        return run_locked(cfg, model, rule, memory, tokens, t0, early, ranks)
+    check_writable(cfg.out)
+    with OutputLock(cfg.out):
+        return run_locked(cfg, model, rule, memory, tokens, t0, early, ranks)
+
+
+def ensure_inputs(ctx: RunContext, start: int) -> None:
+    """The cache holds the inputs of block `start`, where a pass (survey or pruning) begins or
+    resumes: block 0's are the embeddings (of this rank's windows), written now; a later block's
+    must be there already, on every rank."""
+    cache, ranks = ctx.cache, ctx.ranks
+    if start >= ctx.model.arch.n_layers:
+        return
+    if start == 0 and not cache.has(0):
+        write_embeddings(cache, ctx.model.index, ctx.tokens, ctx.batch)
+    missing = ranks.sum_float(float(not cache.has(start)))  # every rank stops alike
+    if missing:
+        where = f"; on {int(missing)} of {ranks.world} ranks" if ranks.world > 1 else ""
+        raise StreamPruneError(f"activation cache for block {start} is missing ({cache.path(start)}{where}); "
+                               "re-run with --restart")
+
+
+def decide_shape(ctx: RunContext, journal: Journal) -> Shape:
+    """Every block's sizes: the fixed rule, or from the survey's measured costs (run now for the
+    blocks not surveyed yet) by the allocation asked for."""
+    cfg = ctx.cfg
+    if cfg.allocation == "rule":
+        return ctx.rule
+    sizes = allocate(cfg.allocation, ctx.model.arch.blocks, measured_costs(ctx, journal), cfg.sparsity, cfg.alignment)
+    return shape_of(ctx.model, sizes, cfg.compensation.needs_biases)
+
+
+def measured_costs(ctx: RunContext, journal: Journal) -> list:
+    """The survey's costs of every block (run now for the blocks not surveyed yet)."""
+    ensure_inputs(ctx, len(journal.surveyed))
+    return survey(ctx, journal)
+
+
+def warn_uncompensated(cfg: RunConfig, model: Model, shape: Shape) -> None:
+    """Mean compensation needs output biases, which some output families cannot carry."""
+    if not cfg.compensation.needs_biases:
+        return
+    cut = frozenset().union(*(cut_sublayers(b, s) for b, s in zip(model.arch.blocks, shape.sizes)))
+    missing = cut - bias_sublayers(shape.config)
+    if missing:
+        log.warning("--compensate %s: a %s output has no bias for %s, which stays uncompensated",
+                    cfg.compensate, shape.config["model_type"], " or ".join(sorted(missing)))
+
+
+def open_journal(cfg: RunConfig, model: Model, memory: Plan, ranks: Ranks, t0: float) -> tuple[Journal, bool]:
+    """Rank 0 opens (or resumes) the journal and pins the micro-batch and the run's id; every rank
+    gets its state (the others an in-memory copy). Also: whether the output is already complete."""
+    if not ranks.is_writer:
+        state, done = ranks.broadcast(None)
+        return Journal.copy(state), done
+    if cfg.restart:
+        clear_output(cfg.out, run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir))
+    fingerprint = dict(cfg.fingerprint(), **input_fingerprint(model.folder, {t.file for t in model.index.tensors.values()}))
+    if ranks.world > 1:  # float sums, and so the output bytes, depend on how the windows are split
+        fingerprint["processes"] = ranks.world
+    journal = Journal.open(cfg.out, fingerprint, cfg.restart, t0, cfg.SURVEY_FREE)
+    # a resumed run keeps its micro-batch: float sums depend on it, and resume must be byte-identical
+    journal.pin("micro_batch", memory.micro_batch if ranks.world == 1 else
+                shared_micro_batch(memory.micro_batch, cfg.samples, ranks.world))
+    journal.pin("run", uuid.uuid4().hex)  # the activation cache belongs to this run
+    # and where its Gram matrices live: a resume with another --max-memory must not move them (float sums)
+    journal.pin("grams", memory.placement.as_dict())
+    done = journal.complete and (cfg.out / "model.safetensors.index.json").is_file()
+    ranks.broadcast((journal.state, done))
+    return journal, done
+
+
+def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, tokens: torch.Tensor, t0: float,
+               early: list, ranks: Ranks = SINGLE) -> dict | None:
+    """The run proper, with the output folder locked against a second run (by rank 0); logged to
+    OUT/streamprune.log (by rank 0)."""
+    journal, done = open_journal(cfg, model, memory, ranks, t0)
+    with run_log(cfg.out, early) if ranks.is_writer else contextlib.nullcontext():
+        if journal.replaced:
+            log.warning("%s held a run with other arguments that had not started (nothing done); starting over",
+                        cfg.out)
+        if journal.reused_survey:
+            log.info("reusing the survey of %d blocks in %s (it depends on none of: %s)", journal.reused_survey,
+                     cfg.out, ", ".join(cfg.SURVEY_FREE))
+        batch, run_id = journal.state["micro_batch"], journal.state["run"]
+        share = ranks.share(cfg.samples, batch)
+        cache = ActivationCache.claim(cache_folder_of(cfg, ranks), cfg.out, run_id, len(share.windows), cfg.seq_len,
+                                      model.arch.hidden)
+        for folder in ((cfg.out, cfg.out / WORKDIR) if ranks.is_writer else ()) + (cache.folder,):
+            remove_temporaries(folder)
+        ctx = RunContext.build(cfg, model, cache, tokens, batch, GramPlacement.of(journal.state["grams"]), ranks, rule)
+        if done:
+            report = finished_report(ctx, journal) if ranks.is_writer else None
+        else:
+            part = len(share.windows) / cfg.samples
+            check_free_disk(cfg.out, cache.folder, memory.output_bytes if ranks.is_writer else 0,
+                            round(memory.cache_bytes * part))
+            report = prune(ctx, journal)
+        if not cfg.keep_cache:
+            cache.remove()  # (of a complete run: one killed while deleting its cache)
+        return report
+
+
+def prune(ctx: RunContext, journal: Journal) -> dict | None:
+    """Survey, prune and write what the journal does not hold yet; evaluate before and after with
+    --eval. With several ranks, this rank's share of the windows; rank 0 writes and returns the
+    report, the others None."""
+    cfg, model, cache, ranks = ctx.cfg, ctx.model, ctx.cache, ctx.ranks
+    session = journal.start_session()
+    log.info("%s run: %s -> %s, sparsity %g, %d windows of %d tokens, micro-batch %d, method %s, allocation %s%s",
+             "resuming the" if session > 1 else "starting a", cfg.shards, cfg.out, cfg.sparsity, cfg.samples,
+             cfg.seq_len, ctx.batch, cfg.method, cfg.allocation,
+             f", {ranks.world} processes" if ranks.world > 1 else "")
+    if cfg.survey_only:
+        costs = measured_costs(ctx, journal)
+        log.info("survey done: %s (run the same command without --survey-only, at any sparsity, to prune)", cfg.out)
+        return {"survey_only": True, "costs": costs, "model": model} if ranks.is_writer else None
+    if cfg.eval_source() is not None and ranks.world == 1:  # the input's perplexity, once (journaled), before any pruning
+        journaled_eval(cfg, journal, "before", model.folder, cache.folder)  # (several ranks: rank 0's, at the end)
+    shape = decide_shape(ctx, journal)
+    if ranks.is_writer:
+        warn_uncompensated(cfg, model, shape)
+
+    L, start = model.arch.n_layers, journal.next_block
+    ensure_inputs(ctx, start)
+    if start < L:
+        log.info("pruning: %d blocks%s", L, f" (resuming: {start} of {L} blocks done)" if start else "",
+                 extra={} if start else FILE_ONLY)  # the bar says the rest
+        runner = BlockRunner(ctx, shape)
+        try:
+            t_blocks = time.time()
+            runner.prune_blocks(journal, start)
+            journal.add_blocks_seconds(time.time() - t_blocks)
+        finally:
+            runner.close()
+    if not ranks.is_writer:  # rank 0 writes the rest and measures perplexity
+        return None
+    report = build_report(ctx, shape, journal)
+    write_model_files(cfg, model, shape.config, report)
+    log.info("written: %s (%.1fs of setup, survey, pruning and writing)", cfg.out, report["timing"]["seconds"],
+             extra=FILE_ONLY)
+    report = attach_eval(cfg, journal, report, cache.folder)
+    journal.finish()
+    p = report["block_params"]
+    log.info("finished: block params %s -> %s (%.1f%% removed); %.1fs in all, %d session%s", f"{p['before']:,}",
+             f"{p['after']:,}", 100 * p["removed_fraction"], journal.wall_seconds, journal.sessions,
+             "s" if journal.sessions > 1 else "", extra=FILE_ONLY)
+    return report
+
+
+def finished_report(ctx: RunContext, journal: Journal) -> dict:
+    """A complete run, re-run: its report.json left as it is, unless --eval asks for a perplexity it
+    does not hold yet (measured now) or it is missing (rebuilt from the journal)."""
+    cfg, cache = ctx.cfg, ctx.cache
+    report, problem = read_checked_json(cfg.out / "report.json", lambda r: expect(r, (dict,), "the report"))
+    if problem:
+        report = build_report(ctx, decide_shape(ctx, journal), journal)  # (the shape from the journal)
+        atomic_write_json(cfg.out / "report.json", report)
+    held = report.get("eval") or {}
+    if cfg.eval_source() is None or eval_window(cfg) == (held.get("text_sha256"), held.get("seq_len")):
+        log.info("already complete: %s (nothing to do)", cfg.out, extra=TERMINAL_ONLY)  # the log is left alone too
+        return report
+    log.info("already complete: %s; measuring perplexity on %s", cfg.out, cfg.eval_source().describe())
+    return attach_eval(cfg, journal, report, cache.folder)

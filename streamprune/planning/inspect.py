@@ -1,0 +1,133 @@
+"""What a model is and what a sparsity would do to it, from config.json and headers only, and
+why: which GQA layout the fixed rule keeps, and why the output changes family when it does."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from ..config import check_multiple_of_range, check_sparsity_range
+from ..arch.families import FAMILIES
+from ..arch.spec import BlockSpec
+from ..arch.model import Model, open_model
+from ..pruning.shape import rule_shape
+from ..arch.output_config import family_change
+from ..pruning.selection import Alignment, attention_kept, head_layouts, ranked_layouts
+from .validate import check_sparsity
+
+RULE = ("attention keeps the GQA layout (KV groups x query heads per group) whose share of the attention weights "
+        "is closest to 1 - sparsity (ties: more query heads); the MLP keeps as many neurons as make the block as a "
+        "whole lose the sparsity")
+MEASURED = ("--allocation global (the default) and uniform choose the shapes from costs measured on the calibration "
+            "text (the survey): `streamprune run ... --survey-only` measures them and shows every block's shape at "
+            "several sparsities without pruning (a later run reuses that survey)")
+
+
+def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1, row_multiple: int = 1) -> dict:
+    """The model's shape and what the fixed rule (--allocation rule) would cut at `sparsity`, with
+    the reasons; the measured allocations (uniform, global) decide only after the survey of a
+    run. An input cut per block lists each block's shape, and has no fixed-rule plan. Refuses a
+    sparsity that `run` would refuse, with the same check. `folder` may be a Model already opened
+    (hub.remote_model)."""
+    check_sparsity_range(sparsity)
+    check_multiple_of_range(multiple_of)
+    check_multiple_of_range(row_multiple, "--row-multiple")
+    given, multiple_of = multiple_of, Alignment(gpus=multiple_of, rows=row_multiple)
+    model = folder if isinstance(folder, Model) else open_model(folder)
+    arch = model.arch
+    check_sparsity(arch, sparsity, multiple_of)
+    b = arch.blocks[0]
+    block_params = sum(x.n_params() for x in arch.blocks)
+    dtypes = sorted({model.index.tensors[n].dtype for n in arch.expected_shapes()})
+    params = sum(math.prod(info.shape) for info in model.index.tensors.values())
+    per_block = lambda f: f(b) if arch.uniform else [f(x) for x in arch.blocks]  # noqa: E731
+    info = {
+        "model_type": arch.model_type, "layers": arch.n_layers, "hidden": arch.hidden,
+        "heads": per_block(lambda x: x.n_heads), "kv_heads": per_block(lambda x: x.n_kv), "head_dim": b.head_dim,
+        "neurons": per_block(lambda x: x.intermediate), "vocab": arch.vocab, "dtype": "/".join(dtypes),
+        "params": params, "block_params": block_params, "multiple_of": given, "row_multiple": row_multiple, "plan": None,
+        "measured_allocations": MEASURED,
+        "output_family": output_family(arch.model_type, b, multiple_of) if arch.uniform else None,
+    }
+    if arch.uniform:
+        shape = rule_shape(model, sparsity, multiple_of=multiple_of)
+        sizes = shape.sizes[0]
+        new_block = dataclasses.replace(b, n_heads=sizes.n_heads, n_kv=sizes.n_kv, intermediate=sizes.intermediate)
+        after = new_block.n_params() * arch.n_layers
+        info["plan"] = {"allocation": "rule", "sparsity": sparsity, "heads": sizes.n_heads, "kv_heads": sizes.n_kv,
+                        "neurons": sizes.intermediate, "block_params": after,
+                        "removed_fraction": 1 - after / block_params,
+                        "output_model_type": shape.config["model_type"],
+                        "rule": RULE, "layouts": [layout(b, kv, g) for kv, g in ranked_layouts(b, sparsity, multiple_of)[:3]],
+                        "output_model_type_reason": family_change(arch.config, shape.config)}
+    return info
+
+
+def layout(spec: BlockSpec, n_kv: int, group: int) -> dict:
+    return {"kv_heads": n_kv, "heads_per_group": group, "heads": n_kv * group,
+            "attention_kept": attention_kept(spec, n_kv, group)}
+
+
+def output_family(model_type: str, spec: BlockSpec, multiple_of: int) -> dict:
+    """When a cut of this model keeps its family: the query-head counts its config class accepts
+    (all, or the divisors of hidden_size for a family written as another, Llama as Mistral)."""
+    other = FAMILIES[model_type].written_as
+    counts = sorted({kv * g for kv, g in head_layouts(spec, multiple_of)})
+    if other is None:
+        return {"written_as": None, "head_counts": counts}
+    return {"written_as": other, "head_counts": [n for n in counts if spec.hidden % n == 0]}
+
+
+def render_description(info: dict) -> str:
+    """The terminal text of `streamprune inspect`."""
+    lines = [f"{info['model_type']}: {info['layers']} layers, hidden {info['hidden']}, "
+             f"{info['heads']} heads / {info['kv_heads']} KV heads (head_dim {info['head_dim']}), "
+             f"{info['neurons']} neurons, vocab {info['vocab']}, dtype {info['dtype']}",
+             f"params: {info['params']:,} total, {info['block_params']:,} in blocks"]
+    pl = info["plan"]
+    if pl is None:
+        lines.append("blocks of different shapes (a per-block output): prune it with --allocation global")
+        return "\n".join(lines)
+    lines.append(f"fixed rule (--allocation rule) at sparsity {pl['sparsity']}: heads {info['heads']} -> {pl['heads']}, "
+                 f"KV heads {info['kv_heads']} -> {pl['kv_heads']}, neurons {info['neurons']} -> {pl['neurons']} per "
+                 f"block; block params {info['block_params']:,} -> {pl['block_params']:,} "
+                 f"({100 * pl['removed_fraction']:.1f}% removed); output model_type {pl['output_model_type']}")
+    lines.append(f"why {pl['heads']} of {info['heads']} query heads: the rule keeps the GQA layout (KV groups x query "
+                 f"heads per group) whose share of the attention weights is closest to 1 - sparsity = "
+                 f"{percent(1 - pl['sparsity'])} (ties: more query heads):")
+    lines += [f"  {layout_text(o)}" + ("   <- kept" if i == 0 else "") for i, o in enumerate(pl["layouts"])]
+    lines.append(f"  then the MLP keeps {pl['neurons']} of {info['neurons']} neurons, so that each block loses "
+                 f"{percent(pl['removed_fraction'])} of its weights")
+    if info["multiple_of"] > 1:
+        lines.append(f"  (--multiple-of {info['multiple_of']}: only layouts with a multiple of {info['multiple_of']} "
+                     f"query heads and a multiple or divisor of {info['multiple_of']} KV heads, and neuron counts "
+                     f"that are multiples of {info['multiple_of']})")
+    if info.get("row_multiple", 1) > 1:
+        lines.append(f"  (--row-multiple {info['row_multiple']}: neuron counts and query heads x head_dim "
+                     f"{info['head_dim']} are multiples of {info['row_multiple']}, so a quantized type splits every row)")
+    if pl["output_model_type_reason"]:
+        lines.append(f"why {pl['output_model_type']}: {pl['output_model_type_reason']}")
+    lines.append(f"{MEASURED}.")
+    family = info["output_family"]
+    if family["written_as"]:
+        lines.append(f"The output stays a {info['model_type']} only when every kept block has the same number of "
+                     f"query heads and it divides hidden_size {info['hidden']} "
+                     f"({either(family['head_counts'])}); otherwise it is written "
+                     f"as a {family['written_as']}.")
+    return "\n".join(lines)
+
+
+def either(counts: list[int]) -> str:
+    words = [str(n) for n in counts]
+    return "none possible" if not words else words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def layout_text(o: dict) -> str:
+    groups = "KV group" if o["kv_heads"] == 1 else "KV groups"
+    return (f"{o['kv_heads']} {groups} x {o['heads_per_group']} = {o['heads']} heads keep "
+            f"{percent(o['attention_kept'])}")
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%"

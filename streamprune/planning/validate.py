@@ -1,0 +1,172 @@
+"""Checks that refuse a run before it writes anything (paths, sparsity, free disk) and the
+NaN/Inf checks made on every block's weights after loading and on its outputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import StreamPruneError
+from ..arch.spec import BlockSpec
+from ..store.journal import WORKDIR
+from ..store.shards import first_bad_value
+from ..pruning.selection import aligned, attention_params, head_layouts, neuron_step
+
+
+
+def size_text(n: int) -> str:
+    """A byte count as people read it: MiB under a GiB, GiB above (one format in every message)."""
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def same_folder(a: Path, b: Path) -> bool:
+    """True when a and b are the same folder, through symlinks too."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def inside(a: Path, b: Path) -> bool:
+    """True when folder a is b or lies inside it (symlinks resolved)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a.is_relative_to(b) or same_folder(a, b)
+
+
+def check_paths(shards: Path, out: Path, cache_dir: Path | None) -> None:
+    """The run never writes into its input: --out and --cache-dir lie outside the model folder,
+    and the model folder is not inside --out (where a restart deletes files)."""
+    if inside(out, shards):
+        where = "is" if same_folder(out, shards) else "is inside"
+        raise StreamPruneError(f"--out {out} {where} the input folder {shards}; choose an output folder outside it")
+    if inside(shards, out):
+        raise StreamPruneError(f"the input folder {shards} is inside --out {out}; choose an output folder outside it")
+    if cache_dir is not None and inside(cache_dir, shards):
+        where = "is" if same_folder(cache_dir, shards) else "is inside"
+        raise StreamPruneError(f"--cache-dir {cache_dir} {where} the input folder {shards}; choose a folder outside it")
+
+
+def check_writable(folder: Path, option: str = "--out") -> None:
+    """Create `folder` and its work folder if needed and prove a file can be written there (the
+    probe goes in the work folder, so a run killed right here leaves nothing in `folder`)."""
+    folder = Path(folder)
+    probe = folder / WORKDIR / f"probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.parent.mkdir(exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StreamPruneError(f"cannot write to {option} {folder}: {e.strerror or e}") from None
+
+
+def max_sparsity(block: BlockSpec, multiple_of: int = 1) -> float:
+    """The most a block can lose while keeping one KV head, one query head and one neuron (with
+    `multiple_of` > 1: its smallest layout and neuron count that many GPUs can split)."""
+    full = attention_params(block, block.n_kv, block.group) + 3 * block.hidden * block.intermediate
+    least = min(attention_params(block, kv, g) for kv, g in head_layouts(block, multiple_of))
+    return 1 - (least + 3 * block.hidden * (1 if aligned(multiple_of).free else neuron_step(block, multiple_of))) / full
+
+
+def check_multiple_of(arch, multiple_of: int) -> None:
+    """Every block can be cut to counts that `multiple_of` GPUs split (selection.tensor_parallel_ok)."""
+    align = aligned(multiple_of)
+    if align.free:
+        return
+    smaller = " or ".join(option for option, _ in align.given())
+    for i, b in enumerate(arch.blocks):
+        if not head_layouts(b, align):
+            wants = [f"a multiple of {align.gpus} query heads and a multiple or divisor of {align.gpus} KV heads"
+                     if align.gpus > 1 else "",
+                     f"query heads x head_dim {b.head_dim} a multiple of {align.rows}" if align.rows > 1 else ""]
+            raise StreamPruneError(
+                f"{align.options()}: block {i} has {b.n_heads} query heads in {b.n_kv} KV groups; no cut keeps "
+                f"{' with '.join(w for w in wants if w)} (use a smaller {smaller})")
+        if neuron_step(b, align) > b.intermediate:
+            raise StreamPruneError(f"{align.options()}: block {i} has only {b.intermediate} MLP neurons "
+                                   f"(use a smaller {smaller})")
+
+
+def check_sparsity(arch, sparsity: float, multiple_of: int = 1) -> None:
+    """What this model can lose (the range [0, 1) itself is RunConfig's check): every block keeps a
+    head and a neuron, in counts `multiple_of` GPUs can split."""
+    check_multiple_of(arch, multiple_of)
+    align = aligned(multiple_of)
+    most = min(max_sparsity(b, align) for b in set(arch.blocks))
+    if sparsity > most:
+        kept = "every attention head of each block" if align.free else "more than each block's smallest aligned cut"
+        raise StreamPruneError(f"--sparsity {sparsity} would remove {kept}; this model allows at most {most:.3f}"
+                               + ("" if align.free else f" with {align.options()}"))
+
+
+def existing_ancestor(folder: Path) -> Path:
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def folder_bytes(folder: Path, pattern: str) -> int:
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file()) if folder.is_dir() else 0
+
+
+@dataclass(frozen=True)
+class DiskNeed:
+    """What a run will write on one filesystem, and what is free there."""
+
+    folder: Path  # the nearest existing folder on that filesystem
+    need_bytes: int
+    free_bytes: int
+    parts: tuple[str, ...]  # "output 1.2 GiB", "activation cache 3.4 GiB"
+
+    @property
+    def fits(self) -> bool:
+        return self.need_bytes <= self.free_bytes
+
+
+def disk_needs(out: Path, cache_folder: Path, output_bytes: int, cache_bytes: int,
+               others: tuple[tuple[Path, int, str], ...] = ()) -> list[DiskNeed]:
+    """The output plus the activation cache (plus `others`: (folder, bytes, what), such as a Hub
+    model's download), per filesystem. What a previous, interrupted run already wrote is counted
+    as written."""
+    output_left = max(0, output_bytes - folder_bytes(out, "model-*.safetensors"))
+    cache_left = max(0, cache_bytes - folder_bytes(cache_folder, "inputs-*.f32"))
+    needs: dict[int, list] = {}  # filesystem -> [bytes, folder, what]
+    for folder, n, what in ((out, output_left, "output"), (cache_folder, cache_left, "activation cache"), *others):
+        where = existing_ancestor(folder)
+        need = needs.setdefault(where.stat().st_dev, [0, where, []])
+        need[0] += n
+        need[2].append(f"{what} {size_text(n)}")
+    return [DiskNeed(where, n, shutil.disk_usage(where).free, tuple(parts)) for n, where, parts in needs.values()]
+
+
+def check_free_disk(out: Path, cache_folder: Path, output_bytes: int, cache_bytes: int) -> None:
+    """Refuse up front when the output plus the activation cache will not fit (disk_needs)."""
+    for d in disk_needs(out, cache_folder, output_bytes, cache_bytes):
+        if not d.fits:
+            raise StreamPruneError(f"not enough free disk in {d.folder}: this run needs about {size_text(d.need_bytes)} "
+                                   f"({', '.join(d.parts)}), {size_text(d.free_bytes)} free; free some space or use "
+                                   "--cache-dir on another disk")
+
+
+def check_finite_weights(tensors: dict[str, torch.Tensor], names: dict[str, str]) -> None:
+    """`tensors` by short name; `names` maps short names to the stored tensor names."""
+    for short, t in tensors.items():
+        bad = first_bad_value(t)
+        if bad:
+            raise StreamPruneError(f"tensor {names[short]} contains {bad} values; the input model is damaged")
+
+
+def check_finite_activations(y: torch.Tensor, layer: int, first_sample: int) -> None:
+    bad = first_bad_value(y)
+    if bad:
+        raise StreamPruneError(f"layer {layer} produced {bad} activations on calibration samples from "
+                               f"{first_sample}; the model's weights or dtype overflow on this input")

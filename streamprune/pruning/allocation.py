@@ -1,0 +1,140 @@
+"""The shape of every block from measured costs (costs.py), under one parameter budget for all
+blocks together: pure functions of (block shapes, costs, sparsity) -> sizes per block.
+
+- `uniform`: one shape for every block (a stock config loads it anywhere): the GQA layout and
+  neuron count whose summed cost over all blocks is least, at the budget.
+- `global`: each block its own shape, or none at all (the block dropped): minimise the summed
+  cost of all blocks under the total budget, by Lagrangian relaxation (each block picks what
+  minimises cost + lam * params; lam is bisected to the budget), then the budget left over goes
+  to the neurons whose cost falls fastest.
+
+Costs add across blocks and across a block's attention and MLP: an approximation (errors compound
+and compensation interacts), which the quality benchmark (docs/quality.md) checks end to end."""
+
+from __future__ import annotations
+
+from .costs import BlockCosts
+from ..arch.spec import BlockSpec
+from .selection import Sizes, aligned, attention_params, head_layouts, most_neurons, neuron_step
+
+
+def linear_params(block: BlockSpec, sizes: Sizes | None) -> int:
+    """Weights of the block's linear layers at `sizes` (None: the block is dropped)."""
+    if sizes is None:
+        return 0
+    return attention_params(block, sizes.n_kv, sizes.group) + 3 * block.hidden * sizes.intermediate
+
+
+def budget(blocks: tuple[BlockSpec, ...], sparsity: float) -> float:
+    return (1 - sparsity) * sum(linear_params(b, Sizes(b.n_kv, b.group, b.intermediate)) for b in blocks)
+
+
+def neurons_for(block: BlockSpec, params: float, kv: int, g: int, multiple_of: int = 1) -> int:
+    """The most neurons that fit in `params` beside the layout (kv, g), aligned, at least one step."""
+    align = neuron_step(block, multiple_of)
+    n = int((params - attention_params(block, kv, g)) // (3 * block.hidden) // align) * align
+    return min(most_neurons(block, multiple_of), n)
+
+
+def allocate_uniform(blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], sparsity: float,
+                     multiple_of: int = 1) -> list[Sizes]:
+    """One shape for every block (they share one shape in a stock config); with `multiple_of` > 1,
+    one that many GPUs can split (selection.tensor_parallel_ok)."""
+    block = blocks[0]
+    per_block = budget(blocks, sparsity) / len(blocks)
+    best = None
+    for kv, g in head_layouts(block, multiple_of):
+        n = neurons_for(block, per_block, kv, g, multiple_of)
+        if n < neuron_step(block, multiple_of):
+            continue
+        total = sum(c.heads[(kv, g)] + c.mlp(n) for c in costs)
+        key = (total, -kv * g, -kv)  # ties: more heads
+        if best is None or key < best[0]:
+            best = (key, Sizes(kv, g, n))
+    if best is None:
+        raise ValueError("no shape fits this sparsity")
+    return [best[1]] * len(blocks)
+
+
+def neuron_curve(block: BlockSpec, c: BlockCosts, multiple_of: int) -> list[tuple[int, float]]:
+    """The points (neurons kept, cost) a block may take: its measured curve, each point rounded
+    down to a multiple of `multiple_of` (and costed there) when that is more than 1."""
+    if aligned(multiple_of).free:
+        return [(n, cost) for n, cost in c.neurons if n >= 1]
+    step = neuron_step(block, multiple_of)
+    counts = sorted({n // step * step for n, _ in c.neurons if n >= step}, reverse=True)
+    return [(n, c.mlp(n)) for n in counts]
+
+
+def block_choice(block: BlockSpec, c: BlockCosts, lam: float, multiple_of: int = 1) -> tuple[float, Sizes | None]:
+    """What block minimises cost + lam * params: a layout and a point of its neuron curve, or dropping it."""
+    best = (c.drop, None)
+    mlp = min(((cost + lam * 3 * block.hidden * n, n) for n, cost in neuron_curve(block, c, multiple_of)),
+              key=lambda t: (t[0], -t[1]))
+    layouts = set(head_layouts(block, multiple_of))
+    for (kv, g), head_cost in c.heads.items():
+        if (kv, g) not in layouts:
+            continue
+        value = head_cost + lam * attention_params(block, kv, g) + mlp[0]
+        if value < best[0]:
+            best = (value, Sizes(kv, g, mlp[1]))
+    return best
+
+
+def allocate_global(blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], sparsity: float,
+                    allow_drop: bool = True, multiple_of: int = 1) -> list[Sizes | None]:
+    """Per-block shapes (None: dropped) whose summed cost is least within the budget; with
+    `multiple_of` > 1, shapes that many GPUs can split (selection.tensor_parallel_ok)."""
+    target = budget(blocks, sparsity)
+    if not allow_drop:
+        costs = [BlockCosts(c.heads, c.neurons, float("inf")) for c in costs]
+
+    def choose(lam: float) -> list[Sizes | None]:
+        return [block_choice(b, c, lam, multiple_of)[1] for b, c in zip(blocks, costs)]
+
+    def params(sizes) -> float:
+        return sum(linear_params(b, s) for b, s in zip(blocks, sizes))
+
+    lo, hi = 0.0, 1.0
+    while params(choose(hi)) > target and hi < 1e30:
+        hi *= 4
+    for _ in range(100):  # the least lam within the budget
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if params(choose(mid)) > target else (lo, mid)
+    sizes = choose(hi)
+    return fill(blocks, costs, sizes, target - params(sizes), multiple_of)
+
+
+def fill(blocks, costs: list[BlockCosts], sizes: list[Sizes | None], slack: float,
+         multiple_of: int = 1) -> list[Sizes | None]:
+    """Spend what is left of the budget on neurons, a step at a time where the cost falls most per
+    parameter (dropped blocks stay dropped)."""
+    sizes = list(sizes)
+    while True:
+        best = None
+        for i, (b, c, s) in enumerate(zip(blocks, costs, sizes)):
+            align, most = neuron_step(b, multiple_of), most_neurons(b, multiple_of)
+            if s is None or s.intermediate >= most:
+                continue
+            step = min(align * max(1, b.intermediate // 256), most - s.intermediate)
+            cost_params = 3 * b.hidden * step
+            if cost_params > slack:
+                step = int(slack // (3 * b.hidden) // align) * align
+                cost_params = 3 * b.hidden * step
+            if step <= 0:
+                continue
+            gain = (c.mlp(s.intermediate) - c.mlp(s.intermediate + step)) / cost_params
+            if best is None or gain > best[0]:
+                best = (gain, i, step, cost_params)
+        if best is None:
+            return sizes
+        _, i, step, cost_params = best
+        sizes[i] = Sizes(sizes[i].n_kv, sizes[i].group, sizes[i].intermediate + step)
+        slack -= cost_params
+
+
+def allocate(allocation: str, blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], sparsity: float,
+             alignment=1) -> list[Sizes | None]:
+    """Every block's sizes by `allocation` ("global" or "uniform") at `sparsity`."""
+    allocator = allocate_global if allocation == "global" else allocate_uniform
+    return allocator(blocks, costs, sparsity, multiple_of=alignment)

@@ -1,0 +1,112 @@
+"""One dense block per block: the perturb scorer's passes measure what least-squares compensation
+needs (o_proj's refit from the head outputs' Gram, down_proj's equations over all neurons), and the
+dense outputs are kept between passes. Each shortcut must give what the long way gives: the
+compensated weights against compensate() on its own passes, the output bytes of a run against a
+run that keeps no dense outputs."""
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from streamprune.engine import pipeline
+from streamprune.engine import pruning_pass
+from streamprune.pruning.compensate import compensate
+from streamprune.config import RunConfig
+from streamprune.arch.spec import BlockSpec
+from streamprune.pruning.numerics import NormalEquations, add_gram
+from streamprune.pruning.scoring import ScoringOptions, make_scorer
+from streamprune.pruning.scoring.base import TargetKeeper, Targets
+from streamprune.pruning.selection import select_units
+from streamprune.pruning.slicing import slice_block
+from tests.models import block_calibration, random_block, save_tiny_model
+
+DEMO = Path(__file__).resolve().parents[2] / "demo"
+SPEC = BlockSpec(hidden=32, n_heads=8, n_kv=4, head_dim=4, intermediate=48, eps=1e-5)
+
+
+class InMemoryTargets(Targets):
+    """Kept dense outputs in a list (the pruning pass keeps them in the activation cache)."""
+
+    def __init__(self):
+        self.ready, self.kept, self.reads = False, [], 0
+
+    def keeper(self):
+        targets = self
+
+        class Keep(TargetKeeper):
+            def add(self, y):
+                targets.kept.append(y.clone())
+
+            def done(self):
+                targets.ready = True
+        return Keep()
+
+    def batches(self):
+        self.reads += 1
+        yield from self.kept
+
+
+def scored_and_compensated(sizes, calib):
+    W = random_block(SPEC)
+    scores = make_scorer("perturb", ScoringOptions(sizes=sizes, budget=0.5)).score(W, SPEC, calib)
+    kept = select_units(scores.heads, scores.neurons, SPEC, sizes)
+    W_new, spec_new = slice_block(W, SPEC, kept)
+    return W, kept, W_new, spec_new, compensate(W, SPEC, W_new, spec_new, kept, calib)
+
+
+def sizes_of(n_kv, group, intermediate):
+    from streamprune.pruning.selection import Sizes
+    return Sizes(n_kv, group, intermediate)
+
+
+def test_compensation_from_the_scorers_passes_equals_its_own_passes():
+    for sizes in (sizes_of(3, 2, 30), sizes_of(2, 2, 48), sizes_of(4, 1, 20), sizes_of(4, 2, 24)):  # both, heads, both, neurons
+        calib = block_calibration(SPEC)
+        calib.targets = InMemoryTargets()
+        W, kept, W_new, spec_new, shared = scored_and_compensated(sizes, calib)
+        assert calib.shared and calib.targets.ready  # the scorer measured it; the dense outputs were kept
+        alone = compensate(W, SPEC, W_new, spec_new, kept, block_calibration(SPEC))  # no shared, no targets
+        for k in alone:
+            assert torch.allclose(shared[k], alone[k], rtol=1e-4, atol=1e-5), (sizes, k)
+
+
+def test_the_dense_outputs_kept_are_the_dense_block_outputs():
+    from streamprune.pruning.block import block_forward
+    calib = block_calibration(SPEC)
+    calib.targets = InMemoryTargets()
+    scored_and_compensated(sizes_of(3, 2, 30), calib)
+    for x, y in zip(calib.batches(), calib.targets.kept):
+        assert torch.allclose(y, block_forward(random_block(SPEC), SPEC, x, calib.cos, calib.sin), atol=1e-6)
+    assert calib.targets.reads >= 1  # the later pass read them back
+
+
+def test_shared_equations_restricted_equal_the_equations_of_the_subset():
+    g = torch.Generator().manual_seed(0)
+    A, Y, s = torch.randn(200, 12, generator=g), torch.randn(200, 5, generator=g), torch.rand(200, generator=g) + 0.5
+    full = NormalEquations()
+    full.add(A, Y, s)
+    part = NormalEquations()
+    keep = torch.tensor([0, 3, 4, 9, 11])
+    part.add(A[:, keep], Y, s)
+    W0 = torch.randn(5, 5, generator=g)
+    assert torch.allclose(full.restricted(keep).solve(W0, 0.01), part.solve(W0, 0.01), atol=1e-10)
+
+
+def test_wide_gram_from_its_lower_triangle_is_the_full_product():
+    A = torch.randn(300, 700, generator=torch.Generator().manual_seed(1))
+    G = add_gram(add_gram(None, A), A)
+    assert torch.equal(G, G.T)
+    assert torch.allclose(G, 2 * (A.double().T @ A.double()), rtol=1e-5, atol=1e-3)
+
+
+def test_keeping_the_dense_outputs_changes_no_output_byte(tmp_path, monkeypatch):
+    src = save_tiny_model(tmp_path / "in", "llama", layers=2, vocab=512, tokenizer_from=DEMO / "stories260K")
+    cfg = RunConfig(shards=src, out=tmp_path / "kept", sparsity=0.4, calib=DEMO / "calib.txt", samples=4,
+                    seq_len=16, batch_size=2, progress=False)
+    pipeline.run(cfg)
+    files = sorted(p.name for p in (tmp_path / "kept").glob("model-*.safetensors"))
+    monkeypatch.setattr(pruning_pass, "KeptTargets", lambda *args: None)  # every pass runs the dense block
+    pipeline.run(dataclasses.replace(cfg, out=tmp_path / "computed"))
+    for name in files:
+        assert (tmp_path / "kept" / name).read_bytes() == (tmp_path / "computed" / name).read_bytes(), name
