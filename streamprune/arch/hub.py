@@ -15,9 +15,11 @@ import re
 from pathlib import Path
 
 from ..errors import StreamPruneError
+from ..store.shards import INDEX
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+UNSHARDED = "model.safetensors"  # the weights of a model saved in one file
+NO_SAFETENSORS = ("Hugging Face Hub model {} has no model.safetensors or " + INDEX + ": streamprune reads "
+                  "safetensors weights only (never pickled .bin files)")
 # the small files a run reads or copies into the output (tokenizer, generation settings, license)
 SMALL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
@@ -50,20 +52,22 @@ def download_model(repo_id: str, revision: str | None = None) -> Path:
     first call resolved, so the two calls cannot see different revisions)."""
     folder = snapshot(repo_id, revision, SMALL_FILES)
     commit = folder.name  # snapshots/<commit>
-    if (folder / INDEX).is_file():
-        shards = weight_files(folder / INDEX, repo_id)
-    else:
-        shards = [SINGLE]
+    shards = needed_weights(folder, repo_id)
     folder = snapshot(repo_id, commit, SMALL_FILES + shards)
     missing = [name for name in ["config.json", *shards] if not (folder / name).is_file()]
-    if shards == [SINGLE] and missing == [SINGLE]:
-        raise StreamPruneError(f"Hugging Face Hub model {repo_id} has no model.safetensors or {INDEX}: streamprune "
-                               "reads safetensors weights only (never pickled .bin files)")
+    if shards == [UNSHARDED] and missing == [UNSHARDED]:
+        raise StreamPruneError(NO_SAFETENSORS.format(repo_id))
     if missing:
         raise StreamPruneError(f"Hugging Face Hub model {repo_id} (commit {commit[:12]}) is missing "
                                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: an interrupted download? "
                                "run again with network access to finish it")
     return folder
+
+
+def needed_weights(folder: Path, repo_id: str) -> list[str]:
+    """The weight files a run reads from a snapshot holding the small files: the shards its index
+    names, or the one model.safetensors."""
+    return weight_files(folder / INDEX, repo_id) if (folder / INDEX).is_file() else [UNSHARDED]
 
 
 def weight_files(index: Path, repo_id: str) -> list[str]:
@@ -123,7 +127,7 @@ def cached_model(repo_id: str, revision: str | None) -> Path | None:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SMALL_FILES, local_files_only=True))
     except LocalEntryNotFoundError:
         return None
-    shards = weight_files(folder / INDEX, repo_id) if (folder / INDEX).is_file() else [SINGLE]
+    shards = needed_weights(folder, repo_id)
     return folder if all((folder / name).is_file() for name in ["config.json", *shards]) else None
 
 
@@ -139,8 +143,7 @@ def remote_model(repo_id: str, revision: str | None):
     try:
         meta = get_safetensors_metadata(repo_id, revision=folder.name)
     except NotASafetensorsRepoError:
-        raise StreamPruneError(f"Hugging Face Hub model {repo_id} has no model.safetensors or {INDEX}: streamprune "
-                               "reads safetensors weights only (never pickled .bin files)") from None
+        raise StreamPruneError(NO_SAFETENSORS.format(repo_id)) from None
     except (SafetensorsParsingError, HfHubHTTPError) as e:
         raise StreamPruneError(f"reading the safetensors headers of {repo_id} failed: "
                                f"{str(e).splitlines()[0][:200]}") from None

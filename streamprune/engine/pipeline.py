@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..store.cache import ActivationCache, check_cache_folder, read_owner, run_cache_folder
+from ..store.cache import ActivationCache, check_cache_folder, cache_owner, run_cache_folder
 from ..arch.calibration import check_text_sources, check_tokens_fit, fitted_windows, token_windows, write_embeddings
 from ..config import RunConfig
 from ..pruning.ranks import SINGLE, Ranks
@@ -31,7 +31,7 @@ from ..pruning.shape import Shape, check_uniform, cut_sublayers, rule_shape, sha
 from ..store.journal import WORKDIR, Journal, refuse_foreign_folder
 from ..store.records import expect, read_checked_json
 from ..pruning.numerics import GramPlacement
-from .run_eval import attach_eval, eval_window, journaled_eval
+from .run_eval import attach_eval, eval_text_key, journaled_eval
 from ..store.runlog import FILE_ONLY, TERMINAL_ONLY, held_records, run_log
 from ..store.lock import OutputLock
 from ..output.model_card import base_model_name, write_card
@@ -42,7 +42,7 @@ from ..planning.plan import Plan, plan_run
 from .context import RunContext
 from .pruning_pass import BlockRunner
 from .survey import survey
-from ..store.shards import OutTensor, read_header, shard_name, write_safetensors
+from ..store.shards import INDEX, OutTensor, read_header, shard_name, write_safetensors
 from ..pruning.phases import add_phases
 from ..planning.validate import check_free_disk, check_paths, check_sparsity, check_writable
 
@@ -79,7 +79,7 @@ def clear_output(out: Path, cache_folder: Path) -> None:
     for p in [out / WORKDIR / "journal.json", *out.glob("model-*.safetensors*"), *(out / n for n in OUTPUT_FILES)]:
         p.unlink(missing_ok=True)
     for folder in other_rank_cache_folders(cache_folder):  # the other ranks' caches of an earlier torchrun job
-        if folder.is_dir() and not folder.is_symlink() and (read_owner(folder) or {}).get("out") == str(out.resolve()):
+        if folder.is_dir() and not folder.is_symlink() and (cache_owner(folder) or {}).get("out") == str(out.resolve()):
             ActivationCache(folder, 0, 0, 0).remove()
 
 
@@ -119,7 +119,7 @@ def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: di
         for name, info in read_header(cfg.out / shard_name(k, n)).items():
             weight_map[name] = shard_name(k, n)
             total += info.nbytes
-    atomic_write_json(cfg.out / "model.safetensors.index.json",
+    atomic_write_json(cfg.out / INDEX,
                       {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
@@ -305,7 +305,7 @@ def open_journal(cfg: RunConfig, model: Model, memory: Plan, ranks: Ranks, t0: f
     journal.pin("run", uuid.uuid4().hex)  # the activation cache belongs to this run
     # and where its Gram matrices live: a resume with another --max-memory must not move them (float sums)
     journal.pin("grams", memory.placement.as_dict())
-    done = journal.complete and (cfg.out / "model.safetensors.index.json").is_file()
+    done = journal.complete and (cfg.out / INDEX).is_file()
     ranks.broadcast((journal.state, done))
     return journal, done
 
@@ -397,7 +397,7 @@ def finished_report(ctx: RunContext, journal: Journal) -> dict:
         report = build_report(ctx, decide_shape(ctx, journal), journal)  # (the shape from the journal)
         atomic_write_json(cfg.out / "report.json", report)
     held = report.get("eval") or {}
-    if cfg.eval_source() is None or eval_window(cfg) == (held.get("text_sha256"), held.get("seq_len")):
+    if cfg.eval_source() is None or eval_text_key(cfg) == (held.get("text_sha256"), held.get("seq_len")):
         log.info("already complete: %s (nothing to do)", cfg.out, extra=TERMINAL_ONLY)  # the log is left alone too
         return report
     log.info("already complete: %s; measuring perplexity on %s", cfg.out, cfg.eval_source().describe())

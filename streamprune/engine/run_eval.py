@@ -21,7 +21,7 @@ def journaled_eval(cfg: RunConfig, journal: Journal, which: str, folder: Path, c
     """The perplexity of `folder` ("before": the input, "after": the output) on the held-out text
     (--eval or --eval-dataset), from the journal when it was already measured on the same text and
     window, else measured now (its temporary cache inside the run's own cache folder)."""
-    sha, seq_len = eval_window(cfg)
+    sha, seq_len = eval_text_key(cfg)
     done = journal.eval_result(which)
     if done and done["text_sha256"] == sha and done["seq_len"] == seq_len:
         return done
@@ -39,7 +39,7 @@ def journaled_eval(cfg: RunConfig, journal: Journal, which: str, folder: Path, c
 EVAL_PHASES = {"before": "evaluating input (before)", "after": "evaluating output (after)"}
 
 
-def eval_window(cfg: RunConfig) -> tuple[str | None, int]:
+def eval_text_key(cfg: RunConfig) -> tuple[str | None, int]:
     """(sha256 of the held-out text, window) that a perplexity measured now would have."""
     seq_len = choose_seq_len(read_config(cfg.shards), cfg.eval_seq_len, "--eval-seq-len")
     source = cfg.eval_source()

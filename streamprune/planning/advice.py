@@ -95,10 +95,7 @@ def suggestions(cfg, model, p: Plan, disk_ok=None, check_host: bool = True, offe
 
 def limit_suggestions(cfg, p: Plan, replan, ok, found) -> list[Suggestion]:
     """The smallest --max-memory under which the run fits at micro-batch 1 (or --batch-size)."""
-    batch = cfg.batch_size or 1
-    least = replan(limit=ANY_GPU, batch_size=batch)
-    text = size_option(needed_limit(least))
-    q = replan(limit=parse_bytes(text), batch_size=cfg.batch_size)
+    text, q = smallest_limit(lambda limit, batch: replan(limit=limit, batch_size=batch), cfg.batch_size)
     if not ok(q):  # the host is short too (a GPU run), or the disk: no --max-memory alone helps
         return []
     if p.peak_device_bytes:
@@ -113,13 +110,19 @@ def limit_suggestions(cfg, p: Plan, replan, ok, found) -> list[Suggestion]:
 def gpu_suggestion(cfg, model) -> list[tuple[Suggestion, Plan]]:
     """A CPU run that does not fit: the GPU memory the same run needs on CUDA (micro-batch 1)."""
     gpu_cfg = dataclasses.replace(cfg, device="cuda", max_memory=None)
-    least = plan_run(dataclasses.replace(gpu_cfg, batch_size=cfg.batch_size or 1), model, ANY_GPU, check_host=False)
-    text = size_option(needed_limit(least))
-    q = plan_run(gpu_cfg, model, parse_bytes(text), check_host=False)
+    text, q = smallest_limit(lambda limit, batch: plan_run(dataclasses.replace(gpu_cfg, batch_size=batch), model, limit,
+                                                            check_host=False), cfg.batch_size)
     if not q.fits:
         return []
     return [(Suggestion(f"--device cuda --max-memory {text}", q.micro_batch, q.peak_device_bytes,
                         f"{gpu_note(parse_bytes(text))}, and {size_text(q.peak_host_bytes)} of host memory"), q)]
+
+
+def smallest_limit(plan_at, batch_size: int) -> tuple[str, Plan]:
+    """The smallest --max-memory (as written) under which `plan_at(limit, batch_size)` fits at
+    micro-batch 1 (or `batch_size`), and the plan under that limit."""
+    text = size_option(needed_limit(plan_at(ANY_GPU, batch_size or 1)))
+    return text, plan_at(parse_bytes(text), batch_size)
 
 
 def gpu_note(memory_bytes: int) -> str:

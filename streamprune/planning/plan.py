@@ -101,16 +101,22 @@ class Plan:
     @property
     def short_of(self) -> str | None:
         """Which memory does not fit: "GPU", "host", or None."""
-        if self.peak_device_bytes > USABLE * self.max_memory_bytes:
-            return "GPU"
         host_limit = self.max_memory_bytes if not self.peak_device_bytes else self.host_limit_bytes
-        return "host" if host_limit is not None and self.peak_host_bytes > USABLE * host_limit else None
+        return memory_short_of(self.peak_host_bytes, self.peak_device_bytes, host_limit, self.max_memory_bytes)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 USABLE = 0.9  # of the memory limit, planned for; the rest is slack for what the model does not count
+
+
+def memory_short_of(host: int, device_bytes: int, host_limit: int | None, device_limit: int) -> str | None:
+    """Which memory a peak does not fit ("GPU", "host"; None: it fits), USABLE of each limit
+    planned for; host_limit None: the host is not checked (a GPU on another machine)."""
+    if device_bytes > USABLE * device_limit:
+        return "GPU"
+    return "host" if host_limit is not None and host > USABLE * host_limit else None
 
 
 def block_bytes(index, names: dict[str, str]) -> int:
@@ -209,8 +215,7 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
         return b["process"] + max(block + b["prefetch_and_write"], b["embedding_rows"]), 0
 
     def fits(batch: int) -> bool:
-        host, device_bytes = peaks(components(batch))
-        return (host_limit is None or host <= USABLE * host_limit) and device_bytes <= USABLE * limit
+        return memory_short_of(*peaks(components(batch)), host_limit, limit) is None
 
     if batch_size:
         batch, limited_by = min(batch_size, samples), "--batch-size"
@@ -266,7 +271,7 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
     elif cfg.method == "perturb" and refit:  # (scoring/perturb.py) counted for a block that loses heads:
         # the token sample keeps the dense outputs and the heads' Gram (o_proj's refit), the OBS pass,
         # then compensation's pass for down_proj behind the refit o_proj, over the kept neurons
-        masks, tokens = scorer.budget()
+        masks, tokens = scorer.sample_sizes()
         sample = masks * min(tokens, N) / N
         kept = 1 - cfg.sparsity
         parts["scoring"] = 1 + (gram_flops(HD) + sample * mlp_after_attention + attention + 4 * E * I

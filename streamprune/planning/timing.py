@@ -85,8 +85,8 @@ def measure_block_rate(spec, seq_len: int, device: torch.device, rounds: int = C
 
     from ..pruning.block import block_forward
     if spec.n_params() > BLOCK_PARAMS_TIMED:
-        attention = spec.n_params() - 3 * spec.hidden * spec.intermediate
-        neurons = max(64, (BLOCK_PARAMS_TIMED - attention) // (3 * spec.hidden))
+        attention = spec.n_params() - spec.mlp_params()
+        neurons = max(64, (BLOCK_PARAMS_TIMED - attention) // spec.neuron_params)
         spec = dataclasses.replace(spec, intermediate=min(spec.intermediate, neurons), sliding_window=None)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     g = torch.Generator().manual_seed(0)

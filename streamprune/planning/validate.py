@@ -13,7 +13,7 @@ import torch
 from ..errors import StreamPruneError
 from ..arch.spec import BlockSpec
 from ..store.journal import WORKDIR
-from ..store.shards import first_bad_value
+from ..store.shards import check_finite_tensor, first_bad_value
 from ..pruning.selection import aligned, attention_params, head_layouts, neuron_step
 
 
@@ -70,9 +70,9 @@ def check_writable(folder: Path, option: str = "--out") -> None:
 def max_sparsity(block: BlockSpec, multiple_of: int = 1) -> float:
     """The most a block can lose while keeping one KV head, one query head and one neuron (with
     `multiple_of` > 1: its smallest layout and neuron count that many GPUs can split)."""
-    full = attention_params(block, block.n_kv, block.group) + 3 * block.hidden * block.intermediate
+    full = attention_params(block, block.n_kv, block.group) + block.mlp_params()
     least = min(attention_params(block, kv, g) for kv, g in head_layouts(block, multiple_of))
-    return 1 - (least + 3 * block.hidden * (1 if aligned(multiple_of).free else neuron_step(block, multiple_of))) / full
+    return 1 - (least + block.mlp_params(1 if aligned(multiple_of).free else neuron_step(block, multiple_of))) / full
 
 
 def check_multiple_of(arch, multiple_of: int) -> None:
@@ -160,9 +160,7 @@ def check_free_disk(out: Path, cache_folder: Path, output_bytes: int, cache_byte
 def check_finite_weights(tensors: dict[str, torch.Tensor], names: dict[str, str]) -> None:
     """`tensors` by short name; `names` maps short names to the stored tensor names."""
     for short, t in tensors.items():
-        bad = first_bad_value(t)
-        if bad:
-            raise StreamPruneError(f"tensor {names[short]} contains {bad} values; the input model is damaged")
+        check_finite_tensor(t, names[short])
 
 
 def check_finite_activations(y: torch.Tensor, layer: int, first_sample: int) -> None:

@@ -22,17 +22,18 @@ def linear_params(block: BlockSpec, sizes: Sizes | None) -> int:
     """Weights of the block's linear layers at `sizes` (None: the block is dropped)."""
     if sizes is None:
         return 0
-    return attention_params(block, sizes.n_kv, sizes.group) + 3 * block.hidden * sizes.intermediate
+    return attention_params(block, sizes.n_kv, sizes.group) + block.mlp_params(sizes.intermediate)
 
 
-def budget(blocks: tuple[BlockSpec, ...], sparsity: float) -> float:
+def param_budget(blocks: tuple[BlockSpec, ...], sparsity: float) -> float:
+    """The parameters the blocks keep at `sparsity`, over all blocks (attention and MLP weights)."""
     return (1 - sparsity) * sum(linear_params(b, Sizes(b.n_kv, b.group, b.intermediate)) for b in blocks)
 
 
 def neurons_for(block: BlockSpec, params: float, kv: int, g: int, multiple_of: int = 1) -> int:
     """The most neurons that fit in `params` beside the layout (kv, g), aligned, at least one step."""
     align = neuron_step(block, multiple_of)
-    n = int((params - attention_params(block, kv, g)) // (3 * block.hidden) // align) * align
+    n = int((params - attention_params(block, kv, g)) // block.neuron_params // align) * align
     return min(most_neurons(block, multiple_of), n)
 
 
@@ -41,7 +42,7 @@ def allocate_uniform(blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], spa
     """One shape for every block (they share one shape in a stock config); with `multiple_of` > 1,
     one that many GPUs can split (selection.tensor_parallel_ok)."""
     block = blocks[0]
-    per_block = budget(blocks, sparsity) / len(blocks)
+    per_block = param_budget(blocks, sparsity) / len(blocks)
     best = None
     for kv, g in head_layouts(block, multiple_of):
         n = neurons_for(block, per_block, kv, g, multiple_of)
@@ -56,7 +57,7 @@ def allocate_uniform(blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], spa
     return [best[1]] * len(blocks)
 
 
-def neuron_curve(block: BlockSpec, c: BlockCosts, multiple_of: int) -> list[tuple[int, float]]:
+def neuron_options(block: BlockSpec, c: BlockCosts, multiple_of: int) -> list[tuple[int, float]]:
     """The points (neurons kept, cost) a block may take: its measured curve, each point rounded
     down to a multiple of `multiple_of` (and costed there) when that is more than 1."""
     if aligned(multiple_of).free:
@@ -66,12 +67,13 @@ def neuron_curve(block: BlockSpec, c: BlockCosts, multiple_of: int) -> list[tupl
     return [(n, c.mlp(n)) for n in counts]
 
 
-def block_choice(block: BlockSpec, c: BlockCosts, lam: float, multiple_of: int = 1) -> tuple[float, Sizes | None]:
-    """What block minimises cost + lam * params: a layout and a point of its neuron curve, or dropping it."""
+def block_choice(block: BlockSpec, c: BlockCosts, lam: float, neurons: list[tuple[int, float]],
+                 layouts: set[tuple[int, int]]) -> tuple[float, Sizes | None]:
+    """What block minimises cost + lam * params: a head layout among `layouts` and a point of its
+    neuron curve among `neurons` (neuron_options: both fixed over the search for lam), or dropping it."""
     best = (c.drop, None)
-    mlp = min(((cost + lam * 3 * block.hidden * n, n) for n, cost in neuron_curve(block, c, multiple_of)),
-              key=lambda t: (t[0], -t[1]))
-    layouts = set(head_layouts(block, multiple_of))
+    # (lam * 3 * hidden * n, left to right as written: the chosen shapes depend on its rounding)
+    mlp = min(((cost + lam * 3 * block.hidden * n, n) for n, cost in neurons), key=lambda t: (t[0], -t[1]))
     for (kv, g), head_cost in c.heads.items():
         if (kv, g) not in layouts:
             continue
@@ -85,12 +87,14 @@ def allocate_global(blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], spar
                     allow_drop: bool = True, multiple_of: int = 1) -> list[Sizes | None]:
     """Per-block shapes (None: dropped) whose summed cost is least within the budget; with
     `multiple_of` > 1, shapes that many GPUs can split (selection.tensor_parallel_ok)."""
-    target = budget(blocks, sparsity)
+    target = param_budget(blocks, sparsity)
     if not allow_drop:
         costs = [BlockCosts(c.heads, c.neurons, float("inf")) for c in costs]
 
+    options = [(neuron_options(b, c, multiple_of), set(head_layouts(b, multiple_of))) for b, c in zip(blocks, costs)]
+
     def choose(lam: float) -> list[Sizes | None]:
-        return [block_choice(b, c, lam, multiple_of)[1] for b, c in zip(blocks, costs)]
+        return [block_choice(b, c, lam, *o)[1] for b, c, o in zip(blocks, costs, options)]
 
     def params(sizes) -> float:
         return sum(linear_params(b, s) for b, s in zip(blocks, sizes))
@@ -117,10 +121,10 @@ def fill(blocks, costs: list[BlockCosts], sizes: list[Sizes | None], slack: floa
             if s is None or s.intermediate >= most:
                 continue
             step = min(align * max(1, b.intermediate // 256), most - s.intermediate)
-            cost_params = 3 * b.hidden * step
+            cost_params = b.mlp_params(step)
             if cost_params > slack:
-                step = int(slack // (3 * b.hidden) // align) * align
-                cost_params = 3 * b.hidden * step
+                step = int(slack // b.neuron_params // align) * align
+                cost_params = b.mlp_params(step)
             if step <= 0:
                 continue
             gain = (c.mlp(s.intermediate) - c.mlp(s.intermediate + step)) / cost_params

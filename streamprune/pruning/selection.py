@@ -118,10 +118,10 @@ def uniform_sizes(spec: BlockSpec, sparsity: float, multiple_of: int | Alignment
     if sparsity == 0 and aligned(multiple_of).free:
         return Sizes(spec.n_kv, spec.group, spec.intermediate)
     full_attn = attention_params(spec, spec.n_kv, spec.group)
-    target = (1 - sparsity) * (full_attn + 3 * spec.hidden * spec.intermediate)
+    target = (1 - sparsity) * (full_attn + spec.mlp_params())
     n_kv, group = ranked_layouts(spec, sparsity, multiple_of)[0]
     align = neuron_step(spec, multiple_of)
-    inter = (target - attention_params(spec, n_kv, group)) / (3 * spec.hidden)
+    inter = (target - attention_params(spec, n_kv, group)) / spec.neuron_params
     inter = int(round(inter / align)) * align
     return Sizes(n_kv, group, max(align, min(most_neurons(spec, multiple_of), inter)))
 

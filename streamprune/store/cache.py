@@ -37,7 +37,7 @@ def run_cache_folder(out: Path, workdir: Path, cache_dir: Path | None) -> Path:
     return Path(cache_dir) / f"streamprune-cache-{key}"
 
 
-def read_owner(folder: Path) -> dict | None:
+def cache_owner(folder: Path) -> dict | None:
     try:
         owner = json.loads((Path(folder) / OWNER_MARK).read_text())
     except (OSError, ValueError):
@@ -59,7 +59,7 @@ def check_cache_folder(folder: Path, out: Path) -> None:
         raise StreamPruneError(f"activation cache folder {folder} exists and is not a folder")
     if not folder.is_dir() or not any(folder.iterdir()):
         return
-    owner = read_owner(folder)
+    owner = cache_owner(folder)
     if owner is None:  # only names streamprune writes is a run killed before its mark was in place
         if not all(own_entry(p) for p in folder.iterdir()):
             raise StreamPruneError(f"activation cache folder {folder} is not empty and was not made by streamprune; "
@@ -82,7 +82,7 @@ class ActivationCache:
         output, restarted) left in the folder is deleted, so stale activations are never read."""
         check_cache_folder(folder, out)
         cache = cls(folder, samples, seq_len, hidden)
-        owner = read_owner(cache.folder)
+        owner = cache_owner(cache.folder)
         if owner is None or owner.get("run") != run_id:
             cache.remove_contents()
             atomic_write_json(cache.folder / OWNER_MARK, {"out": str(Path(out).resolve()), "run": run_id})

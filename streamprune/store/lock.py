@@ -20,7 +20,7 @@ def lock_path(out: Path) -> Path:
     return Path(out) / WORKDIR / LOCK_NAME
 
 
-def read_owner(fd: int) -> str:
+def read_lock_owner(fd: int) -> str:
     os.lseek(fd, 0, os.SEEK_SET)
     return os.read(fd, 64).decode(errors="replace").strip() or "unknown"
 
@@ -39,7 +39,7 @@ class OutputLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            owner = read_owner(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+            owner = read_lock_owner(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
             os.close(fd)
             if owner is None:
                 raise StreamPruneError(f"cannot lock {self.path}: {e.strerror}") from None

@@ -8,9 +8,10 @@ import struct
 from pathlib import Path
 
 from .runlog import LOG_FILE
+from .shards import INDEX
 
 # Written by streamprune itself into the output (never copied from the input).
-OUTPUT_FILES = ("config.json", "model.safetensors.index.json", "report.json", "README.md", LOG_FILE)
+OUTPUT_FILES = ("config.json", INDEX, "report.json", "README.md", LOG_FILE)
 # Never copied into the output: weights in any format (the dense ones would sit beside the pruned
 # shards) and code (streamprune neither runs nor passes on code shipped with a model).
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".h5", ".msgpack",
@@ -49,7 +50,7 @@ def input_fingerprint(folder: Path, shard_files) -> dict[str, str]:
     size and header while changing weights is not detected."""
     folder = Path(folder)
     fp = {f"input:{p.name}": sha256_file(p) for p in companion_files(folder)}
-    for name in ("config.json", "model.safetensors.index.json"):
+    for name in ("config.json", INDEX):
         if (folder / name).is_file():
             fp[f"input:{name}"] = sha256_file(folder / name)
     for path in sorted(set(shard_files)):

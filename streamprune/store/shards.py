@@ -337,9 +337,7 @@ class ShardIndex:
         lm_head) hold no NaN or Inf; read in chunks of rows, so it costs little memory."""
         for name in names:
             for part in self.row_chunks(name, FINITE_CHUNK):
-                bad = first_bad_value(part)
-                if bad:
-                    raise StreamPruneError(f"tensor {name} contains {bad} values; the input model is damaged")
+                check_finite_tensor(part, name)
 
     def row_chunks(self, name: str, elements: int) -> Iterator[torch.Tensor]:
         """Tensor `name` in consecutive slices of whole rows, about `elements` at a time."""
@@ -466,3 +464,10 @@ def first_bad_value(t: torch.Tensor) -> str | None:
         if not torch.isfinite(torch.stack(torch.aminmax(chunk))).all():
             return "NaN" if torch.isnan(chunk).any() else "Inf"
     return None
+
+
+def check_finite_tensor(t: torch.Tensor, name: str) -> None:
+    """Refuse the input model when its tensor `name` (or a part of it, `t`) holds a NaN or an Inf."""
+    bad = first_bad_value(t)
+    if bad:
+        raise StreamPruneError(f"tensor {name} contains {bad} values; the input model is damaged")

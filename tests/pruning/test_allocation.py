@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from streamprune.pruning.allocation import allocate_global, allocate_uniform, budget, linear_params
+from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
 from streamprune.pruning.block import attention_heads, mlp_activations, rms_norm, attention_output
 from streamprune.pruning.costs import BlockCosts, Grams, block_costs, columns, refit_columns, removal_cost, with_ridge
 from streamprune.arch.spec import BlockSpec
@@ -94,8 +94,8 @@ def test_global_allocation_cuts_the_cheap_blocks_and_keeps_the_budget():
     costs = [fake_costs(s) for s in (10.0, 1.0, 10.0, 10.0)]
     sizes = allocate_global(blocks, costs, 0.3)
     kept = [linear_params(b, s) for b, s in zip(blocks, sizes)]
-    assert sum(kept) <= budget(blocks, 0.3)
-    assert sum(kept) >= budget(blocks, 0.3) - 3 * SPEC.hidden * 6  # the budget is spent, to a neuron step
+    assert sum(kept) <= param_budget(blocks, 0.3)
+    assert sum(kept) >= param_budget(blocks, 0.3) - 3 * SPEC.hidden * 6  # the budget is spent, to a neuron step
     assert kept[1] == min(kept)  # the cheap block gives the most
 
 
@@ -111,4 +111,4 @@ def test_uniform_allocation_is_one_shape_within_the_budget():
     blocks = (SPEC,) * 3
     sizes = allocate_uniform(blocks, [fake_costs(1.0), fake_costs(2.0), fake_costs(3.0)], 0.4)
     assert len(set(sizes)) == 1 and isinstance(sizes[0], Sizes)
-    assert sum(linear_params(b, s) for b, s in zip(blocks, sizes)) <= budget(blocks, 0.4)
+    assert sum(linear_params(b, s) for b, s in zip(blocks, sizes)) <= param_budget(blocks, 0.4)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streamprune.pruning.allocation import allocate_global, allocate_uniform, budget, linear_params
+from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
 from streamprune.cli import main
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
@@ -29,7 +29,7 @@ def test_measured_allocations_keep_rows_aligned_within_the_budget(rows):
                   allocate_uniform(blocks, costs, 0.3, multiple_of=Alignment(rows=rows))):
         kept = [s for s in sizes if s is not None]
         assert kept and all(aligned(SPEC, s.n_heads, s.intermediate, rows) for s in kept), sizes
-        assert sum(linear_params(SPEC, s) for s in sizes) <= budget(blocks, 0.3) + 1e-6
+        assert sum(linear_params(SPEC, s) for s in sizes) <= param_budget(blocks, 0.3) + 1e-6
 
 
 def test_rows_and_gpus_combine():

@@ -9,7 +9,7 @@ import pytest
 
 from streamprune import load_pretrained
 from streamprune.engine import pipeline
-from streamprune.pruning.allocation import allocate_global, allocate_uniform, budget, linear_params
+from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
 from streamprune.arch.spec import BlockSpec
@@ -50,7 +50,7 @@ def test_fixed_rule_keeps_multiples(sparsity):
     assert sizes.intermediate % 4 == 0 and abs(sizes.intermediate - default.intermediate) < 4
     assert (sizes.n_kv, sizes.group) == (default.n_kv, default.group)  # SPEC's layouts already split 4 ways
     if sparsity:  # the default spends the budget to within half a neuron's weights
-        target = budget((SPEC,), sparsity)
+        target = param_budget((SPEC,), sparsity)
         assert abs(linear_params(SPEC, default) - target) <= 3 * SPEC.hidden / 2
 
 
@@ -68,7 +68,7 @@ def test_measured_allocations_keep_multiples_within_the_budget(multiple_of):
                   allocate_uniform(blocks, costs, 0.3, multiple_of=multiple_of)):
         kept = [s for s in sizes if s is not None]
         assert kept and all(splits(s.n_heads, s.n_kv, s.intermediate, multiple_of) for s in kept)
-        assert sum(linear_params(b, s) for b, s in zip(blocks, sizes)) <= budget(blocks, 0.3)
+        assert sum(linear_params(b, s) for b, s in zip(blocks, sizes)) <= param_budget(blocks, 0.3)
 
 
 def test_a_model_that_cannot_be_split_is_refused_in_one_sentence():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from streamprune.store import cache as cache_module
-from streamprune.store.cache import OWNER_MARK, ActivationCache, check_cache_folder, chunk_rows, read_owner, run_cache_folder
+from streamprune.store.cache import OWNER_MARK, ActivationCache, check_cache_folder, chunk_rows, cache_owner, run_cache_folder
 from streamprune.errors import StreamPruneError
 
 SAMPLES, SEQ, HIDDEN = 5, 3, 4
@@ -115,7 +115,7 @@ def test_claim_marks_the_folder_and_wipes_only_its_own_files_when_the_run_change
     assert not any(p.exists() for p in own)
     assert all(p.exists() or p.is_symlink() for p in foreign), [p for p in foreign if not p.exists()]
     assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "mine"
-    assert read_owner(folder) == {"out": str(out.resolve()), "run": "run-b"}
+    assert cache_owner(folder) == {"out": str(out.resolve()), "run": "run-b"}
 
 
 def test_claim_refuses_a_folder_that_is_not_the_runs(tmp_path):

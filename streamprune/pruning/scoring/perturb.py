@@ -160,7 +160,7 @@ def fit_removal_costs(removed: torch.Tensor, errors: torch.Tensor, prior: torch.
 class PerturbScorer(Scorer):
     name = "perturb"
 
-    def budget(self) -> tuple[int, int]:
+    def sample_sizes(self) -> tuple[int, int]:
         """Head perturbations and tokens per block."""
         return max(16, round(MASKS * self.options.budget)), max(64, round(TOKENS * self.options.budget))
 
@@ -169,17 +169,17 @@ class PerturbScorer(Scorer):
         return 1.0 + self.options.refit + self.sample_passes(calibration_tokens)
 
     def sample_passes(self, calibration_tokens: int) -> float:
-        n_masks, n_tokens = self.budget()
+        n_masks, n_tokens = self.sample_sizes()
         return n_masks * min(n_tokens, calibration_tokens) / calibration_tokens
 
     def work_bytes(self, spec: BlockSpec) -> int:
-        n_masks, n_tokens = self.budget()
+        n_masks, n_tokens = self.sample_sizes()
         sample = 4 * n_tokens * (2 * spec.hidden + spec.n_heads * spec.head_dim + spec.intermediate)
         regression = PASS_BYTES + sample + 3 * 8 * n_masks * spec.n_heads + 3 * 8 * n_masks ** 2
         return max(regression, obs_memory_bytes(spec) if self.options.refit else 0)
 
     def score(self, W: dict[str, torch.Tensor], spec: BlockSpec, calib: Calibration) -> UnitScores:
-        n_masks, n_tokens = self.budget()
+        n_masks, n_tokens = self.sample_sizes()
         sizes, refit = self.options.sizes, self.options.refit
         cut_heads = sizes is not None and sizes.n_heads < spec.n_heads
         cut_neurons = sizes is not None and sizes.intermediate < spec.intermediate
