@@ -67,7 +67,8 @@ def block_calibration(spec, seed: int = 0, samples: int = 8, seq_len: int = 16):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, seq_len, spec.hidden, generator=g)
     angles = torch.arange(seq_len)[:, None] * 0.1 * torch.arange(1, spec.head_dim + 1)[None]
-    return Calibration(lambda: iter(x.split(2)), angles.cos(), angles.sin(), torch.Generator().manual_seed(seed), samples)
+    return Calibration(lambda: iter(x.split(2)), angles.cos(), angles.sin(), torch.Generator().manual_seed(seed),
+                       samples)
 
 
 def save_header_only_model(folder: Path, family: str = "llama", layers: int = 1, hidden: int = 8192, heads: int = 64,

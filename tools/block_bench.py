@@ -23,8 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamprune.planning.plan import parse_bytes  # noqa: E402
-from tools.synthetic import (DEMO, ROOT, bench_parser, emit, method_args, run_streamprune,  # noqa: E402
-                             synthetic_config, write_random_model)
+from tools.synthetic import (  # noqa: E402
+    DEMO,
+    ROOT,
+    bench_parser,
+    emit,
+    method_args,
+    run_streamprune,
+    synthetic_config,
+    write_random_model,
+)
 
 
 def gpu_name(device: str) -> dict:
@@ -47,7 +55,8 @@ def main():
     args = p.parse_args()
     extra = [*method_args(args), *(["--budget", str(args.budget)] if args.budget else []),
              *(["--max-memory", args.max_memory] if args.max_memory else [])]
-    cap = parse_bytes(args.max_memory) if args.enforce_cap and args.max_memory and args.device.startswith("cuda") else None
+    cap = (parse_bytes(args.max_memory) if args.enforce_cap and args.max_memory and args.device.startswith("cuda")
+           else None)
     shape = dict(samples=args.samples, seq_len=args.seq_len)
     config = synthetic_config(args.layers, args.hidden, args.heads, args.kv, args.intermediate)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.synthetic import (bench_parser, emit, method_args, run_streamprune,  # noqa: E402
-                             synthetic_config, write_random_model)
+from tools.synthetic import bench_parser, emit, method_args, run_streamprune, synthetic_config, write_random_model  # noqa: E402
 
 
 def main():

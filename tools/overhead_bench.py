@@ -14,8 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.synthetic import (bench_parser, emit, method_args, run_streamprune,  # noqa: E402
-                             synthetic_config, write_random_model)
+from tools.synthetic import bench_parser, emit, method_args, run_streamprune, synthetic_config, write_random_model  # noqa: E402
 
 
 def drop_page_cache() -> bool:
@@ -37,7 +36,8 @@ def measure(model: Path, out: Path, args, overlap: bool) -> dict:
     read = sum(b["read_seconds"] for b in blocks)
     compute = sum(b["score_seconds"] + b["forward_seconds"] for b in blocks)
     total = report["timing"]["seconds"]
-    return {"overlap": overlap, "cold_page_cache": cold, "total_seconds": round(total, 2), "blocks_seconds": report["timing"]["blocks_seconds"],
+    return {"overlap": overlap, "cold_page_cache": cold, "total_seconds": round(total, 2),
+            "blocks_seconds": report["timing"]["blocks_seconds"],
             "read_seconds": round(read, 2), "compute_seconds": round(compute, 2),
             "ratio": round(total / (read + compute), 3),
             "ratio_block_phase": round(report["timing"]["blocks_seconds"] / (read + compute), 3)}

@@ -76,8 +76,8 @@ def bench(model: Path, out: Path, calib: Path, eval_text: Path | None, args: lis
     t, p, e = report["timing"], plan["time"], report.get("eval", {})
     return {
         "model": str(model.name), "args": args, "survey_reused": survey_from is not None,
-        "seconds": t["seconds"], "dense_pass_seconds": t.get("dense_pass_seconds"), "dense_passes": t.get("dense_passes"),
-        "wall_seconds": round(wall, 1), "peak_rss_bytes": t["peak_rss_bytes"],
+        "seconds": t["seconds"], "dense_pass_seconds": t.get("dense_pass_seconds"),
+        "dense_passes": t.get("dense_passes"), "wall_seconds": round(wall, 1), "peak_rss_bytes": t["peak_rss_bytes"],
         "plan": {"seconds": p["seconds"], "low_seconds": p["low_seconds"], "high_seconds": p["high_seconds"],
                  "passes": plan["passes"], "peak_host_bytes": plan["peak_host_bytes"],
                  "samples": plan["samples"], "seq_len": plan["seq_len"],

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from streamprune.arch.spec import EMBED, FINAL_NORM, LM_HEAD
 from streamprune.arch.families import architecture
+from streamprune.arch.spec import EMBED, FINAL_NORM, LM_HEAD
 from streamprune.store.shards import OutTensor, read_header, shard_name, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,8 @@ def write_random_model(folder: Path, config: dict, seed: int = 0) -> Path:
 # `python -c CAPPED BYTES run ...`: streamprune with the CUDA caching allocator capped at BYTES, so a run
 # that needs more GPU memory fails with an out-of-memory error instead of passing on a larger card
 CAPPED = ("import runpy, sys, torch; cap = int(sys.argv.pop(1)); "
-          "torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory)); "
+          "torch.cuda.set_per_process_memory_fraction("
+          "min(1.0, cap / torch.cuda.get_device_properties(0).total_memory)); "
           "sys.argv[0] = 'streamprune'; runpy.run_module('streamprune', run_name='__main__')")
 
 

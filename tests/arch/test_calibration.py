@@ -7,10 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamprune.store.cache import ActivationCache
-from streamprune.arch.calibration import bos_id, check_window, default_window, fit_windows, gather_embeddings, load_tokenizer, token_windows, tokenize_file, write_embeddings
-from streamprune.errors import StreamPruneError
+from streamprune.arch.calibration import (
+    bos_id,
+    check_window,
+    default_window,
+    fit_windows,
+    gather_embeddings,
+    load_tokenizer,
+    token_windows,
+    tokenize_file,
+    write_embeddings,
+)
 from streamprune.arch.spec import EMBED
+from streamprune.errors import StreamPruneError
+from streamprune.store.cache import ActivationCache
 from streamprune.store.shards import OutTensor, ShardIndex, write_safetensors
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"

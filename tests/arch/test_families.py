@@ -7,9 +7,9 @@ import copy
 
 import pytest
 
-from streamprune.errors import StreamPruneError
 from streamprune.arch.families import FAMILIES, architecture, bias_sublayers, family
 from streamprune.arch.output_config import pruned_config
+from streamprune.errors import StreamPruneError
 from tests.models import tiny_config
 
 HIDDEN, HEADS, KV, HEAD_DIM, INTER = 64, 8, 2, 8, 96  # tiny_config's defaults

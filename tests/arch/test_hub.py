@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from streamprune.errors import StreamPruneError
 from streamprune.arch.hub import SMALL_FILES, is_hub_id, resolve_model
+from streamprune.errors import StreamPruneError
 from tests.harness import DEMO, ROOT, invoke, make_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -185,11 +185,12 @@ def fake_hub(monkeypatch, repo: Path, snapshot: Path) -> list:
     """The Hub online, serving the model folder `repo`: snapshot_download copies the files its
     patterns allow into `snapshot` (and finds nothing with local_files_only), and
     get_safetensors_metadata reads the headers of `repo`'s shards. Returns the files fetched."""
+    from types import SimpleNamespace as NS
+
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
     from huggingface_hub.utils import filter_repo_objects
-    from types import SimpleNamespace as NS
     fetched = []
 
     def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
@@ -232,7 +233,8 @@ def test_inspect_and_plan_read_a_hub_model_from_its_headers(tiny, tmp_path, monk
     same = ("micro_batch", "block_stored_bytes", "block_compute_bytes", "output_bytes", "cache_bytes", "breakdown",
             "peak_host_bytes", "verdict")
     assert {k: remote[k] for k in same} == {k: local[k] for k in same}
-    weights = sum(f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in tiny.glob("*.safetensors"))
+    weights = sum(f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little")
+                  for f in tiny.glob("*.safetensors"))
     parts = [p for d in remote["disk"] for p in d["parts"]]
     assert any(p.startswith("download into the Hub cache") for p in parts), parts
     assert sum(d["need_bytes"] for d in remote["disk"]) == sum(d["need_bytes"] for d in local["disk"]) + weights

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from streamprune.pruning.ranks import SINGLE, Share, batch_share
 from streamprune.engine.distributed import shared_micro_batch
 from streamprune.engine.evaluate import perplexity
+from streamprune.pruning.ranks import SINGLE, Share, batch_share
 from streamprune.pruning.scoring import Calibration
 from tests.harness import DEMO, blocks_done, digests, make_model, run_cli, run_torchrun
 
@@ -30,8 +30,9 @@ def model(tmp_path_factory) -> Path:
 
 
 def args(model: Path, out: Path, *extra, samples: int = 8) -> list[str]:
-    return [str(a) for a in ("run", "--shards", model, "--out", out, "--calib", DEMO / "calib.txt", "--samples", samples,
-                             "--seq-len", 32, "--sparsity", 0.3, "--batch-size", 2, "--quiet", *extra)]
+    return [str(a) for a in ("run", "--shards", model, "--out", out, "--calib", DEMO / "calib.txt",
+                             "--samples", samples, "--seq-len", 32, "--sparsity", 0.3, "--batch-size", 2, "--quiet",
+                             *extra)]
 
 
 def launched(result) -> None:
@@ -153,6 +154,7 @@ def test_other_ranks_caches_are_found_beside_any_cache_folder(tmp_path):
     """--restart clears the other ranks' caches of an earlier job, in OUT/.streamprune and in a
     --cache-dir alike (rank_cache_folder's names)."""
     from types import SimpleNamespace
+
     from streamprune.engine.distributed import other_rank_cache_folders, rank_cache_folder
     for base in (tmp_path / ".streamprune" / "cache", tmp_path / "dir" / "streamprune-cache-ab12"):
         ranks = [rank_cache_folder(base, SimpleNamespace(rank=k)) for k in range(3)]

@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from streamprune.engine import evaluate
-from streamprune.engine import pipeline
 from streamprune.cli import main
 from streamprune.config import RunConfig
+from streamprune.engine import evaluate, pipeline
 from streamprune.errors import StreamPruneError
 from tests.models import DEVICES, SHARED, save_tiny_model
 

@@ -11,14 +11,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from streamprune.engine import pipeline
-from streamprune.store.cache import ActivationCache
 from streamprune.arch.calibration import bos_id, load_tokenizer, token_windows, tokenize_file
 from streamprune.config import RunConfig
+from streamprune.engine import pipeline
 from streamprune.errors import StreamPruneError
 from streamprune.pruning.scoring.perturb import MASKS
-from tests.models import DEVICES, save_tiny_model
+from streamprune.store.cache import ActivationCache
 from tests.harness import digests, interrupt_pruning_at
+from tests.models import DEVICES, save_tiny_model
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 
-from streamprune.engine import pipeline
-from streamprune.engine import pruning_pass
-from streamprune.pruning.compensate import compensate
-from streamprune.config import RunConfig
 from streamprune.arch.spec import BlockSpec
+from streamprune.config import RunConfig
+from streamprune.engine import pipeline, pruning_pass
+from streamprune.pruning.compensate import compensate
 from streamprune.pruning.numerics import NormalEquations, add_gram
 from streamprune.pruning.scoring import ScoringOptions, make_scorer
 from streamprune.pruning.scoring.base import TargetKeeper, Targets
@@ -61,7 +60,8 @@ def sizes_of(n_kv, group, intermediate):
 
 
 def test_compensation_from_the_scorers_passes_equals_its_own_passes():
-    for sizes in (sizes_of(3, 2, 30), sizes_of(2, 2, 48), sizes_of(4, 1, 20), sizes_of(4, 2, 24)):  # both, heads, both, neurons
+    # both, heads, both, neurons
+    for sizes in (sizes_of(3, 2, 30), sizes_of(2, 2, 48), sizes_of(4, 1, 20), sizes_of(4, 2, 24)):
         calib = block_calibration(SPEC)
         calib.targets = InMemoryTargets()
         W, kept, W_new, spec_new, shared = scored_and_compensated(sizes, calib)

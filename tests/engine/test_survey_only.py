@@ -7,8 +7,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from streamprune.engine import pipeline
 from streamprune.cli import main
+from streamprune.engine import pipeline
 from tests.harness import digests
 from tests.models import TINYSTORIES, save_tiny_model
 

@@ -13,18 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.harness import invoke, refused
-from tests.models import save_tiny_model
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 CALIB = DEMO / "calib.txt"
 LAYER1_UP = "model.layers.1.mlp.up_proj.weight"
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    """A 3-layer sharded llama (17 shards), built once; each test mutates its own copy."""
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "in", "llama", layers=3, vocab=512,
-                           tokenizer_from=DEMO / "stories260K")
 
 
 def sha256_tree(folder: Path) -> dict:

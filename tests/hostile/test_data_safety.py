@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.hostile.test_bad_inputs import sha256_tree
 from tests.harness import DEMO, child_env, digests, invoke, make_model, refused, run_args, run_cli
+from tests.hostile.test_bad_inputs import sha256_tree
 
 SAMPLES, SEQ_LEN = 4, 32
 
@@ -174,7 +174,9 @@ def test_model_with_auto_map_but_stock_classes_prunes_without_its_code(model, tm
 @pytest.mark.parametrize("change", ["config", "weights", "tokenizer"])
 def test_resume_refuses_an_input_changed_since_the_interruption(model, tmp_path, change):
     import shutil
+
     from safetensors.torch import load_file, save_file
+
     from tests.hostile.test_bad_inputs import shard_of
     folder = tmp_path / "model"
     shutil.copytree(model, folder)

@@ -8,10 +8,10 @@ import signal
 import pytest
 from click.testing import CliRunner
 
-from streamprune.store import faults
-from streamprune.engine import pipeline
 from streamprune.cli import main
 from streamprune.config import RunConfig
+from streamprune.engine import pipeline
+from streamprune.store import faults
 from tests.harness import DEMO, digests, make_model, run_args, trial
 
 SAMPLES, SEQ_LEN = 4, 32

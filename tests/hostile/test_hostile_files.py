@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import invoke, refused
-from tests.hostile.test_bad_inputs import CALIB, change_tensor, edit_config, nan_at, pristine, sha256_tree, shard_of  # noqa: F401
+from tests.hostile.test_bad_inputs import CALIB, change_tensor, edit_config, nan_at, sha256_tree, shard_of
 
 INDEX = "model.safetensors.index.json"
 UP0 = "model.layers.0.mlp.up_proj.weight"
@@ -147,7 +147,8 @@ HEADER = f"{SHARD}: corrupt safetensors header"
 # id -> (change the copied model folder, the message expected on stderr)
 CASES = {
     # safetensors headers: every tensor, with the rules safetensors applies
-    "header-deeply-nested": (lambda m: edit_shard(m, lambda h, d: (deep().encode(), d)), f"{HEADER}: nested too deeply"),
+    "header-deeply-nested": (lambda m: edit_shard(m, lambda h, d: (deep().encode(), d)),
+                             f"{HEADER}: nested too deeply"),
     "header-unknown-dtype-unneeded-tensor": (lambda m: edit_shard(m, with_tensor("extra.bias", "F99", [2], 8)),
                                              f"{SHARD}: tensor extra.bias has unknown dtype 'F99'"),
     "header-gap": (lambda m: edit_shard(m, gap), f"{HEADER} .tensor {UP0} starts at data byte 4, expected 0: "
@@ -165,15 +166,16 @@ CASES = {
     "header-duplicate-key": (lambda m: edit_shard(m, duplicate_key), f"{HEADER}: duplicate key '{UP0}'"),
     "header-negative-dim": (lambda m: edit_shard(m, set_field("shape", [-1, 64])),
                             r"shape \[-1, 64\] is not a list of non-negative integers"),
-    "header-float-dim": (lambda m: edit_shard(m, set_field("shape", [96.0, 64])), "not a list of non-negative integers"),
+    "header-float-dim": (lambda m: edit_shard(m, set_field("shape", [96.0, 64])),
+                         "not a list of non-negative integers"),
     "header-bool-dim": (lambda m: edit_shard(m, set_field("shape", [True, 64])), "not a list of non-negative integers"),
     "header-offsets-not-a-pair": (lambda m: edit_shard(m, set_field("data_offsets", [0, 4, 8])),
                                   r"data_offsets \[0, 4, 8\] are not \[start, end\]"),
     "header-metadata-not-strings": (lambda m: edit_shard(m, lambda h, d: ({**h, "__metadata__": {"format": 1}}, d)),
                                     "__metadata__ must map strings to strings"),
     "header-nan-literal": (lambda m: edit_shard(m, raw_header_text(b'"x": NaN')), f"{HEADER}: NaN is not JSON"),
-    "header-64-bit-overflow-literal": (lambda m: edit_shard(m, raw_header_text(b'"x": {"shape": [' + b"9" * 5000 + b"]}")),
-                                       "does not fit in 64 bits"),
+    "header-64-bit-overflow-literal": (lambda m: edit_shard(m, raw_header_text(
+        b'"x": {"shape": [' + b"9" * 5000 + b"]}")), "does not fit in 64 bits"),
     "header-refused-by-safetensors": (lambda m: edit_shard(m, raw_header_text(
         b'"\\ud800": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}')), rf"{HEADER} \(.*invalid JSON"),
     "tensor-in-two-shards": (in_two_shards, f"tensor {UP0} is in both {SHARD} and {SHARD}"),
@@ -189,8 +191,10 @@ CASES = {
     # the index
     "index-null": (lambda m: replace(m / INDEX, "null"), "is not a valid safetensors index: needs a non-empty object"),
     "index-array": (lambda m: replace(m / INDEX, "[]"), "is not a valid safetensors index: needs a non-empty object"),
-    "index-weight-map-array": (lambda m: replace(m / INDEX, '{"weight_map": []}'), "needs a non-empty object weight_map"),
-    "index-value-not-a-string": (lambda m: index_entry(m, 3), f"tensor {UP0} is in 3, not a file name in the model folder"),
+    "index-weight-map-array": (lambda m: replace(m / INDEX, '{"weight_map": []}'),
+                               "needs a non-empty object weight_map"),
+    "index-value-not-a-string": (lambda m: index_entry(m, 3),
+                                 f"tensor {UP0} is in 3, not a file name in the model folder"),
     "index-escapes-folder": (lambda m: index_entry(m, lambda m: f"../{m.name}/{shard_of(m, UP0).name}"),
                              f"tensor {UP0} is in '../in/{SHARD}', not a file name"),
     "index-absolute-path": (lambda m: index_entry(m, lambda m: str(shard_of(m, UP0))), "not a file name in the model"),
@@ -198,9 +202,11 @@ CASES = {
     "index-not-utf8": (lambda m: replace(m / INDEX, b'{"weight_map": {"\xff": "x"}}'), "index: not UTF-8"),
     "index-deeply-nested": (lambda m: replace(m / INDEX, deep()), "index: nested too deeply"),
     # config.json
-    "config-null": (lambda m: replace(m / "config.json", "null"), r"config.json is not a JSON object \(it is NoneType\)"),
+    "config-null": (lambda m: replace(m / "config.json", "null"),
+                    r"config.json is not a JSON object \(it is NoneType\)"),
     "config-array": (lambda m: replace(m / "config.json", "[]"), r"config.json is not a JSON object \(it is list\)"),
-    "config-deeply-nested": (lambda m: replace(m / "config.json", deep()), "config.json is not valid JSON: nested too deeply"),
+    "config-deeply-nested": (lambda m: replace(m / "config.json", deep()),
+                             "config.json is not valid JSON: nested too deeply"),
     "config-not-utf8": (lambda m: replace(m / "config.json", b'{"model_type": "ll\xffama"}'), "not UTF-8"),
     "config-model-type-list": (lambda m: edit_config(m, model_type=["llama"]), r"unsupported model_type \['llama'\]"),
     "config-zero-layers": (lambda m: edit_config(m, num_hidden_layers=0),
@@ -214,8 +220,10 @@ CASES = {
                                        "config.json has num_hidden_layers 5, but the shards hold no tensor of layer 3"),
     "config-zero-heads": (lambda m: edit_config(m, num_attention_heads=0),
                           "config.json: num_attention_heads must be a positive integer, got 0"),
-    "config-negative-kv-heads": (lambda m: edit_config(m, num_key_value_heads=-2), "num_key_value_heads must be a positive"),
-    "config-float-size": (lambda m: edit_config(m, intermediate_size=96.0), "intermediate_size must be a positive integer"),
+    "config-negative-kv-heads": (lambda m: edit_config(m, num_key_value_heads=-2),
+                                 "num_key_value_heads must be a positive"),
+    "config-float-size": (lambda m: edit_config(m, intermediate_size=96.0),
+                          "intermediate_size must be a positive integer"),
     "config-huge-size": (lambda m: edit_config(m, hidden_size=10**30), "hidden_size 10+ is too large"),
     "config-size-missing": (lambda m: (m / "config.json").write_text(json.dumps(
         {k: v for k, v in json.loads((m / "config.json").read_text()).items() if k != "hidden_size"})),
@@ -224,7 +232,8 @@ CASES = {
                                  "config.json: unknown rope_type 'bogus'"),
     "config-rope-theta-string": (lambda m: edit_config(m, rope_parameters={"rope_type": "default", "rope_theta": "x"}),
                                  r"config.json: rope parameters \(default\) rejected: TypeError"),
-    "config-rope-theta-negative": (lambda m: edit_config(m, rope_parameters={"rope_type": "default", "rope_theta": -5.0}),
+    "config-rope-theta-negative": (lambda m: edit_config(m, rope_parameters={"rope_type": "default",
+                                                                             "rope_theta": -5.0}),
                                    "give NaN or Inf rotary angles"),
     "config-partial-rotary": (lambda m: edit_config(m, partial_rotary_factor=0.5), "partial rotary embeddings"),
     "config-quantized": (lambda m: edit_config(m, quantization_config={"quant_method": "gptq", "bits": 4}),

@@ -14,10 +14,9 @@ import torch
 
 from streamprune import load_pretrained
 from streamprune.arch.calibration import load_tokenizer, tokenize_file
-from streamprune.errors import StreamPruneError
 from streamprune.engine.evaluate import eval_windows, perplexity
+from streamprune.errors import StreamPruneError
 from streamprune.output.gguf_export import export_gguf, permute_rotary, tensor_type
-
 from tests.harness import refused, run_cli
 from tests.models import SHARED, TINYSTORIES, save_tiny_model
 
@@ -110,7 +109,8 @@ def test_llama_cpp_computes_what_streamprune_does(models, case, tmp_path):
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                   attention_mask=torch.ones(1, 16, dtype=torch.long))[0, 16:].tolist()
         assert llm.greedy(prompt, len(expected)) == expected
-        if case not in OWN_TOKENIZER:  # transformers gives a Qwen2 folder its own class over the borrowed tokenizer.json
+        # transformers gives a Qwen2 folder its own class over the borrowed tokenizer.json
+        if case not in OWN_TOKENIZER:
             return
         sample = Path(text).read_text(encoding="utf-8")[:3000]
         assert llm.tokenize(sample) == tokenizer(sample).input_ids
@@ -128,7 +128,8 @@ def test_types_people_deploy_load_and_stay_close(models, kind, tmp_path):
     ours = perplexity(folder, text, WINDOW, max_windows=3).ppl
     with llama_cpp(gguf, exact=False) as llm:
         ppl = llm.perplexity(windows)
-    tolerance = {"f16": 0.01, "bf16": 0.02, "q8_0": 0.02, "q5_0": 0.15, "q4_0": 0.5}[kind]  # a 260K-parameter model: 4 bits cost it most
+    # a 260K-parameter model: 4 bits cost it most
+    tolerance = {"f16": 0.01, "bf16": 0.02, "q8_0": 0.02, "q5_0": 0.15, "q4_0": 0.5}[kind]
     assert abs(ppl / ours - 1) < tolerance, (ppl, ours)
 
 

@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import streamprune
+from streamprune.arch.families import architecture, read_config
+from streamprune.arch.model import open_model
+from streamprune.arch.output_config import heterogeneous_config, pruned_config
 from streamprune.engine import evaluate
 from streamprune.errors import StreamPruneError
-from streamprune.arch.families import architecture, read_config
-from streamprune.arch.output_config import heterogeneous_config, pruned_config
-from streamprune.arch.model import open_model
 from tests.models import DEVICES, TINYSTORIES, save_tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streamprune.engine import pipeline
 from streamprune.cli import main
 from streamprune.config import RunConfig
+from streamprune.engine import pipeline
 from streamprune.output.report import kept_head_map, render_report
 from tests.models import save_tiny_model
 

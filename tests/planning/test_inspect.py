@@ -5,10 +5,10 @@ import json
 
 from click.testing import CliRunner
 
-from streamprune.cli import main
 from streamprune.arch.families import read_config
-from streamprune.planning.inspect import describe, render_description
 from streamprune.arch.output_config import family_change, heterogeneous_config
+from streamprune.cli import main
+from streamprune.planning.inspect import describe, render_description
 from tests.models import save_tiny_model
 
 

@@ -4,13 +4,13 @@ run really uses; `plan` answers memory and disk for a GPU that is not here, prin
 prediction when a run does not fit (exit 1) with changes that really fit, checks free disk, says
 the CPU activation cap and a --max-memory beyond the machine."""
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import dataclasses
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,15 +19,22 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from streamprune.engine import pipeline
+from streamprune.arch.model import open_model
 from streamprune.cli import main
 from streamprune.config import RunConfig
-from streamprune.errors import StreamPruneError
-from streamprune.arch.model import open_model
-from streamprune.pruning.shape import rule_shape
+from streamprune.engine import pipeline
 from streamprune.engine.pipeline import calibration_tokens
-from streamprune.planning.plan import activation_bytes, make_plan, one_thread_passes, parse_bytes, run_passes, stage_bytes
+from streamprune.errors import StreamPruneError
+from streamprune.planning.plan import (
+    activation_bytes,
+    make_plan,
+    one_thread_passes,
+    parse_bytes,
+    run_passes,
+    stage_bytes,
+)
 from streamprune.planning.timing import HIGH, LOW, block_flops, duration, estimate_time, find_gpu, measure_block_rate
+from streamprune.pruning.shape import rule_shape
 from tests.models import DEVICES, save_tiny_model
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
@@ -117,7 +124,11 @@ def test_plan_command_prints_disk_memory_and_time():
     r = CliRunner().invoke(main, ["plan", "--shards", str(DEMO / "stories260K"), "--samples", "8", "--seq-len", "64"])
     assert r.exit_code == 0, r.output
     assert "activation cache" in r.output and "peak host" in r.output and "time: about" in r.output
-    assert re.search(r"time: about [\d.]+ s \(from [\d.]+ s to [\d.]+ s\)\n  work: [\d.]+ dense passes over 8 x 64 tokens \(survey [\d.]+, scoring [\d.]+, compensation [\d.]+, output 0.7\); [\d.]+ if no block loses heads\n  how: .* 3 timed block forwards", r.output)
+    assert re.search(r"time: about [\d.]+ s \(from [\d.]+ s to [\d.]+ s\)\n"
+                     r"  work: [\d.]+ dense passes over 8 x 64 tokens "
+                     r"\(survey [\d.]+, scoring [\d.]+, compensation [\d.]+, output 0.7\); "
+                     r"[\d.]+ if no block loses heads\n"
+                     r"  how: .* 3 timed block forwards", r.output)
     assert r.output.endswith("verdict: fits\n")
 
 
@@ -173,7 +184,8 @@ def test_plan_for_cuda_needs_the_gpu_described():
 def test_plan_for_a_known_gpu_uses_its_datasheet():
     r = plan("--gpu", "RTX 4090", "--samples", 8, "--seq-len", 64, timing=True)
     assert r.exit_code == 0, r.output
-    assert "plan for RTX 4090 (datasheet numbers)" in r.output and "of 24.00 GiB (the GPU's datasheet memory" in r.output
+    assert ("plan for RTX 4090 (datasheet numbers)" in r.output
+            and "of 24.00 GiB (the GPU's datasheet memory" in r.output)
     assert "time: at least" in r.output and "datasheet peak of 165 TFLOP/s" in r.output
     assert find_gpu("a100-80gb").memory_bytes == 80 * 2**30
     with pytest.raises(StreamPruneError, match="'a100' is ambiguous; known: rtx-3090"):
@@ -217,7 +229,8 @@ def test_plan_checks_free_disk(monkeypatch, tmp_path):
     args = ("--samples", 64, "--seq-len", 256, "--out", tmp_path / "out")
     r = plan(*args)
     assert r.exit_code == 1, r.output
-    assert f"{tmp_path}: needs 16.7 MiB (output 0.7 MiB, activation cache 16.0 MiB), 5.0 MiB free: DOES NOT FIT" in r.output
+    assert (f"{tmp_path}: needs 16.7 MiB (output 0.7 MiB, activation cache 16.0 MiB), 5.0 MiB free: "
+            "DOES NOT FIT") in r.output
     info = plan_json(*args)
     assert info["memory_fits"] and not info["disk_fits"] and info["verdict"] == "does not fit"
     changes = [s["change"] for s in info["suggestions"]]
@@ -278,7 +291,8 @@ def test_the_plan_counts_the_survey_and_the_passes_of_the_method(tmp_path):
     model = open_model(DEMO / "stories260K")
     cfg = RunConfig(shards=model.folder, out=tmp_path / "o", samples=16, seq_len=64, sparsity=0.3)
     default = run_passes(cfg, model)
-    assert set(default) == {"survey", "scoring", "compensation", "output"} and 0 < default["compensation"] < default["scoring"]
+    assert (set(default) == {"survey", "scoring", "compensation", "output"}
+            and 0 < default["compensation"] < default["scoring"])
     assert default["survey"] > 1 and default["scoring"] > 1 and default["output"] == pytest.approx(0.7)
     assert "survey" not in run_passes(dataclasses.replace(cfg, allocation="rule"), model)
     wanda = run_passes(dataclasses.replace(cfg, method="wanda-sp"), model)
@@ -354,6 +368,7 @@ def test_host_grams_give_the_same_pruned_model(tmp_path, monkeypatch):
     """The host path on a CPU, forced as if the device budget were small: Gram matrices formed 7
     columns at a time and factored where the host keeps them give the tensors of the default path."""
     from safetensors.torch import load_file
+
     from streamprune.planning import plan
     from streamprune.pruning.numerics import GramPlacement
     src = save_tiny_model(tmp_path / "in", "llama", layers=2, vocab=512, tokenizer_from=DEMO / "stories260K")

@@ -6,10 +6,10 @@ import itertools
 import pytest
 import torch
 
-from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
-from streamprune.pruning.block import attention_heads, mlp_activations, rms_norm, attention_output
-from streamprune.pruning.costs import BlockCosts, Grams, block_costs, columns, refit_columns, removal_cost, with_ridge
 from streamprune.arch.spec import BlockSpec
+from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
+from streamprune.pruning.block import attention_heads, attention_output, mlp_activations, rms_norm
+from streamprune.pruning.costs import BlockCosts, Grams, block_costs, columns, refit_columns, removal_cost, with_ridge
 from streamprune.pruning.numerics import invert_spd, token_scale
 from streamprune.pruning.scoring import Calibration
 from streamprune.pruning.selection import Sizes

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from streamprune.pruning.block import block_forward
 from streamprune.arch.families import architecture, read_config, rotary_tables
+from streamprune.pruning.block import block_forward
 from streamprune.store.shards import ShardIndex
 from tests.models import DEVICES, save_tiny_model
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from streamprune import config
+from streamprune.arch.spec import BlockSpec
 from streamprune.pruning.block import block_forward
 from streamprune.pruning.compensate import COMPENSATIONS, compensate, restore_means
-from streamprune.arch.spec import BlockSpec
 from streamprune.pruning.scoring import Calibration
 from streamprune.pruning.selection import Kept, select_units, uniform_sizes
 from streamprune.pruning.slicing import slice_block
@@ -65,7 +65,9 @@ O_BIAS = [0.1, -0.2, 0.3, 0.0]
 
 
 def hand_block(o_bias: bool) -> dict[str, torch.Tensor]:
-    t = lambda rows: torch.tensor(rows, dtype=torch.float32)
+    def t(rows):
+        return torch.tensor(rows, dtype=torch.float32)
+
     W = {"attn_norm": torch.ones(4), "mlp_norm": torch.ones(4), "q": torch.zeros(4, 4), "k": torch.zeros(4, 4),
          "v": t(V), "o": t(O), "gate": t(GATE), "up": t(UP), "down": t(DOWN)}
     if o_bias:

@@ -4,7 +4,15 @@ is A^T B however it is blocked, first_bad_value finds a NaN or an Inf."""
 import pytest
 import torch
 
-from streamprune.pruning.numerics import SYMMETRIC_BLOCKS, SYMMETRIC_MIN, GramPlacement, add_gram, add_ridge, invert_spd, solve_spd
+from streamprune.pruning.numerics import (
+    SYMMETRIC_BLOCKS,
+    SYMMETRIC_MIN,
+    GramPlacement,
+    add_gram,
+    add_ridge,
+    invert_spd,
+    solve_spd,
+)
 from streamprune.store.shards import first_bad_value
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamprune.engine import pipeline
 from streamprune.config import RunConfig
+from streamprune.engine import pipeline
 from streamprune.output.report import render_report
 from streamprune.pruning.phases import PhaseTimer, add_phases, phase, timed_batches
 from tests.models import save_tiny_model
@@ -97,7 +97,8 @@ def test_report_has_phases_per_block_and_in_total(tmp_path):
         own = sum(v for k, v in b.items() if k.endswith("_seconds") and k not in ("read_seconds", "write_seconds"))
         assert b["seconds"] == pytest.approx(own, abs=2e-3) and b["seconds"] > 0
     survey, prune = timing["phases"]["survey"], timing["phases"]["prune"]
-    assert {"shard_read", "dense_forward", "survey_gram", "survey_heads", "obs_factor", "obs_greedy", "cache_write"} <= set(survey)
+    assert {"shard_read", "dense_forward", "survey_gram", "survey_heads", "obs_factor", "obs_greedy",
+            "cache_write"} <= set(survey)
     assert {"shard_read", "shard_write", "obs_gram", "output_forward"} <= set(prune)
     assert prune["output_forward"] == round(sum(b["phases"]["output_forward"] for b in timing["blocks"]), 3)
     for phase_name, key in (("shard_read", "read_seconds"), ("shard_write", "write_seconds")):

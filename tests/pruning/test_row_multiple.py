@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
+from streamprune.arch.spec import BlockSpec
 from streamprune.cli import main
 from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
-from streamprune.arch.spec import BlockSpec
+from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
 from streamprune.pruning.selection import Alignment, head_layouts, neuron_step, uniform_sizes
 from tests.pruning.test_allocation import SPEC, fake_costs
 

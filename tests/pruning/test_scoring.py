@@ -5,8 +5,8 @@ up for, and scoring is deterministic under a seed (compensation: test_compensate
 import pytest
 import torch
 
-from streamprune.pruning.block import attention_heads, attention_output, mlp_activations, rms_norm
 from streamprune.arch.spec import BlockSpec
+from streamprune.pruning.block import attention_heads, attention_output, mlp_activations, rms_norm
 from streamprune.pruning.scoring import SCORERS, ScoringOptions, make_scorer
 from streamprune.pruning.scoring.obs import greedy_removal_scores
 from streamprune.pruning.scoring.perturb import fit_removal_costs, sample_masks
@@ -70,10 +70,14 @@ def test_perturb_recovers_the_known_removal_costs_of_neurons():
     neurons like that."""
     W, calib = planted_block([2, 5], [0, 7, 40], [3, 11, 20, 33]), calibration(spec=WIDE)
     scores = make_scorer("perturb", ScoringOptions(sizes=uniform_sizes(WIDE, 0.4))).score(W, WIDE, calib)
-    a = torch.cat([mlp_activations(W, rms_norm(x + attention_output(W, attention_heads(W, WIDE, x, calib.cos, calib.sin)),
+    a = torch.cat([mlp_activations(W, rms_norm(x + attention_output(W, attention_heads(W, WIDE, x, calib.cos,
+                                                                                       calib.sin)),
                                                  W["mlp_norm"], WIDE.eps)).flatten(0, 1) for x in calib.batches()])
     truth = a.pow(2).sum(0) * W["down"].pow(2).sum(0)
-    rank = lambda v: v.argsort().argsort().double()
+
+    def rank(v):
+        return v.argsort().argsort().double()
+
     assert torch.corrcoef(torch.stack([rank(scores.neurons), rank(truth)]))[0, 1] > 0.9
 
 

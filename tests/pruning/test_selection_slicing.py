@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from streamprune.pruning.block import block_forward
-from streamprune.arch.spec import BlockSpec
 from streamprune.arch.families import architecture, read_config, rotary_tables
-from streamprune.pruning.selection import attention_params, masks, uniform_sizes, select_units
-from streamprune.store.shards import ShardIndex
+from streamprune.arch.spec import BlockSpec
+from streamprune.pruning.block import block_forward
+from streamprune.pruning.selection import attention_params, masks, select_units, uniform_sizes
 from streamprune.pruning.slicing import slice_block
+from streamprune.store.shards import ShardIndex
 from tests.models import save_tiny_model
 
 SPEC = BlockSpec(hidden=8192, n_heads=64, n_kv=8, head_dim=128, intermediate=28672, eps=1e-5)

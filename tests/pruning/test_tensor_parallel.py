@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from streamprune import load_pretrained
-from streamprune.engine import pipeline
-from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
-from streamprune.config import RunConfig
-from streamprune.errors import StreamPruneError
-from streamprune.arch.spec import BlockSpec
 from streamprune.arch.families import architecture
-from streamprune.pruning.selection import head_layouts, tensor_parallel_ok, uniform_sizes
+from streamprune.arch.spec import BlockSpec
+from streamprune.config import RunConfig
+from streamprune.engine import pipeline
+from streamprune.errors import StreamPruneError
 from streamprune.planning.validate import check_sparsity
+from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
+from streamprune.pruning.selection import head_layouts, tensor_parallel_ok, uniform_sizes
 from tests.models import save_tiny_model, tiny_config
 from tests.pruning.test_allocation import SPEC, fake_costs
 

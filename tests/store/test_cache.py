@@ -8,9 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamprune.store import cache as cache_module
-from streamprune.store.cache import OWNER_MARK, ActivationCache, check_cache_folder, chunk_rows, cache_owner, run_cache_folder
 from streamprune.errors import StreamPruneError
+from streamprune.store import cache as cache_module
+from streamprune.store.cache import (
+    OWNER_MARK,
+    ActivationCache,
+    cache_owner,
+    check_cache_folder,
+    chunk_rows,
+    run_cache_folder,
+)
 
 SAMPLES, SEQ, HIDDEN = 5, 3, 4
 SAMPLE_BYTES = SEQ * HIDDEN * 4

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from streamprune.config import RunConfig
-from streamprune.store.documents import SEPARATOR, TextSource, parse_dataset
 from streamprune.errors import StreamPruneError
+from streamprune.store.documents import SEPARATOR, TextSource, parse_dataset
 from tests.harness import invoke
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
@@ -139,8 +139,8 @@ def test_the_fingerprint_covers_field_and_dataset(tmp_path):
 
 
 # a fast run (the text source is what is compared, not the method)
-RUN = ["--shards", DEMO / "stories260K", "--samples", 4, "--seq-len", 64, "--method", "magnitude", "--allocation", "rule",
-       "--quiet"]
+RUN = ["--shards", DEMO / "stories260K", "--samples", 4, "--seq-len", 64, "--method", "magnitude",
+       "--allocation", "rule", "--quiet"]
 
 
 def model_files(out: Path) -> dict:

@@ -7,7 +7,14 @@ import json
 import pytest
 
 from streamprune.errors import StreamPruneError
-from streamprune.store.fsutil import TMP_SUFFIX, atomic_write, atomic_write_bytes, atomic_write_json, remove_temporaries, write_kind
+from streamprune.store.fsutil import (
+    TMP_SUFFIX,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_temporaries,
+    write_kind,
+)
 
 
 def test_bytes_and_json_land_under_the_final_name_only(tmp_path):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from streamprune.store import journal
 from streamprune.errors import StreamPruneError
+from streamprune.store import journal
 from streamprune.store.journal import WORKDIR, Journal, refuse_foreign_folder
 
 FINGERPRINT = {"sparsity": 0.3, "samples": 4, "input:model.safetensors": "aa", "input:config.json": "bb"}
@@ -85,7 +85,8 @@ def test_mismatch_names_changed_inputs_or_arguments(tmp_path):
     assert isinstance(inputs, StreamPruneError)
     assert "the input model changed" in str(inputs) and "(model.safetensors)" in str(inputs)
     assert "sparsity" not in str(inputs)  # the input is what to restore first
-    removed = journal.mismatch(tmp_path, FINGERPRINT, {k: v for k, v in FINGERPRINT.items() if k != "input:config.json"})
+    removed = journal.mismatch(tmp_path, FINGERPRINT,
+                               {k: v for k, v in FINGERPRINT.items() if k != "input:config.json"})
     assert "(config.json)" in str(removed)
     args = journal.mismatch(tmp_path, FINGERPRINT, dict(FINGERPRINT, sparsity=0.5, samples=8))
     assert "different arguments (samples, sparsity)" in str(args) and "input model" not in str(args)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from streamprune.store import shards
 from streamprune.errors import StreamPruneError
+from streamprune.store import shards
 from streamprune.store.shards import OutTensor, ShardIndex, read_header, tensor_bytes, write_safetensors
 
 
