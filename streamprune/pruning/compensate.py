@@ -18,13 +18,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from .block import attention_heads, attention_output, mlp_activations, rms_norm
 from ..arch.spec import BlockSpec
-from .scoring.base import Calibration
+from .block import attention_heads, attention_output, mlp_activations, rms_norm
 from .numerics import RIDGE, NormalEquations, gram_dtype, token_scale
+from .phases import phase
+from .ranks import SINGLE, Ranks
+from .scoring.base import Calibration
 from .scoring.obs import down_equations
 from .selection import Kept
-from .phases import phase
 
 
 def memory_bytes(n_in: int, n_out: int) -> int:
@@ -71,7 +72,7 @@ def shared(calib: Calibration, what: str, kept: Kept):
 
 def refit_o_proj(W, spec: BlockSpec, W_new, kept: Kept, calib: Calibration, ridge: float) -> torch.Tensor:
     """o_proj refit so the kept heads reproduce the dense attention output (one attention pass)."""
-    eq = NormalEquations(calib.placement, calib.ranks.sum_)
+    eq = NormalEquations(calib.placement, calib.ranks)
     with phase(calib.timer, "compensation_gram"):
         for x in calib.batches():
             heads = attention_heads(W, spec, x, calib.cos, calib.sin)
@@ -83,7 +84,7 @@ def refit_o_proj(W, spec: BlockSpec, W_new, kept: Kept, calib: Calibration, ridg
 
 def restore_means(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, torch.Tensor], kept: Kept,
                   batches: Callable[[], Iterator[torch.Tensor]], cos, sin, biases: frozenset[str],
-                  sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
+                  ranks: Ranks = SINGLE) -> dict[str, torch.Tensor]:
     """FLAP's compensation (An et al., arXiv 2312.11983): what the removed heads and neurons output
     on average over the calibration tokens (dense block) is added to o_proj's and down_proj's
     bias, for the sublayers in `biases` (those whose output can carry a bias)."""
@@ -95,8 +96,8 @@ def restore_means(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, 
         head_sum = head_sum + heads.double().sum((0, 1))  # (H, D)
         act_sum = act_sum + a.double().sum((0, 1))  # (I,)
         n += x.shape[0] * x.shape[1]
-    head_sum, act_sum = sum_(head_sum), sum_(act_sum)  # the other ranks' windows
-    n = round(sum_(torch.tensor([float(n)], dtype=torch.float64)).item())
+    head_sum, act_sum = ranks.sum_(head_sum), ranks.sum_(act_sum)  # the other ranks' windows
+    n = round(ranks.sum_(torch.tensor([float(n)], dtype=torch.float64)).item())
     for sublayer, proj, bias, total, kept_units in (("attention", "o", "o_bias", head_sum, kept.heads),
                                                     ("mlp", "down", "down_bias", act_sum, kept.neurons)):
         removed = torch.ones(total.shape[0], dtype=torch.float64, device=W[proj].device)
@@ -141,7 +142,7 @@ class MeanBias(Compensation):
     name, needs_biases, forward_passes = "mean", True, 1.0
 
     def apply(self, W, spec, W_new, spec_new, kept, calib, biases):
-        return restore_means(W, spec, W_new, kept, calib.batches, calib.cos, calib.sin, biases, calib.ranks.sum_)
+        return restore_means(W, spec, W_new, kept, calib.batches, calib.cos, calib.sin, biases, calib.ranks)
 
 
 COMPENSATIONS: dict[str, Compensation] = {c.name: c() for c in (LeastSquares, MeanBias, Compensation)}

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+
+from .ranks import SINGLE, Ranks
 
 RIDGE = 1e-2  # ridge of least-squares refits and OBS, relative to the mean of diag(G)
 FP64_SOLVE_MAX = 4096  # larger Gram matrices are kept and factored in fp32 (half the memory)
@@ -136,13 +137,12 @@ def add_gram(G: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor | None = N
 class NormalEquations:
     """Streaming accumulation of G = A^T A and C = A^T Y and the ridge solve: in fp64 up to
     FP64_SOLVE_MAX inputs, in fp32 beyond, where the solve is fp32 anyway (as OBS keeps its Gram).
-    `sum_` adds the other ranks' parts (several processes), once, before the first use."""
+    `ranks` adds the other ranks' parts (several processes), once, before the first use."""
 
-    def __init__(self, placement: GramPlacement = ON_DEVICE,
-                 sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t):
+    def __init__(self, placement: GramPlacement = ON_DEVICE, ranks: Ranks = SINGLE):
         self.G = self.C = None
         self.placement = placement
-        self.sum_ = sum_
+        self.ranks = ranks
 
     def add(self, A: torch.Tensor, Y: torch.Tensor | None, scale: torch.Tensor) -> None:
         """Rows of A and Y (tokens) weighted by `scale` (per token). Y None: only G (C given later)."""
@@ -154,10 +154,10 @@ class NormalEquations:
 
     def summed(self) -> "NormalEquations":
         """Every rank's parts added; later solves and restrictions add nothing more."""
-        self.G = self.sum_(self.G)
+        self.G = self.ranks.sum_(self.G)
         if self.C is not None:
-            self.C = self.sum_(self.C)
-        self.sum_ = lambda t: t
+            self.C = self.ranks.sum_(self.C)
+        self.ranks = SINGLE
         return self
 
     @classmethod

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..block import attention_heads, attention_output, mlp_activations, rms_norm
 from ...arch.spec import BlockSpec
+from ..block import attention_heads, attention_output, mlp_activations, rms_norm
 from ..numerics import RIDGE, NormalEquations, add_ridge, gram_dtype, invert_spd, solve, token_scale
 from ..phases import phase
 from .base import Calibration
@@ -47,12 +47,12 @@ def down_equations(W, spec: BlockSpec, calib: Calibration, kept_heads: torch.Ten
                    o_proj: torch.Tensor | None = None, neurons: torch.Tensor | None = None,
                    rhs: bool = True) -> NormalEquations:
     """down_proj's normal equations over all neurons (or those listed in `neurons`), behind the
-    attention cut to `kept_heads` with `o_proj` (None: the dense attention): A = the MLP activations, Y = what down_proj must add
-    for the block to reproduce its dense output, tokens weighted by 1 / rms of that output. G is
-    what greedy OBS ranks the neurons on; restricted to the kept neurons, G and C are least-squares
-    compensation's refit of down_proj. One pass; the dense outputs are read back when kept.
-    `rhs` False: G alone (OBS's ranking)."""
-    eq = NormalEquations(calib.placement, calib.ranks.sum_)
+    attention cut to `kept_heads` with `o_proj` (None: the dense attention): A = the MLP
+    activations, Y = what down_proj must add for the block to reproduce its dense output, tokens
+    weighted by 1 / rms of that output. G is what greedy OBS ranks the neurons on; restricted to the
+    kept neurons, G and C are least-squares compensation's refit of down_proj. One pass; the dense
+    outputs are read back when kept. `rhs` False: G alone (OBS's ranking)."""
+    eq = NormalEquations(calib.placement, calib.ranks)
     bias = W.get("down_bias", 0)
     W_in = W if neurons is None else {k: W[k][neurons.to(W[k].device)] for k in ("gate", "up", "gate_bias", "up_bias")
                                       if k in W}
