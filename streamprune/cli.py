@@ -174,7 +174,8 @@ def defaulted(*names: str) -> tuple[str, ...]:
 
 def compensation_options(command):
     """--compensate lsq|mean|none and its shorthand --no-compensate (run and plan share them)."""
-    command = click.option("--no-compensate", "compensate", flag_value="none", help="Same as --compensate none.")(command)
+    command = click.option("--no-compensate", "compensate", flag_value="none",
+                           help="Same as --compensate none.")(command)
     return click.option(
         "--compensate", type=click.Choice(COMPENSATIONS), default=RunConfig.compensate, show_default=True,
         help="After slicing: lsq refits o_proj and down_proj by least squares; mean adds the removed units' "
@@ -224,7 +225,8 @@ def preview_sparsities(sparsity: float, text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise StreamPruneError(f"--preview must be sparsities separated by commas (e.g. 0.2,0.4), got {text!r}") from None
+        raise StreamPruneError(f"--preview must be sparsities separated by commas (e.g. 0.2,0.4), "
+                               f"got {text!r}") from None
     return sorted({sparsity, *values})
 
 
@@ -248,7 +250,8 @@ def multiple_of_option(command):
                    "together: under --allocation global some blocks lose much more, others less or nothing.")
 @click.option("--calib", type=PathArg(dir_okay=False),
               help="Calibration text: a plain text file, JSON lines (.jsonl, .json, .gz) or Parquet.")
-@click.option("--calib-dataset", help="Calibration from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --calib).")
+@click.option("--calib-dataset",
+              help="Calibration from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --calib).")
 @click.option("--text-field", default=RunConfig.text_field, show_default=True, help=TEXT_FIELD_HELP)
 @click.option("--samples", default=RunConfig.samples, show_default=f"{RunConfig.samples}, or what the text holds",
               help="Calibration windows (unset: fewer when the text is short, with a warning).")
@@ -281,7 +284,8 @@ def multiple_of_option(command):
 @click.option("--eval", "eval", type=PathArg(dir_okay=False),
               help="Held-out text: measure perplexity before and after (streaming), into report.json. "
                    "Plain text, JSON lines or Parquet.")
-@click.option("--eval-dataset", help="Held-out text from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --eval).")
+@click.option("--eval-dataset",
+              help="Held-out text from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --eval).")
 @click.option("--eval-seq-len", default=0,
               help="Tokens per evaluation window (0: 2048, at most max_position_embeddings; as `eval`).")
 @click.option("--survey-only", is_flag=True,
@@ -362,7 +366,8 @@ def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: in
               "default: what is free, or the --gpu's memory).")
 @click.option("--no-timing", is_flag=True, help="Skip the short speed calibration (no time estimate).")
 @click.option("--nproc", default=1, show_default=True,
-              help="Processes of a data-parallel run (torchrun --nproc-per-node N): memory and disk per process, speed-up.")
+              help="Processes of a data-parallel run (torchrun --nproc-per-node N): memory and disk per process, "
+                   "speed-up.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_command(shards, revision, out, cache_dir, sparsity, calib, calib_dataset, text_field, samples, seq_len,
                  allocation, device, gpu_name, method, budget, compensate, multiple_of, row_multiple, batch_size,
@@ -396,7 +401,8 @@ def plan_command(shards, revision, out, cache_dir, sparsity, calib, calib_datase
 @model_options("--model", "Model (input or pruned)")
 @click.option("--text", type=PathArg(dir_okay=False),
               help="Held-out text: a plain text file, JSON lines (.jsonl, .json, .gz) or Parquet.")
-@click.option("--text-dataset", help="Held-out text from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --text).")
+@click.option("--text-dataset",
+              help="Held-out text from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --text).")
 @click.option("--text-field", default=RunConfig.text_field, show_default=True, help=TEXT_FIELD_HELP)
 @click.option("--seq-len", default=0, help="Tokens per window (0: 2048, at most max_position_embeddings).")
 @click.option("--device", type=Device(), default=RunConfig.device, show_default=True, help="cpu or cuda.")
@@ -408,8 +414,8 @@ def plan_command(shards, revision, out, cache_dir, sparsity, calib, calib_datase
 def eval_command(model, revision, text, text_dataset, text_field, seq_len, device, batch_size, max_windows, cache_dir,
                  as_json, quiet):
     """Perplexity on held-out text, streaming one block at a time."""
-    from .store.documents import TextSource
     from .engine.evaluate import perplexity
+    from .store.documents import TextSource
     if seq_len < 0 or batch_size < 0 or max_windows < 0:
         raise StreamPruneError("--seq-len, --batch-size and --max-windows must be >= 0")
     if (text is None) == (text_dataset is None):

@@ -140,9 +140,8 @@ class RunConfig:
         return TextSource(file=self.eval, dataset=self.eval_dataset, field=self.text_field)
 
     # Fields that do not change the output bytes, so a resumed run may differ in them.
-    NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "survey_only", "restart", "progress", "batch_size", "max_memory", "overlap",
-                         "profile", "eval", "eval_dataset",
-                         "eval_seq_len", "adaptable")
+    NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "survey_only", "restart", "progress", "batch_size",
+                         "max_memory", "overlap", "profile", "eval", "eval_dataset", "eval_seq_len", "adaptable")
 
     # What the survey does not depend on: a survey-only run (or one stopped before pruning) gives its
     # survey to a run that differs only in these (journal.survey_carried).

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..store.documents import as_source
 from ..errors import StreamPruneError
-from .spec import EMBED
+from ..store.documents import as_source
 from ..store.shards import check_folder_files
+from .spec import EMBED
 
 log = logging.getLogger(__name__)
 

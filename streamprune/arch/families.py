@@ -16,6 +16,7 @@ from ..errors import StreamPruneError
 from ..store.shards import is_input_file, read_json
 from .spec import Architecture, BlockSpec
 
+
 @dataclass(frozen=True)
 class Family:
     """What differs between the supported families; nothing else in streamprune branches on them."""

@@ -59,8 +59,8 @@ def download_model(repo_id: str, revision: str | None = None) -> Path:
         raise StreamPruneError(NO_SAFETENSORS.format(repo_id))
     if missing:
         raise StreamPruneError(f"Hugging Face Hub model {repo_id} (commit {commit[:12]}) is missing "
-                               f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: an interrupted download? "
-                               "run again with network access to finish it")
+                               f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: "
+                               "an interrupted download? run again with network access to finish it")
     return folder
 
 
@@ -76,7 +76,8 @@ def weight_files(index: Path, repo_id: str) -> list[str]:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise StreamPruneError(f"{repo_id}: {INDEX} is not a valid safetensors index") from None
-    bad = [f for f in files if not isinstance(f, str) or "/" in f or f.startswith(".") or not f.endswith(".safetensors")]
+    bad = [f for f in files
+           if not isinstance(f, str) or "/" in f or f.startswith(".") or not f.endswith(".safetensors")]
     if bad:
         raise StreamPruneError(f"{repo_id}: {INDEX} names a file streamprune does not read: {bad[0]!r}")
     return files
@@ -85,8 +86,14 @@ def weight_files(index: Path, repo_id: str) -> list[str]:
 def snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     """snapshot_download limited to `patterns`, its failures as one-line StreamPruneErrors."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
     where = f"Hugging Face Hub model {repo_id}" + (f" (revision {revision})" if revision else "")
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
@@ -137,8 +144,8 @@ def remote_model(repo_id: str, revision: str | None):
     from huggingface_hub import get_safetensors_metadata
     from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError, SafetensorsParsingError
 
-    from .model import model_from_headers
     from ..store.shards import TensorInfo
+    from .model import model_from_headers
     folder = snapshot(repo_id, revision, SMALL_FILES)
     try:
         meta = get_safetensors_metadata(repo_id, revision=folder.name)

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from ..errors import StreamPruneError
-from .spec import Architecture
-from .families import architecture, read_config
 from ..store.shards import ShardIndex
+from .families import architecture, read_config
+from .spec import Architecture
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..store.cache import ActivationCache
-from ..config import RunConfig
-from ..pruning.ranks import Ranks, Share
 from ..arch.families import rotary_tables
 from ..arch.model import Model, block_generator, check_device
-from ..pruning.shape import Shape
+from ..config import RunConfig
 from ..pruning.numerics import GramPlacement
 from ..pruning.phases import PhaseTimer, timed_batches
+from ..pruning.ranks import Ranks, Share
 from ..pruning.scoring import Calibration
 from ..pruning.scoring.base import Targets
+from ..pruning.shape import Shape
+from ..store.cache import ActivationCache
 from .stream import BlockStream
 
 

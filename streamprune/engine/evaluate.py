@@ -18,17 +18,24 @@ from pathlib import Path
 
 import torch
 
-from ..pruning.block import block_forward, rms_norm
-from ..store.cache import EVAL_PREFIX, ActivationCache
-from ..arch.calibration import check_tokens_fit, check_window, default_window, load_tokenizer, tokenize_file, write_embeddings
-from ..store.documents import as_source
-from ..errors import StreamPruneError
-from ..arch.spec import EMBED, FINAL_NORM, LM_HEAD
+from ..arch.calibration import (
+    check_tokens_fit,
+    check_window,
+    default_window,
+    load_tokenizer,
+    tokenize_file,
+    write_embeddings,
+)
 from ..arch.families import rotary_tables
 from ..arch.model import check_device, compute_dtype, open_model
+from ..arch.spec import EMBED, FINAL_NORM, LM_HEAD
+from ..errors import StreamPruneError
 from ..planning.plan import activation_bytes
-from .stream import BlockStream, progress_bar
+from ..pruning.block import block_forward, rms_norm
+from ..store.cache import EVAL_PREFIX, ActivationCache
+from ..store.documents import as_source
 from ..store.shards import DTYPES
+from .stream import BlockStream, progress_bar
 
 log = logging.getLogger(__name__)
 

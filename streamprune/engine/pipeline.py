@@ -16,35 +16,35 @@ from pathlib import Path
 
 import torch
 
-from ..store.cache import ActivationCache, check_cache_folder, cache_owner, run_cache_folder
 from ..arch.calibration import check_text_sources, check_tokens_fit, fitted_windows, token_windows, write_embeddings
-from ..config import RunConfig
-from ..pruning.ranks import SINGLE, Ranks
-from .distributed import join_ranks, other_rank_cache_folders, rank_cache_folder, shared_micro_batch
-from ..errors import StreamPruneError
 from ..arch.families import bias_sublayers
-from ..store.faults import fault_point
-from ..store.fsutil import atomic_write, atomic_write_json, remove_temporaries
-from ..pruning.allocation import allocate
 from ..arch.model import Model, check_device, open_model
-from ..pruning.shape import Shape, check_uniform, cut_sublayers, rule_shape, shape_of
-from ..store.journal import WORKDIR, Journal, refuse_foreign_folder
-from ..store.records import expect, read_checked_json
-from ..pruning.numerics import GramPlacement
-from .run_eval import attach_eval, eval_text_key, journaled_eval
-from ..store.runlog import FILE_ONLY, TERMINAL_ONLY, held_records, run_log
-from ..store.lock import OutputLock
-from ..output.model_card import base_model_name, write_card
 from ..arch.output_config import check_per_block_writable
-from ..store.modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
+from ..config import RunConfig
+from ..errors import StreamPruneError
+from ..output.model_card import base_model_name, write_card
 from ..planning.advice import refusal
 from ..planning.plan import Plan, plan_run
-from .context import RunContext
-from .pruning_pass import BlockRunner
-from .survey import survey
-from ..store.shards import INDEX, OutTensor, read_header, shard_name, write_safetensors
-from ..pruning.phases import add_phases
 from ..planning.validate import check_free_disk, check_paths, check_sparsity, check_writable
+from ..pruning.allocation import allocate
+from ..pruning.numerics import GramPlacement
+from ..pruning.phases import add_phases
+from ..pruning.ranks import SINGLE, Ranks
+from ..pruning.shape import Shape, check_uniform, cut_sublayers, rule_shape, shape_of
+from ..store.cache import ActivationCache, cache_owner, check_cache_folder, run_cache_folder
+from ..store.faults import fault_point
+from ..store.fsutil import atomic_write, atomic_write_json, remove_temporaries
+from ..store.journal import WORKDIR, Journal, refuse_foreign_folder
+from ..store.lock import OutputLock
+from ..store.modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
+from ..store.records import expect, read_checked_json
+from ..store.runlog import FILE_ONLY, TERMINAL_ONLY, held_records, run_log
+from ..store.shards import INDEX, OutTensor, read_header, shard_name, write_safetensors
+from .context import RunContext
+from .distributed import join_ranks, other_rank_cache_folders, rank_cache_folder, shared_micro_batch
+from .pruning_pass import BlockRunner
+from .run_eval import attach_eval, eval_text_key, journaled_eval
+from .survey import survey
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,9 @@ def build_report(ctx: RunContext, shape: Shape, journal: Journal) -> dict:
                      biases_added=sorted(bias_sublayers(out_config) - bias_sublayers(model.arch.config))),
         "blocks": [{k: v for k, v in b.items() if k != "timing"} for b in blocks],
         "block_params": {"before": before, "after": after, "removed_fraction": 1 - after / before},
-        "timing": {"seconds": work_seconds(journal), **dense_passes(journal), "wall_seconds_total": journal.wall_seconds,
-                   "sessions": journal.sessions, "blocks_seconds": journal.blocks_seconds,
+        "timing": {"seconds": work_seconds(journal), **dense_passes(journal),
+                   "wall_seconds_total": journal.wall_seconds, "sessions": journal.sessions,
+                   "blocks_seconds": journal.blocks_seconds,
                    "peak_rss_bytes": peak_rss_bytes(), "micro_batch": ctx.batch,
                    "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
                    "phases": phase_totals(blocks, journal), "blocks": [b["timing"] for b in blocks]},
@@ -222,7 +223,8 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
     model = open_model(cfg.shards)
     check_cache_folder(cache_folder_of(cfg, ranks), cfg.out)
     if cfg.samples < ranks.world:
-        raise StreamPruneError(f"--samples {cfg.samples} is fewer than the {ranks.world} processes: each needs a window")
+        raise StreamPruneError(f"--samples {cfg.samples} is fewer than the {ranks.world} processes: "
+                               "each needs a window")
     check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
     compensation = cfg.compensation
     if cfg.survey_only and cfg.allocation == "rule":
@@ -295,7 +297,8 @@ def open_journal(cfg: RunConfig, model: Model, memory: Plan, ranks: Ranks, t0: f
         return Journal.copy(state), done
     if cfg.restart:
         clear_output(cfg.out, run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir))
-    fingerprint = dict(cfg.fingerprint(), **input_fingerprint(model.folder, {t.file for t in model.index.tensors.values()}))
+    input_files = {t.file for t in model.index.tensors.values()}
+    fingerprint = dict(cfg.fingerprint(), **input_fingerprint(model.folder, input_files))
     if ranks.world > 1:  # float sums, and so the output bytes, depend on how the windows are split
         fingerprint["processes"] = ranks.world
     journal = Journal.open(cfg.out, fingerprint, cfg.restart, t0, cfg.SURVEY_FREE)
@@ -355,7 +358,7 @@ def prune(ctx: RunContext, journal: Journal) -> dict | None:
         costs = measured_costs(ctx, journal)
         log.info("survey done: %s (run the same command without --survey-only, at any sparsity, to prune)", cfg.out)
         return {"survey_only": True, "costs": costs, "model": model} if ranks.is_writer else None
-    if cfg.eval_source() is not None and ranks.world == 1:  # the input's perplexity, once (journaled), before any pruning
+    if cfg.eval_source() is not None and ranks.world == 1:  # the input's perplexity, once (journaled), before pruning
         journaled_eval(cfg, journal, "before", model.folder, cache.folder)  # (several ranks: rank 0's, at the end)
     shape = decide_shape(ctx, journal)
     if ranks.is_writer:

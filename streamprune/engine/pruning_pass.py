@@ -12,21 +12,21 @@ from pathlib import Path
 
 import torch
 
-from ..pruning.block import block_forward
-from .context import RunContext
-from ..store.faults import fault_point
 from ..arch.families import bias_sublayers
-from ..store.journal import Journal
-from ..pruning.shape import Shape
+from ..planning.validate import check_finite_activations
+from ..pruning.block import block_forward
 from ..pruning.phases import PhaseTimer, phase, timed_batches
-from ..store.records import BlockRecord
-from ..store.runlog import FILE_ONLY
 from ..pruning.scoring.base import TargetKeeper, Targets
 from ..pruning.selection import select_units
-from ..store.shards import OutTensor, shard_name, write_safetensors
+from ..pruning.shape import Shape
 from ..pruning.slicing import add_zero_biases, slice_block
+from ..store.faults import fault_point
+from ..store.journal import Journal
+from ..store.records import BlockRecord
+from ..store.runlog import FILE_ONLY
+from ..store.shards import OutTensor, shard_name, write_safetensors
+from .context import RunContext
 from .stream import BlockStream, progress_bar
-from ..planning.validate import check_finite_activations
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class BlockRunner:
             with timer.phase("score"):
                 scores = self.cfg.scorer(sizes).score(W, spec, calib)
             with timer.phase("slice"):
-                kept = self.ranks.broadcast(select_units(scores.heads, scores.neurons, spec, sizes))  # rank 0's, exactly
+                # rank 0's, exactly
+                kept = self.ranks.broadcast(select_units(scores.heads, scores.neurons, spec, sizes))
                 W_new, spec_new = slice_block(W, spec, kept)
             with timer.phase("compensate"):
                 W_new = self.ranks.broadcast_tensors(self.cfg.compensation.apply(W, spec, W_new, spec_new, kept, calib,

@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..config import RunConfig
-from .evaluate import choose_seq_len, perplexity
 from ..arch.families import read_config
+from ..config import RunConfig
+from ..output.model_card import base_model_name, write_card
 from ..store.fsutil import atomic_write_json
 from ..store.journal import Journal
-from ..output.model_card import base_model_name, write_card
 from ..store.runlog import FILE_ONLY
+from .evaluate import choose_seq_len, perplexity
 
 log = logging.getLogger(__name__)
 

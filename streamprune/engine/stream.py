@@ -10,10 +10,10 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from ..store.cache import ActivationCache, CacheWriter
 from ..arch.model import Model, compute_dtype
-from ..store.runlog import BlockProgress
 from ..planning.validate import check_finite_weights
+from ..store.cache import ActivationCache, CacheWriter
+from ..store.runlog import BlockProgress
 
 
 def progress_bar(desc: str, total: int, start: int = 0, progress: bool = True, unit: str = "block") -> tqdm:

@@ -11,13 +11,13 @@ import time
 
 import torch
 
-from .context import RunContext
-from ..pruning.costs import BlockCosts, block_costs
-from ..store.journal import Journal
-from ..pruning.phases import PhaseTimer
-from ..store.runlog import FILE_ONLY
-from .stream import progress_bar
 from ..planning.validate import check_finite_activations
+from ..pruning.costs import BlockCosts, block_costs
+from ..pruning.phases import PhaseTimer
+from ..store.journal import Journal
+from ..store.runlog import FILE_ONLY
+from .context import RunContext
+from .stream import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ..arch.families import hf_config, rope_type, rotary_embedding
+from ..arch.model import open_model
+from ..arch.spec import EMBED, FINAL_NORM, LM_HEAD, Architecture, BlockSpec
 from ..config import GGUF_TYPES
 from ..errors import StreamPruneError
-from ..arch.spec import EMBED, FINAL_NORM, LM_HEAD, Architecture, BlockSpec
-from ..arch.families import hf_config, rope_type, rotary_embedding
 from ..store.fsutil import fsync_dir
 from .gguf_vocab import GGUFVocab, read_vocab
-from ..arch.model import open_model
 
 CHUNK_ELEMENTS = 16 * 2**20  # rows of the embedding and lm_head converted at a time
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..arch.families import FAMILIES, architecture, hf_config, read_config
 from ..errors import StreamPruneError
-from ..arch.families import FAMILIES, hf_config, architecture, read_config
 from ..store.shards import ShardIndex
 
 # the logger transformers warns on when a per-layer attribute is read from the global config

@@ -49,7 +49,8 @@ def model_card(report: dict, config: dict, base_model: str) -> str:
                   "model = AutoModelForCausalLM.from_pretrained(\"THIS_FOLDER\")", "```"]
     lines += ["", "For llama.cpp (and the engines built on it), write a GGUF file"
               + (" (per-block shapes use llama.cpp's `deci` architecture):" if per_layer else ":"), "",
-              "```bash", "streamprune export THIS_FOLDER --gguf model.gguf --type q8_0   # f32, f16, bf16, q8_0, q5_0, q4_0",
+              "```bash",
+              "streamprune export THIS_FOLDER --gguf model.gguf --type q8_0   # f32, f16, bf16, q8_0, q5_0, q4_0",
               "```", ""]
     return "\n".join(lines)
 

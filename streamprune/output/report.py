@@ -10,7 +10,6 @@ from pathlib import Path
 from ..errors import StreamPruneError
 from ..store.records import Damaged, check_block_record, expect, expect_fields, read_checked_json
 
-
 SECTIONS = {"arguments": {}, "model": {}, "plan": {},
             "block_params": {"before": (int,), "after": (int,), "removed_fraction": (int, float)},
             "eval": {"text": (str,), "tokens": (int,), "seq_len": (int,), "ppl_before": (int, float),
@@ -72,8 +71,10 @@ def render_report(report: dict) -> str:
              f"pruned to a {model.get('output_model_type', '?')}",
              f"sparsity {args.get('sparsity', '?')}, method {args.get('method', '?')}, "
              f"calibration {args.get('samples', '?')} x {args.get('seq_len', '?')} tokens of {args.get('calib', '?')}"
-             + (f", --multiple-of {args['multiple_of']} (tensor parallelism)" if args.get("multiple_of", 1) != 1 else "")
-             + (f", --row-multiple {args['row_multiple']} (quantized rows)" if args.get("row_multiple", 1) != 1 else ""),
+             + (f", --multiple-of {args['multiple_of']} (tensor parallelism)"
+                if args.get("multiple_of", 1) != 1 else "")
+             + (f", --row-multiple {args['row_multiple']} (quantized rows)"
+                if args.get("row_multiple", 1) != 1 else ""),
              ""]
     rows = [["layer", "heads", "kv", "neurons", "params", "rel.err", "kept heads"]]
     for b in blocks:

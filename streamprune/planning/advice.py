@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
-from ..store.cache import run_cache_folder
 from ..arch.calibration import run_window
+from ..arch.model import open_model, parse_device
 from ..config import COMPENSATIONS, METHODS
 from ..errors import StreamPruneError
+from ..store.cache import run_cache_folder
 from ..store.journal import WORKDIR
-from ..arch.model import open_model, parse_device
 from .plan import USABLE, Plan, available_memory, largest, one_thread_passes, parse_bytes, plan_run, run_passes
 from .timing import GPUS, Gpu, TimeEstimate, estimate_time, find_gpu, gpus_with, run_work, speedup
 from .validate import check_sparsity, disk_needs, size_text
@@ -136,7 +136,8 @@ def refusal(cfg, model, p: Plan) -> str:
     which = p.short_of or "host"
     need = p.peak_device_bytes if which == "GPU" else p.peak_host_bytes
     have = p.max_memory_bytes if which == "GPU" or not p.peak_device_bytes else p.host_limit_bytes
-    parts = ", ".join(f"{c.name.replace('_', ' ')} {size_text(c.bytes)}" for c in p.breakdown if c.memory == which and c.bytes)
+    parts = ", ".join(f"{c.name.replace('_', ' ')} {size_text(c.bytes)}"
+                      for c in p.breakdown if c.memory == which and c.bytes)
     fixes = [s.change for s in suggestions(cfg, model, p, offer_gpu=torch.cuda.is_available())]  # what runs here
     return (f"this run needs about {size_text(need)} of {which} memory with micro-batch {p.micro_batch} ({parts}), "
             f"{size_text(have)} available ({USABLE:.0%} of it planned for); "
@@ -162,7 +163,8 @@ def memory_warning(max_memory: int | None, device: str, gpu: Gpu | None = None) 
     if total is None or max_memory <= total[0]:
         return None
     risk = "run out of GPU memory" if parse_device(device).type == "cuda" else "swap or be killed"
-    return f"--max-memory {size_text(max_memory)} is more than the {size_text(total[0])} of {total[1]}; the run may {risk}"
+    return (f"--max-memory {size_text(max_memory)} is more than the {size_text(total[0])} of {total[1]}; "
+            f"the run may {risk}")
 
 
 NOT_DOWNLOADED = ("not measured: the weights are not downloaded (read from the Hub's safetensors headers); plan again "
@@ -261,7 +263,8 @@ def disk_suggestions(disk, p: Plan) -> list[Suggestion]:
         if d.fits:
             continue
         out.append(Suggestion(f"free {size_text(d.need_bytes - d.free_bytes)} in {d.folder}", p.micro_batch, 0,
-                              f"needs {size_text(d.need_bytes)} ({', '.join(d.parts)}), {size_text(d.free_bytes)} free"))
+                              f"needs {size_text(d.need_bytes)} ({', '.join(d.parts)}), "
+                              f"{size_text(d.free_bytes)} free"))
         if any(part.startswith("activation cache") for part in d.parts) and (
                 len(d.parts) == 1 or p.output_bytes <= d.free_bytes):
             out.append(Suggestion(f"--cache-dir on a disk with {size_text(p.cache_bytes)} free", p.micro_batch, 0))

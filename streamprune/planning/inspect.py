@@ -7,13 +7,13 @@ import dataclasses
 import math
 from pathlib import Path
 
-from ..config import check_multiple_of_range, check_sparsity_range
 from ..arch.families import FAMILIES
-from ..arch.spec import BlockSpec
 from ..arch.model import Model, open_model
-from ..pruning.shape import rule_shape
 from ..arch.output_config import family_change
+from ..arch.spec import BlockSpec
+from ..config import check_multiple_of_range, check_sparsity_range
 from ..pruning.selection import Alignment, attention_kept, head_layouts, ranked_layouts
+from ..pruning.shape import rule_shape
 from .validate import check_sparsity
 
 RULE = ("attention keeps the GQA layout (KV groups x query heads per group) whose share of the attention weights "
@@ -46,7 +46,8 @@ def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1, row_mu
         "model_type": arch.model_type, "layers": arch.n_layers, "hidden": arch.hidden,
         "heads": per_block(lambda x: x.n_heads), "kv_heads": per_block(lambda x: x.n_kv), "head_dim": b.head_dim,
         "neurons": per_block(lambda x: x.intermediate), "vocab": arch.vocab, "dtype": "/".join(dtypes),
-        "params": params, "block_params": block_params, "multiple_of": given, "row_multiple": row_multiple, "plan": None,
+        "params": params, "block_params": block_params, "multiple_of": given, "row_multiple": row_multiple,
+        "plan": None,
         "measured_allocations": MEASURED,
         "output_family": output_family(arch.model_type, b, multiple_of) if arch.uniform else None,
     }
@@ -59,7 +60,8 @@ def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1, row_mu
                         "neurons": sizes.intermediate, "block_params": after,
                         "removed_fraction": 1 - after / block_params,
                         "output_model_type": shape.config["model_type"],
-                        "rule": RULE, "layouts": [layout(b, kv, g) for kv, g in ranked_layouts(b, sparsity, multiple_of)[:3]],
+                        "rule": RULE,
+                        "layouts": [layout(b, kv, g) for kv, g in ranked_layouts(b, sparsity, multiple_of)[:3]],
                         "output_model_type_reason": family_change(arch.config, shape.config)}
     return info
 
@@ -89,7 +91,8 @@ def render_description(info: dict) -> str:
     if pl is None:
         lines.append("blocks of different shapes (a per-block output): prune it with --allocation global")
         return "\n".join(lines)
-    lines.append(f"fixed rule (--allocation rule) at sparsity {pl['sparsity']}: heads {info['heads']} -> {pl['heads']}, "
+    lines.append(f"fixed rule (--allocation rule) at sparsity {pl['sparsity']}: "
+                 f"heads {info['heads']} -> {pl['heads']}, "
                  f"KV heads {info['kv_heads']} -> {pl['kv_heads']}, neurons {info['neurons']} -> {pl['neurons']} per "
                  f"block; block params {info['block_params']:,} -> {pl['block_params']:,} "
                  f"({100 * pl['removed_fraction']:.1f}% removed); output model_type {pl['output_model_type']}")
@@ -105,7 +108,8 @@ def render_description(info: dict) -> str:
                      f"that are multiples of {info['multiple_of']})")
     if info.get("row_multiple", 1) > 1:
         lines.append(f"  (--row-multiple {info['row_multiple']}: neuron counts and query heads x head_dim "
-                     f"{info['head_dim']} are multiples of {info['row_multiple']}, so a quantized type splits every row)")
+                     f"{info['head_dim']} are multiples of {info['row_multiple']}, "
+                     "so a quantized type splits every row)")
     if pl["output_model_type_reason"]:
         lines.append(f"why {pl['output_model_type']}: {pl['output_model_type_reason']}")
     lines.append(f"{MEASURED}.")

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from decimal import Decimal
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 
 import psutil
 import torch
 
-from ..store.cache import chunk_rows
-from ..pruning.costs import SAMPLE_TOKENS
 from ..errors import StreamPruneError
-from ..pruning.shape import rule_shape
+from ..pruning.costs import SAMPLE_TOKENS
 from ..pruning.numerics import ON_DEVICE, GramPlacement
 from ..pruning.selection import Sizes
+from ..pruning.shape import rule_shape
+from ..store.cache import chunk_rows
 from ..store.shards import ITEMSIZE
 from .timing import block_flops, gram_flops
 
@@ -178,13 +178,15 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
                             limit, arch.widest)
     on_host = max(scoring_bytes, compensation_bytes) if placement.host else 0
     if placement.host:  # what stays on the GPU: the scorer's own sample and passes, column blocks of the Grams
-        scoring_bytes, compensation_bytes = (min(b, HOST_GRAMS_DEVICE_BYTES) for b in (scoring_bytes, compensation_bytes))
+        scoring_bytes, compensation_bytes = (min(b, HOST_GRAMS_DEVICE_BYTES)
+                                             for b in (scoring_bytes, compensation_bytes))
 
     def components(batch: int) -> tuple[Component, ...]:
         io = int(stored * (1 + kept))  # the prefetch of the next block + the write buffer
         parts = [
             Component("weights", where, int(compute * (1 + kept)),
-                      f"the largest block in the compute dtype ({'fp32' if not gpu else 'as stored'}) and its cut copy"),
+                      f"the largest block in the compute dtype ({'fp32' if not gpu else 'as stored'}) "
+                      "and its cut copy"),
             Component("prefetch_and_write", "host", io + stored if gpu else io,
                       "the next block read ahead and this block's shard being written, as stored"
                       + (", and the block on its way to the GPU" if gpu else "")),
@@ -199,11 +201,12 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
             parts.append(Component("host_grams", "host", on_host, "the Gram matrices of OBS and least squares, "
                                    "kept and factored on the host (they do not fit beside the block on the GPU)"))
         if gpu:  # a micro-batch passes through host memory a chunk at a time (read and write)
-            parts.append(Component("host_staging", "host",
-                                   2 * 4 * seq_len * arch.hidden * min(batch, chunk_rows((batch, seq_len, arch.hidden))),
+            rows = min(batch, chunk_rows((batch, seq_len, arch.hidden)))
+            parts.append(Component("host_staging", "host", 2 * 4 * seq_len * arch.hidden * rows,
                                    "micro-batch chunks between the activation cache and the GPU"))
         parts.append(Component("process", "host", CUDA_PROCESS_BYTES if gpu else BASE_PROCESS_BYTES,
-                               "Python, torch" + (" with the CUDA libraries" if gpu else "") + ", transformers, tokenizer"))
+                               "Python, torch" + (" with the CUDA libraries" if gpu else "")
+                               + ", transformers, tokenizer"))
         return tuple(parts)
 
     def peaks(parts) -> tuple[int, int]:

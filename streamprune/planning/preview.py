@@ -5,9 +5,9 @@ costs, sizes); nothing is pruned."""
 
 from __future__ import annotations
 
+from ..arch.spec import BlockSpec
 from ..pruning.allocation import allocate, linear_params
 from ..pruning.costs import BlockCosts
-from ..arch.spec import BlockSpec
 from ..pruning.selection import Sizes
 
 

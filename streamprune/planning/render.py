@@ -5,7 +5,8 @@ from __future__ import annotations
 from .timing import duration
 from .validate import size_text
 
-CAUSES = {"samples": "all the windows at once", "memory": "the largest that fits", "--batch-size": "as --batch-size asks"}
+CAUSES = {"samples": "all the windows at once", "memory": "the largest that fits",
+          "--batch-size": "as --batch-size asks"}
 
 
 def render_plan(info: dict) -> list[str]:
@@ -23,8 +24,9 @@ def render_plan(info: dict) -> list[str]:
                      f"{size_text(d['free_bytes'])} free: {'fits' if d['fits'] else 'DOES NOT FIT'}")
     lines.append(f"  (output in {info['out']}, activation cache in {info['cache_folder']})")
     cap = info["activation_cap_bytes"]
-    cause = (f"capped: on a CPU a micro-batch is kept under {size_text(cap)} of activations ({size_text(info['activation_bytes_per_window'])}"
-             " per window), larger ones stop paying off; --batch-size N overrides"
+    cause = (f"capped: on a CPU a micro-batch is kept under {size_text(cap)} of activations "
+             f"({size_text(info['activation_bytes_per_window'])} per window), larger ones stop paying off; "
+             "--batch-size N overrides"
              if info["limited_by"] == "activation cap" else CAUSES[info["limited_by"]])
     lines.append(f"memory with micro-batch {info['micro_batch']} ({cause}):")
     for c in info["breakdown"]:
@@ -40,8 +42,9 @@ def render_plan(info: dict) -> list[str]:
         if limit is None:
             lines.append(f"  peak {what}: {size_text(peak)}; not checked here: the GPU's machine needs that much free")
         else:
-            lines.append(f"  peak {what}: {size_text(peak)} of {size_text(limit)} ({source}; {info['usable_fraction']:.0%} is "
-                         f"planned for): {'DOES NOT FIT' if info['short_of'] == what else 'fits'}")
+            lines.append(f"  peak {what}: {size_text(peak)} of {size_text(limit)} ({source}; "
+                         f"{info['usable_fraction']:.0%} is planned for): "
+                         f"{'DOES NOT FIT' if info['short_of'] == what else 'fits'}")
     if info.get("grams_on") == "host":
         lines.append(f"  the Gram matrices of OBS and least squares do not fit beside the block on the GPU: kept and "
                      f"factored in host memory, formed {info['gram_chunk_columns']} columns at a time on the GPU")
@@ -56,8 +59,9 @@ def render_plan(info: dict) -> list[str]:
         else:
             lines.append("time: not measured here")
         passes, fewest = info["passes"], sum(info["passes_without_head_cuts"].values())
-        lines.append(f"  work: {sum(passes.values()):.1f} dense passes over {info['samples']} x {info['seq_len']} tokens ("
-                     + ", ".join(f"{k} {v:.1f}" for k, v in passes.items()) + f"); {fewest:.1f} if no block loses heads")
+        lines.append(f"  work: {sum(passes.values()):.1f} dense passes over {info['samples']} x {info['seq_len']} "
+                     "tokens (" + ", ".join(f"{k} {v:.1f}" for k, v in passes.items())
+                     + f"); {fewest:.1f} if no block loses heads")
         lines.append(f"  how: {t['how']}")
     if info.get("expected_speedup"):
         seconds = t["seconds"] if t and t["seconds"] is not None else None

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import StreamPruneError
 from ..arch.spec import BlockSpec
+from ..errors import StreamPruneError
+from ..pruning.selection import aligned, attention_params, head_layouts, neuron_step
 from ..store.journal import WORKDIR
 from ..store.shards import check_finite_tensor, first_bad_value
-from ..pruning.selection import aligned, attention_params, head_layouts, neuron_step
-
 
 
 def size_text(n: int) -> str:
@@ -152,7 +151,8 @@ def check_free_disk(out: Path, cache_folder: Path, output_bytes: int, cache_byte
     """Refuse up front when the output plus the activation cache will not fit (disk_needs)."""
     for d in disk_needs(out, cache_folder, output_bytes, cache_bytes):
         if not d.fits:
-            raise StreamPruneError(f"not enough free disk in {d.folder}: this run needs about {size_text(d.need_bytes)} "
+            raise StreamPruneError(f"not enough free disk in {d.folder}: this run needs about "
+                                   f"{size_text(d.need_bytes)} "
                                    f"({', '.join(d.parts)}), {size_text(d.free_bytes)} free; free some space or use "
                                    "--cache-dir on another disk")
 

@@ -13,8 +13,8 @@ and compensation interacts), which the quality benchmark (docs/quality.md) check
 
 from __future__ import annotations
 
-from .costs import BlockCosts
 from ..arch.spec import BlockSpec
+from .costs import BlockCosts
 from .selection import Sizes, aligned, attention_params, head_layouts, most_neurons, neuron_step
 
 

@@ -25,14 +25,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .ranks import Ranks
-from .block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from ..arch.spec import BlockSpec
+from .block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from .numerics import ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, invert_spd, mean_square, solve, token_scale
+from .phases import phase
+from .ranks import Ranks
 from .scoring.base import Calibration
 from .scoring.obs import greedy_removal_scores
 from .selection import Sizes, select_units
-from .phases import phase
 
 CURVE_STEPS = 48  # points of a block's neuron curve
 SAMPLE_TOKENS = 2048  # calibration tokens the head layouts are measured on (the perturb scorer's default)

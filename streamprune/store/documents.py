@@ -209,8 +209,8 @@ def dataset_documents(spec: str, field: str) -> list[str]:
         else:
             ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # datasets raises many types: not found, offline, bad split, bad config
-        raise StreamPruneError(f"cannot load dataset {spec}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
-                               ) from None
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise StreamPruneError(f"cannot load dataset {spec}: {detail}") from None
     if field not in ds.column_names:
         raise StreamPruneError(f"dataset {spec} has no column {field!r} ({', '.join(ds.column_names[:8])}); "
                                "choose it with --text-field")

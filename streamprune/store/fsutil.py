@@ -7,7 +7,7 @@ import errno
 import json
 import os
 from pathlib import Path
-from typing import Callable, BinaryIO
+from typing import BinaryIO, Callable
 
 from ..errors import StreamPruneError
 from .faults import fault_point, limit_disk

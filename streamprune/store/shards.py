@@ -8,8 +8,8 @@ import os
 import re
 import stat
 import struct
-from math import prod
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..block import attention_heads, attention_output, mlp_activations, rms_norm
 from ...arch.spec import BlockSpec
+from ..block import attention_heads, attention_output, mlp_activations, rms_norm
 from .base import Calibration
 
 

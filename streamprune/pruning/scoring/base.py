@@ -8,10 +8,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..ranks import SINGLE, Ranks
 from ...arch.spec import BlockSpec
 from ..numerics import ON_DEVICE, GramPlacement
 from ..phases import PhaseTimer
+from ..ranks import SINGLE, Ranks
 from ..selection import Sizes
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from ..block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from ...arch.spec import BlockSpec
+from ..block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
 from ..numerics import NormalEquations, add_gram, one_thread, token_scale, token_weight
-from ..selection import Sizes, select_units
 from ..phases import phase
+from ..selection import Sizes, select_units
 from .base import Calibration, Scorer, UnitScores
-from .obs import down_equations, greedy_removal_scores, head_columns, memory_bytes as obs_memory_bytes, refit_attention
+from .obs import down_equations, greedy_removal_scores, head_columns, refit_attention
+from .obs import memory_bytes as obs_memory_bytes
 
 MASKS = 24  # head perturbations per block at --budget 1 (64 before 2026-12-04: docs/scoring.md)
 TOKENS = 768  # calibration tokens each perturbation is measured on, at --budget 1 (2048 before)
@@ -74,7 +75,8 @@ class TokenSample:
             self.head_gram = calib.ranks.sum_(self.head_gram)
         if not xs:  # this rank drew no token (more micro-batches than tokens): its share is empty
             like = W["o"]
-            xs, os, ys = [like.new_empty(0, E)], [like.new_empty(0, spec.n_heads, spec.head_dim)], [like.new_empty(0, E)]
+            xs, ys = [like.new_empty(0, E)], [like.new_empty(0, E)]
+            os = [like.new_empty(0, spec.n_heads, spec.head_dim)]
         self.x, self.o, self.y = (calib.ranks.gather(torch.cat(t)) for t in (xs, os, ys))
         # the next block reads y through an RMSNorm, so an error counts relative to the size of its
         # token: weights 1 / mean(y_t^2) turn squared errors into errors after normalisation

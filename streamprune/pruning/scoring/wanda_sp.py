@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from ...arch.spec import BlockSpec
-from .base import Calibration, Scorer, UnitScores
 from .activations import channel_stats, per_head
+from .base import Calibration, Scorer, UnitScores
 
 
 class WandaSPScorer(Scorer):
