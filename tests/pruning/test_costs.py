@@ -1,0 +1,64 @@
+"""costs.py beyond what test_allocation.py covers (Grams, block_costs): BlockCosts as JSON and
+its neuron curve between and beyond its points, and the neuron curve itself."""
+
+import pytest
+import torch
+
+from streamprune.pruning.costs import CURVE_KEEP, CURVE_STEPS, BlockCosts, neuron_curve
+
+COSTS = BlockCosts({(2, 1): 0.5, (1, 2): 0.75, (2, 2): 0.0, (1, 1): 1.25},
+                   [(48, 0.0), (40, 0.125), (24, 0.5)], drop=3.0)
+
+
+def test_as_json_is_plain_sorted_json_and_from_json_gives_the_costs_back():
+    d = COSTS.as_json()
+    assert d == {"heads": [[1, 1, 1.25], [1, 2, 0.75], [2, 1, 0.5], [2, 2, 0.0]],
+                 "neurons": [[48, 0.0], [40, 0.125], [24, 0.5]], "drop": 3.0}
+    assert BlockCosts.from_json(d) == COSTS
+    # what JSON gives back (integral floats, ints for costs) comes back typed
+    back = BlockCosts.from_json({"heads": [[1.0, 2.0, 1]], "neurons": [[8.0, 0]], "drop": 2})
+    assert back.heads == {(1, 2): 1.0} and type(next(iter(back.heads))[0]) is int
+    assert back.neurons == [(8, 0.0)] and type(back.neurons[0][0]) is int and type(back.drop) is float
+
+
+def test_mlp_is_zero_at_all_neurons_linear_between_points_and_extrapolated_past_the_end():
+    assert COSTS.mlp(48) == 0.0 and COSTS.mlp(60) == 0.0
+    assert COSTS.mlp(40) == pytest.approx(0.125) and COSTS.mlp(24) == pytest.approx(0.5)
+    assert COSTS.mlp(44) == pytest.approx(0.0625)  # halfway between 48 and 40
+    assert COSTS.mlp(32) == pytest.approx(0.3125)  # halfway between 40 and 24
+    assert COSTS.mlp(8) == pytest.approx(0.875)  # the last segment's slope, 16 neurons further
+    assert COSTS.mlp(0) == pytest.approx(1.0625)
+
+
+def gram(n: int, tokens: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(tokens, n, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2, n, dtype=torch.float64)
+    W = torch.randn(16, n, generator=g, dtype=torch.float64)
+    return W, A.T @ A
+
+
+def test_neuron_curve_without_refit_is_the_removed_neurons_joint_output_cost():
+    I = 64
+    W, G = gram(I)
+    curve = neuron_curve(W, G, refit=False)
+    kept = [n for n, _ in curve]
+    assert curve[0] == (I, 0.0) and kept[-1] == max(1, round(I * CURVE_KEEP))
+    assert kept == sorted(kept, reverse=True) and len(curve) <= CURVE_STEPS + 1
+    costs = [c for _, c in curve]
+    assert all(b > a for a, b in zip(costs, costs[1:]))  # increasing in the neurons removed
+    P = (W.T @ W) * G
+    order = P.diagonal().argsort()
+    for n, c in curve[1:]:
+        removed = order[:I - n]
+        assert c == pytest.approx(P[removed][:, removed].sum().item(), rel=1e-9)
+
+
+def test_neuron_curve_with_refit_runs_the_same_points_and_grows():
+    I = 32
+    W, G = gram(I, seed=1)
+    plain = neuron_curve(W, G.clone(), refit=False)
+    refit = neuron_curve(W, G.clone(), refit=True)  # greedy OBS (on G plus its ridge)
+    assert [n for n, _ in refit] == [n for n, _ in plain]
+    assert refit[0] == (I, 0.0) and refit[-1][0] == max(1, round(I * CURVE_KEEP))
+    costs = [c for _, c in refit]
+    assert all(b > a for a, b in zip(costs, costs[1:]))
