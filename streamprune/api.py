@@ -27,47 +27,27 @@ NOT_OPTIONS = ("shards", "out", "sparsity", "calib", "progress")  # prune()'s ow
 
 @dataclass(frozen=True)
 class PruneResult:
-    """What a run did: report.json's figures (`report`, its whole contents); with survey_only, the
-    survey's costs of every block instead (`costs`, `model`: what `run --survey-only` previews)."""
+    """What a run did: report.json's figures, and all of it in `report`. With survey_only, the
+    survey's costs of every block instead (`costs`, and `model`: what `run --survey-only` previews)."""
 
     out: Path
     report: dict | None = None
+    params_before: int | None = None  # decoder blocks' parameters, before and after
+    params_after: int | None = None
+    removed_fraction: float | None = None
+    seconds: float | None = None  # setup, survey, pruning and writing, over every session (not evaluation)
+    dense_passes: float | None = None  # the run's time in dense streaming forwards over its calibration windows
+    peak_rss_bytes: int | None = None
+    ppl_before: float | None = None  # with an eval text
+    ppl_after: float | None = None
     costs: list | None = None
     model: object | None = None  # arch.model.Model, with survey_only
 
-    @property
-    def params_before(self) -> int:
-        return self.report["block_params"]["before"]
-
-    @property
-    def params_after(self) -> int:
-        return self.report["block_params"]["after"]
-
-    @property
-    def removed_fraction(self) -> float:
-        return self.report["block_params"]["removed_fraction"]
-
-    @property
-    def seconds(self) -> float:
-        """Setup, survey, pruning and writing, over every session of the run (not evaluation)."""
-        return self.report["timing"]["seconds"]
-
-    @property
-    def peak_rss_bytes(self) -> int:
-        return self.report["timing"]["peak_rss_bytes"]
-
-    @property
-    def dense_passes(self) -> float | None:
-        """The run's time in dense streaming forward passes over its calibration windows."""
-        return self.report["timing"].get("dense_passes")
-
-    @property
-    def ppl_before(self) -> float | None:
-        return self.report.get("eval", {}).get("ppl_before")
-
-    @property
-    def ppl_after(self) -> float | None:
-        return self.report.get("eval", {}).get("ppl_after")
+    @classmethod
+    def of_report(cls, out: Path, report: dict) -> "PruneResult":
+        params, timing, ev = report["block_params"], report["timing"], report.get("eval", {})
+        return cls(out, report, params["before"], params["after"], params["removed_fraction"], timing["seconds"],
+                   timing.get("dense_passes"), timing["peak_rss_bytes"], ev.get("ppl_before"), ev.get("ppl_after"))
 
 
 def prune(model: str | Path, out: str | Path, sparsity: float = RunConfig.sparsity, calib: str | Path | None = None,
@@ -112,6 +92,8 @@ def run_pruning(model, out, sparsity, calib, revision, progress, notify, options
     if folder != cfg.shards:
         notify(f"{model}: Hugging Face Hub snapshot {folder}")
     report = run(dataclasses.replace(cfg, shards=folder))
-    if report is not None and report.get("survey_only"):
+    if report is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return PruneResult(cfg.out)
+    if report.get("survey_only"):
         return PruneResult(cfg.out, costs=report["costs"], model=report["model"])
-    return PruneResult(cfg.out, report)
+    return PruneResult.of_report(cfg.out, report)
