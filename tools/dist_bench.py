@@ -30,7 +30,7 @@ SHARED = ROOT.parent / "shared"
 def rank_wrapper(folder: str, argv: list[str]) -> None:
     """Run streamprune with `argv`; at exit, record this rank's peak RSS."""
     def record():
-        from streamprune.engine.pipeline import peak_rss_bytes
+        from streamprune.engine.run_report import peak_rss_bytes
         rank = os.environ.get("RANK", "0")
         Path(folder, f"rank-{rank}.json").write_text(json.dumps(
             {"rank": int(rank), "peak_rss_bytes": peak_rss_bytes()}))

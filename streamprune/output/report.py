@@ -31,7 +31,7 @@ def load_report(out_dir: Path) -> dict:
 
 
 def check_report(report) -> None:
-    """The structure render_report and plot_report read (what pipeline.build_report writes)."""
+    """The structure render_report and plot_report read (what engine/run_report.build_report writes)."""
     expect(report, (dict,), "the file")
     for name, fields in SECTIONS.items():
         if name in report:
@@ -108,7 +108,7 @@ def work_time(timing: dict) -> str:
 
 def dense_passes(timing: dict) -> str:
     """' = 4.2 dense passes (one: 61.0s)': the run's time against one dense streaming forward over
-    the same calibration windows, measured in the same run (pipeline.dense_passes)."""
+    the same calibration windows, measured in the same run (engine/run_report.dense_passes)."""
     if not timing.get("dense_passes"):
         return ""
     return f" = {timing['dense_passes']:.1f} dense passes (one: {timing['dense_pass_seconds']:.1f}s)"

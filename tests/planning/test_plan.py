@@ -85,7 +85,7 @@ def test_peak_rss_is_the_runs_own_not_its_parents():
     run launched from a large pytest or notebook process): the report takes VmHWM instead."""
     big = bytearray(800 * 2**20)
     big[::4096] = b"\1" * len(big[::4096])  # resident
-    code = ("import resource; from streamprune.engine.pipeline import peak_rss_bytes; "
+    code = ("import resource; from streamprune.engine.run_report import peak_rss_bytes; "
             "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(DEMO.parent))).stdout.split()
