@@ -11,6 +11,7 @@ import logging
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from ..planning.plan import Plan, plan_run
 from ..planning.validate import check_free_disk, check_paths, check_sparsity, check_writable
 from ..pruning.allocation import allocate
 from ..pruning.numerics import GramPlacement
-from ..pruning.ranks import SINGLE, Ranks
+from ..pruning.ranks import Ranks
 from ..pruning.shape import Shape, check_uniform, cut_sublayers, rule_shape, shape_of
 from ..store.cache import ActivationCache, cache_owner, check_cache_folder, run_cache_folder
 from ..store.faults import fault_point
@@ -155,12 +156,27 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
     rule = rule_shape(model, cfg.sparsity, compensation.needs_biases, cfg.alignment) if model.arch.uniform else None
     with held_records() as early:  # what the checks say goes into the log file too
         cfg, tokens = calibration_tokens(cfg, model)
-    memory = memory_plan(cfg, model)
+    checked = Checked(cfg, model, rule, memory_plan(cfg, model), tokens, ranks, t0)
     if not ranks.is_writer:  # rank 0 holds the lock for the whole job
-        return run_locked(cfg, model, rule, memory, tokens, t0, early, ranks)
+        return run_locked(checked, early)
     check_writable(cfg.out)
     with OutputLock(cfg.out):
-        return run_locked(cfg, model, rule, memory, tokens, t0, early, ranks)
+        return run_locked(checked, early)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the checks before any write give the run: the config (windows fitted to the text), the
+    input model, the fixed rule's shape (None: blocks of several shapes), the memory plan, every
+    calibration window's tokens, the ranks, and when the run started."""
+
+    cfg: RunConfig
+    model: Model
+    rule: Shape | None
+    memory: Plan
+    tokens: torch.Tensor
+    ranks: Ranks
+    started: float
 
 
 def ensure_inputs(ctx: RunContext, start: int) -> None:
@@ -206,9 +222,10 @@ def warn_uncompensated(cfg: RunConfig, model: Model, shape: Shape) -> None:
                     cfg.compensate, shape.config["model_type"], " or ".join(sorted(missing)))
 
 
-def open_journal(cfg: RunConfig, model: Model, memory: Plan, ranks: Ranks, t0: float) -> tuple[Journal, bool]:
+def open_journal(checked: Checked) -> tuple[Journal, bool]:
     """Rank 0 opens (or resumes) the journal and pins the micro-batch and the run's id; every rank
     gets its state (the others an in-memory copy). Also: whether the output is already complete."""
+    cfg, model, memory, ranks = checked.cfg, checked.model, checked.memory, checked.ranks
     if not ranks.is_writer:
         state, done = ranks.broadcast(None)
         return Journal.copy(state), done
@@ -218,7 +235,7 @@ def open_journal(cfg: RunConfig, model: Model, memory: Plan, ranks: Ranks, t0: f
     fingerprint = dict(cfg.fingerprint(), **input_fingerprint(model.folder, input_files))
     if ranks.world > 1:  # float sums, and so the output bytes, depend on how the windows are split
         fingerprint["processes"] = ranks.world
-    journal = Journal.open(cfg.out, fingerprint, cfg.restart, t0, cfg.SURVEY_FREE)
+    journal = Journal.open(cfg.out, fingerprint, cfg.restart, checked.started, cfg.SURVEY_FREE)
     # a resumed run keeps its micro-batch: float sums depend on it, and resume must be byte-identical
     journal.pin("micro_batch", memory.micro_batch if ranks.world == 1 else
                 shared_micro_batch(memory.micro_batch, cfg.samples, ranks.world))
@@ -230,11 +247,11 @@ def open_journal(cfg: RunConfig, model: Model, memory: Plan, ranks: Ranks, t0: f
     return journal, done
 
 
-def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, tokens: torch.Tensor, t0: float,
-               early: list, ranks: Ranks = SINGLE) -> dict | None:
+def run_locked(checked: Checked, early: list) -> dict | None:
     """The run proper, with the output folder locked against a second run (by rank 0); logged to
-    OUT/streamprune.log (by rank 0)."""
-    journal, done = open_journal(cfg, model, memory, ranks, t0)
+    OUT/streamprune.log (by rank 0), `early` first (what the checks said)."""
+    cfg, model, memory, ranks = checked.cfg, checked.model, checked.memory, checked.ranks
+    journal, done = open_journal(checked)
     with run_log(cfg.out, early) if ranks.is_writer else contextlib.nullcontext():
         if journal.replaced:
             log.warning("%s held a run with other arguments that had not started (nothing done); starting over",
@@ -248,7 +265,8 @@ def run_locked(cfg: RunConfig, model: Model, rule: Shape | None, memory: Plan, t
                                       model.arch.hidden)
         for folder in ((cfg.out, cfg.out / WORKDIR) if ranks.is_writer else ()) + (cache.folder,):
             remove_temporaries(folder)
-        ctx = RunContext.build(cfg, model, cache, tokens, batch, GramPlacement.of(journal.state["grams"]), ranks, rule)
+        placement = GramPlacement.of(journal.state["grams"])
+        ctx = RunContext.build(cfg, model, cache, checked.tokens, batch, placement, ranks, checked.rule)
         if done:
             report = finished_report(ctx, journal) if ranks.is_writer else None
         else:
