@@ -68,7 +68,8 @@ def prune(model: str | Path, out: str | Path, sparsity: float = RunConfig.sparsi
     try:
         return run_pruning(model, out, sparsity, calib, revision, progress, notify, options)
     except StreamPruneError as e:
-        raise StreamPruneError(one_line(str(e))) from None
+        e.args = (one_line(str(e)),)  # (the same exception: its traceback stays for --debug)
+        raise
     except (MemoryError, OSError) as e:
         raise StreamPruneError(one_line(error_message(e))) from e
 
