@@ -86,12 +86,7 @@ def run_pruning(model, out, sparsity, calib, revision, progress, notify, options
     cfg = RunConfig(shards=Path(model), out=Path(out), sparsity=sparsity, calib=path(calib), progress=progress,
                     **options)
     check_before_model(cfg)  # before a Hub id's download
-    if not progress:
-        from huggingface_hub.utils import disable_progress_bars
-        disable_progress_bars()
-    folder = resolve_model(cfg.shards, revision)
-    if folder != cfg.shards:
-        notify(f"{model}: Hugging Face Hub snapshot {folder}")
+    folder = resolve_model(model, revision, progress, notify)
     report = run(dataclasses.replace(cfg, shards=folder))
     if report is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return PruneResult(cfg.out)

@@ -192,17 +192,8 @@ def model_options(name: str, what: str):
     return decorate
 
 
-def model_folder(arg: Path, revision: str | None, progress: bool = True) -> Path:
-    """The local folder of --shards / --model: the path, or a Hub id's snapshot in the Hub cache
-    (download progress bars unless --quiet)."""
-    from .arch.hub import resolve_model
-    if not progress:
-        from huggingface_hub.utils import disable_progress_bars
-        disable_progress_bars()
-    folder = resolve_model(arg, revision)
-    if folder != Path(arg):
-        click.echo(f"{arg}: Hugging Face Hub snapshot {folder}", err=True)
-    return folder
+def echo_err(text: str) -> None:
+    click.echo(text, err=True)
 
 
 def planning_model(arg: Path, revision: str | None):
@@ -211,9 +202,9 @@ def planning_model(arg: Path, revision: str | None):
     from .arch.hub import model_for_planning
     model = model_for_planning(arg, revision)
     if not isinstance(model, Path):
-        click.echo(f"{arg}: read from the Hugging Face Hub's safetensors headers (weights not downloaded)", err=True)
+        echo_err(f"{arg}: read from the Hugging Face Hub's safetensors headers (weights not downloaded)")
     elif model != Path(arg):
-        click.echo(f"{arg}: Hugging Face Hub snapshot {model}", err=True)
+        echo_err(f"{arg}: Hugging Face Hub snapshot {model}")
     return model
 
 
@@ -303,7 +294,7 @@ def run(quiet: bool, revision: str | None, preview: str, shards: Path, out: Path
     if not quiet and not click.get_current_context().find_root().params.get("debug"):
         show_messages(logging.INFO)
     result = prune(shards, out, sparsity, calib, revision=revision, progress=not quiet,
-                   notify=lambda text: click.echo(text, err=True), adaptable=defaulted(*ADAPTABLE), **options)
+                   notify=echo_err, adaptable=defaulted(*ADAPTABLE), **options)
     if result.report is None and result.costs is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return
     if result.costs is not None:
@@ -414,6 +405,7 @@ def plan_command(shards, revision, out, cache_dir, sparsity, calib, calib_datase
 def eval_command(model, revision, text, text_dataset, text_field, seq_len, device, batch_size, max_windows, cache_dir,
                  as_json, quiet):
     """Perplexity on held-out text, streaming one block at a time."""
+    from .arch.hub import resolve_model
     from .engine.evaluate import perplexity
     from .store.documents import TextSource
     if seq_len < 0 or batch_size < 0 or max_windows < 0:
@@ -421,7 +413,7 @@ def eval_command(model, revision, text, text_dataset, text_field, seq_len, devic
     if (text is None) == (text_dataset is None):
         raise StreamPruneError("give --text FILE or --text-dataset NAME (one of them)")
     source = TextSource(file=text, dataset=text_dataset, field=text_field)
-    folder = model_folder(model, revision, progress=not quiet and not as_json)
+    folder = resolve_model(model, revision, progress=not quiet and not as_json, notify=echo_err)
     r = perplexity(folder, source, seq_len or None, device, batch_size, max_windows or None, cache_dir,
                    progress=not quiet and not as_json)
     if as_json:

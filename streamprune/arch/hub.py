@@ -35,15 +35,22 @@ def is_hub_id(text: str) -> bool:
             and "--" not in text and ".." not in text and not text.endswith(".git"))
 
 
-def resolve_model(arg, revision: str | None = None) -> Path:
+def resolve_model(arg, revision: str | None = None, progress: bool = True, notify=None) -> Path:
     """The local folder of a model argument. A path that exists always wins; an argument that is
-    neither a path nor a Hub id is returned as it is (the caller's "model folder not found")."""
+    neither a path nor a Hub id is returned as it is (the caller's "model folder not found"). A Hub
+    id's snapshot is downloaded (with progress bars if `progress`) and `notify(text)` told which."""
     path = Path(arg)
     if path.exists() or not is_hub_id(str(arg)):
         if revision is not None:
             raise StreamPruneError(f"--revision is for Hugging Face Hub ids; {arg} is a local path")
         return path
-    return download_model(str(arg), revision)
+    if not progress:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    folder = download_model(str(arg), revision)
+    if notify is not None:
+        notify(f"{arg}: Hugging Face Hub snapshot {folder}")
+    return folder
 
 
 def download_model(repo_id: str, revision: str | None = None) -> Path:
