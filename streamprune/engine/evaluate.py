@@ -136,24 +136,23 @@ def pass_blocks(stream: BlockStream, bar, cos, sin) -> None:
         del W
 
 
-def head_nll(model, cache: ActivationCache, tokens: torch.Tensor, batch: int, device, chunk: int) -> float:
-    """Sum of -log p(next token) over all windows. Outer loop over vocab chunks (each row of
-    lm_head read once), inner over micro-batches of the final hidden states."""
-    arch, index = model.arch, model.index
-    n, T = tokens.shape
+def head_nll(stream: BlockStream, tokens: torch.Tensor, chunk: int) -> float:
+    """Sum of -log p(next token) over all windows, from the final hidden states (the cached outputs
+    of the last block). Outer loop over vocab chunks (each row of lm_head read once), inner over
+    micro-batches of the hidden states."""
+    arch, index, device = stream.model.arch, stream.model.index, stream.device
     head = EMBED if arch.tied else LM_HEAD
     dtype = compute_dtype(device, DTYPES[index.tensors[head].dtype])
     norm = index.load({"n": FINAL_NORM}, device, dtype)["n"]
     targets = tokens[:, 1:]  # (n, T-1): window position t predicts token t+1
     state = nll_state(tuple(targets.shape))
-    L = arch.n_layers
     with torch.no_grad():
         for lo in range(0, arch.vocab, chunk):
             hi = min(lo + chunk, arch.vocab)
             W = index.rows(head, torch.arange(lo, hi)).to(device, dtype)  # (c, E)
-            for start in range(0, n, batch):
-                stop = min(start + batch, n)
-                x = cache.batch(L, start, stop, device, dtype)[:, :-1]  # (b, T-1, E)
+            for start, x in stream.batches(arch.n_layers, dtype, tick=False):
+                stop = start + x.shape[0]
+                x = x[:, :-1]  # (b, T-1, E)
                 logits = rms_norm(x, norm, arch.blocks[-1].eps) @ W.T  # (b, T-1, c)
                 part = (state[0][start:stop], state[1][start:stop])
                 lse, tl = update_nll(part, logits, targets[start:stop], lo)
@@ -184,10 +183,10 @@ def perplexity(folder: Path, text, seq_len: int | None = None, device: str = "cp
         write_embeddings(cache, model.index, tokens, batch)
         # counts the blocks, then the final norm and lm_head
         L = model.arch.n_layers
+        stream = BlockStream(model, cache, dev, batch, n)
         with progress_bar(f"{label} ({L} blocks + head)", L + 1, 0, progress, unit="step") as bar:
-            pass_blocks(BlockStream(model, cache, dev, batch, n), bar, cos, sin)
-            total = head_nll(model, cache, tokens, batch, dev, vocab_chunk(model.arch.vocab, model.arch.hidden,
-                                                                            batch * T))
+            pass_blocks(stream, bar, cos, sin)
+            total = head_nll(stream, tokens, vocab_chunk(model.arch.vocab, model.arch.hidden, batch * T))
             bar.update(1)
     count = n * (T - 1)
     nll = total / count
