@@ -118,8 +118,8 @@ class RunConfig:
     @property
     def compensation(self):
         """The --compensate method: compensate.Compensation."""
-        from .pruning.compensate import COMPENSATIONS as METHODS
-        return METHODS[self.compensate]
+        from .pruning.compensate import COMPENSATIONS as TABLE  # (this module's COMPENSATIONS: the names)
+        return TABLE[self.compensate]
 
     def scorer(self, sizes=None):
         """The --method scorer for a block cut to `sizes`, told the budget and whether least squares

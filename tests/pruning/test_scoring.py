@@ -5,6 +5,7 @@ up for, and scoring is deterministic under a seed (compensation: test_compensate
 import pytest
 import torch
 
+from streamprune import config
 from streamprune.arch.spec import BlockSpec
 from streamprune.pruning.block import attention_heads, attention_output, mlp_activations, rms_norm
 from streamprune.pruning.scoring import SCORERS, ScoringOptions, make_scorer
@@ -130,3 +131,8 @@ def test_obs_compaction_gives_the_same_scores_and_curve(monkeypatch, dtype):
     torch.testing.assert_close(s1, s0, rtol=1e-4, atol=1e-6)
     assert [n for n, _ in c1] == [n for n, _ in c0]
     torch.testing.assert_close(torch.tensor([c for _, c in c1]), torch.tensor([c for _, c in c0]), rtol=1e-4, atol=0)
+
+
+def test_the_scorers_table_is_the_configs_methods():
+    """config.METHODS (what RunConfig accepts, without importing torch) names exactly the scorers."""
+    assert tuple(SCORERS) == config.METHODS
