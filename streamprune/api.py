@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import StreamPruneError, error_message, one_line
+from .config import RunConfig, options_of
+from .errors import StreamPruneError, error_message, one_line, user_facing
 
 log = logging.getLogger(__name__)
 
 ADAPTABLE = ("samples", "seq_len")  # fitted to the text and the model unless given (as `run` does)
-NOT_OPTIONS = ("shards", "out", "sparsity", "calib", "progress")  # prune()'s own arguments
-
 
 @dataclass(frozen=True)
 class PruneResult:
@@ -45,9 +44,12 @@ class PruneResult:
 
     @classmethod
     def of_report(cls, out: Path, report: dict) -> "PruneResult":
-        params, timing, ev = report["block_params"], report["timing"], report.get("eval", {})
-        return cls(out, report, params["before"], params["after"], params["removed_fraction"], timing["seconds"],
-                   timing.get("dense_passes"), timing["peak_rss_bytes"], ev.get("ppl_before"), ev.get("ppl_after"))
+        """The figures of `report`; those a report.json of an older version does not hold are None."""
+        params, timing, ev = (report.get(k) if isinstance(report.get(k), dict) else {}
+                              for k in ("block_params", "timing", "eval"))
+        return cls(out, report, params.get("before"), params.get("after"), params.get("removed_fraction"),
+                   timing.get("seconds"), timing.get("dense_passes"), timing.get("peak_rss_bytes"),
+                   ev.get("ppl_before"), ev.get("ppl_after"))
 
 
 def prune(model: str | Path, out: str | Path, sparsity: float = RunConfig.sparsity, calib: str | Path | None = None,
@@ -60,33 +62,79 @@ def prune(model: str | Path, out: str | Path, sparsity: float = RunConfig.sparsi
     max_memory=24 * 2**30, restart=True, survey_only=True. `progress` shows progress bars;
     `notify(text)` is told which Hub snapshot a Hub id resolved to. Raises StreamPruneError (one
     line) for whatever the command refuses."""
-    fields = {f.name for f in dataclasses.fields(RunConfig)} - set(NOT_OPTIONS)
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise StreamPruneError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                               "see help(streamprune.prune) and streamprune run --help")
+    given = dict(options, sparsity=sparsity, calib=calib, progress=progress)
     try:
-        return run_pruning(model, out, sparsity, calib, revision, progress, notify, options)
+        options = checked_options(given)
+        for name, value in (("model", model), ("out", out)):
+            if not isinstance(value, (str, os.PathLike)):
+                raise StreamPruneError(f"{name} must be a path (str or Path), got {shown(value)}")
+        options.setdefault("adaptable", tuple(o for o in ADAPTABLE if o not in given))
+        return run_pruning(model, out, revision, notify, options)
     except StreamPruneError as e:
         e.args = (one_line(str(e)),)  # (the same exception: its traceback stays for --debug)
         raise
-    except (MemoryError, OSError) as e:
+    except Exception as e:
+        if not user_facing(e):
+            raise
         raise StreamPruneError(one_line(error_message(e))) from e
 
 
-def run_pruning(model, out, sparsity, calib, revision, progress, notify, options) -> PruneResult:
+# What a value of each kind of option (config.Option.kind, else the default's type) may be, as said
+# when it is not; a value of another type is refused naming the option.
+KINDS = {"bool": "True or False", "int": "an integer", "float": "a number", "str": "a string", "text": "a string",
+         "device": "a string (cpu, cuda or cuda:N)", "choice": "one of {choices}", "file": "a path (str or Path)",
+         "folder": "a path (str or Path)", "size": "a size in bytes (an integer, or a string such as '24GiB')",
+         "internal": "a tuple of option names"}
+
+
+def shown(value) -> str:
+    """A wrong value as a refusal names it: its repr (cut short) and its type."""
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+
+
+def checked_options(given: dict) -> dict:
+    """`prune`'s options by the one table (config.RunConfig's fields): an unknown name is refused,
+    and every value is checked against its kind and given as the command line gives it (a path as
+    a Path, a size string such as "24GiB" as bytes, an integer number as a float)."""
+    from .planning.plan import parse_bytes
+    table = {f.name: (f, how) for f, how in options_of()}
+    unknown = sorted(set(given) - set(table))
+    if unknown:
+        raise StreamPruneError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                               "see help(streamprune.prune) and streamprune run --help")
+    out = {}
+    for name, value in given.items():
+        field, how = table[name]
+        kind = how.kind or type(field.default).__name__
+        if value is None and field.default is None:
+            out[name] = None
+        elif kind == "size" and isinstance(value, str):
+            try:
+                out[name] = parse_bytes(value)
+            except StreamPruneError as e:
+                raise StreamPruneError(f"{name}: {e}") from None
+        elif kind in ("file", "folder") and isinstance(value, (str, os.PathLike)):
+            out[name] = Path(value)
+        elif kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+        elif (kind in ("int", "size") and isinstance(value, int) and not isinstance(value, bool)
+              or kind == "bool" and isinstance(value, bool) or kind == "internal" and isinstance(value, tuple)
+              or kind in ("str", "text", "device", "choice") and isinstance(value, str)
+              or name == "compensate" and isinstance(value, bool)):  # (True/False: lsq/none, as before)
+            out[name] = value
+        else:
+            what = KINDS[kind].format(choices=", ".join(how.choices))
+            raise StreamPruneError(f"{name} must be {what}, got {shown(value)}")
+    return out
+
+
+def run_pruning(model, out, revision, notify, options: dict) -> PruneResult:
     from .arch.hub import resolve_model
     from .engine.pipeline import check_before_model, run
-
-    def path(value):
-        return Path(value) if isinstance(value, str) else value
-
-    options = {k: path(v) if k in ("cache_dir", "eval") else v for k, v in options.items()}
-    options.setdefault("adaptable", tuple(o for o in ADAPTABLE if o not in options))
-    cfg = RunConfig(shards=Path(model), out=Path(out), sparsity=sparsity, calib=path(calib), progress=progress,
-                    **options)
+    cfg = RunConfig(shards=Path(model), out=Path(out), **options)
     check_before_model(cfg)  # before a Hub id's download
-    folder = resolve_model(model, revision, progress, notify)
+    folder = resolve_model(model, revision, cfg.progress, notify)
     report = run(dataclasses.replace(cfg, shards=folder))
     if report is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return PruneResult(cfg.out)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from .config import ALLOCATIONS, COMPENSATIONS, GGUF_TYPES, RunConfig
-from .errors import StreamPruneError, error_message, one_line
+from .config import GGUF_TYPES, INSPECT, PLAN, RUN, Option, RunConfig, options_of
+from .errors import StreamPruneError, error_message, one_line, user_facing
 from .signals import finish, handle_signals, received, report_interrupt
 
 EXIT_ERROR = 2
@@ -63,7 +63,7 @@ class Group(click.Group):
         except Exception as e:
             if received:  # a library swallowed the signal's KeyboardInterrupt and failed after it
                 sys.exit(report_interrupt())
-            if debug or not isinstance(e, (StreamPruneError, MemoryError, OSError)):
+            if debug or not user_facing(e):
                 raise
             fail(error_message(e))
 
@@ -172,14 +172,31 @@ def defaulted(*names: str) -> tuple[str, ...]:
     return tuple(n for n in names if ctx.get_parameter_source(n) is click.core.ParameterSource.DEFAULT)
 
 
-def compensation_options(command):
-    """--compensate lsq|mean|none and its shorthand --no-compensate (run and plan share them)."""
-    command = click.option("--no-compensate", "compensate", flag_value="none",
-                           help="Same as --compensate none.")(command)
-    return click.option(
-        "--compensate", type=click.Choice(COMPENSATIONS), default=RunConfig.compensate, show_default=True,
-        help="After slicing: lsq refits o_proj and down_proj by least squares; mean adds the removed units' "
-             "mean output to their biases (FLAP; Llama, and Qwen3 attention); none.")(command)
+def table_options(command: str):
+    """The options `command` (run, plan or inspect) takes from the one table of options, config.RunConfig's
+    fields (config.option), as click options in their order there."""
+    def decorate(f):
+        for field, how in reversed(options_of(command)):
+            if how.alias:
+                flag, value, text = how.alias
+                f = click.option(flag, field.name, flag_value=value, help=text)(f)
+            f = table_option(field, how, command)(f)
+        return f
+    return decorate
+
+
+def table_option(field, how: Option, command: str):
+    """One option of the table as a click option: a flag for a bool (spelled as its negation, or as
+    `how.flag`, when the default is True), else a value of the kind the table says."""
+    default = field.default
+    if isinstance(default, bool):
+        flag = how.flag or ("--no-" if default else "--") + field.name.replace("_", "-")
+        return click.option(flag, field.name, flag_value=not default, default=default, help=how.help)
+    types = {"file": PathArg(dir_okay=False), "folder": PathArg(), "size": Size(), "text": click.STRING,
+             "device": PlanDevice() if command == PLAN else Device(), "choice": click.Choice(how.choices)}
+    kwargs = {"show_default": how.show_default} if default is not None and how.show_default else {}
+    return click.option(how.flag or "--" + field.name.replace("_", "-"), field.name,
+                        type=types.get(how.kind, type(default)), default=default, help=how.help, **kwargs)
 
 
 def model_options(name: str, what: str):
@@ -208,7 +225,7 @@ def planning_model(arg: Path, revision: str | None):
     return model
 
 
-TEXT_FIELD_HELP = "The text field of JSON lines / Parquet rows or a dataset's column."
+TEXT_FIELD_HELP = dict((f.name, how.help) for f, how in options_of())["text_field"]  # (eval's --text-field too)
 
 
 def preview_sparsities(sparsity: float, text: str) -> list[float]:
@@ -221,106 +238,58 @@ def preview_sparsities(sparsity: float, text: str) -> list[float]:
     return sorted({sparsity, *values})
 
 
-def multiple_of_option(command):
-    """--multiple-of N and --row-multiple M (run, plan and inspect share them)."""
-    command = click.option(
-        "--row-multiple", default=RunConfig.row_multiple, show_default=True,
-        help="Keep neuron counts and query heads x head_dim multiples of M in every block, so a quantized "
-             "GGUF type splits every row (32: q8_0, q5_0, q4_0).")(command)
-    return click.option(
-        "--multiple-of", default=RunConfig.multiple_of, show_default=True,
-        help="Keep query heads and neurons multiples of N, and KV heads a multiple or divisor of N, in every "
-             "block, so N GPUs (tensor parallelism, e.g. vLLM) can split the output.")(command)
-
-
 @main.command()
 @model_options("--shards", "Model to prune")
 @click.option("--out", required=True, type=PathArg(), help="Output folder (resumable).")
-@click.option("--sparsity", default=RunConfig.sparsity, show_default=True,
-              help="Fraction of the decoder blocks' weights to remove, in [0, 1) (0.3 for 30%). Over all blocks "
-                   "together: under --allocation global some blocks lose much more, others less or nothing.")
-@click.option("--calib", type=PathArg(dir_okay=False),
-              help="Calibration text: a plain text file, JSON lines (.jsonl, .json, .gz) or Parquet.")
-@click.option("--calib-dataset",
-              help="Calibration from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --calib).")
-@click.option("--text-field", default=RunConfig.text_field, show_default=True, help=TEXT_FIELD_HELP)
-@click.option("--samples", default=RunConfig.samples, show_default=f"{RunConfig.samples}, or what the text holds",
-              help="Calibration windows (unset: fewer when the text is short, with a warning).")
-@click.option("--seq-len", default=RunConfig.seq_len,
-              show_default=f"{RunConfig.seq_len}, at most max_position_embeddings",
-              help="Tokens per calibration window (unset: shorter when the text is very short).")
-@click.option("--device", type=Device(), default=RunConfig.device, show_default=True, help="cpu or cuda.")
-@click.option("--seed", default=RunConfig.seed, show_default=True)
-@click.option("--method", default=RunConfig.method, show_default=True,
-              help="Scoring method: perturb, magnitude, wanda-sp or flap.")
-@click.option("--budget", default=RunConfig.budget, show_default=True,
-              help="Scales perturbations and tokens per block (perturb).")
-@compensation_options
-@click.option("--allocation", type=click.Choice(ALLOCATIONS), default=RunConfig.allocation, show_default=True,
-              help="How each block's shape is chosen: global (each block its own, from measured costs, whole blocks "
-                   "may go), uniform (one shape for all, from measured costs), rule (one shape by a fixed rule).")
-@multiple_of_option
-@click.option("--calibrate-on", type=click.Choice(["pruned", "dense"]), default=RunConfig.calibrate_on,
-              show_default=True, help="Calibrate block i+1 on the outputs of the pruned or the dense block i.")
-@click.option("--batch-size", default=0, help="Calibration windows per micro-batch (0: from memory).")
-@click.option("--max-memory", type=Size(),
-              help="Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; default: what is free).")
-@click.option("--cache-dir", type=PathArg(), help="Activation cache folder (default: inside --out).")
-@click.option("--keep-cache", is_flag=True, help="Keep the activation cache after a finished run.")
-@click.option("--restart", is_flag=True, help="Discard any previous run in --out and start over.")
-@click.option("--no-overlap", "overlap", flag_value=False, default=True,
-              help="Read and write blocks synchronously (no prefetch; for benchmarks).")
-@click.option("--profile", is_flag=True,
-              help="Exact seconds per phase in report.json on a GPU (synchronizes it at every phase; a little slower).")
-@click.option("--eval", "eval", type=PathArg(dir_okay=False),
-              help="Held-out text: measure perplexity before and after (streaming), into report.json. "
-                   "Plain text, JSON lines or Parquet.")
-@click.option("--eval-dataset",
-              help="Held-out text from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --eval).")
-@click.option("--eval-seq-len", default=0,
-              help="Tokens per evaluation window (0: 2048, at most max_position_embeddings; as `eval`).")
-@click.option("--survey-only", is_flag=True,
-              help="Measure the costs (the survey) and show each block's shape at --sparsity and the --preview "
-                   "sparsities; prune nothing. A later run into the same --out at any sparsity reuses the survey.")
+@table_options(RUN)
 @click.option("--preview", default="0.2,0.3,0.4,0.5", show_default=True,
               help="With --survey-only: the other sparsities to show (comma-separated).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(quiet: bool, revision: str | None, preview: str, shards: Path, out: Path, sparsity: float,
-        calib: Path | None, **options):
+def run(revision: str | None, preview: str, shards: Path, out: Path, **options):
     """Prune a model; re-running the same command resumes an interrupted run."""
     from .api import ADAPTABLE, prune
-    sparsities = preview_sparsities(sparsity, preview) if options["survey_only"] else ()
+    sparsities = preview_sparsities(options["sparsity"], preview) if options["survey_only"] else ()
     warn_beyond_physical(options["max_memory"], options["device"])
-    if not quiet and not click.get_current_context().find_root().params.get("debug"):
+    if options["progress"] and not click.get_current_context().find_root().params.get("debug"):
         show_messages(logging.INFO)
-    result = prune(shards, out, sparsity, calib, revision=revision, progress=not quiet,
-                   notify=echo_err, adaptable=defaulted(*ADAPTABLE), **options)
+    result = prune(shards, out, revision=revision, notify=echo_err, adaptable=defaulted(*ADAPTABLE), **options)
     if result.report is None and result.costs is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return
     if result.costs is not None:
         from .planning.preview import render_previews, survey_previews
-        cfg = RunConfig(result.model.folder, out, sparsity, calib, **options)
+        cfg = RunConfig(result.model.folder, out, **options)
         previews = survey_previews(cfg, result.model.arch, result.costs, sparsities)
         click.echo("\n".join(render_previews(previews, result.model.arch.blocks)))
         click.echo(f"survey kept in {out}: `streamprune run` with the same arguments and any --sparsity, "
                    "--allocation (global, uniform), --method, --multiple-of or --row-multiple reuses it")
         return
+    click.echo("\n".join(run_summary(result)))
+
+
+def run_summary(result) -> list[str]:
+    """`run`'s last lines: the parameters removed, the time and memory; the perplexities (with --eval).
+    What an older report.json does not hold is left out."""
     from .output.report import work_time
-    t = result.report["timing"]
-    click.echo(f"{out}: block params {result.params_before:,} -> {result.params_after:,} "
-               f"({100 * result.removed_fraction:.1f}% removed) in {work_time(t)}, "
-               f"peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB")
-    if "eval" in result.report:
-        e, ev = result.report["eval"], t.get("eval_seconds", {})
-        click.echo(f"perplexity on {e['text']} over {e['windows']} windows of {e['seq_len']} tokens: "
-                   f"{e['ppl_before']:.3f} -> {e['ppl_after']:.3f} (evaluation "
-                   f"{ev.get('before', 0) + ev.get('after', 0):.1f}s; {t.get('wall_seconds_total', 0):.1f}s in all)")
+    t, e = result.report.get("timing") or {}, result.report.get("eval")
+    line = f"{result.out}:"
+    if result.params_before is not None and result.params_after is not None:
+        line += f" block params {result.params_before:,} -> {result.params_after:,}"
+        if result.removed_fraction is not None:
+            line += f" ({100 * result.removed_fraction:.1f}% removed)"
+    if "seconds" in t:
+        line += f" in {work_time(t)}"
+    if result.peak_rss_bytes is not None:
+        line += f", peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB"
+    if not e:
+        return [line]
+    ev = t.get("eval_seconds", {})
+    return [line, f"perplexity on {e['text']} over {e['windows']} windows of {e['seq_len']} tokens: "
+                  f"{e['ppl_before']:.3f} -> {e['ppl_after']:.3f} (evaluation "
+                  f"{ev.get('before', 0) + ev.get('after', 0):.1f}s; {t.get('wall_seconds_total', 0):.1f}s in all)"]
 
 
 @main.command()
 @model_options("--shards", "Model")
-@click.option("--sparsity", default=RunConfig.sparsity, show_default=True, help="Show what this sparsity would remove.")
-@multiple_of_option
+@table_options(INSPECT)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: int, row_multiple: int, as_json: bool):
     """Print the model's shape and the fixed rule's cut, with the reasons, from headers only."""
@@ -333,50 +302,25 @@ def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: in
 @model_options("--shards", "Model")
 @click.option("--out", type=PathArg(), default=Path("."), help="Where the output would go; free disk is checked "
               "there (default: the current folder).")
-@click.option("--cache-dir", type=PathArg(), help="Where the activation cache would go (default: inside --out).")
-@click.option("--sparsity", default=RunConfig.sparsity, show_default=True)
-@click.option("--calib", type=PathArg(dir_okay=False),
-              help="The run's calibration text: windows are fitted to it as run fits them (without one: "
-                   "--samples and --seq-len as given).")
-@click.option("--calib-dataset", help="The run's --calib-dataset NAME[:CONFIG][:SPLIT] (instead of --calib).")
-@click.option("--text-field", default=RunConfig.text_field, show_default=True, help=TEXT_FIELD_HELP)
-@click.option("--samples", default=RunConfig.samples, show_default=True)
-@click.option("--seq-len", default=RunConfig.seq_len, show_default=True)
-@click.option("--allocation", type=click.Choice(ALLOCATIONS), default=RunConfig.allocation, show_default=True,
-              help="The run's --allocation (global and uniform survey the model first; rule does not).")
-@click.option("--device", type=PlanDevice(), default=RunConfig.device, show_default=True,
-              help="cpu or cuda; cuda without a GPU here plans for the GPU --max-memory or --gpu describes.")
+@table_options(PLAN)
 @click.option("--gpu", "gpu_name", help="Plan for a known GPU (its datasheet memory and peak speed): "
               "rtx-3090, rtx-4090, l4, t4, a100-40gb, a100-80gb, h100, h200. Implies --device cuda.")
-@click.option("--method", default=RunConfig.method, show_default=True)
-@click.option("--budget", default=RunConfig.budget, show_default=True, help="perturb's work per block.")
-@compensation_options
-@multiple_of_option
-@click.option("--batch-size", default=0, help="Micro-batch (0: the largest that fits).")
-@click.option("--max-memory", type=Size(), help="Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; "
-              "default: what is free, or the --gpu's memory).")
 @click.option("--no-timing", is_flag=True, help="Skip the short speed calibration (no time estimate).")
 @click.option("--nproc", default=1, show_default=True,
               help="Processes of a data-parallel run (torchrun --nproc-per-node N): memory and disk per process, "
                    "speed-up.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan_command(shards, revision, out, cache_dir, sparsity, calib, calib_dataset, text_field, samples, seq_len,
-                 allocation, device, gpu_name, method, budget, compensate, multiple_of, row_multiple, batch_size,
-                 max_memory, no_timing, nproc, as_json):
+def plan_command(shards, revision, out, gpu_name, no_timing, nproc, as_json, **options):
     """Predict disk, memory, micro-batch and time of a run, from headers only. Exit code 0: it
     fits; 1: it does not (the prediction and what would fit are printed); 2: an error."""
     from .planning.advice import describe_plan
     from .planning.render import render_plan
-    if gpu_name and device == RunConfig.device:
-        device = "cuda"
+    if gpu_name and options["device"] == RunConfig.device:
+        options["device"] = "cuda"
     model = planning_model(shards, revision)
     remote = not isinstance(model, Path)  # a Hub model known from its headers, weights not downloaded
-    cfg = RunConfig(shards=model.folder if remote else model, out=out, cache_dir=cache_dir, sparsity=sparsity,
-                    calib=calib, calib_dataset=calib_dataset, text_field=text_field, allocation=allocation,
-                    samples=samples, seq_len=seq_len, device=device, method=method, budget=budget,
-                    compensate=compensate, multiple_of=multiple_of, row_multiple=row_multiple, batch_size=batch_size,
-                    max_memory=max_memory,
-                    adaptable=defaulted("samples", "seq_len"))
+    cfg = RunConfig(shards=model.folder if remote else model, out=out, adaptable=defaulted("samples", "seq_len"),
+                    **options)
     info = describe_plan(cfg, timing=not no_timing, gpu_name=gpu_name, remote_model=model if remote else None,
                          processes=nproc)
     if as_json:

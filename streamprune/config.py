@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,49 +35,141 @@ def check_multiple_of_range(multiple_of: int, option: str = "--multiple-of") -> 
         raise StreamPruneError(f"{option} must be in [1, {MAX_MULTIPLE}], got {multiple_of}")
 
 
+# What an option does to the output, and so to the fingerprint that guards resume (RunConfig.fingerprint):
+BYTES = "bytes"  # it changes the output bytes: a run resumes only with the same value
+BYTES_IF_SET = "bytes if set"  # the same, fingerprinted only when not the default: options added after
+#                               journals were first written, so that an older run still resumes
+NO_BYTES = "no bytes"  # it changes no output byte (where files go, memory, progress): a resumed run may differ
+
+RUN, PLAN, INSPECT = "run", "plan", "inspect"  # the commands whose options come from this table
+RUN_PLAN, EVERY_COMMAND = (RUN, PLAN), (RUN, PLAN, INSPECT)
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one RunConfig field is offered: its help, what it does to the output bytes (BYTES,
+    BYTES_IF_SET, NO_BYTES) and to the survey (`survey`: the survey's records depend on it, so a
+    survey is reused only by a run that has the same value), the commands that take it, and how a
+    value is given when not as the default's type (`kind`: "file", "folder", "size", "device",
+    "choice" with `choices`, "internal" for what only the code sets). `flag` spells it on the
+    command line when not --the-name (a flag whose default is True is spelled as its negation);
+    `alias` is a second flag that sets one value: (flag, value, help)."""
+
+    help: str
+    output: str = BYTES
+    survey: bool = True
+    commands: tuple[str, ...] = (RUN,)
+    kind: str = ""
+    choices: tuple[str, ...] = ()
+    flag: str = ""
+    alias: tuple[str, str, str] | None = None
+    show_default: bool | str = True
+
+
+def option(default, help: str = "", **how):
+    """A RunConfig field declared with how it is offered (Option): the one place an option is declared."""
+    return field(default=default, metadata={"option": Option(help, **how)})
+
+
+def options_of(command: str | None = None) -> list[tuple[dataclasses.Field, Option]]:
+    """The run's options in declaration order (the fields that have a default), or those `command` takes."""
+    return [(f, f.metadata["option"]) for f in dataclasses.fields(RunConfig)
+            if "option" in f.metadata and (command is None or command in f.metadata["option"].commands)]
+
+
+TEXT_FILE = "a plain text file, JSON lines (.jsonl, .json, .gz) or Parquet"
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    shards: Path
-    out: Path
-    sparsity: float = 0.3
-    calib: Path | None = None
-    calib_dataset: str | None = None  # NAME[:CONFIG][:SPLIT] of a `datasets` dataset, instead of --calib
-    text_field: str = "text"  # the text of each row of a JSON lines / Parquet file or a dataset
-    samples: int = 128
-    seq_len: int = 2048
-    device: str = "cpu"
-    seed: int = 0
-    method: str = "perturb"
-    budget: float = 1.0  # scales the perturbations and tokens of sampling methods
+    """A run's arguments. Each option is declared once, here, with its help and what it changes
+    (option()): the command line's run, plan and inspect options, the Python API's keyword checks,
+    the fingerprint that guards resume and what the survey depends on all come from these fields."""
+
+    shards: Path = field(metadata={"role": BYTES})  # the input model folder (the CLI's --shards, with --revision)
+    out: Path = field(metadata={"role": NO_BYTES})  # the output folder (the CLI's --out)
+    sparsity: float = option(
+        0.3, "Fraction of the decoder blocks' weights to remove, in [0, 1) (0.3 for 30%). Over all blocks together: "
+        "under --allocation global some blocks lose much more, others less or nothing.",
+        survey=False, commands=EVERY_COMMAND)
+    calib: Path | None = option(None, f"Calibration text: {TEXT_FILE}. plan fits the windows to it as run does.",
+                                commands=RUN_PLAN, kind="file")
+    calib_dataset: str | None = option(  # NAME[:CONFIG][:SPLIT] of a `datasets` dataset, instead of --calib
+        None, "Calibration from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --calib).",
+        output=BYTES_IF_SET, commands=RUN_PLAN, kind="text")
+    text_field: str = option(  # the text of each row of a JSON lines / Parquet file or a dataset
+        "text", "The text field of JSON lines / Parquet rows or a dataset's column.", output=BYTES_IF_SET,
+        commands=RUN_PLAN)
+    samples: int = option(128, "Calibration windows (unset: fewer when the text is short, with a warning).",
+                          commands=RUN_PLAN, show_default="128, or what the text holds")
+    seq_len: int = option(2048, "Tokens per calibration window (unset: shorter when the text is very short).",
+                          commands=RUN_PLAN, show_default="2048, at most max_position_embeddings")
+    device: str = option("cpu", "cpu or cuda (plan: cuda without a GPU here plans for the GPU --max-memory or --gpu "
+                         "describes).", commands=RUN_PLAN, kind="device")
+    seed: int = option(0, "Seed of every random draw (perturbations, token samples).")
+    method: str = option("perturb", "Scoring method: perturb, magnitude, wanda-sp or flap.", survey=False,
+                         commands=RUN_PLAN)
+    budget: float = option(  # scales the perturbations and tokens of sampling methods
+        1.0, "Scales perturbations and tokens per block (perturb's work).", survey=False, commands=RUN_PLAN)
     # how each block's shape is chosen: "global" (per block, from measured costs, under one budget),
     # "uniform" (one shape for all, from measured costs), "rule" (one shape by a fixed rule, no survey)
-    allocation: str = "global"
+    allocation: str = option(
+        "global", "How each block's shape is chosen: global (each block its own, from measured costs, whole blocks "
+        "may go), uniform (one shape for all, from measured costs), rule (one shape by a fixed rule, no survey).",
+        survey=False, commands=RUN_PLAN, kind="choice", choices=ALLOCATIONS)
     # after slicing: "lsq" refits o_proj and down_proj by least squares; "mean" puts the removed
     # units' mean output into their biases (FLAP's compensation); "none". True/False mean lsq/none.
-    compensate: str = "lsq"
+    compensate: str = option(
+        "lsq", "After slicing: lsq refits o_proj and down_proj by least squares; mean adds the removed units' mean "
+        "output to their biases (FLAP; Llama, and Qwen3 attention); none.", commands=RUN_PLAN, kind="choice",
+        choices=COMPENSATIONS, alias=("--no-compensate", "none", "Same as --compensate none."))
     # kept query heads, KV heads and neurons split evenly over this many GPUs (tensor parallelism,
     # selection.tensor_parallel_ok); 1 = no constraint
-    multiple_of: int = 1
+    multiple_of: int = option(
+        1, "Keep query heads and neurons multiples of N, and KV heads a multiple or divisor of N, in every block, so "
+        "N GPUs (tensor parallelism, e.g. vLLM) can split the output.", output=BYTES_IF_SET, survey=False,
+        commands=EVERY_COMMAND)
     # kept neuron counts and query heads x head_dim multiples of this (row lengths a block-quantized
     # type splits: 32 for q8_0/q4_0, 256 for k-quants); 1 = no constraint
-    row_multiple: int = 1
-    calibrate_on: str = "pruned"  # block i+1's calibration inputs: outputs of the pruned or the dense block i
-    batch_size: int = 0  # calibration samples per micro-batch; 0 = pick from memory
-    max_memory: int | None = None  # bytes the run may use (host on CPU, GPU on CUDA); None = what is free
-    cache_dir: Path | None = None
-    keep_cache: bool = False
-    survey_only: bool = False  # stop after the survey (a later run with another sparsity reuses it)
-    restart: bool = False
-    progress: bool = True
-    overlap: bool = True  # prefetch the next block and write shards in the background
-    profile: bool = False  # synchronize the GPU at every phase boundary, for exact per-phase seconds
-    eval: Path | None = None  # held-out text: perplexity before and after, in report.json
-    eval_dataset: str | None = None  # or held-out text from a `datasets` dataset, NAME[:CONFIG][:SPLIT]
-    eval_seq_len: int = 0  # 0 = the default window: 2048, at most max_position_embeddings (as `eval`)
+    row_multiple: int = option(
+        1, "Keep neuron counts and query heads x head_dim multiples of M in every block, so a quantized GGUF type "
+        "splits every row (32: q8_0, q5_0, q4_0).", output=BYTES_IF_SET, survey=False, commands=EVERY_COMMAND)
+    calibrate_on: str = option(  # block i+1's calibration inputs: outputs of the pruned or the dense block i
+        "pruned", "Calibrate block i+1 on the outputs of the pruned or the dense block i.", survey=False,
+        kind="choice", choices=("pruned", "dense"))
+    batch_size: int = option(  # calibration samples per micro-batch; 0 = pick from memory
+        0, "Calibration windows per micro-batch (0: the largest that fits in memory).", output=NO_BYTES,
+        commands=RUN_PLAN, show_default=False)
+    max_memory: int | None = option(  # bytes the run may use (host on CPU, GPU on CUDA); None = what is free
+        None, "Memory the run may use, e.g. 24GiB (host on CPU, GPU on CUDA; default: what is free, or plan --gpu's "
+        "memory).", output=NO_BYTES, commands=RUN_PLAN, kind="size")
+    cache_dir: Path | None = option(None, "Activation cache folder (default: inside --out).", output=NO_BYTES,
+                                    commands=RUN_PLAN, kind="folder")
+    keep_cache: bool = option(False, "Keep the activation cache after a finished run.", output=NO_BYTES)
+    survey_only: bool = option(  # stop after the survey (a later run reuses it)
+        False, "Measure the costs (the survey) and show each block's shape at --sparsity and the --preview "
+        "sparsities; prune nothing. Prune from it later with --survey-from (or a run into the same --out).",
+        output=NO_BYTES)
+    restart: bool = option(False, "Discard any previous run in --out and start over.", output=NO_BYTES)
+    progress: bool = option(True, "No progress bar.", output=NO_BYTES, flag="--quiet")
+    overlap: bool = option(  # prefetch the next block and write shards in the background
+        True, "Read and write blocks synchronously (no prefetch; for benchmarks).", output=NO_BYTES)
+    profile: bool = option(  # synchronize the GPU at every phase boundary, for exact per-phase seconds
+        False, "Exact seconds per phase in report.json on a GPU (synchronizes it at every phase; a little slower).",
+        output=NO_BYTES)
+    eval: Path | None = option(  # held-out text: perplexity before and after, in report.json
+        None, f"Held-out text: measure perplexity before and after (streaming), into report.json; {TEXT_FILE}.",
+        output=NO_BYTES, kind="file")
+    eval_dataset: str | None = option(  # or held-out text from a `datasets` dataset
+        None, "Held-out text from a `datasets` dataset: NAME[:CONFIG][:SPLIT] (instead of --eval).",
+        output=NO_BYTES, kind="text")
+    eval_seq_len: int = option(  # 0 = the default window: 2048, at most max_position_embeddings (as `eval`)
+        0, "Tokens per evaluation window (0: 2048, at most max_position_embeddings; as `eval`).", output=NO_BYTES,
+        show_default=False)
     # options left at their defaults ("samples", "seq_len"), which the run fits to the text and the
     # model (shorter text: fewer or shorter windows; seq_len at most max positions); the journal
     # and report record the values chosen
-    adaptable: tuple[str, ...] = ()
+    adaptable: tuple[str, ...] = option((), output=NO_BYTES, commands=(), kind="internal")
 
     def __post_init__(self):
         check_sparsity_range(self.sparsity)
@@ -139,25 +231,13 @@ class RunConfig:
         from .store.documents import TextSource
         return TextSource(file=self.eval, dataset=self.eval_dataset, field=self.text_field)
 
-    # Fields that do not change the output bytes, so a resumed run may differ in them.
-    NOT_FINGERPRINTED = ("out", "cache_dir", "keep_cache", "survey_only", "restart", "progress", "batch_size",
-                         "max_memory", "overlap", "profile", "eval", "eval_dataset", "eval_seq_len", "adaptable")
-
-    # What the survey does not depend on: a survey-only run (or one stopped before pruning) gives its
-    # survey to a run that differs only in these (journal.survey_carried).
-    SURVEY_FREE = ("sparsity", "allocation", "method", "budget", "multiple_of", "row_multiple", "calibrate_on")
-
-    # Fingerprinted only when not the default, so a journal written before they existed still resumes.
-    FINGERPRINTED_WHEN_SET = ("calib_dataset", "text_field", "multiple_of", "row_multiple")
-
     def fingerprint(self) -> dict:
-        """What must match for a re-run to resume into the same output folder."""
+        """What must match for a re-run to resume into the same output folder: the options that change
+        the output bytes (BYTES; BYTES_IF_SET when not the default), and the calibration text's hash."""
         fp = {}
         for f in dataclasses.fields(self):
-            if f.name in self.NOT_FINGERPRINTED:
-                continue
             v = getattr(self, f.name)
-            if f.name in self.FINGERPRINTED_WHEN_SET and v == f.default:
+            if f.name in NOT_FINGERPRINTED or f.name in FINGERPRINTED_WHEN_SET and v == f.default:
                 continue
             fp[f.name] = str(Path(v).resolve()) if isinstance(v, Path) else v
         if self.calib is not None or self.calib_dataset is not None:
@@ -167,3 +247,15 @@ class RunConfig:
     def as_dict(self) -> dict:
         return {f.name: (str(getattr(self, f.name)) if isinstance(getattr(self, f.name), Path)
                          else getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def output_role(f: dataclasses.Field) -> str:
+    return f.metadata["option"].output if "option" in f.metadata else f.metadata["role"]
+
+
+# Derived from the table: the fields that do not change the output bytes (a resumed run may differ
+# in them), those fingerprinted only when set, and what the survey does not depend on (a survey is
+# reused by a run that differs from it only in these: journal.survey_carried, --survey-from).
+NOT_FINGERPRINTED = tuple(f.name for f in dataclasses.fields(RunConfig) if output_role(f) == NO_BYTES)
+FINGERPRINTED_WHEN_SET = tuple(f.name for f in dataclasses.fields(RunConfig) if output_role(f) == BYTES_IF_SET)
+SURVEY_FREE = tuple(f.name for f, o in options_of() if o.output != NO_BYTES and not o.survey)

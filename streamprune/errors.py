@@ -20,10 +20,26 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def error_message(e: StreamPruneError | MemoryError | OSError) -> str:
+def gpu_out_of_memory(e: BaseException) -> bool:
+    """torch's CUDA out of memory (torch.OutOfMemoryError, a RuntimeError; or a RuntimeError that
+    says so, from an older torch or a CUDA library), told apart without importing torch."""
+    if any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower() and "cuda" in str(e).lower()
+
+
+def user_facing(e: BaseException) -> bool:
+    """What is shown as one line (error_message) rather than a traceback: a refusal, running out of
+    host or GPU memory, an OS error."""
+    return isinstance(e, (StreamPruneError, MemoryError, OSError)) or gpu_out_of_memory(e)
+
+
+def error_message(e: BaseException) -> str:
     """What the user is told of a refusal, out of memory or an OS error (before one_line)."""
     if isinstance(e, MemoryError):
         return "out of memory; lower --batch-size or --samples"
+    if gpu_out_of_memory(e):
+        return "out of GPU memory; lower --batch-size or --samples, or give --max-memory below the GPU's free memory"
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return (f"no space left on device{' writing ' + str(e.filename) if e.filename else ''}; "
                 "free some space and re-run the same command to resume")

@@ -3,6 +3,7 @@
 refuses with the same one line (as StreamPruneError)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,52 @@ def test_out_of_memory_is_the_commands_line(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "run_ranks", no_memory)
     with pytest.raises(StreamPruneError, match="^out of memory; lower --batch-size or --samples$"):
         streamprune.prune(MODEL, tmp_path / "o", 0.3, CALIB, **ARGS)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(sparsity="0.3"), r"^sparsity must be a number, got '0\.3' \(str\)$"),
+    (dict(max_memory=[24]), r"^max_memory must be a size in bytes .*got \[24\] \(list\)$"),
+    (dict(max_memory="24 parsecs"), r"^max_memory: cannot read '24 parsecs' as a size"),
+    (dict(samples=4.0), r"^samples must be an integer, got 4\.0 \(float\)$"),
+    (dict(seed=True), r"^seed must be an integer, got True \(bool\)$"),
+    (dict(calib=3), r"^calib must be a path \(str or Path\), got 3 \(int\)$"),
+    (dict(allocation=None), r"^allocation must be one of global, uniform, rule, got None \(NoneType\)$"),
+    (dict(keep_cache="yes"), r"^keep_cache must be True or False, got 'yes' \(str\)$"),
+    (dict(model=None), r"^model must be a path \(str or Path\), got None \(NoneType\)$"),
+])
+def test_a_wrong_type_is_refused_naming_the_option(tmp_path, kwargs, pattern):
+    kwargs = dict(dict(model=MODEL, out=tmp_path / "o", calib=CALIB), **kwargs)
+    with pytest.raises(StreamPruneError, match=pattern):
+        streamprune.prune(**kwargs)
+    assert not (tmp_path / "o").exists()
+
+
+def test_values_are_taken_as_the_command_line_takes_them():
+    from streamprune.api import checked_options
+    options = checked_options(dict(max_memory="24GiB", sparsity=1 - 1, calib="c.txt", cache_dir=None, eval_seq_len=64,
+                                   compensate=False))
+    assert options == dict(max_memory=24 * 2**30, sparsity=0.0, calib=Path("c.txt"), cache_dir=None, eval_seq_len=64,
+                           compensate=False)
+    assert isinstance(options["sparsity"], float)
+
+
+@pytest.mark.parametrize("error", [lambda: __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to "
+                                                                                 "allocate 2.00 GiB"),
+                                   lambda: RuntimeError("CUDA error: out of memory")])
+def test_gpu_out_of_memory_is_one_line_with_the_advice(tmp_path, monkeypatch, error):
+    from streamprune.engine import pipeline
+
+    def no_memory(*args):
+        raise error()
+
+    monkeypatch.setattr(pipeline, "run_ranks", no_memory)
+    with pytest.raises(StreamPruneError, match="^out of GPU memory; lower --batch-size or --samples"):
+        streamprune.prune(MODEL, tmp_path / "o", 0.3, CALIB, **ARGS)
+    r = invoke("run", "--shards", MODEL, "--out", tmp_path / "o", "--calib", CALIB, "--quiet")
+    assert r.exit_code == 2 and r.stderr.startswith("error: out of GPU memory") and r.stderr.count("\n") == 1
+
+
+def test_a_report_of_an_older_version_gives_what_it_holds():
+    from streamprune.api import PruneResult
+    r = PruneResult.of_report(Path("o"), {"blocks": [], "timing": {"seconds": 3.0}})
+    assert (r.seconds, r.params_before, r.peak_rss_bytes, r.ppl_after) == (3.0, None, None, None)

@@ -20,7 +20,7 @@ from ..arch.calibration import check_text_sources, check_tokens_fit, fitted_wind
 from ..arch.families import bias_sublayers
 from ..arch.model import Model, check_device, open_model
 from ..arch.output_config import check_per_block_writable
-from ..config import RunConfig
+from ..config import SURVEY_FREE, RunConfig
 from ..errors import StreamPruneError
 from ..output.model_card import base_model_name, write_card
 from ..planning.advice import refusal
@@ -235,7 +235,7 @@ def open_journal(checked: Checked) -> tuple[Journal, bool]:
     fingerprint = dict(cfg.fingerprint(), **input_fingerprint(model.folder, input_files))
     if ranks.world > 1:  # float sums, and so the output bytes, depend on how the windows are split
         fingerprint["processes"] = ranks.world
-    journal = Journal.open(cfg.out, fingerprint, cfg.restart, checked.started, cfg.SURVEY_FREE)
+    journal = Journal.open(cfg.out, fingerprint, cfg.restart, checked.started, SURVEY_FREE)
     # a resumed run keeps its micro-batch: float sums depend on it, and resume must be byte-identical
     journal.pin("micro_batch", memory.micro_batch if ranks.world == 1 else
                 shared_micro_batch(memory.micro_batch, cfg.samples, ranks.world))
@@ -258,7 +258,7 @@ def run_locked(checked: Checked, early: list) -> dict | None:
                         cfg.out)
         if journal.reused_survey:
             log.info("reusing the survey of %d blocks in %s (it depends on none of: %s)", journal.reused_survey,
-                     cfg.out, ", ".join(cfg.SURVEY_FREE))
+                     cfg.out, ", ".join(SURVEY_FREE))
         batch, run_id = journal.state["micro_batch"], journal.state["run"]
         share = ranks.share(cfg.samples, batch)
         cache = ActivationCache.claim(cache_folder_of(cfg, ranks), cfg.out, run_id, len(share.windows), cfg.seq_len,

@@ -9,7 +9,7 @@ import resource
 import torch
 
 from ..arch.families import bias_sublayers
-from ..config import RunConfig
+from ..config import NOT_FINGERPRINTED
 from ..pruning.phases import add_phases
 from ..pruning.shape import Shape
 from ..store.journal import Journal
@@ -43,7 +43,7 @@ def build_report(ctx: RunContext, shape: Shape, journal: Journal) -> dict:
     before = sum(b["params"][0] for b in blocks)
     after = sum(b["params"][1] for b in blocks)
     return {
-        "arguments": {k: v for k, v in cfg.as_dict().items() if k not in RunConfig.NOT_FINGERPRINTED},
+        "arguments": {k: v for k, v in cfg.as_dict().items() if k not in NOT_FINGERPRINTED},
         "model": {"model_type": model.arch.model_type, "layers": model.arch.n_layers,
                   "output_model_type": out_config["model_type"]},
         "plan": dict(shape.describe(), allocation=cfg.allocation, **ctx.placement.as_dict(),
