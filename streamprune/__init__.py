@@ -1,13 +1,13 @@
 """streamprune: structured pruning of Llama-family LLMs, one decoder block in memory at a time."""
 
-__version__ = "0.1.0"
-
 import os as _os
 
 # Intel MKL picks kernels by memory alignment unless told otherwise, so the same matmul can give
 # different low bits in two processes; resume must be byte-identical, so ask for reproducible
 # results (must be set before MKL's first call; a value the user set wins).
 _os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+from .version import __version__  # noqa: E402, F401  (pyproject.toml reads it too)
 
 __all__ = ["prune", "PruneResult", "StreamPruneError", "load_pretrained"]
 

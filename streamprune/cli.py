@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .config import GGUF_TYPES, INSPECT, PLAN, RUN, Option, RunConfig, options_of
+from .config import GGUF_TYPES, INSPECT, PLAN, RUN, SURVEY_FREE, Option, RunConfig, options_of
 from .errors import StreamPruneError, error_message, one_line, user_facing
 from .signals import finish, handle_signals, received, report_interrupt
 
@@ -259,8 +259,9 @@ def run(revision: str | None, preview: str, shards: Path, out: Path, **options):
         cfg = RunConfig(result.model.folder, out, **options)
         previews = survey_previews(cfg, result.model.arch, result.costs, sparsities)
         click.echo("\n".join(render_previews(previews, result.model.arch.blocks)))
-        click.echo(f"survey kept in {out}: `streamprune run` with the same arguments and any --sparsity, "
-                   "--allocation (global, uniform), --method, --multiple-of or --row-multiple reuses it")
+        free = ", ".join(f"--{name.replace('_', '-')}" for name in SURVEY_FREE)
+        click.echo(f"survey kept in {out}: prune from it as often as you like with the same command, without "
+                   f"--survey-only, plus --survey-from {out} --out NEW and any {free}")
         return
     click.echo("\n".join(run_summary(result)))
 

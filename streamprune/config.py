@@ -150,6 +150,12 @@ class RunConfig:
         False, "Measure the costs (the survey) and show each block's shape at --sparsity and the --preview "
         "sparsities; prune nothing. Prune from it later with --survey-from (or a run into the same --out).",
         output=NO_BYTES)
+    survey_from: Path | None = option(  # another output folder whose survey this run takes (journal.survey_from)
+        None, "Prune from the survey of an earlier run (run --survey-only, or any run with --allocation global or "
+        "uniform) in this folder instead of surveying again: any --sparsity, --allocation, --method, --budget, "
+        "--multiple-of, --row-multiple, --calibrate-on; the same model, calibration and other options (a survey that "
+        "differs is refused, naming how). The output is what a run from scratch writes.", output=NO_BYTES,
+        kind="folder")
     restart: bool = option(False, "Discard any previous run in --out and start over.", output=NO_BYTES)
     progress: bool = option(True, "No progress bar.", output=NO_BYTES, flag="--quiet")
     overlap: bool = option(  # prefetch the next block and write shards in the background

@@ -65,3 +65,9 @@ def test_a_flag_whose_default_is_true_is_spelled_as_its_negation():
     params = {p.name: p for p in main.commands["run"].params}
     assert params["overlap"].opts == ["--no-overlap"] and params["progress"].opts == ["--quiet"]
     assert isinstance(params["keep_cache"], click.Option) and params["keep_cache"].is_flag
+
+
+def test_the_survey_reuse_help_names_what_the_survey_does_not_depend_on():
+    how = dict((f.name, o) for f, o in options_of())["survey_from"]
+    named = set(how.help.split("again: any ")[1].split(";")[0].replace(" ", "").split(","))
+    assert named == {f"--{name.replace('_', '-')}" for name in config.SURVEY_FREE}

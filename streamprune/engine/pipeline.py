@@ -25,7 +25,7 @@ from ..errors import StreamPruneError
 from ..output.model_card import base_model_name, write_card
 from ..planning.advice import refusal
 from ..planning.plan import Plan, plan_run
-from ..planning.validate import check_free_disk, check_paths, check_sparsity, check_writable
+from ..planning.validate import check_free_disk, check_paths, check_sparsity, check_survey_folder, check_writable
 from ..pruning.allocation import allocate
 from ..pruning.numerics import GramPlacement
 from ..pruning.ranks import Ranks
@@ -33,7 +33,7 @@ from ..pruning.shape import Shape, check_uniform, cut_sublayers, rule_shape, sha
 from ..store.cache import ActivationCache, cache_owner, check_cache_folder, run_cache_folder
 from ..store.faults import fault_point
 from ..store.fsutil import atomic_write, atomic_write_json, remove_temporaries
-from ..store.journal import WORKDIR, Journal, refuse_foreign_folder
+from ..store.journal import WORKDIR, Journal, refuse_foreign_folder, survey_from
 from ..store.lock import OutputLock
 from ..store.modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from ..store.records import expect, read_checked_json
@@ -131,6 +131,8 @@ def check_before_model(cfg: RunConfig) -> None:
     if Path(cfg.shards).is_dir():  # (a Hub id: once the CLI has made it a folder, when run calls this again)
         check_paths(Path(cfg.shards), cfg.out, cfg.cache_dir)
     refuse_foreign_folder(cfg.out)  # --restart too: it deletes only what a streamprune run writes
+    if cfg.survey_from is not None:
+        check_survey_folder(cfg.survey_from, cfg.out)
     check_text_sources(cfg)
     check_device(cfg.device)
 
@@ -145,9 +147,10 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
                                "each needs a window")
     check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
     compensation = cfg.compensation
-    if cfg.survey_only and cfg.allocation == "rule":
-        raise StreamPruneError("--survey-only measures costs for --allocation global or uniform; the fixed rule "
-                               "needs none (streamprune inspect shows its cut)")
+    if cfg.allocation == "rule" and (cfg.survey_only or cfg.survey_from):
+        raise StreamPruneError(f"{'--survey-only measures' if cfg.survey_only else '--survey-from gives'} costs for "
+                               "--allocation global or uniform; the fixed rule needs none (streamprune inspect shows "
+                               "its cut)")
     if cfg.allocation != "global":
         check_uniform(model.arch, f"--allocation {cfg.allocation}")
     else:
@@ -235,7 +238,9 @@ def open_journal(checked: Checked) -> tuple[Journal, bool]:
     fingerprint = dict(cfg.fingerprint(), **input_fingerprint(model.folder, input_files))
     if ranks.world > 1:  # float sums, and so the output bytes, depend on how the windows are split
         fingerprint["processes"] = ranks.world
-    journal = Journal.open(cfg.out, fingerprint, cfg.restart, checked.started, SURVEY_FREE)
+    survey = None if cfg.survey_from is None else (
+        lambda: survey_from(cfg.survey_from, fingerprint, SURVEY_FREE, model.arch.n_layers))
+    journal = Journal.open(cfg.out, fingerprint, cfg.restart, checked.started, SURVEY_FREE, survey)
     # a resumed run keeps its micro-batch: float sums depend on it, and resume must be byte-identical
     journal.pin("micro_batch", memory.micro_batch if ranks.world == 1 else
                 shared_micro_batch(memory.micro_batch, cfg.samples, ranks.world))
@@ -257,8 +262,8 @@ def run_locked(checked: Checked, early: list) -> dict | None:
             log.warning("%s held a run with other arguments that had not started (nothing done); starting over",
                         cfg.out)
         if journal.reused_survey:
-            log.info("reusing the survey of %d blocks in %s (it depends on none of: %s)", journal.reused_survey,
-                     cfg.out, ", ".join(SURVEY_FREE))
+            log.info("reusing the survey of %d blocks %s (it depends on none of: %s)", journal.reused_survey,
+                     f"from {cfg.survey_from}" if cfg.survey_from else f"in {cfg.out}", ", ".join(SURVEY_FREE))
         batch, run_id = journal.state["micro_batch"], journal.state["run"]
         share = ranks.share(cfg.samples, batch)
         cache = ActivationCache.claim(cache_folder_of(cfg, ranks), cfg.out, run_id, len(share.windows), cfg.seq_len,
@@ -291,7 +296,8 @@ def prune(ctx: RunContext, journal: Journal) -> dict | None:
              f", {ranks.world} processes" if ranks.world > 1 else "")
     if cfg.survey_only:
         costs = measured_costs(ctx, journal)
-        log.info("survey done: %s (run the same command without --survey-only, at any sparsity, to prune)", cfg.out)
+        log.info("survey done: %s (prune from it: the same command without --survey-only, plus --survey-from %s "
+                 "--out NEW, at any sparsity)", cfg.out, cfg.out)
         return {"survey_only": True, "costs": costs, "model": model} if ranks.is_writer else None
     if cfg.eval_source() is not None and ranks.world == 1:  # the input's perplexity, once (journaled), before pruning
         journaled_eval(cfg, journal, "before", model.folder, cache.folder)  # (several ranks: rank 0's, at the end)

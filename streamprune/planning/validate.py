@@ -52,6 +52,15 @@ def check_paths(shards: Path, out: Path, cache_dir: Path | None) -> None:
         raise StreamPruneError(f"--cache-dir {cache_dir} {where} the input folder {shards}; choose a folder outside it")
 
 
+def check_survey_folder(folder: Path, out: Path) -> None:
+    """--survey-from names another run's output folder (its journal is checked when the run opens its own)."""
+    if same_folder(folder, out):
+        raise StreamPruneError(f"--survey-from {folder} is --out itself: a run reuses the survey in its own folder "
+                               "without it; give another --out")
+    if not (Path(folder) / WORKDIR / "journal.json").is_file():
+        raise StreamPruneError(f"--survey-from {folder} holds no streamprune run (no {WORKDIR}/journal.json)")
+
+
 def check_writable(folder: Path, option: str = "--out") -> None:
     """Create `folder` and its work folder if needed and prove a file can be written there (the
     probe goes in the work folder, so a run killed right here leaves nothing in `folder`)."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..errors import StreamPruneError
+from ..version import __version__
 from .fsutil import atomic_write_json
 from .records import Damaged, check_block_record, expect, expect_fields, read_checked_json
 from .runlog import LOG_FILE
@@ -25,23 +27,26 @@ def refuse_foreign_folder(out: Path) -> None:
                                "folder (streamprune never deletes files it did not write)")
 
 
-def mismatch(out: Path, before: dict, now: dict) -> StreamPruneError:
-    """Why a run cannot resume: its input files (keys `input:NAME`) or its arguments changed."""
+def mismatch(out: Path, before: dict, now: dict, survey_free: tuple[str, ...] = ()) -> StreamPruneError:
+    """Why a run cannot resume: its input files (keys `input:NAME`) or its arguments changed (only
+    `survey_free` ones: its survey can be pruned from again, into another folder)."""
     diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     changed = [k.removeprefix("input:") for k in diff if k.startswith("input:")]
     if changed:
         return StreamPruneError(
             f"the input model changed since the run in {out} began ({', '.join(changed)}); resuming would mix "
             "blocks pruned from different inputs: restore the input, or pass --restart to start over")
+    again = (f", or prune again from its survey into another folder: --survey-from {out} --out NEW"
+             if survey_free and set(diff) <= set(survey_free) else "")
     return StreamPruneError(f"{out} holds a run with different arguments ({', '.join(diff)}); "
-                            "use the same arguments to resume, or --restart to start over")
+                            f"use the same arguments to resume, or --restart to start over{again}")
 
 
 # What `save` writes, and what a resumed run reads: key -> (types, required).
 FIELDS = {"fingerprint": ((dict,), True), "blocks": ((dict,), True), "complete": ((bool,), True),
           "micro_batch": ((int,), False), "blocks_seconds": ((int, float), False), "eval": ((dict,), False),
           "run": ((str,), False), "survey": ((dict,), False), "wall_seconds": ((int, float), False),
-          "sessions": ((int,), False), "grams": ((dict,), False)}
+          "sessions": ((int,), False), "grams": ((dict,), False), "version": ((str,), False)}
 GRAMS_FIELDS = {"grams_on": (str,), "gram_chunk_columns": (int,)}
 EVAL_FIELDS = {"text_sha256": (str,), "seq_len": (int,), "windows": (int,), "tokens": (int,), "ppl": (int, float)}
 def damaged(path: Path, problem: str) -> StreamPruneError:
@@ -90,7 +95,7 @@ def has_work(state: dict) -> bool:
 
 # what a reused survey brings along: its costs, the micro-batch and Gram placement its float sums
 # depend on, its run id (whose activation cache it claimed), its time, the input's perplexity
-CARRIED = ("survey", "micro_batch", "grams", "run", "wall_seconds", "sessions")
+CARRIED = ("survey", "micro_batch", "grams", "run", "wall_seconds", "sessions", "version")
 
 
 def survey_carried(state: dict, fingerprint: dict, survey_free: tuple[str, ...]) -> dict | None:
@@ -108,6 +113,47 @@ def survey_carried(state: dict, fingerprint: dict, survey_free: tuple[str, ...])
     return carried
 
 
+# what a survey brings to a run in another folder (--survey-from): its records, the micro-batch and
+# Gram placement its float sums depend on, the version that made it
+SURVEY_FROM = ("survey", "micro_batch", "grams", "version")
+# what a survey depends on, as named when another folder's survey is refused: fingerprint keys by kind
+MODEL_KEYS, CALIBRATION_KEYS = ("shards",), ("calib", "calib_sha256", "calib_dataset", "text_field", "samples",
+                                             "seq_len")
+
+
+def survey_from(folder: Path, fingerprint: dict, survey_free: tuple[str, ...], layers: int) -> dict:
+    """What a run with `fingerprint` takes from the run in `folder` (--survey-from): its survey's
+    journal records, whatever they hold, with SURVEY_FROM and the input's perplexity. Refused in one
+    line unless that run surveyed all `layers` blocks with this version, of the same model, on the
+    same calibration windows, with every option the survey depends on (all but `survey_free`) alike."""
+    state = load_state(Path(folder) / WORKDIR / "journal.json")
+    if state.get("version") != __version__:
+        made_by = f"streamprune {state['version']}" if "version" in state else "an older streamprune"
+        raise StreamPruneError(f"--survey-from {folder}: its survey was made by {made_by}, this is {__version__}; "
+                               "survey again (leave out --survey-from)")
+    strip = lambda fp: {k: v for k, v in fp.items() if k not in survey_free}  # noqa: E731
+    before, now = strip(state["fingerprint"]), strip(fingerprint)
+    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if diff:
+        files = [k.removeprefix("input:") for k in diff if k.startswith("input:")]
+        model = [f"it surveyed {before.get('shards')}"] if "shards" in diff else files[:3] + ["..."] * (len(files) > 3)
+        calibration = ["the text" if k == "calib_sha256" else f"--{k.replace('_', '-')}" for k in diff
+                       if k in CALIBRATION_KEYS]
+        other = [f"--{k.replace('_', '-')}" for k in diff if k not in MODEL_KEYS + CALIBRATION_KEYS
+                 and not k.startswith("input:")]
+        how = "; ".join(f"{what} ({', '.join(map(str, keys))})" for what, keys in (
+            ("the model", model), ("the calibration", calibration), ("the options", other)) if keys)
+        raise StreamPruneError(f"--survey-from {folder}: its survey differs from this run in {how}; survey again "
+                               "(leave out --survey-from), or give the survey's arguments")
+    surveyed = len(state.get("survey", {}))
+    if surveyed < layers:
+        raise StreamPruneError(f"--survey-from {folder}: its survey covers {surveyed} of {layers} blocks; finish it "
+                               "first (re-run its command)")
+    carried = {k: state[k] for k in SURVEY_FROM if k in state}
+    before_eval = state.get("eval", {}).get("before")
+    return dict(carried, eval={"before": before_eval}) if before_eval else carried
+
+
 class Journal:
     """Also keeps the run's time over all its sessions: every save adds the time since the last one
     (or since this session began) to "wall_seconds", so a killed session loses only what it did
@@ -122,12 +168,13 @@ class Journal:
 
     @classmethod
     def open(cls, out: Path, fingerprint: dict, restart: bool, started: float | None = None,
-             survey_free: tuple[str, ...] = ()) -> "Journal":
+             survey_free: tuple[str, ...] = (), survey: Callable[[], dict] | None = None) -> "Journal":
         """Resume the journal in `out`, or start a new one (this session began at `started`).
         Refuses to mix arguments, and to write into a non-empty folder that streamprune did not
         create. A journal that holds a survey and no pruned block, of a run whose arguments differ
         from these only in `survey_free` ones (what the survey does not depend on: the sparsity,
-        the allocation, the method), gives this run its survey (`reused_survey` blocks)."""
+        the allocation, the method), gives this run its survey (`reused_survey` blocks). A new journal
+        starts with what `survey()` gives, if given (another folder's survey: survey_from)."""
         out = Path(out)
         path = out / WORKDIR / "journal.json"
         replaced = False
@@ -142,15 +189,19 @@ class Journal:
                 journal.save()
                 return journal
             if has_work(state):
-                raise mismatch(out, state.get("fingerprint", {}), fingerprint)
+                raise mismatch(out, state.get("fingerprint", {}), fingerprint,
+                               survey_free if state.get("survey") else ())
             # a run refused or stopped before it did any work (not enough disk) pins nothing: the
             # corrected command starts afresh (and says so: `replaced`)
             replaced = True
         if not restart:  # (a restarted run checked before it cleared the folder)
             refuse_foreign_folder(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        journal = cls(path, {"fingerprint": fingerprint, "blocks": {}, "complete": False}, started)
+        carried = survey() if survey is not None else {}
+        journal = cls(path, {"fingerprint": fingerprint, "blocks": {}, "complete": False, "version": __version__,
+                             **carried}, started)
         journal.replaced = replaced
+        journal.reused_survey = len(carried.get("survey", {}))
         journal.save()
         return journal
 

@@ -9,6 +9,7 @@ import pytest
 from streamprune.errors import StreamPruneError
 from streamprune.store import journal
 from streamprune.store.journal import WORKDIR, Journal, refuse_foreign_folder
+from streamprune.version import __version__
 
 FINGERPRINT = {"sparsity": 0.3, "samples": 4, "input:model.safetensors": "aa", "input:config.json": "bb"}
 
@@ -27,7 +28,7 @@ def test_open_new_then_resume(tmp_path):
     assert j.path == out / WORKDIR / "journal.json"
     state = json.loads(j.path.read_text())
     assert state.pop("wall_seconds") >= 0
-    assert state == {"fingerprint": FINGERPRINT, "blocks": {}, "complete": False}
+    assert state == {"fingerprint": FINGERPRINT, "blocks": {}, "complete": False, "version": __version__}
     assert j.next_block == 0 and not j.complete
     j.finish_block(0, record(0))
     again = Journal.open(out, dict(FINGERPRINT), restart=False)
@@ -189,3 +190,71 @@ def test_damaged_gram_placement_is_refused():
                 {"grams_on": "host", "gram_chunk_columns": -1}):
         with pytest.raises(Damaged):
             check_state(dict(state, grams=bad))
+
+
+def surveyed_run(out, fingerprint=FINGERPRINT, layers=2, **state):
+    """A run in `out` that surveyed `layers` blocks (what run --survey-only leaves), with `state` over it."""
+    j = Journal.open(out, fingerprint, restart=False)
+    j.pin("micro_batch", 4)
+    j.pin("grams", {"grams_on": "host", "gram_chunk_columns": 0})
+    j.record_eval("before", EVAL)
+    for layer in range(layers):
+        j.finish_survey_block(layer, {"costs": [float(layer)], "anything": "the survey records"})
+    j.state.update(state)
+    j.save()
+    return j
+
+
+FREE = ("sparsity",)
+
+
+def test_another_folders_survey_is_taken_whole(tmp_path):
+    source = surveyed_run(tmp_path / "survey")
+    carried = journal.survey_from(tmp_path / "survey", dict(FINGERPRINT, sparsity=0.5), FREE, layers=2)
+    assert carried == {"survey": source.surveyed, "micro_batch": 4, "version": __version__, "eval": {"before": EVAL},
+                       "grams": {"grams_on": "host", "gram_chunk_columns": 0}}
+    j = Journal.open(tmp_path / "out", dict(FINGERPRINT, sparsity=0.5), restart=False, survey_free=FREE,
+                     survey=lambda: carried)
+    assert j.reused_survey == 2 and j.surveyed == source.surveyed and j.pin("micro_batch", 16) == 4
+    assert j.eval_result("before") == EVAL and j.next_block == 0 and "run" not in j.state
+
+
+def test_a_resumed_run_does_not_read_the_survey_again(tmp_path):
+    Journal.open(tmp_path, FINGERPRINT, restart=False)
+    again = Journal.open(tmp_path, FINGERPRINT, restart=False, survey=lambda: pytest.fail("read again"))
+    assert again.reused_survey == 0
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (dict(samples=8), r"differs from this run in the calibration \(--samples\);"),
+    (dict(seed=1), r"differs from this run in the options \(--seed\);"),
+    ({"input:config.json": "cc"}, r"differs from this run in the model \(config\.json\);"),
+    (dict(shards="/models/b"), r"in the model \(it surveyed /models/a\);"),
+])
+def test_a_survey_of_another_model_calibration_or_options_is_refused(tmp_path, change, pattern):
+    surveyed_run(tmp_path, dict(FINGERPRINT, shards="/models/a"))
+    with pytest.raises(StreamPruneError, match=pattern):
+        journal.survey_from(tmp_path, {**FINGERPRINT, "shards": "/models/a", "sparsity": 0.5, **change}, FREE, layers=2)
+
+
+def test_a_survey_of_another_version_or_unfinished_is_refused(tmp_path):
+    surveyed_run(tmp_path / "old", version="0.0.9")
+    with pytest.raises(StreamPruneError, match=f"made by streamprune 0.0.9, this is {__version__}; survey again"):
+        journal.survey_from(tmp_path / "old", FINGERPRINT, FREE, layers=2)
+    older = surveyed_run(tmp_path / "older")
+    del older.state["version"]
+    older.save()
+    with pytest.raises(StreamPruneError, match="made by an older streamprune"):
+        journal.survey_from(tmp_path / "older", FINGERPRINT, FREE, layers=2)
+    surveyed_run(tmp_path / "part", layers=1)
+    with pytest.raises(StreamPruneError, match="its survey covers 1 of 2 blocks; finish it first"):
+        journal.survey_from(tmp_path / "part", FINGERPRINT, FREE, layers=2)
+
+
+def test_a_refused_resume_says_how_to_prune_again_from_the_survey(tmp_path):
+    j = surveyed_run(tmp_path)
+    j.finish_block(0, record(0))
+    with pytest.raises(StreamPruneError, match=f"--survey-from {tmp_path} --out NEW$"):
+        Journal.open(tmp_path, dict(FINGERPRINT, sparsity=0.5), restart=False, survey_free=FREE)
+    with pytest.raises(StreamPruneError, match="--restart to start over$"):
+        Journal.open(tmp_path, dict(FINGERPRINT, samples=8), restart=False, survey_free=FREE)
