@@ -36,6 +36,7 @@ def test_prune_resumes_an_interrupted_run_to_the_same_bytes(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         streamprune.prune(MODEL, tmp_path / "cut", 0.3, CALIB, **ARGS)
     undo()
+    assert "interrupted (Ctrl-C); finished blocks are saved" in (tmp_path / "cut" / "streamprune.log").read_text()
     resumed = streamprune.prune(MODEL, tmp_path / "cut", 0.3, CALIB, **ARGS)
     assert resumed.report["timing"]["sessions"] == 2
     assert digests(tmp_path / "cut") == digests(tmp_path / "whole")

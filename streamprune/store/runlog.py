@@ -9,6 +9,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import error_message, one_line, user_facing
+from ..signals import Terminated
+
+log = logging.getLogger(__name__)
+
 LOG_FILE = "streamprune.log"
 FILE_ONLY = {"file_only": True}  # `extra=` of a record for the log file, not the terminal (one per block)
 TERMINAL_ONLY = {"terminal_only": True}  # `extra=` of a record for the terminal only ("already complete")
@@ -77,7 +82,8 @@ def held_records():
 @contextmanager
 def run_log(out: Path, earlier: list[logging.LogRecord] = ()):
     """Append the records of streamprune's loggers (INFO and up) to OUT/streamprune.log while the
-    run is in the block, after the `earlier` ones (with their own times)."""
+    run is in the block, after the `earlier` ones (with their own times); a run that ends by an
+    interruption or an error says so in its last line (why_stopped)."""
     handler = RunLogHandler(Path(out) / LOG_FILE, earlier)
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
     formatter.converter = time.gmtime
@@ -85,9 +91,26 @@ def run_log(out: Path, earlier: list[logging.LogRecord] = ()):
     handler.setLevel(logging.INFO)
     try:
         with recording(handler):
-            yield
+            try:
+                yield
+            except BaseException as e:
+                level, line = why_stopped(e)
+                log.log(level, "%s", line, extra=FILE_ONLY)  # (the terminal says it its own way)
+                raise
     finally:
         handler.close()
+
+
+def why_stopped(e: BaseException) -> tuple[int, str]:
+    """The log's last line of a run that `e` ended, and its level."""
+    if isinstance(e, Terminated):
+        return logging.WARNING, "terminated (SIGTERM); finished blocks are saved: re-run the same command to resume"
+    if isinstance(e, KeyboardInterrupt):
+        return logging.WARNING, "interrupted (Ctrl-C); finished blocks are saved: re-run the same command to resume"
+    if isinstance(e, SystemExit):
+        return logging.WARNING, f"stopped: exit {e.code}"
+    what = error_message(e) if user_facing(e) else f"{type(e).__name__}: {e}"
+    return logging.ERROR, f"stopped by an error: {one_line(what)}"
 
 
 class BlockProgress:

@@ -45,6 +45,8 @@ def test_interrupted_run_resumes_to_identical_bytes(model_and_reference, tmp_pat
     r = trial(run_args(model, out, SAMPLES, SEQ_LEN), out, sig, reference, finish=lambda o: finish(model, o),
               point=(point, count))
     assert r["interrupted"] and r["survived"], r
+    if sig == signal.SIGINT:  # the log says why the first session stopped
+        assert "WARNING interrupted (Ctrl-C); finished blocks are saved" in (out / "streamprune.log").read_text()
 
 
 def test_sigterm_exits_143_and_the_same_command_resumes(model_and_reference, tmp_path):
@@ -54,6 +56,7 @@ def test_sigterm_exits_143_and_the_same_command_resumes(model_and_reference, tmp
     out = tmp_path / "out"
     r = trial(run_args(model, out, SAMPLES, SEQ_LEN), out, signal.SIGTERM, reference, point=("shard_mid_write", 2))
     assert r["interrupted"] and r["exit"] == 143 and r["survived"], r
+    assert "WARNING terminated (SIGTERM); finished blocks are saved" in (out / "streamprune.log").read_text()
 
 
 def written_by_a_whole_run(model, out, monkeypatch) -> int:
@@ -73,6 +76,7 @@ def test_full_disk_is_one_line_error_and_resumes(model_and_reference, tmp_path, 
     r = CliRunner().invoke(main, run_args(model, out, SAMPLES, SEQ_LEN))
     assert r.exit_code == 2, (r.output, r.exception)
     assert r.stderr.startswith("error: no space left on device while writing ") and r.stderr.count("\n") == 1
+    assert "ERROR stopped by an error: no space left on device" in (out / "streamprune.log").read_text()
     assert "re-run the same command to resume" in r.stderr
     journal = json.loads((out / ".streamprune" / "journal.json").read_text())
     assert not journal["complete"] and not (out / "model.safetensors.index.json").exists()

@@ -4,10 +4,14 @@ first, not the terminal-only ones; no file at all when nothing was logged; progr
 import logging
 import re
 
+import pytest
+
+from streamprune.errors import StreamPruneError
+from streamprune.signals import Terminated
 from streamprune.store.runlog import FILE_ONLY, LOG_FILE, TERMINAL_ONLY, BlockProgress, FileOnly, held_records, run_log
 
 log = logging.getLogger("streamprune.test_runlog")
-LINE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (INFO|WARNING) "
+LINE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (INFO|WARNING|ERROR) "
 
 
 def test_the_log_holds_earlier_records_first_then_the_run(tmp_path):
@@ -66,3 +70,19 @@ def test_block_progress_counts_micro_batches_per_block():
     p.tick(3)
     p.tick(4)  # a new block starts counting again, but within the half second nothing is shown
     assert bar.shown == ["block 3: 1 micro-batch read", "block 3: 2 micro-batches read"] and p.count == 1
+
+
+@pytest.mark.parametrize("error, last", [
+    (KeyboardInterrupt(), "WARNING interrupted (Ctrl-C); finished blocks are saved: re-run the same command to resume"),
+    (Terminated(), "WARNING terminated (SIGTERM); finished blocks are saved: re-run the same command to resume"),
+    (StreamPruneError("no space left\non device"), "ERROR stopped by an error: no space left\\non device"),
+    (MemoryError(), "ERROR stopped by an error: out of memory; lower --batch-size or --samples"),
+    (ValueError("a bug"), "ERROR stopped by an error: ValueError: a bug"),
+])
+def test_a_run_that_an_interruption_or_an_error_ends_says_so_last(tmp_path, error, last):
+    with pytest.raises(type(error)):
+        with run_log(tmp_path):
+            log.info("pruned block 0")
+            raise error
+    lines = (tmp_path / LOG_FILE).read_text().splitlines()
+    assert [x.split(" ", 1)[1] for x in lines] == ["INFO pruned block 0", last]
