@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from ..errors import StreamPruneError
@@ -38,13 +39,14 @@ def is_hub_id(text: str) -> bool:
 def resolve_model(arg, revision: str | None = None, progress: bool = True, notify=None) -> Path:
     """The local folder of a model argument. A path that exists always wins; an argument that is
     neither a path nor a Hub id is returned as it is (the caller's "model folder not found"). A Hub
-    id's snapshot is downloaded (with progress bars if `progress`) and `notify(text)` told which."""
+    id's snapshot is downloaded (with progress bars if `progress` and stderr is a terminal: a bar
+    written to a log is one line of carriage returns) and `notify(text)` told which."""
     path = Path(arg)
     if path.exists() or not is_hub_id(str(arg)):
         if revision is not None:
             raise StreamPruneError(f"--revision is for Hugging Face Hub ids; {arg} is a local path")
         return path
-    if not progress:
+    if not progress or not sys.stderr.isatty():
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()
     folder = download_model(str(arg), revision)

@@ -5,6 +5,7 @@ go back to the cache as the next block's inputs."""
 
 from __future__ import annotations
 
+import sys
 from typing import Iterator
 
 import torch
@@ -13,11 +14,15 @@ from tqdm import tqdm
 from ..arch.model import Model, compute_dtype
 from ..planning.validate import check_finite_weights
 from ..store.cache import ActivationCache, CacheWriter
-from ..store.runlog import BlockProgress
+from ..store.runlog import BlockProgress, PlainProgress
 
 
-def progress_bar(desc: str, total: int, start: int = 0, progress: bool = True, unit: str = "block") -> tqdm:
-    """The bar of a walk (a context manager): `total` steps, `start` of them done already."""
+def progress_bar(desc: str, total: int, start: int = 0, progress: bool = True,
+                 unit: str = "block") -> tqdm | PlainProgress:
+    """The bar of a walk (a context manager): `total` steps, `start` of them done already; where
+    stderr is not a terminal, plain lines instead (runlog.PlainProgress), so a log holds no bar."""
+    if progress and not sys.stderr.isatty():
+        return PlainProgress(desc, total, start, unit)
     return tqdm(total=total, initial=start, unit=unit, desc=desc, disable=not progress, dynamic_ncols=True)
 
 
@@ -28,7 +33,7 @@ class BlockStream:
         self.model, self.cache, self.device, self.batch, self.windows = model, cache, device, batch, windows
         self.progress = BlockProgress(None)
 
-    def blocks(self, start: int, bar: tqdm) -> Iterator[int]:
+    def blocks(self, start: int, bar: tqdm | PlainProgress) -> Iterator[int]:
         """Blocks start..L-1; `bar` counts each once the loop body is done with it and shows the
         micro-batches read inside it."""
         self.progress = BlockProgress(None if bar.disable else bar)

@@ -5,6 +5,7 @@ session), and its progress inside a block."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,3 +131,50 @@ class BlockProgress:
             plural = "es" if self.count > 1 else ""
             self.bar.set_postfix_str(f"block {layer}: {self.count} micro-batch{plural} read", refresh=True)
             self.shown = time.time()
+
+
+class PlainProgress:
+    """A progress bar's place where stderr is not a terminal (a log file, a pipe, a notebook): a plain
+    line when it starts and one per step (block), with the rate and the time left, and inside a long
+    step (BlockProgress) a line at most every INTERVAL seconds; no carriage returns. What the stream
+    uses of tqdm's bar: update, set_postfix_str, disable, a context manager."""
+
+    INTERVAL = 60.0  # seconds between two lines inside one step
+    disable = False
+
+    def __init__(self, desc: str, total: int, initial: int = 0, unit: str = "block", file=None):
+        self.desc, self.total, self.n, self.unit, self.file = desc, total, initial, unit, file
+        self.started, self.first = time.time(), initial
+        self.write(f"{desc}: {initial}/{total} {unit}s" + (" done" if initial else ""))
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def write(self, line: str) -> None:
+        print(line, file=self.file or sys.stderr, flush=True)
+        self.shown = time.time()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        elapsed, done = time.time() - self.started, self.n - self.first
+        rate = (f"{elapsed / done:.1f} s/{self.unit}" if elapsed >= done else f"{done / elapsed:.1f} {self.unit}s/s")
+        left = elapsed / done * (self.total - self.n)
+        self.write(f"{self.desc}: {self.n}/{self.total} {self.unit}s, {clock(elapsed)} elapsed, {rate}, "
+                   f"{clock(left)} left")
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        if time.time() - self.shown >= self.INTERVAL:
+            self.write(f"{self.desc}: {self.n}/{self.total} {self.unit}s, {text}")
+
+
+def clock(seconds: float) -> str:
+    """0:07, 12:30, 1:02:03, as tqdm shows times."""
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -53,6 +53,19 @@ def test_blocks_yields_start_to_the_last_and_ticks_the_bar_once_each(stream):
         assert list(stream.blocks(1, off)) == [1, 2]
 
 
+def test_the_bar_is_tqdms_on_a_terminal_and_plain_lines_elsewhere(monkeypatch, capsys):
+    from tqdm import tqdm
+
+    from streamprune.store.runlog import PlainProgress
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    with progress_bar("survey", 3, 0) as plain:
+        assert isinstance(plain, PlainProgress)
+    assert capsys.readouterr().err == "survey: 0/3 blocks\n"
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    with progress_bar("survey", 3, 0, progress=False) as bar:
+        assert isinstance(bar, tqdm) and bar.disable
+
+
 def test_micro_batches_read_show_on_the_bar(stream):
     cached(stream, 0)
     bar = Bar()

@@ -8,7 +8,17 @@ import pytest
 
 from streamprune.errors import StreamPruneError
 from streamprune.signals import Terminated
-from streamprune.store.runlog import FILE_ONLY, LOG_FILE, TERMINAL_ONLY, BlockProgress, FileOnly, held_records, run_log
+from streamprune.store.runlog import (
+    FILE_ONLY,
+    LOG_FILE,
+    TERMINAL_ONLY,
+    BlockProgress,
+    FileOnly,
+    PlainProgress,
+    clock,
+    held_records,
+    run_log,
+)
 
 log = logging.getLogger("streamprune.test_runlog")
 LINE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (INFO|WARNING|ERROR) "
@@ -86,3 +96,28 @@ def test_a_run_that_an_interruption_or_an_error_ends_says_so_last(tmp_path, erro
             raise error
     lines = (tmp_path / LOG_FILE).read_text().splitlines()
     assert [x.split(" ", 1)[1] for x in lines] == ["INFO pruned block 0", last]
+
+
+def test_plain_progress_prints_a_line_per_step_with_the_rate_and_the_time_left(monkeypatch):
+    import io
+    now = [100.0]
+    monkeypatch.setattr("streamprune.store.runlog.time.time", lambda: now[0])
+    out = io.StringIO()
+    with PlainProgress("survey", 4, 1, file=out) as bar:
+        now[0] += 30
+        bar.set_postfix_str("block 1: 2 micro-batches read")  # within INTERVAL of the last line: not shown
+        now[0] += 31
+        bar.set_postfix_str("block 1: 3 micro-batches read")
+        bar.update(1)
+        now[0] += 20
+        bar.update(1)
+    assert out.getvalue().splitlines() == [
+        "survey: 1/4 blocks done",
+        "survey: 1/4 blocks, block 1: 3 micro-batches read",
+        "survey: 2/4 blocks, 1:01 elapsed, 61.0 s/block, 2:02 left",
+        "survey: 3/4 blocks, 1:21 elapsed, 40.5 s/block, 0:40 left"]
+    assert "\r" not in out.getvalue()
+
+
+def test_clock_reads_as_tqdm_shows_times():
+    assert [clock(s) for s in (7, 750, 3723)] == ["0:07", "12:30", "1:02:03"]
