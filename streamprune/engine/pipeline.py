@@ -25,7 +25,7 @@ from ..errors import StreamPruneError
 from ..output.model_card import base_model_name, write_card
 from ..planning.advice import refusal
 from ..planning.plan import Plan, plan_run
-from ..planning.validate import check_free_disk, check_paths, check_sparsity, check_survey_folder, check_writable
+from ..planning.validate import check_folders, check_free_disk, check_paths, check_sparsity, check_writable
 from ..pruning.allocation import allocate
 from ..pruning.numerics import GramPlacement
 from ..pruning.ranks import Ranks
@@ -128,11 +128,10 @@ def cache_folder_of(cfg: RunConfig, ranks: Ranks) -> Path:
 def check_before_model(cfg: RunConfig) -> None:
     """What can be checked before the model is read (or downloaded, for a Hub id): the output
     folder (against the input too, when that is a folder), the texts, the device."""
+    check_folders(cfg.out, cfg.cache_dir, cfg.survey_from)
     if Path(cfg.shards).is_dir():  # (a Hub id: once the CLI has made it a folder, when run calls this again)
         check_paths(Path(cfg.shards), cfg.out, cfg.cache_dir)
     refuse_foreign_folder(cfg.out)  # --restart too: it deletes only what a streamprune run writes
-    if cfg.survey_from is not None:
-        check_survey_folder(cfg.survey_from, cfg.out)
     check_text_sources(cfg)
     check_device(cfg.device)
 

@@ -227,20 +227,37 @@ def report_figure(report: dict):
         fig, (kept, error) = plt.subplots(2, 1, figsize=(width, 8))
     draw_kept(kept, blocks, layers)
     draw_error(error, blocks, layers)
-    fig.suptitle(figure_title(report))
+    fig.suptitle(wrapped(figure_title(report), fig.get_figwidth()))
     fig.tight_layout()
     return fig
 
 
+TITLE_CHARACTERS_PER_INCH = 7.5  # matplotlib's default title font (12 pt DejaVu Sans), with a margin
+
+
+def wrapped(title: str, width_inches: float) -> str:
+    """`title` with each of its lines wrapped at spaces to the figure's width."""
+    import textwrap
+    columns = int(width_inches * TITLE_CHARACTERS_PER_INCH)
+    return "\n".join(part for line in title.splitlines() for part in textwrap.wrap(line, columns) or [""])
+
+
 def plot_report(report: dict, path: Path) -> bool:
-    """Write the picture to `path`; False (and nothing written) when matplotlib is missing."""
+    """Write the picture to `path`, in the format its extension names (none: PNG); False (and
+    nothing written) when matplotlib is missing. A format matplotlib cannot write is refused."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return False
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    kind = Path(path).suffix.lstrip(".").lower() or "png"
+    if kind not in formats:
+        raise StreamPruneError(f"cannot draw the picture as .{kind} ({path}); give --png a file ending in "
+                               f"{', '.join('.' + k for k in sorted(formats))}")
     fig = report_figure(report)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format=kind)
     plt.close(fig)
     return True

@@ -52,6 +52,21 @@ def check_paths(shards: Path, out: Path, cache_dir: Path | None) -> None:
         raise StreamPruneError(f"--cache-dir {cache_dir} {where} the input folder {shards}; choose a folder outside it")
 
 
+def check_folders(out: Path, cache_dir: Path | None, survey_from: Path | None) -> None:
+    """--out and --cache-dir are folders (or new), --survey-from another run's folder."""
+    check_folder_option(out, "--out")
+    check_folder_option(cache_dir, "--cache-dir")
+    if survey_from is not None:
+        check_survey_folder(survey_from, out)
+
+
+def check_folder_option(folder: Path | None, option: str) -> None:
+    """--out and --cache-dir name folders (new or not): a file there is refused, saying so."""
+    if folder is not None and (Path(folder).exists() or Path(folder).is_symlink()) and not Path(folder).is_dir():
+        raise StreamPruneError(f"{option} {folder} is a file; {option} needs a folder (a new one, or one that "
+                               f"{'holds an earlier streamprune output' if option == '--out' else 'exists'})")
+
+
 def check_survey_folder(folder: Path, out: Path) -> None:
     """--survey-from names another run's output folder (its journal is checked when the run opens its own)."""
     if same_folder(folder, out):

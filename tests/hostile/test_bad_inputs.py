@@ -132,7 +132,7 @@ CASES = {
     "seq-len-past-max-positions": (lambda m, tmp: {"--seq-len": 1024},
                                    "--seq-len 1024 exceeds max_position_embeddings 512; use at most 512"),
     "out-under-a-file": (lambda m, tmp: {"--out": a_file(tmp) / "out"}, "cannot write to --out .*: Not a directory"),
-    "out-is-a-file": (lambda m, tmp: {"--out": a_file(tmp)}, "cannot write to --out .*: File exists"),
+    "out-is-a-file": (lambda m, tmp: {"--out": a_file(tmp)}, "--out .* is a file; --out needs a folder"),
     "out-is-input": (lambda m, tmp: {"--out": m}, "is the input folder"),
     "out-is-input-via-symlink": (lambda m, tmp: {"--out": link_to(tmp, m)}, "is the input folder"),
     "cache-dir-is-input": (lambda m, tmp: {"--cache-dir": m}, "--cache-dir .* is the input folder"),

@@ -94,13 +94,13 @@ def block(layer, heads, kv, kept_heads, neurons=(96, 60), dropped=False):
     return dict(b, dropped=True) if dropped else b
 
 
-def figure_of(report):
-    pytest.importorskip("matplotlib")
+def figure_of(report, whole=False):
+    pytest.importorskip("matplotlib", reason="matplotlib draws the picture (the test extra installs it)")
     from streamprune.output.report import report_figure
     fig = report_figure(report)
     import matplotlib.pyplot as plt
     plt.close(fig)
-    return fig.axes
+    return fig if whole else fig.axes
 
 
 def by_title(axes) -> dict:
@@ -152,3 +152,29 @@ def test_summary_says_what_the_time_covers(out):
     report["timing"].update(sessions=2, eval_seconds={"before": 1.5, "after": 2.0}, wall_seconds_total=20.0)
     line = render_report(report).splitlines()[-1]
     assert "writing over 2 sessions; evaluation 3.5s; 20.0s in all" in line
+
+
+@pytest.mark.parametrize("heads_kept", [8, 4])
+def test_the_title_fits_the_picture_with_or_without_the_head_map(heads_kept):
+    blocks = [block(i, heads_kept, 4, list(range(heads_kept)), neurons=(96, 50 + i)) for i in range(3)]
+    report = synthetic_report(blocks)
+    report["arguments"].update(shards="/models/kjv-llama-6.8m", allocation="global")
+    report["block_params"] = {"before": 4721664, "after": 3305472, "removed_fraction": 0.3}
+    report["eval"] = {"text": "/data/kjv/eval.txt", "seq_len": 256, "windows": 91, "tokens": 23205,
+                      "ppl_before": 35.95, "ppl_after": 38.336}
+    fig = figure_of(report, whole=True)
+    fig.canvas.draw()
+    title, frame = fig._suptitle.get_window_extent(), fig.bbox
+    assert frame.x0 <= title.x0 and title.x1 <= frame.x1, (title, frame)
+    assert "(30.0% removed)" in fig._suptitle.get_text().replace("\n", " ")
+
+
+def test_a_picture_format_matplotlib_cannot_write_is_one_line(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib draws the picture (the test extra installs it)")
+    from streamprune.errors import StreamPruneError
+    from streamprune.output.report import plot_report
+    report = synthetic_report([block(0, 8, 4, list(range(8)))])
+    with pytest.raises(StreamPruneError, match=r"cannot draw the picture as \.safetensors .*\.pdf, .*\.png"):
+        plot_report(report, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+    assert plot_report(report, tmp_path / "picture") and (tmp_path / "picture").read_bytes()[:4] == b"\x89PNG"
