@@ -141,9 +141,6 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
     check_before_model(cfg)  # (its check_paths covers the model folder: open_model refuses anything else)
     model = open_model(cfg.shards)
     check_cache_folder(cache_folder_of(cfg, ranks), cfg.out)
-    if cfg.samples < ranks.world:
-        raise StreamPruneError(f"--samples {cfg.samples} is fewer than the {ranks.world} processes: "
-                               "each needs a window")
     check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
     compensation = cfg.compensation
     if cfg.allocation == "rule" and (cfg.survey_only or cfg.survey_from):
@@ -158,6 +155,10 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
     rule = rule_shape(model, cfg.sparsity, compensation.needs_biases, cfg.alignment) if model.arch.uniform else None
     with held_records() as early:  # what the checks say goes into the log file too
         cfg, tokens = calibration_tokens(cfg, model)
+    if cfg.samples < ranks.world:  # (after the windows are fitted to the text: there may be fewer)
+        fitted = " (what the calibration text holds)" if "samples" in cfg.adaptable else ""
+        raise StreamPruneError(f"--samples {cfg.samples}{fitted} is fewer than the {ranks.world} processes: "
+                               "each needs a window")
     checked = Checked(cfg, model, rule, memory_plan(cfg, model), tokens, ranks, t0)
     if not ranks.is_writer:  # rank 0 holds the lock for the whole job
         return run_locked(checked, early)

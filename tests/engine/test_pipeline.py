@@ -227,3 +227,20 @@ def test_mean_compensation_adds_the_biases_the_family_can_carry_and_lowers_the_e
         assert model.model.layers[0].self_attn.o_proj.bias.abs().sum() > 0
         assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() == 0
         assert errors["mean"] < errors["none"]
+
+
+def test_a_text_that_holds_fewer_windows_than_processes_is_refused_after_fitting(tmp_path):
+    """--samples left unset is fitted to the text before the count of processes is checked: a torchrun
+    rank never gets zero windows."""
+    from streamprune.pruning.ranks import Ranks
+
+    class TwoRanks(Ranks):
+        world = 2
+
+    model = save_tiny_model(tmp_path / "in", "llama", layers=1, vocab=512, tokenizer_from=DEMO / "stories260K")
+    short = tmp_path / "short.txt"
+    short.write_text((DEMO / "calib.txt").read_text()[:150])  # 1 window of 64 tokens
+    cfg = RunConfig(model, tmp_path / "out", calib=short, seq_len=64, adaptable=("samples",), progress=False)
+    with pytest.raises(StreamPruneError, match=r"^--samples 1 \(what the calibration text holds\) is fewer than the 2"):
+        pipeline.run_ranks(cfg, TwoRanks())
+    assert not (tmp_path / "out").exists()
