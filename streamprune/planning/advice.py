@@ -229,7 +229,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
                                 *run_work(model, whole.samples, cfg.seq_len, most))
     else:  # the range: the fewest passes at the fastest rate, to the most with one-thread factorizations at the slowest
         estimate = estimate_time(model, whole.samples, cfg.seq_len, dev, most + one_thread_passes(whole, model), gpu,
-                                 here, sum(fewest.values()))
+                                 here, sum(fewest.values()), p.micro_batch)
     parallel = {}
     if processes > 1:
         parallel = dict(processes=processes, windows_per_process=cfg.samples)

@@ -73,21 +73,45 @@ def measure_flops(device: torch.device, rounds: int = CALIBRATIONS, seconds: flo
     return rates
 
 
-BLOCK_PARAMS_TIMED = 48 * 2**20  # a wider block is timed with fewer neurons (the same FLOPs per second)
-BLOCK_TOKENS_TIMED = 2048
+TIMED_PARAMS = 16 * 2**20  # a block with more parameters is timed as a slice of it (timed_slice)
+TIMED_SECONDS = 0.2  # about how long one timed forward takes, whatever the model and the device
+MAX_TIMED_TOKENS = 65536
 
 
-def measure_block_rate(spec, seq_len: int, device: torch.device, rounds: int = CALIBRATIONS) -> list[float]:
-    """FLOP/s of a dense block forward shaped like `spec` (random weights; narrowed to about
-    BLOCK_PARAMS_TIMED parameters) on one micro-batch of about BLOCK_TOKENS_TIMED tokens in windows
-    of seq_len: what a dense pass runs at, attention, norms and all, once per round."""
+def timed_slice(spec):
+    """What is timed of a block: the block itself, or where it has more than TIMED_PARAMS parameters
+    a slice of it with its hidden size and head_dim, fewer KV groups (each with all its query heads)
+    and fewer neurons: its matrix products keep the block's inner dimension, at a fraction of the
+    work (a Llama-3-70B block: one KV group of 8 heads and 561 neurons, a 26th of its FLOPs)."""
     import dataclasses
+    if spec.n_params() <= TIMED_PARAMS:
+        return spec
+    scale = TIMED_PARAMS / spec.n_params()
+    kv = max(1, int(spec.n_kv * scale))
+    return dataclasses.replace(spec, n_kv=kv, n_heads=kv * spec.group, sliding_window=None,
+                               intermediate=max(64, int(spec.intermediate * scale)))
 
+
+def timed_windows(spec, seq_len: int, batch_tokens: int, device: torch.device) -> tuple[int, int]:
+    """(windows, tokens per window) of the timed micro-batch: the tokens of the run's micro-batch
+    (`batch_tokens`: a small block runs several times faster on 8,192 tokens than on 512), but no
+    more than this device computes in about TIMED_SECONDS (one short matmul says how fast it is), in
+    windows of the run's length, or one shorter window where even one would take longer."""
+    rate = max(measure_flops(device, rounds=1, seconds=0.05))
+    tokens = int(min(batch_tokens, MAX_TIMED_TOKENS, max(64, TIMED_SECONDS * rate / block_flops(spec, seq_len))))
+    window = min(seq_len, tokens)
+    return max(1, tokens // window), window
+
+
+def measure_block_rate(spec, seq_len: int, device: torch.device, rounds: int = CALIBRATIONS,
+                       batch_tokens: int = 8192) -> list[float]:
+    """FLOP/s of a dense block forward shaped like `spec` (random weights; a slice of a wide block,
+    timed_slice) on a micro-batch like the run's (timed_windows): what a dense pass runs at,
+    attention, norms and all, once per round, after a warm-up on one window (thread pools and
+    kernels start on the first call)."""
     from ..pruning.block import block_forward
-    if spec.n_params() > BLOCK_PARAMS_TIMED:
-        attention = spec.n_params() - spec.mlp_params()
-        neurons = max(64, (BLOCK_PARAMS_TIMED - attention) // spec.neuron_params)
-        spec = dataclasses.replace(spec, intermediate=min(spec.intermediate, neurons), sliding_window=None)
+    spec = timed_slice(spec)
+    windows, T = timed_windows(spec, seq_len, batch_tokens, device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     g = torch.Generator().manual_seed(0)
     W = {k: (torch.randn(shape, generator=g) * shape[-1] ** -0.5).to(device, dtype)
@@ -95,14 +119,13 @@ def measure_block_rate(spec, seq_len: int, device: torch.device, rounds: int = C
     for k in ("attn_norm", "mlp_norm", "q_norm", "k_norm"):
         if k in W:
             W[k] = torch.ones_like(W[k])
-    T = min(seq_len, BLOCK_TOKENS_TIMED)
-    x = torch.randn(max(1, BLOCK_TOKENS_TIMED // T), T, spec.hidden, generator=g).to(device, dtype)
+    x = torch.randn(windows, T, spec.hidden, generator=g).to(device, dtype)
     cos = torch.ones(T, spec.head_dim, device=device)  # (any table costs the same)
     sin = torch.zeros(T, spec.head_dim, device=device)
-    flops = block_flops(spec, T) * x.shape[0] * T
+    flops = block_flops(spec, T) * windows * T
     rates = []
     with torch.no_grad():
-        block_forward(W, spec, x, cos, sin)  # warm-up
+        block_forward(W, spec, x[:1], cos, sin)  # warm-up
         for _ in range(rounds):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -184,11 +207,12 @@ LOW, HIGH = 0.85, 1.5  # the range around the fastest and slowest timed rates: w
 
 
 def estimate_time(model, samples: int, seq_len: int, device: torch.device, forward_passes: float,
-                  gpu: Gpu | None = None, here: bool = True, fewest_passes: float | None = None) -> TimeEstimate:
-    """Measured on this machine (`here`), or a datasheet lower bound for `gpu`, or nothing. The work
-    is between `fewest_passes` (default: the same) and `forward_passes` dense passes; the estimate
-    is the middle at the median speed, the range the fewest at the fastest and the most at the
-    slowest, widened by LOW and HIGH."""
+                  gpu: Gpu | None = None, here: bool = True, fewest_passes: float | None = None,
+                  batch: int = 1) -> TimeEstimate:
+    """Measured on this machine (`here`), at the run's micro-batch of `batch` windows, or a datasheet
+    lower bound for `gpu`, or nothing. The work is between `fewest_passes` (default: the same) and
+    `forward_passes` dense passes; the estimate is the middle at the median speed, the range the
+    fewest at the fastest and the most at the slowest, widened by LOW and HIGH."""
     fewest = forward_passes if fewest_passes is None else fewest_passes
     flops, io = run_work(model, samples, seq_len, forward_passes)
     if not here:
@@ -198,7 +222,8 @@ def estimate_time(model, samples: int, seq_len: int, device: torch.device, forwa
         return TimeEstimate(None, None, None, flops / (gpu.tflops * 1e12),
                             f"a lower bound: the counted work ({flops:.3g} FLOPs) at the {gpu.name}'s datasheet "
                             f"peak of {gpu.tflops:g} TFLOP/s; not counted: {NOT_COUNTED}, nor I/O", flops, io)
-    rates = measure_block_rate(max(model.arch.blocks, key=lambda b: b.n_params()), seq_len, device)
+    rates = measure_block_rate(max(model.arch.blocks, key=lambda b: b.n_params()), seq_len, device,
+                               batch_tokens=max(1, batch) * seq_len)
     read = measure_read_speed(model.index)
     per_pass = flops / forward_passes
     middle = statistics.median([per_pass * (fewest + forward_passes) / 2 / r + io / read for r in rates])

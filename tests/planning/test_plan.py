@@ -35,9 +35,13 @@ from streamprune.planning.plan import (
 )
 from streamprune.planning.timing import HIGH, LOW, block_flops, duration, estimate_time, find_gpu, measure_block_rate
 from streamprune.pruning.shape import rule_shape
-from tests.models import DEVICES, save_tiny_model
+from tests.models import DEVICES, save_header_only_model, save_tiny_model
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
+
+
+def three_rates(spec, seq_len, device, **how):
+    return [1e9, 2e9, 4e9]
 
 
 def test_parse_bytes():
@@ -258,7 +262,7 @@ def test_durations_read_in_hours_and_days():
 
 
 def test_time_estimate_is_the_median_of_the_timed_block_forwards_and_says_how(monkeypatch):
-    monkeypatch.setattr("streamprune.planning.timing.measure_block_rate", lambda spec, seq_len, device: [1e9, 2e9, 4e9])
+    monkeypatch.setattr("streamprune.planning.timing.measure_block_rate", three_rates)
     monkeypatch.setattr("streamprune.planning.timing.measure_read_speed", lambda index: 1e12)
     model = open_model(DEMO / "stories260K")
     t = estimate_time(model, 8, 64, torch.device("cpu"), 5.0)
@@ -270,7 +274,7 @@ def test_time_estimate_is_the_median_of_the_timed_block_forwards_and_says_how(mo
 
 
 def test_time_range_spans_the_fewest_passes_at_the_fastest_to_the_most_at_the_slowest(monkeypatch):
-    monkeypatch.setattr("streamprune.planning.timing.measure_block_rate", lambda spec, seq_len, device: [1e9, 2e9, 4e9])
+    monkeypatch.setattr("streamprune.planning.timing.measure_block_rate", three_rates)
     monkeypatch.setattr("streamprune.planning.timing.measure_read_speed", lambda index: 1e12)
     model = open_model(DEMO / "stories260K")
     t = estimate_time(model, 8, 64, torch.device("cpu"), 5.0, fewest_passes=3.0)
@@ -279,6 +283,21 @@ def test_time_range_spans_the_fewest_passes_at_the_fastest_to_the_most_at_the_sl
     assert t.low_seconds == pytest.approx(LOW * (one * 3.0 / 4e9 + io))
     assert t.high_seconds == pytest.approx(HIGH * (one * 5.0 / 1e9 + io))
     assert "3.0 to 5.0 dense passes" in t.how
+
+
+def test_a_wide_block_is_timed_as_a_slice_with_its_inner_dimensions(monkeypatch, tmp_path):
+    """A Llama-3-70B block: its hidden size and head_dim, one KV group, a 26th of its work per token; at most
+    what the device computes in TIMED_SECONDS, and no more tokens than the run's micro-batch."""
+    from streamprune.planning.timing import TIMED_SECONDS, timed_slice, timed_windows
+    spec = open_model(save_header_only_model(tmp_path / "70b")).arch.blocks[0]
+    part = timed_slice(spec)
+    assert (part.hidden, part.head_dim, part.n_kv, part.group) == (spec.hidden, spec.head_dim, 1, spec.group)
+    assert block_flops(part, 2048) < block_flops(spec, 2048) / 20
+    monkeypatch.setattr("streamprune.planning.timing.measure_flops", lambda device, **how: [30e9])
+    windows, window = timed_windows(part, 2048, 4 * 2048, torch.device("cpu"))
+    assert windows == 1 and window == int(TIMED_SECONDS * 30e9 / block_flops(part, 2048))
+    small = open_model(DEMO / "stories260K").arch.blocks[0]
+    assert timed_slice(small) == small and timed_windows(small, 256, 16 * 256, torch.device("cpu")) == (16, 256)
 
 
 def test_a_timed_block_forward_runs_at_a_plausible_rate():
@@ -337,7 +356,6 @@ def test_70b_block_fits_consumer_gpu_caps(tmp_path, cap_gib, grams_on):
     128 x 2048 tokens: at 24 GiB the Gram matrices (OBS: three 28672^2 fp32; the down_proj refit at
     survey sizes) stay on the GPU; at 16 and 8 GiB they go to the host and the GPU holds weights,
     a micro-batch and column blocks. The host is planned as a 128 GiB machine."""
-    from tests.models import save_header_only_model
     model = open_model(save_header_only_model(tmp_path / "70b"))
     sizes = rule_shape(model, 0.3).sizes[0]
     cfg = RunConfig(shards=model.folder, out=tmp_path / "out", device="cuda")
@@ -357,7 +375,6 @@ def test_70b_block_fits_consumer_gpu_caps(tmp_path, cap_gib, grams_on):
 
 
 def test_plan_says_where_the_grams_go(tmp_path):
-    from tests.models import save_header_only_model
     folder = save_header_only_model(tmp_path / "70b")
     r = CliRunner().invoke(main, ["plan", "--shards", str(folder), "--device", "cuda", "--max-memory", "16GiB",
                                   "--samples", "8", "--seq-len", "2048", "--no-timing", "--out", str(tmp_path / "o")])
