@@ -58,6 +58,20 @@ def make_model(folder: Path, layers: int) -> Path:
                            shard_size="40KB")
 
 
+def tiny_model(tmp_path: Path, family: str = "llama", layers: int = 3, **kw) -> Path:
+    """A tiny sharded model of `family` with the demo tokenizer, in tmp_path/in-FAMILY."""
+    from tests.models import save_tiny_model
+    return save_tiny_model(tmp_path / f"in-{family}", family, layers=layers, vocab=512,
+                           tokenizer_from=DEMO / "stories260K", **kw)
+
+
+def run_config(shards: Path, out: Path, **kw):
+    """A RunConfig for a quick run of a tiny model on the demo's text (`kw` over the defaults)."""
+    from streamprune.config import RunConfig
+    return RunConfig(**dict(dict(shards=shards, out=out, sparsity=0.3, calib=DEMO / "calib.txt", samples=4,
+                                 seq_len=32, progress=False), **kw))
+
+
 def run_args(model: Path, out: Path, samples: int, seq_len: int) -> list[str]:
     return [str(a) for a in ("run", "--shards", model, "--out", out, "--calib", DEMO / "calib.txt",
                              "--samples", samples, "--seq-len", seq_len, "--sparsity", 0.3, "--quiet")]
@@ -174,3 +188,38 @@ def interrupt_pruning_at(monkeypatch, layer: int):
 
     monkeypatch.setattr(pipeline.BlockRunner, "prune", interrupted)
     return lambda: monkeypatch.setattr(pipeline.BlockRunner, "prune", real_prune)
+
+
+# Editing a model folder for the bad-input tests: its files' digests, a tensor's shard, a tensor or
+# config.json changed in place, a tensor with a NaN (or `value`) in it.
+
+def sha256_tree(folder: Path) -> dict:
+    folder = Path(folder)
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def shard_of(folder: Path, name: str) -> Path:
+    return folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][name]
+
+
+def change_tensor(folder: Path, name: str, change) -> None:
+    from safetensors.torch import load_file, save_file
+    path = shard_of(folder, name)
+    tensors = load_file(path)
+    tensors[name] = change(tensors[name])
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def nan_at(t, value=float("nan")):
+    t = t.clone()
+    t.view(-1)[7] = value
+    return t

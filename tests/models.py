@@ -9,6 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+from streamprune.arch.spec import BlockSpec
+from streamprune.pruning.costs import BlockCosts
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINYSTORIES = Path(__file__).resolve().parents[1] / "demo"
 
@@ -96,3 +99,15 @@ def save_header_only_model(folder: Path, family: str = "llama", layers: int = 1,
         f.truncate(8 + len(raw) + offset)
     config.save_pretrained(folder)
     return Path(folder)
+
+
+# A small block and costs of its every cut, for the tests of the allocation (allocation.py) and of
+# its constraints (--multiple-of, --row-multiple).
+SPEC = BlockSpec(hidden=32, n_heads=8, n_kv=4, head_dim=4, intermediate=48, eps=1e-5)
+
+
+def fake_costs(scale: float) -> BlockCosts:
+    """A block whose every cut costs `scale` times the fraction removed."""
+    heads = {(kv, g): scale * (1 - kv * g / 8) for kv in range(1, 5) for g in range(1, 3)}
+    neurons = [(n, scale * (1 - n / 48)) for n in range(48, 0, -6)]
+    return BlockCosts(heads, neurons, drop=scale * 3)

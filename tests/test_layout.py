@@ -135,3 +135,12 @@ def test_tests_never_import_tools():
                                                           if m.split(".")[0] == "tools")
                  for f in sorted(TESTS.rglob("*.py"))}
     assert not {f: m for f, m in offenders.items() if m}, "tests import tools/ (move the helper to tests/harness.py)"
+
+
+def test_no_test_file_imports_another():
+    """What several test files share lives in tests/harness.py, tests/models.py, tests/llamacpp.py or a
+    conftest.py, not in a test file (importing one runs its module-level code and couples the two)."""
+    offenders = {str(f.relative_to(TESTS)): sorted(n for n in imported_modules(ast.parse(f.read_text()))
+                                                   if n.split(".")[-1].startswith("test_"))
+                 for f in TESTS.rglob("test_*.py")}
+    assert not {f: names for f, names in offenders.items() if names}

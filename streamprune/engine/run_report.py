@@ -66,15 +66,17 @@ def dense_passes(journal: Journal) -> dict:
     """The run's time in dense streaming forwards of the model over its calibration windows
     (`dense_pass_seconds`, measured in the survey), where the survey measured one."""
     one = dense_pass_seconds(journal)
-    if not one:
+    if one is None:
         return {}
-    return {"dense_pass_seconds": one, "dense_passes": round(work_seconds(journal) / one, 2)}
+    return {"dense_pass_seconds": one, "dense_passes": round(work_seconds(journal) / one, 2) if one > 0 else None}
 
 
 def dense_pass_seconds(journal: Journal) -> float | None:
     """Seconds of one dense streaming forward over the calibration windows, measured inside the
     run: the survey's reads, forwards and cache writes, without its statistics (the yardstick of
-    the run's time, report.json's `dense_passes`). None without a survey."""
+    the run's time, report.json's `dense_passes`). None without a survey, or with one recorded before
+    its phases were (a tiny run's, whose phases round to 0.000 s, still has one: what a report holds
+    does not depend on a rounded time)."""
     records = list(journal.surveyed.values())
     if not records:
         return None
@@ -82,7 +84,7 @@ def dense_pass_seconds(journal: Journal) -> float | None:
     for record in records:
         add_phases(phases, record.get("phases", {}))
     seconds = sum(phases.get(k, 0.0) for k in DENSE_PASS_PHASES)
-    return round(seconds, 3) if phases.get("dense_forward") else None
+    return round(seconds, 3) if "dense_forward" in phases else None
 
 
 def phase_totals(blocks: list[dict], journal: Journal) -> dict:

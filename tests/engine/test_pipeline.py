@@ -17,23 +17,11 @@ from streamprune.engine import pipeline
 from streamprune.errors import StreamPruneError
 from streamprune.pruning.scoring.perturb import MASKS
 from streamprune.store.cache import ActivationCache
-from tests.harness import digests, interrupt_pruning_at
+from tests.harness import change_tensor, digests, interrupt_pruning_at, run_config, tiny_model
 from tests.models import DEVICES, save_tiny_model
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
-
-
-def tiny(tmp_path, family="llama", layers=3, **kw):
-    return save_tiny_model(tmp_path / f"in-{family}", family, layers=layers, vocab=512,
-                           tokenizer_from=DEMO / "stories260K", **kw)
-
-
-def config(shards, out, **kw):
-    args = dict(shards=shards, out=out, sparsity=0.3, calib=DEMO / "calib.txt", samples=4, seq_len=32,
-                progress=False)
-    args.update(kw)
-    return RunConfig(**args)
 
 
 def tensors(folder):
@@ -59,8 +47,8 @@ def load(folder):
                                                                                   ("qwen2", torch.float16)])
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparsity_zero_is_identity(tmp_path, family, dtype, device):
-    src = tiny(tmp_path, family, dtype=dtype)
-    pipeline.run(config(src, tmp_path / "out", sparsity=0.0, device=device))
+    src = tiny_model(tmp_path, family, dtype=dtype)
+    pipeline.run(run_config(src, tmp_path / "out", sparsity=0.0, device=device))
     before, after = tensors(src), tensors(tmp_path / "out")
     assert before.keys() == after.keys()
     assert all(before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
@@ -75,8 +63,8 @@ def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, f
     """The last cached activations (pruned blocks run in our engine) equal the pruned model
     run by stock transformers on the same calibration windows (with mean compensation: with
     the biases it adds)."""
-    src, out = tiny(tmp_path, family), tmp_path / "out"
-    cfg = config(src, out, sparsity=0.5, keep_cache=True, device=device, compensate=compensate,
+    src, out = tiny_model(tmp_path, family), tmp_path / "out"
+    cfg = run_config(src, out, sparsity=0.5, keep_cache=True, device=device, compensate=compensate,
                  allocation="uniform")  # a stock config (the per-block case has its own test below)
     report = pipeline.run(cfg)
     assert 0.45 < report["block_params"]["removed_fraction"] < 0.55
@@ -97,11 +85,10 @@ def test_global_allocation_output_loads_and_computes_what_the_pipeline_computed(
     """Per-block shapes and a dropped block (one whose update is almost nothing): the output loads
     with streamprune.load_pretrained and equals the pipeline's own computation."""
     from streamprune import load_pretrained
-    from tests.hostile.test_bad_inputs import change_tensor
-    src, out = tiny(tmp_path, "llama", layers=4), tmp_path / "out"
+    src, out = tiny_model(tmp_path, "llama", layers=4), tmp_path / "out"
     for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
         change_tensor(src, f"model.layers.1.{name}", lambda t: t * 1e-4)
-    cfg = config(src, out, sparsity=0.4, keep_cache=True, allocation="global", samples=8)
+    cfg = run_config(src, out, sparsity=0.4, keep_cache=True, allocation="global", samples=8)
     report = pipeline.run(cfg)
     assert report["plan"]["dropped_blocks"] == [1] and report["blocks"][1]["dropped"]
     assert report["block_params"]["removed_fraction"] == pytest.approx(0.4, abs=0.02)
@@ -118,16 +105,16 @@ def test_global_allocation_output_loads_and_computes_what_the_pipeline_computed(
 
 
 def test_single_file_model_and_tied_embeddings(tmp_path):
-    src = tiny(tmp_path, "qwen3", shard_size="10GB", tie_word_embeddings=True)
+    src = tiny_model(tmp_path, "qwen3", shard_size="10GB", tie_word_embeddings=True)
     assert (src / "model.safetensors").is_file() and not (src / "model.safetensors.index.json").exists()
-    pipeline.run(config(src, tmp_path / "out"))
+    pipeline.run(run_config(src, tmp_path / "out"))
     model = load(tmp_path / "out")
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 def test_llama_with_indivisible_head_count_is_written_as_mistral(tmp_path):
-    src = tiny(tmp_path, "llama", heads=8, kv=4)  # at 25% keeps 3 KV groups x 2 = 6 heads; 64 % 6 != 0
-    pipeline.run(config(src, tmp_path / "out", sparsity=0.25, allocation="rule"))
+    src = tiny_model(tmp_path, "llama", heads=8, kv=4)  # at 25% keeps 3 KV groups x 2 = 6 heads; 64 % 6 != 0
+    pipeline.run(run_config(src, tmp_path / "out", sparsity=0.25, allocation="rule"))
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["num_attention_heads"] == 6 and saved["model_type"] == "mistral"
     assert saved["sliding_window"] is None
@@ -136,44 +123,44 @@ def test_llama_with_indivisible_head_count_is_written_as_mistral(tmp_path):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch, device):
-    src = tiny(tmp_path, "qwen3", layers=4)
-    pipeline.run(config(src, tmp_path / "whole", device=device))
+    src = tiny_model(tmp_path, "qwen3", layers=4)
+    pipeline.run(run_config(src, tmp_path / "whole", device=device))
     resume = interrupt_pruning_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run(config(src, tmp_path / "resumed", device=device))
+        pipeline.run(run_config(src, tmp_path / "resumed", device=device))
     assert not (tmp_path / "resumed" / "model.safetensors.index.json").exists()
     resume()
-    pipeline.run(config(src, tmp_path / "resumed", device=device))
+    pipeline.run(run_config(src, tmp_path / "resumed", device=device))
     assert digests(tmp_path / "whole") == digests(tmp_path / "resumed")
     assert not (tmp_path / "resumed" / ".streamprune" / "cache").exists()
 
 
 def test_rerun_with_other_arguments_refuses_and_restart_starts_over(tmp_path):
-    src, out = tiny(tmp_path), tmp_path / "out"
-    pipeline.run(config(src, out))
-    pipeline.run(config(src, out))  # same arguments: already complete, nothing to do
+    src, out = tiny_model(tmp_path), tmp_path / "out"
+    pipeline.run(run_config(src, out))
+    pipeline.run(run_config(src, out))  # same arguments: already complete, nothing to do
     with pytest.raises(StreamPruneError, match="different arguments.*sparsity"):
-        pipeline.run(config(src, out, sparsity=0.5))
-    report = pipeline.run(config(src, out, sparsity=0.5, restart=True))
+        pipeline.run(run_config(src, out, sparsity=0.5))
+    report = pipeline.run(run_config(src, out, sparsity=0.5, restart=True))
     assert report["arguments"]["sparsity"] == 0.5
 
 
 def test_refuses_foreign_non_empty_output_folder(tmp_path):
-    src, out = tiny(tmp_path), tmp_path / "out"
+    src, out = tiny_model(tmp_path), tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(StreamPruneError, match="not a streamprune output"):
-        pipeline.run(config(src, out))
+        pipeline.run(run_config(src, out))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["perturb", "magnitude", "wanda-sp", "flap"])
 def test_every_method_prunes_to_a_loadable_model_and_compensation_helps(tmp_path, method, device):
-    src = tiny(tmp_path, "llama", dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    src = tiny_model(tmp_path, "llama", dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     errors = {}
     for compensate in ("none", "lsq"):
         out = tmp_path / f"out-{compensate}"
-        report = pipeline.run(config(src, out, method=method, compensate=compensate, samples=8, device=device,
+        report = pipeline.run(run_config(src, out, method=method, compensate=compensate, samples=8, device=device,
                                      allocation="rule"))  # the rule cuts heads too
         errors[compensate] = [b["relative_error"] for b in report["blocks"]]
         assert report["arguments"]["method"] == method and report["arguments"]["compensate"] == compensate
@@ -188,7 +175,7 @@ def test_gpu_prunes_the_demo_model_like_the_cpu(tmp_path, device):
     """fp32 on both devices: the block errors agree (the same units win, up to near-ties)."""
     errors, kept = {}, {}
     for d in ("cpu", device):
-        report = pipeline.run(config(DEMO / "stories260K", tmp_path / d, device=d, samples=16, seq_len=64))
+        report = pipeline.run(run_config(DEMO / "stories260K", tmp_path / d, device=d, samples=16, seq_len=64))
         errors[d] = [b["relative_error"] for b in report["blocks"]]
         kept[d] = [b["kept_heads"] for b in report["blocks"]]
     assert errors[device] == pytest.approx(errors["cpu"], rel=0.1), kept
@@ -212,10 +199,10 @@ def test_activation_cache_round_trip_in_chunks(tmp_path, monkeypatch, device):
 
 @pytest.mark.parametrize("family,added", [("llama", ["attention", "mlp"]), ("qwen3", ["attention"]), ("qwen2", [])])
 def test_mean_compensation_adds_the_biases_the_family_can_carry_and_lowers_the_error(tmp_path, family, added):
-    src = tiny(tmp_path, family)
+    src = tiny_model(tmp_path, family)
     errors = {}
     for compensate in ("none", "mean"):
-        report = pipeline.run(config(src, tmp_path / compensate, method="flap", compensate=compensate,
+        report = pipeline.run(run_config(src, tmp_path / compensate, method="flap", compensate=compensate,
                                      sparsity=0.5, samples=8, allocation="rule"))
         errors[compensate] = sum(b["relative_error"] for b in report["blocks"])
     assert report["plan"]["biases_added"] == added

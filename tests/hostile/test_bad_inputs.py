@@ -1,7 +1,6 @@
 """Bad inputs are refused with one line on stderr starting `error:`, a non-zero exit, no
 traceback, nothing marked complete in --out, and the input folder left untouched."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,30 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.harness import invoke, refused
+from tests.harness import change_tensor, edit_config, invoke, nan_at, refused, sha256_tree, shard_of
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 CALIB = DEMO / "calib.txt"
 LAYER1_UP = "model.layers.1.mlp.up_proj.weight"
-
-
-def sha256_tree(folder: Path) -> dict:
-    folder = Path(folder)
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def shard_of(folder: Path, name: str) -> Path:
-    return folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][name]
-
-
-def change_tensor(folder: Path, name: str, change) -> None:
-    path = shard_of(folder, name)
-    tensors = load_file(path)
-    tensors[name] = change(tensors[name])
-    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def drop_tensor(folder: Path, name: str) -> None:
@@ -48,12 +28,6 @@ def drop_tensor(folder: Path, name: str) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
-def edit_config(folder: Path, **changes) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    config.update(changes)
-    (folder / "config.json").write_text(json.dumps(config))
-
-
 def overwrite(path: Path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -62,12 +36,6 @@ def overwrite(path: Path, offset: int, data: bytes) -> None:
 
 def truncate(path: Path, nbytes: int) -> None:
     os.truncate(path, path.stat().st_size - nbytes)
-
-
-def nan_at(t, value=float("nan")):
-    t = t.clone()
-    t.view(-1)[7] = value
-    return t
 
 
 def text_file(tmp: Path, text: str) -> Path:

@@ -9,8 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import DEMO, child_env, digests, invoke, make_model, refused, run_args, run_cli
-from tests.hostile.test_bad_inputs import sha256_tree
+from tests.harness import (
+    DEMO,
+    child_env,
+    digests,
+    invoke,
+    make_model,
+    refused,
+    run_args,
+    run_cli,
+    sha256_tree,
+    shard_of,
+)
 
 SAMPLES, SEQ_LEN = 4, 32
 
@@ -177,7 +187,6 @@ def test_resume_refuses_an_input_changed_since_the_interruption(model, tmp_path,
 
     from safetensors.torch import load_file, save_file
 
-    from tests.hostile.test_bad_inputs import shard_of
     folder = tmp_path / "model"
     shutil.copytree(model, folder)
     out = tmp_path / "out"

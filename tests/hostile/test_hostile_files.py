@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import invoke, refused
-from tests.hostile.test_bad_inputs import CALIB, change_tensor, edit_config, nan_at, sha256_tree, shard_of
+from tests.harness import DEMO, change_tensor, edit_config, invoke, nan_at, refused, sha256_tree, shard_of
+
+CALIB = DEMO / "calib.txt"
 
 INDEX = "model.safetensors.index.json"
 UP0 = "model.layers.0.mlp.up_proj.weight"

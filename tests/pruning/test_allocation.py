@@ -6,16 +6,13 @@ import itertools
 import pytest
 import torch
 
-from streamprune.arch.spec import BlockSpec
 from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
 from streamprune.pruning.block import attention_heads, attention_output, mlp_activations, rms_norm
 from streamprune.pruning.costs import BlockCosts, Grams, block_costs, columns, refit_columns, removal_cost, with_ridge
 from streamprune.pruning.numerics import invert_spd, token_scale
 from streamprune.pruning.scoring import Calibration
 from streamprune.pruning.selection import Sizes
-from tests.models import random_block
-
-SPEC = BlockSpec(hidden=32, n_heads=8, n_kv=4, head_dim=4, intermediate=48, eps=1e-5)
+from tests.models import SPEC, fake_costs, random_block
 
 
 def calib(n=3, T=16, seed=0):
@@ -82,13 +79,6 @@ def test_costs_grow_as_more_is_removed_and_dropping_costs_the_update():
     assert no_refit.mlp(24) > 0 and costs.mlp(48) == 0
 
 
-def fake_costs(scale: float) -> BlockCosts:
-    """A block whose every cut costs `scale` times the fraction removed."""
-    heads = {(kv, g): scale * (1 - kv * g / 8) for kv in range(1, 5) for g in range(1, 3)}
-    neurons = [(n, scale * (1 - n / 48)) for n in range(48, 0, -6)]
-    return BlockCosts(heads, neurons, drop=scale * 3)
-
-
 def test_global_allocation_cuts_the_cheap_blocks_and_keeps_the_budget():
     blocks = (SPEC,) * 4
     costs = [fake_costs(s) for s in (10.0, 1.0, 10.0, 10.0)]
@@ -104,7 +94,10 @@ def test_global_allocation_drops_a_block_that_costs_nothing():
     costs = [fake_costs(5.0), BlockCosts(fake_costs(5.0).heads, fake_costs(5.0).neurons, drop=0.0), fake_costs(5.0)]
     sizes = allocate_global(blocks, costs, 0.3)
     assert sizes[1] is None and all(s is not None for s in (sizes[0], sizes[2]))
-    assert allocate_global(blocks, costs, 0.3, allow_drop=False)[1] is not None
+    kept = allocate_global(blocks, costs, 0.3, allow_drop=False)
+    assert kept[1] is not None  # not dropped, and the budget is still met by cutting every block
+    for chosen in (sizes, kept):
+        assert sum(linear_params(b, s) for b, s in zip(blocks, chosen)) <= param_budget(blocks, 0.3)
 
 
 def test_uniform_allocation_is_one_shape_within_the_budget():

@@ -13,7 +13,7 @@ from streamprune.config import RunConfig
 from streamprune.errors import StreamPruneError
 from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
 from streamprune.pruning.selection import Alignment, head_layouts, neuron_step, uniform_sizes
-from tests.pruning.test_allocation import SPEC, fake_costs
+from tests.models import SPEC, fake_costs
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 

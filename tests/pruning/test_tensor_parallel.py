@@ -16,8 +16,7 @@ from streamprune.errors import StreamPruneError
 from streamprune.planning.validate import check_sparsity
 from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
 from streamprune.pruning.selection import head_layouts, tensor_parallel_ok, uniform_sizes
-from tests.models import save_tiny_model, tiny_config
-from tests.pruning.test_allocation import SPEC, fake_costs
+from tests.models import SPEC, fake_costs, save_tiny_model, tiny_config
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 
