@@ -15,6 +15,7 @@ MODEL, CALIB = DEMO / "stories260K", DEMO / "calib.txt"
 ARGS = dict(samples=4, seq_len=64, progress=False)
 
 
+@pytest.mark.slow
 def test_prune_writes_what_run_writes_and_returns_the_report(tmp_path):
     r = streamprune.prune(MODEL, tmp_path / "api", 0.3, CALIB, **ARGS)
     cli = invoke("run", "--shards", MODEL, "--out", tmp_path / "cli", "--calib", CALIB, "--samples", 4,
@@ -30,6 +31,7 @@ def test_prune_writes_what_run_writes_and_returns_the_report(tmp_path):
     assert f"{r.params_before:,} -> {r.params_after:,}" in cli.output
 
 
+@pytest.mark.slow
 def test_prune_resumes_an_interrupted_run_to_the_same_bytes(tmp_path, monkeypatch):
     reference = streamprune.prune(MODEL, tmp_path / "whole", 0.3, CALIB, **ARGS)
     undo = interrupt_pruning_at(monkeypatch, 2)
@@ -44,12 +46,14 @@ def test_prune_resumes_an_interrupted_run_to_the_same_bytes(tmp_path, monkeypatc
     assert again.report == resumed.report and reference.params_after == again.params_after
 
 
+@pytest.mark.slow
 def test_eval_gives_the_perplexities(tmp_path):
     r = streamprune.prune(MODEL, tmp_path / "o", 0.3, CALIB, eval=DEMO / "eval.txt", eval_seq_len=64, **ARGS)
     assert r.ppl_before > 1 and r.ppl_after > r.ppl_before
     assert r.report["eval"]["ppl_after"] == r.ppl_after
 
 
+@pytest.mark.slow
 def test_survey_only_returns_every_blocks_costs(tmp_path):
     r = streamprune.prune(MODEL, tmp_path / "o", 0.3, CALIB, survey_only=True, **ARGS)
     assert r.report is None and len(r.costs) == r.model.arch.n_layers == 5

@@ -4,6 +4,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.harness import invoke
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
@@ -18,6 +20,7 @@ def test_inspect_prints_model_and_plan():
     assert info["plan"]["removed_fraction"] > 0.25
 
 
+@pytest.mark.slow
 def test_run_prunes_the_demo_model(tmp_path):
     r = invoke("run", "--shards", DEMO / "stories260K", "--out", tmp_path / "out", "--calib", DEMO / "calib.txt",
                "--samples", 4, "--seq-len", 64, "--quiet")
@@ -52,6 +55,7 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
         assert r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
 
 
+@pytest.mark.slow
 def test_help_does_not_import_torch_or_transformers():
     """`streamprune --help` and `inspect --help` answer at once: nothing heavy at import."""
     import subprocess

@@ -4,14 +4,16 @@ orchestrator. Tools import tests (tests/harness.py, tests/models.py), never the 
 tests mirror the package's tree."""
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "streamprune"
 TESTS = Path(__file__).resolve().parent
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
-    """module -> the streamprune modules it imports (top-level and inside functions)."""
+    """module -> the streamprune modules it imports (top-level and inside functions); read once."""
     modules = {".".join(f.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): f
                for f in PACKAGE.rglob("*.py")}
     graph = {}

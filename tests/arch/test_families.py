@@ -28,6 +28,7 @@ def test_family_is_looked_up_by_model_type():
             family(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_the_table_decides_norms_and_biases(name):
     fam, arch = FAMILIES[name], architecture(config(name))

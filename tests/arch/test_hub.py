@@ -79,6 +79,7 @@ def test_what_counts_as_a_hub_id(text, expected):
     assert is_hub_id(text) is expected
 
 
+@pytest.mark.slow
 def test_run_on_a_hub_id_writes_what_a_run_on_the_folder_writes(offline_cache, tiny, tmp_path):
     snapshot = cache_model(offline_cache, "org/tiny", tiny)
     r = invoke("run", "--shards", "org/tiny", "--out", tmp_path / "from-hub", *RUN)
@@ -94,6 +95,7 @@ def test_run_on_a_hub_id_writes_what_a_run_on_the_folder_writes(offline_cache, t
     assert invoke("run", "--shards", "org/tiny", "--out", tmp_path / "from-hub", *RUN).exit_code == 0
 
 
+@pytest.mark.slow
 def test_eval_inspect_and_plan_take_a_hub_id(offline_cache, tiny):
     cache_model(offline_cache, "org/tiny", tiny)
     from_hub = invoke("eval", "--model", "org/tiny", *EVAL)
@@ -115,6 +117,7 @@ def test_a_revision_picks_a_cached_commit(offline_cache, tiny, tmp_path):
         resolve_model("org/tiny", other)
 
 
+@pytest.mark.slow
 def test_a_local_path_is_never_taken_for_a_hub_id(offline_cache, tiny, tmp_path, monkeypatch):
     cache_model(offline_cache, "org/tiny", tiny)
     make_model(tmp_path / "org" / "tiny", layers=1)  # a different model at the relative path org/tiny
@@ -128,6 +131,7 @@ def test_a_local_path_is_never_taken_for_a_hub_id(offline_cache, tiny, tmp_path,
     assert r.exit_code == 2 and "--revision is for Hugging Face Hub ids; org/tiny is a local path" in r.output
 
 
+@pytest.mark.slow
 def test_an_id_missing_from_the_cache_offline_is_one_line(offline_cache, tmp_path):
     # a child process, so huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE from the environment
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(offline_cache))

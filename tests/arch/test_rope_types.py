@@ -35,6 +35,7 @@ def test_every_rope_type_transformers_knows_is_covered():
     assert set(ROPE_INIT_FUNCTIONS) - {"proportional"} <= set(ROPES)  # proportional: Gemma's, not these families'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rope", ROPES)
 def test_run_load_eval_and_export(tmp_path, rope):
     src = save_tiny_model(tmp_path / "in", "llama", layers=3, vocab=512, tokenizer_from=TINYSTORIES / "stories260K",
@@ -64,6 +65,7 @@ def test_run_load_eval_and_export(tmp_path, rope):
         assert not (tmp_path / "m.gguf").exists()
 
 
+@pytest.mark.slow
 def test_an_unknown_rope_type_is_one_line_without_transformers_warnings(tmp_path):
     import subprocess
     import sys

@@ -73,6 +73,7 @@ def ppl(folder: Path) -> float:
     return perplexity(folder, DEMO / "eval.txt", seq_len=64, max_windows=8).ppl
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(single, pair):
     assert kept_units(pair) == kept_units(single)
     assert max_relative_difference(single, pair) <= TOLERANCE
@@ -80,11 +81,13 @@ def test_two_processes_equal_one_process(single, pair):
     assert not (pair / ".streamprune" / "cache").exists() and not (pair / ".streamprune" / "cache-rank1").exists()
 
 
+@pytest.mark.slow
 def test_two_process_runs_are_byte_identical(model, pair, tmp_path):
     launched(run_torchrun(args(model, tmp_path / "again")))
     assert digests(tmp_path / "again") == digests(pair)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [1, None], ids=["rank1", "all"])
 def test_resume_after_a_kill_is_byte_identical(model, pair, tmp_path, rank):
     out = tmp_path / "out"
@@ -97,6 +100,7 @@ def test_resume_after_a_kill_is_byte_identical(model, pair, tmp_path, rank):
     assert digests(out) == digests(pair)
 
 
+@pytest.mark.slow
 def test_resuming_with_another_number_of_processes_is_refused(model, pair):
     before = digests(pair)
     result = run_cli(args(model, pair))
@@ -104,6 +108,7 @@ def test_resuming_with_another_number_of_processes_is_refused(model, pair):
     assert digests(pair) == before
 
 
+@pytest.mark.slow
 def test_restart_with_one_process_removes_the_other_ranks_caches(model, tmp_path):
     out = tmp_path / "out"
     killed = run_torchrun(args(model, out), fault="before_journal:1")
@@ -112,6 +117,7 @@ def test_restart_with_one_process_removes_the_other_ranks_caches(model, tmp_path
     assert not (out / ".streamprune" / "cache-rank1").exists()
 
 
+@pytest.mark.slow
 def test_rule_flap_mean_equal_one_process(model, tmp_path):
     """The other sums: channel statistics (flap) and mean compensation, no survey."""
     extra = ("--allocation", "rule", "--method", "flap", "--compensate", "mean")
@@ -121,6 +127,7 @@ def test_rule_flap_mean_equal_one_process(model, tmp_path):
     assert max_relative_difference(tmp_path / "one", tmp_path / "two") <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_more_processes_than_windows_is_refused(model, tmp_path):
     result = run_torchrun(args(model, tmp_path / "out", samples=1))
     assert result.returncode != 0

@@ -57,6 +57,7 @@ def rel(a, b):
     return abs(a - b) / abs(b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family,tied", [("llama", False), ("mistral", False), ("qwen3", True)])
 def test_streaming_perplexity_equals_transformers(tmp_path, text, small_chunks, family, tied, device):
@@ -75,6 +76,7 @@ def test_chunked_log_sum_exp_equals_cross_entropy():
     assert evaluate.nll_sum(state) == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_run_eval_measures_before_and_after_and_journals_them(tmp_path, text, monkeypatch):
     """The pruned output (a Llama whose 6 heads do not divide 64: written as Mistral; the fixed
     rule's shape, since the surveyed default keeps all 8 heads of this model) is measured like any
@@ -98,6 +100,7 @@ def test_run_eval_measures_before_and_after_and_journals_them(tmp_path, text, mo
     assert pipeline.run(cfg)["eval"] == e
 
 
+@pytest.mark.slow
 def test_eval_added_to_a_finished_run(tmp_path, text):
     src, out = tiny(tmp_path, "qwen2"), tmp_path / "out"
     cfg = RunConfig(shards=src, out=out, calib=DEMO / "calib.txt", samples=2, seq_len=SEQ, progress=False)
@@ -107,6 +110,7 @@ def test_eval_added_to_a_finished_run(tmp_path, text):
     assert not list((out / ".streamprune").glob("streamprune-eval-*"))  # temporary cache removed
 
 
+@pytest.mark.slow
 def test_cli_eval_json_on_the_demo_model():
     r = CliRunner().invoke(main, ["eval", "--model", str(DEMO / "stories260K"), "--text", str(DEMO / "eval.txt"),
                                   "--seq-len", "128", "--max-windows", "3", "--json"])
@@ -116,6 +120,7 @@ def test_cli_eval_json_on_the_demo_model():
     assert rel(info["ppl"], transformers_ppl(DEMO / "stories260K", DEMO / "eval.txt", 128, 3)) <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "models" / "kjv-qwen3-10.9m").is_dir(), reason="shared models not present")
 def test_real_tied_qwen3_model(tmp_path):
     folder, text = SHARED / "models" / "kjv-qwen3-10.9m", SHARED / "data" / "kjv" / "eval.txt"

@@ -43,6 +43,7 @@ def load(folder):
     return load_pretrained(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,dtype", [(f, torch.float32) for f in FAMILIES] + [("llama", torch.bfloat16),
                                                                                   ("qwen2", torch.float16)])
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,6 +58,7 @@ def test_sparsity_zero_is_identity(tmp_path, family, dtype, device):
         assert torch.equal(load(src)(ids).logits, load(tmp_path / "out")(ids).logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family,compensate", [(f, "lsq") for f in FAMILIES] + [("llama", "mean"), ("qwen3", "mean")])
 def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, family, compensate, device):
@@ -81,6 +83,7 @@ def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, f
     assert (model.model.norm(streamed) - hidden[-1]).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_global_allocation_output_loads_and_computes_what_the_pipeline_computed(tmp_path):
     """Per-block shapes and a dropped block (one whose update is almost nothing): the output loads
     with streamprune.load_pretrained and equals the pipeline's own computation."""
@@ -104,6 +107,7 @@ def test_global_allocation_output_loads_and_computes_what_the_pipeline_computed(
     assert (model.model.norm(streamed) - hidden[-1]).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_single_file_model_and_tied_embeddings(tmp_path):
     src = tiny_model(tmp_path, "qwen3", shard_size="10GB", tie_word_embeddings=True)
     assert (src / "model.safetensors").is_file() and not (src / "model.safetensors.index.json").exists()
@@ -112,6 +116,7 @@ def test_single_file_model_and_tied_embeddings(tmp_path):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
+@pytest.mark.slow
 def test_llama_with_indivisible_head_count_is_written_as_mistral(tmp_path):
     src = tiny_model(tmp_path, "llama", heads=8, kv=4)  # at 25% keeps 3 KV groups x 2 = 6 heads; 64 % 6 != 0
     pipeline.run(run_config(src, tmp_path / "out", sparsity=0.25, allocation="rule"))
@@ -121,6 +126,7 @@ def test_llama_with_indivisible_head_count_is_written_as_mistral(tmp_path):
     load(tmp_path / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch, device):
     src = tiny_model(tmp_path, "qwen3", layers=4)
@@ -135,6 +141,7 @@ def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch, devi
     assert not (tmp_path / "resumed" / ".streamprune" / "cache").exists()
 
 
+@pytest.mark.slow
 def test_rerun_with_other_arguments_refuses_and_restart_starts_over(tmp_path):
     src, out = tiny_model(tmp_path), tmp_path / "out"
     pipeline.run(run_config(src, out))
@@ -153,6 +160,7 @@ def test_refuses_foreign_non_empty_output_folder(tmp_path):
         pipeline.run(run_config(src, out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["perturb", "magnitude", "wanda-sp", "flap"])
 def test_every_method_prunes_to_a_loadable_model_and_compensation_helps(tmp_path, method, device):
@@ -170,6 +178,7 @@ def test_every_method_prunes_to_a_loadable_model_and_compensation_helps(tmp_path
         assert report["blocks"][0]["scoring"]["perturbations"] == MASKS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES[1:])
 def test_gpu_prunes_the_demo_model_like_the_cpu(tmp_path, device):
     """fp32 on both devices: the block errors agree (the same units win, up to near-ties)."""
@@ -197,6 +206,7 @@ def test_activation_cache_round_trip_in_chunks(tmp_path, monkeypatch, device):
     assert torch.equal(c.batch(0, 2, 7, device, torch.bfloat16).cpu(), x[2:7].to(torch.bfloat16))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,added", [("llama", ["attention", "mlp"]), ("qwen3", ["attention"]), ("qwen2", [])])
 def test_mean_compensation_adds_the_biases_the_family_can_carry_and_lowers_the_error(tmp_path, family, added):
     src = tiny_model(tmp_path, family)

@@ -4,6 +4,8 @@ records it journals and reports, a block kept whole, a block dropped."""
 import dataclasses
 import json
 
+import pytest
+
 from streamprune.config import RunConfig
 from streamprune.engine import pipeline
 from streamprune.store.records import BlockRecord, check_block_record
@@ -24,6 +26,7 @@ def run(tmp_path, **kw):
     return report, [journal["blocks"][str(i)] for i in range(LAYERS)], out
 
 
+@pytest.mark.slow
 def test_sparsity_zero_keeps_every_unit_with_no_error(tmp_path):
     report, records, _ = run(tmp_path, sparsity=0.0)
     for i, r in enumerate(records):
@@ -38,6 +41,7 @@ def test_sparsity_zero_keeps_every_unit_with_no_error(tmp_path):
     assert report["blocks"] == [{k: v for k, v in r.items() if k != "timing"} for r in records]
 
 
+@pytest.mark.slow
 def test_a_pruned_and_a_dropped_blocks_records(tmp_path, monkeypatch):
     real = pipeline.allocate
 

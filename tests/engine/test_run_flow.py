@@ -44,6 +44,7 @@ def journal(out: Path) -> dict:
     return json.loads((out / ".streamprune" / "journal.json").read_text())
 
 
+@pytest.mark.slow
 def test_defaults_fit_a_short_text_and_the_model_with_a_warning(tmp_path, model):
     out, calib = tmp_path / "out", text(tmp_path, 4000)
     args = ["--shards", model, "--out", out, "--calib", calib, "--quiet", *FAST]
@@ -59,6 +60,7 @@ def test_defaults_fit_a_short_text_and_the_model_with_a_warning(tmp_path, model)
     assert again.exit_code == 0 and "already complete" in again.stderr
 
 
+@pytest.mark.slow
 def test_the_warning_names_only_the_options_it_changed(tmp_path, model):
     r = run("--shards", model, "--out", tmp_path / "out", "--calib", text(tmp_path, 4000), "--seq-len", 64, "--quiet",
             *FAST)  # --seq-len set: only the window count adapts
@@ -79,6 +81,7 @@ def test_values_the_user_set_are_kept_or_refused_with_what_the_text_holds(tmp_pa
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_a_refused_run_pins_nothing(tmp_path, model, monkeypatch):
     """Refused for disk after its journal was written, then run with other arguments: it starts afresh."""
     out, calib = tmp_path / "out", DEMO / "calib.txt"
@@ -93,6 +96,7 @@ def test_a_refused_run_pins_nothing(tmp_path, model, monkeypatch):
     assert journal(out)["fingerprint"]["samples"] == 3 and journal(out)["complete"]
 
 
+@pytest.mark.slow
 def test_run_eval_and_eval_use_one_window_and_say_it(tmp_path, model):
     out, ev = tmp_path / "out", text(tmp_path, 6000, "eval.txt", "eval.txt")
     r = run("--shards", model, "--out", out, "--calib", DEMO / "calib.txt", "--samples", 2, "--seq-len", 32,
@@ -109,6 +113,7 @@ def test_run_eval_and_eval_use_one_window_and_say_it(tmp_path, model):
     assert f"perplexity {e['ppl_before']:.4f} on {ev} over {e['windows']} windows of 512 tokens" in alone.stdout
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_output_leaves_it_alone(tmp_path, model):
     out = tmp_path / "out"
     args = ["--shards", model, "--out", out, "--calib", DEMO / "calib.txt", "--samples", 2, "--seq-len", 32, *FAST]
@@ -119,6 +124,7 @@ def test_rerun_of_a_finished_output_leaves_it_alone(tmp_path, model):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files  # the log and the card too
 
 
+@pytest.mark.slow
 def test_resumed_run_reports_the_time_of_all_sessions_and_logs_them(tmp_path, model, monkeypatch):
     out = tmp_path / "out"
     cfg = RunConfig(shards=model, out=out, calib=DEMO / "calib.txt", samples=4, seq_len=32, progress=False,
@@ -142,6 +148,7 @@ def test_resumed_run_reports_the_time_of_all_sessions_and_logs_them(tmp_path, mo
     assert "finished: block params" in log.splitlines()[-1] and "2 sessions" in log.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_the_log_is_streamprunes_own_file(tmp_path, model):
     """It is never copied from an input (a pruned model pruned again), and --restart starts it anew."""
     out = tmp_path / "out"

@@ -7,6 +7,7 @@ run that keeps no dense outputs."""
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 
 from streamprune.arch.spec import BlockSpec
@@ -59,6 +60,7 @@ def sizes_of(n_kv, group, intermediate):
     return Sizes(n_kv, group, intermediate)
 
 
+@pytest.mark.slow
 def test_compensation_from_the_scorers_passes_equals_its_own_passes():
     # both, heads, both, neurons
     for sizes in (sizes_of(3, 2, 30), sizes_of(2, 2, 48), sizes_of(4, 1, 20), sizes_of(4, 2, 24)):
@@ -71,6 +73,7 @@ def test_compensation_from_the_scorers_passes_equals_its_own_passes():
             assert torch.allclose(shared[k], alone[k], rtol=1e-4, atol=1e-5), (sizes, k)
 
 
+@pytest.mark.slow
 def test_the_dense_outputs_kept_are_the_dense_block_outputs():
     from streamprune.pruning.block import block_forward
     calib = block_calibration(SPEC)
@@ -100,6 +103,7 @@ def test_wide_gram_from_its_lower_triangle_is_the_full_product():
     assert torch.allclose(G, 2 * (A.double().T @ A.double()), rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_keeping_the_dense_outputs_changes_no_output_byte(tmp_path, monkeypatch):
     src = save_tiny_model(tmp_path / "in", "llama", layers=2, vocab=512, tokenizer_from=DEMO / "stories260K")
     cfg = RunConfig(shards=src, out=tmp_path / "kept", sparsity=0.4, calib=DEMO / "calib.txt", samples=4,

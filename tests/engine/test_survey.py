@@ -43,6 +43,7 @@ def journal(out):
     return json.loads((out / ".streamprune" / "journal.json").read_text())
 
 
+@pytest.mark.slow
 def test_one_survey_record_per_block_and_only_block_0s_inputs_stay(model, tmp_path, monkeypatch):
     calls = counting(monkeypatch)
     out = tmp_path / "out"
@@ -62,6 +63,7 @@ def test_one_survey_record_per_block_and_only_block_0s_inputs_stay(model, tmp_pa
     assert len(calls) == LAYERS and again.costs == result.costs
 
 
+@pytest.mark.slow
 def test_a_resumed_survey_runs_only_the_blocks_not_surveyed(model, tmp_path, monkeypatch):
     calls = counting(monkeypatch, fail_at=1)
     out = tmp_path / "out"

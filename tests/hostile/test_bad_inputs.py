@@ -127,6 +127,7 @@ def run_refused(model: Path, out: Path, overrides: dict, pattern: str):
     return r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_refused_cleanly(pristine, tmp_path, case):
     change, pattern = CASES[case]

@@ -46,6 +46,7 @@ def user_files(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["user-folder", "parent-of-input", "out-workdir"])
 def test_cache_dir_keeps_every_file_it_did_not_write(model, reference, tmp_path, where):
     out = tmp_path / "out"
@@ -64,6 +65,7 @@ def test_cache_dir_keeps_every_file_it_did_not_write(model, reference, tmp_path,
     assert not list(cache_dir.glob("streamprune-cache-*"))
 
 
+@pytest.mark.slow
 def test_cache_dir_shared_by_two_concurrent_runs(model, reference, tmp_path):
     """Each output gets its own cache folder inside --cache-dir: two runs at once both give the
     output of a run alone."""
@@ -79,6 +81,7 @@ def test_cache_dir_shared_by_two_concurrent_runs(model, reference, tmp_path):
     assert list(shared.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cache_folder_not_made_by_streamprune_is_refused(model, tmp_path):
     out = tmp_path / "out"
     r = invoke(*run_args(model, out, SAMPLES, SEQ_LEN), "--cache-dir", tmp_path / "c")
@@ -104,6 +107,7 @@ def test_restart_never_clears_a_folder_streamprune_did_not_write(model, tmp_path
     assert sha256_tree(out) == before
 
 
+@pytest.mark.slow
 def test_restart_discards_the_cache_of_the_previous_run(model, reference, tmp_path):
     """The cache left by an interrupted run with other calibration text is never read by a restarted run."""
     out, cache = tmp_path / "out", tmp_path / "cache"
@@ -172,6 +176,7 @@ def test_model_code_never_runs_even_when_answered_yes(model, tmp_path):
     assert not (folder / "RAN").exists()
 
 
+@pytest.mark.slow
 def test_model_with_auto_map_but_stock_classes_prunes_without_its_code(model, tmp_path):
     folder = with_remote_code(model, tmp_path / "evil", "PreTrainedTokenizerFast")
     out = tmp_path / "out"
@@ -181,6 +186,7 @@ def test_model_with_auto_map_but_stock_classes_prunes_without_its_code(model, tm
     assert not (out / "evil.py").exists() and "auto_map" not in json.loads((out / "config.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["config", "weights", "tokenizer"])
 def test_resume_refuses_an_input_changed_since_the_interruption(model, tmp_path, change):
     import shutil

@@ -30,6 +30,7 @@ def model_and_reference(tmp_path_factory):
     return model, digests(tmp / "reference")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point,count,sig", [
     ("shard_mid_write", 2, signal.SIGKILL),
     ("before_journal", 1, signal.SIGKILL),
@@ -49,6 +50,7 @@ def test_interrupted_run_resumes_to_identical_bytes(model_and_reference, tmp_pat
         assert "WARNING interrupted (Ctrl-C); finished blocks are saved" in (out / "streamprune.log").read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_exits_143_and_the_same_command_resumes(model_and_reference, tmp_path):
     """SIGTERM (timeout, Slurm, docker stop) is a Ctrl-C with exit 143, here while block 1's shard is
     half-written on the writer thread; the re-run is the same command, in a new process."""
@@ -66,6 +68,7 @@ def written_by_a_whole_run(model, out, monkeypatch) -> int:
     return faults._written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.95])
 def test_full_disk_is_one_line_error_and_resumes(model_and_reference, tmp_path, monkeypatch, fraction):
     model, reference = model_and_reference

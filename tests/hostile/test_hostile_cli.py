@@ -133,6 +133,7 @@ def test_messages_become_one_printable_line():
     assert one_line("lone \ud800") == "lone \\ud800"
 
 
+@pytest.mark.slow
 def test_non_utf8_path_is_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     bad = os.fsencode(str(tmp_path)) + b"/\xff\xfe-model"
@@ -181,6 +182,7 @@ JOURNALS = {  # id -> (journal.json bytes, what the error says about it)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", JOURNALS)
 def test_damaged_journal_is_one_line(tmp_path, case):
     content, problem = JOURNALS[case]
@@ -203,6 +205,7 @@ def test_journal_that_is_not_a_file_is_damaged(tmp_path):
     refused(invoke(*run_args(out)), DAMAGED.format("not a regular file"))
 
 
+@pytest.mark.slow
 def test_damaged_journal_restarts_with_restart(tmp_path):
     out = tmp_path / "out"
     (out / ".streamprune").mkdir(parents=True)
@@ -329,6 +332,7 @@ def interrupted_cleanly(p: subprocess.CompletedProcess, sig: int) -> None:
     assert "Traceback" not in p.stderr and "Exception" not in p.stderr, p.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("launcher", ["python -m", "script"])
 def test_signal_while_importing_the_command(sig, launcher):
@@ -342,12 +346,14 @@ def test_the_streamprune_command_installs_the_handlers_before_importing_the_comm
     assert 'streamprune = "streamprune.__main__:run"' in pyproject
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_swallowed_by_a_library_is_raised_again(sig):
     p = python(SWALLOWED, int(sig), "--version")
     interrupted_cleanly(p, sig)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["in-click", "at-exit"])
 def test_signal_after_the_command_returned(when):
     p = python(AFTER_RETURN, int(signal.SIGINT), when, "--version")
@@ -355,6 +361,7 @@ def test_signal_after_the_command_returned(when):
     assert "version" in p.stdout
 
 
+@pytest.mark.slow
 def test_ignored_sigint_stays_ignored():
     """nohup and background jobs of a non-interactive shell start with SIGINT ignored."""
     p = python("import signal, streamprune.signals as signals; signals.handle_signals(arm=True); "

@@ -300,6 +300,7 @@ def crafted(pristine, tmp_path, case) -> Path:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_crafted_model_folder_is_refused_up_front(pristine, tmp_path, case):
     command_refused(crafted(pristine, tmp_path, case), tmp_path / "out", CASES[case][1])

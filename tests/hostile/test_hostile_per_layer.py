@@ -53,6 +53,7 @@ def crafted(per_block: Path, folder: Path, edit) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", EDITS)
 def test_each_bad_per_layer_config_is_one_clear_error(per_block, tmp_path, case):
     edit, message = EDITS[case]

@@ -84,6 +84,7 @@ CASES = ["demo dense (llama)", "demo global (deci)", "llama global", "qwen2 glob
          "kjv-llama dense (byte-level BPE)", "kjv-qwen3 dense"]
 
 
+@pytest.mark.slow
 @needs_llama_cpp
 @pytest.mark.parametrize("case", CASES)
 def test_llama_cpp_computes_what_streamprune_does(models, case, tmp_path):
@@ -120,6 +121,7 @@ def test_llama_cpp_computes_what_streamprune_does(models, case, tmp_path):
         assert llm.tokenize(sample) == tokenizer(sample).input_ids
 
 
+@pytest.mark.slow
 @needs_llama_cpp
 @pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0", "q5_0", "q4_0"])
 def test_types_people_deploy_load_and_stay_close(models, kind, tmp_path):
@@ -162,16 +164,19 @@ def export_refused(folder: Path, tmp_path: Path, *words: str):
     assert not gguf.exists() and not any(tmp_path.glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_per_block_qwen3_is_refused(tmp_path):
     qwen3 = peaky_model(tmp_path / "qwen3", "qwen3")
     export_refused(prune(qwen3, tmp_path / "q3"), tmp_path, "Qwen3", "--allocation uniform", "exported:")
 
 
+@pytest.mark.slow
 def test_sliding_window_is_refused(tmp_path):
     mistral = save_tiny_model(tmp_path / "m", "mistral", tokenizer_from=DEMO, vocab=512)
     export_refused(mistral, tmp_path, "sliding window of 16", "exported:")
 
 
+@pytest.mark.slow
 def test_unknown_rope_and_tokenizer_are_refused(tmp_path):
     yarn = save_tiny_model(tmp_path / "yarn", "qwen2", tokenizer_from=DEMO, vocab=512,
                            rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
@@ -181,6 +186,7 @@ def test_unknown_rope_and_tokenizer_are_refused(tmp_path):
     export_refused(plain, tmp_path, "no tokenizer.json")
 
 
+@pytest.mark.slow
 def test_bad_destinations(tmp_path):
     refused(cli("export", DEMO, "--gguf", tmp_path / "missing" / "x.gguf"), "--gguf: folder .*missing does not exist")
     refused(cli("export", tmp_path / "nothing", "--gguf", tmp_path / "x.gguf"), "model folder not found: .*nothing$")
@@ -188,6 +194,7 @@ def test_bad_destinations(tmp_path):
         export_gguf(DEMO, tmp_path / "x.gguf", "q3_k")
 
 
+@pytest.mark.slow
 def test_a_run_with_row_multiple_32_quantizes_every_matrix(tmp_path):
     out = prune(DEMO, tmp_path / "r32", "--row-multiple", "32")
     r = cli("export", out, "--gguf", tmp_path / "q4.gguf", "--type", "q4_0", "--quiet")
@@ -195,6 +202,7 @@ def test_a_run_with_row_multiple_32_quantizes_every_matrix(tmp_path):
     assert "in another type" not in r.stdout and "tensors in Q4_0" in r.stdout, r.stdout
 
 
+@pytest.mark.slow
 @needs_llama_cpp
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_linear_rope_scaling_past_the_original_window(family, tmp_path):
@@ -211,6 +219,7 @@ def test_linear_rope_scaling_past_the_original_window(family, tmp_path):
     assert (got - want).abs().max() < 1e-3
 
 
+@pytest.mark.slow
 def test_llama3_rope_on_a_qwen_is_refused(tmp_path):
     qwen2 = save_tiny_model(tmp_path / "q", "qwen2", tokenizer_from=DEMO, vocab=512,
                             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,

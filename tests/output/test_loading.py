@@ -122,6 +122,7 @@ def reference(src: Path, layer_plans):
 IDS = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_per_block_logits_equal_masked_dense(tmp_path, src, family, device):
     cut = write_cut(tmp_path / "cut", src, plans())
@@ -138,6 +139,7 @@ def test_per_block_logits_equal_masked_dense(tmp_path, src, family, device):
     assert diff <= (1e-5 if device == "cpu" else 1e-4)  # GPU kernels differ by shape
 
 
+@pytest.mark.slow
 def test_generate_equals_masked_dense_greedy(tmp_path, src):
     """generate() with a KV cache whose layers hold different numbers of KV heads."""
     cut = write_cut(tmp_path / "cut", src, plans())
@@ -154,6 +156,7 @@ def test_generate_equals_masked_dense_greedy(tmp_path, src):
     assert [layer.keys.shape[1] for layer in cache.layers] == [len(p["kv"]) for p in plans()]
 
 
+@pytest.mark.slow
 def test_dropped_block_is_removed_and_renumbered(tmp_path, src, family):
     cut = write_cut(tmp_path / "cut", src, plans(drop=True))
     config = read_config(cut)
@@ -166,6 +169,7 @@ def test_dropped_block_is_removed_and_renumbered(tmp_path, src, family):
     assert torch.equal(out, reference(src, plans(drop=True)).generate(IDS[:1], max_new_tokens=4, do_sample=False))
 
 
+@pytest.mark.slow
 def test_uniform_blocks_with_a_dropped_one_are_a_stock_config(tmp_path, src, family):
     """Kept blocks of one shape: renumbering keeps the output a stock config (no per_layer_config)
     that stock from_pretrained loads with no missing or unexpected weights."""
@@ -183,6 +187,7 @@ def test_uniform_blocks_with_a_dropped_one_are_a_stock_config(tmp_path, src, fam
         assert torch.equal(model(IDS).logits, stock(IDS).logits)
 
 
+@pytest.mark.slow
 def test_save_pretrained_round_trips(tmp_path, src):
     cut = write_cut(tmp_path / "cut", src, plans(drop=True))
     model = streamprune.load_pretrained(cut)
@@ -197,6 +202,7 @@ def test_save_pretrained_round_trips(tmp_path, src):
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.slow
 def test_attention_implementation_can_be_switched(tmp_path, qwen2):
     """The rebuilt layers follow model.set_attn_implementation like stock ones."""
     model = streamprune.load_pretrained(write_cut(tmp_path / "cut", qwen2, plans()))
@@ -216,6 +222,7 @@ def test_stock_from_pretrained_refuses_per_block_output(tmp_path, src):
         AutoModelForCausalLM.from_pretrained(cut)
 
 
+@pytest.mark.slow
 def test_uniform_folder_loads_through_stock_from_pretrained(tmp_path, src):
     model = streamprune.load_pretrained(src)
     stock = AutoModelForCausalLM.from_pretrained(src)
@@ -240,6 +247,7 @@ def test_model_spec_reads_per_block_shapes(tmp_path, src):
         [(len(p["heads"]), len(p["kv"]), len(p["neurons"]), D) for p in kept]
 
 
+@pytest.mark.slow
 def test_streaming_perplexity_of_per_block_output(tmp_path):
     """streamprune eval's engine runs block by block from architecture: on a per-block output it
     gives what the loaded model gives (tied embeddings: no lm_head tensor in the folder)."""
@@ -322,6 +330,7 @@ def test_llama_with_biases_and_varying_heads_is_refused(tmp_path):
         "0": {"num_key_value_heads": 1, "intermediate_size": 40}}
 
 
+@pytest.mark.slow
 def test_import_streamprune_stays_light():
     code = "import sys, streamprune; assert 'torch' not in sys.modules; assert callable(streamprune.load_pretrained)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

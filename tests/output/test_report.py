@@ -27,6 +27,7 @@ def out(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_terminal_summary_has_a_row_per_layer(out):
     report = json.loads((out / "report.json").read_text())
     text = render_report(report)
@@ -44,6 +45,7 @@ def test_terminal_summary_has_a_row_per_layer(out):
     assert ", --multiple-of 8 (tensor parallelism)" in render_report(report).splitlines()[1]
 
 
+@pytest.mark.slow
 def test_summary_shows_perplexity_when_measured(out):
     report = json.loads((out / "report.json").read_text())
     report["eval"] = {"text": "eval.txt", "seq_len": 16, "tokens": 150, "ppl_before": 5.0, "ppl_after": 6.0}
@@ -55,8 +57,9 @@ def test_kept_head_map_marks_kept_heads():
     assert kept_head_map(blocks) == [[0, 1, 0, 1], [1, 1, 0, 0]]
 
 
+@pytest.mark.slow
 def test_cli_writes_the_picture(out, tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="matplotlib draws the picture (the test extra installs it)")
     png = tmp_path / "prune.png"
     r = CliRunner().invoke(main, ["report", str(out), "--png", str(png)])
     assert r.exit_code == 0, r.output
@@ -64,6 +67,7 @@ def test_cli_writes_the_picture(out, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_without_matplotlib_says_how_to_install(out, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     r = CliRunner().invoke(main, ["report", str(out), "--png", str(tmp_path / "x.png")])
@@ -146,6 +150,7 @@ def test_no_head_map_when_every_head_is_kept_and_the_title_names_the_window():
                                                     "of 256 tokens")
 
 
+@pytest.mark.slow
 def test_summary_says_what_the_time_covers(out):
     report = json.loads((out / "report.json").read_text())
     assert "s of setup, survey, pruning and writing" in render_report(report)

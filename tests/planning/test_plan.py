@@ -73,6 +73,7 @@ def test_run_refuses_up_front_when_it_cannot_fit(tmp_path):
     assert pipeline.memory_plan(replace(cfg, max_memory=parse_bytes(suggested)), open_model(cfg.shards)).fits
 
 
+@pytest.mark.slow
 def test_prediction_covers_the_measured_peak(tmp_path):
     """In a fresh process, as users run it (peak RSS is per process)."""
     subprocess.run([sys.executable, "-m", "streamprune", "run", "--shards", DEMO / "stories260K", "--out",
@@ -84,6 +85,7 @@ def test_prediction_covers_the_measured_peak(tmp_path):
     assert predicted.peak_host_bytes >= report["timing"]["peak_rss_bytes"]
 
 
+@pytest.mark.slow
 def test_peak_rss_is_the_runs_own_not_its_parents():
     """getrusage's ru_maxrss also counts the parent's memory at the moment it spawned the process (a
     run launched from a large pytest or notebook process): the report takes VmHWM instead."""
@@ -98,6 +100,7 @@ def test_peak_rss_is_the_runs_own_not_its_parents():
     del big
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES[1:])
 def test_gpu_prediction_covers_the_measured_gpu_peak(tmp_path, device):
     src = save_tiny_model(tmp_path / "bf16", "llama", layers=2, hidden=256, heads=8, kv=2, intermediate=768,
@@ -302,7 +305,7 @@ def test_a_wide_block_is_timed_as_a_slice_with_its_inner_dimensions(monkeypatch,
 
 def test_a_timed_block_forward_runs_at_a_plausible_rate():
     model = open_model(DEMO / "stories260K")
-    rates = measure_block_rate(model.arch.blocks[0], 64, torch.device("cpu"), rounds=2)
+    rates = measure_block_rate(model.arch.blocks[0], 64, torch.device("cpu"), rounds=2, batch_tokens=256)
     assert len(rates) == 2 and all(1e6 < r < 1e14 for r in rates)
 
 
@@ -381,6 +384,7 @@ def test_plan_says_where_the_grams_go(tmp_path):
     assert "formed" in r.output and "columns at a time on the GPU" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_host_grams_give_the_same_pruned_model(tmp_path, monkeypatch):
     """The host path on a CPU, forced as if the device budget were small: Gram matrices formed 7
     columns at a time and factored where the host keeps them give the tensors of the default path."""

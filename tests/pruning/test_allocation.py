@@ -38,6 +38,7 @@ def weighted_refit_error(A: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, s
     return (Y - Ak @ sol).pow(2).sum().item()
 
 
+@pytest.mark.slow
 def test_head_costs_are_the_error_left_after_refitting_o_proj():
     W, xs = random_block(SPEC), calib()
     cos, sin = rotary()
@@ -69,6 +70,7 @@ def test_head_costs_are_the_error_left_after_refitting_o_proj():
     assert W_new[:, columns(removed, 4)].abs().max() == 0
 
 
+@pytest.mark.slow
 def test_costs_grow_as_more_is_removed_and_dropping_costs_the_update():
     costs = costs_of(random_block(SPEC), calib())
     curve = [c for _, c in costs.neurons]

@@ -86,6 +86,7 @@ def test_add_phases_skips_what_is_not_a_number():
     assert add_phases({}, ["not", "a", "dict"]) == {}
 
 
+@pytest.mark.slow
 def test_report_has_phases_per_block_and_in_total(tmp_path):
     src = save_tiny_model(tmp_path / "in", "llama", layers=2, vocab=512, tokenizer_from=DEMO / "stories260K")
     report = pipeline.run(RunConfig(shards=src, out=tmp_path / "out", sparsity=0.3, calib=DEMO / "calib.txt",
@@ -110,6 +111,7 @@ def test_report_has_phases_per_block_and_in_total(tmp_path):
     assert " dense passes (one: " in render_report(report)
 
 
+@pytest.mark.slow
 def test_a_run_without_a_survey_has_no_dense_pass_yardstick(tmp_path):
     src = save_tiny_model(tmp_path / "in", "llama", layers=1, vocab=512, tokenizer_from=DEMO / "stories260K")
     report = pipeline.run(RunConfig(shards=src, out=tmp_path / "out", sparsity=0.3, calib=DEMO / "calib.txt",

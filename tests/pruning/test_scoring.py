@@ -53,6 +53,7 @@ def test_regression_recovers_a_planted_linear_model():
     assert fit["fit_r2"] > 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(SCORERS))
 def test_scorers_find_planted_units(method):
     strong_heads, strong_neurons, weak_neurons = [2, 5], [0, 7, 40], [3, 11, 20, 33]

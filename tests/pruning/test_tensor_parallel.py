@@ -81,6 +81,7 @@ def test_a_model_that_cannot_be_split_is_refused_in_one_sentence():
     assert uniform_sizes(wide, 0.3, multiple_of=4).intermediate == 4  # 6 neurons round down to 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("allocation", ["global", "rule"])
 def test_pruned_output_splits_four_ways_and_loads(tmp_path, allocation):
     src = save_tiny_model(tmp_path / "in", "llama", layers=3, vocab=512, heads=8, kv=4,

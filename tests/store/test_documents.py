@@ -25,7 +25,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def write_parquet(path: Path, columns: dict) -> Path:
-    pa = pytest.importorskip("pyarrow")
+    pa = pytest.importorskip("pyarrow", reason="Parquet needs pyarrow (the data and test extras install it)")
     import pyarrow.parquet as pq
     pq.write_table(pa.table(columns), path)
     return path
@@ -34,7 +34,7 @@ def write_parquet(path: Path, columns: dict) -> Path:
 @pytest.fixture
 def offline_datasets(tmp_path, monkeypatch):
     """datasets and huggingface_hub offline (both read the environment at import), datasets' cache in tmp_path."""
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="needs datasets (the data and test extras)")
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -159,6 +159,7 @@ def demo_documents(tmp_path: Path) -> list[str]:
     return (DEMO / "calib.txt").read_text().split(SEPARATOR)
 
 
+@pytest.mark.slow
 def test_a_run_on_documents_writes_what_a_run_on_their_text_writes(tmp_path):
     jsonl = write_jsonl(tmp_path / "calib.jsonl", [{"text": d, "body": d.upper()} for d in demo_documents(tmp_path)])
     r = invoke("run", *RUN, "--out", tmp_path / "docs", "--calib", jsonl)
@@ -171,6 +172,7 @@ def test_a_run_on_documents_writes_what_a_run_on_their_text_writes(tmp_path):
     assert r.exit_code == 2 and "different arguments" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_eval_on_documents_and_datasets_equals_eval_on_their_text(tmp_path, offline_datasets):
     docs = demo_documents(tmp_path)[:200]
     (tmp_path / "joined.txt").write_text(SEPARATOR.join(docs))
@@ -189,6 +191,7 @@ def test_eval_on_documents_and_datasets_equals_eval_on_their_text(tmp_path, offl
     assert r.exit_code == 2 and "give --text FILE or --text-dataset NAME (one of them)" in r.output
 
 
+@pytest.mark.slow
 def test_run_takes_datasets_and_refuses_two_sources(tmp_path, offline_datasets):
     """--calib-dataset and --eval-dataset; the perplexities in report.json are those `eval` measures
     on the joined text, before (the input) and after (the output)."""

@@ -18,6 +18,7 @@ HOLD = "import sys; from streamprune.store.lock import OutputLock; l = OutputLoc
        "print('locked', flush=True); sys.stdin.read()"
 
 
+@pytest.mark.slow
 def test_second_run_into_the_same_folder_refuses_with_the_pid(tmp_path):
     src, out = tiny_model(tmp_path, layers=2), tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -33,6 +34,7 @@ def test_second_run_into_the_same_folder_refuses_with_the_pid(tmp_path):
     assert (out / "model.safetensors.index.json").is_file()
 
 
+@pytest.mark.slow
 def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
     src, out = tiny_model(tmp_path, layers=2), tmp_path / "out"
     lock_path(out).parent.mkdir(parents=True)
@@ -42,6 +44,7 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
     assert (out / "model.safetensors.index.json").is_file()
 
 
+@pytest.mark.slow
 def test_lock_is_released_on_exit_and_survives_restart(tmp_path):
     src, out = tiny_model(tmp_path, layers=2), tmp_path / "out"
     pipeline.run(run_config(src, out))
