@@ -146,7 +146,7 @@ class RunConfig:
     cache_dir: Path | None = option(None, "Activation cache folder (default: inside --out).", output=NO_BYTES,
                                     commands=RUN_PLAN, kind="folder")
     keep_cache: bool = option(False, "Keep the activation cache after a finished run.", output=NO_BYTES)
-    survey_only: bool = option(  # stop after the survey (a later run reuses it)
+    survey_only: bool = option(  # stop after the survey (runs with --survey-from prune from it)
         False, "Measure the costs (the survey) and show each block's shape at --sparsity and the --preview "
         "sparsities; prune nothing. Prune from it later with --survey-from (or a run into the same --out).",
         output=NO_BYTES)

@@ -21,7 +21,7 @@ RULE = ("attention keeps the GQA layout (KV groups x query heads per group) whos
         "whole lose the sparsity")
 MEASURED = ("--allocation global (the default) and uniform choose the shapes from costs measured on the calibration "
             "text (the survey): `streamprune run ... --survey-only` measures them and shows every block's shape at "
-            "several sparsities without pruning (a later run reuses that survey)")
+            "several sparsities without pruning (runs with --survey-from prune from it at any sparsity)")
 
 
 def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1, row_multiple: int = 1) -> dict:
