@@ -105,7 +105,7 @@ def run_log(out: Path, earlier: list[logging.LogRecord] = ()):
 def why_stopped(e: BaseException) -> tuple[int, str]:
     """The log's last line of a run that `e` ended, and its level."""
     if isinstance(e, Terminated):
-        return logging.WARNING, "terminated (SIGTERM); finished blocks are saved: re-run the same command to resume"
+        return logging.WARNING, "interrupted (SIGTERM); finished blocks are saved: re-run the same command to resume"
     if isinstance(e, KeyboardInterrupt):
         return logging.WARNING, "interrupted (Ctrl-C); finished blocks are saved: re-run the same command to resume"
     if isinstance(e, SystemExit):

@@ -58,7 +58,7 @@ def test_sigterm_exits_143_and_the_same_command_resumes(model_and_reference, tmp
     out = tmp_path / "out"
     r = trial(run_args(model, out, SAMPLES, SEQ_LEN), out, signal.SIGTERM, reference, point=("shard_mid_write", 2))
     assert r["interrupted"] and r["exit"] == 143 and r["survived"], r
-    assert "WARNING terminated (SIGTERM); finished blocks are saved" in (out / "streamprune.log").read_text()
+    assert "WARNING interrupted (SIGTERM); finished blocks are saved" in (out / "streamprune.log").read_text()
 
 
 def written_by_a_whole_run(model, out, monkeypatch) -> int:

@@ -84,7 +84,7 @@ def test_block_progress_counts_micro_batches_per_block():
 
 @pytest.mark.parametrize("error, last", [
     (KeyboardInterrupt(), "WARNING interrupted (Ctrl-C); finished blocks are saved: re-run the same command to resume"),
-    (Terminated(), "WARNING terminated (SIGTERM); finished blocks are saved: re-run the same command to resume"),
+    (Terminated(), "WARNING interrupted (SIGTERM); finished blocks are saved: re-run the same command to resume"),
     (StreamPruneError("no space left\non device"), "ERROR stopped by an error: no space left\\non device"),
     (MemoryError(), "ERROR stopped by an error: out of memory; lower --batch-size or --samples"),
     (ValueError("a bug"), "ERROR stopped by an error: ValueError: a bug"),
