@@ -2,4 +2,12 @@
 (run --survey-from) only by the version that made it. Raise it when what a run writes or records
 changes. A leaf: no streamprune import."""
 
+import sys
+
 __version__ = "0.1.0"
+
+
+def current_version() -> str:
+    """The running package's version: `streamprune.__version__` (this module's unless something set
+    another there), read when asked."""
+    return getattr(sys.modules.get("streamprune"), "__version__", __version__)

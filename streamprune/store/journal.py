@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import StreamPruneError
-from ..version import __version__
+from ..version import current_version
 from .fsutil import atomic_write_json
 from .records import Damaged, check_block_record, expect, expect_fields, read_checked_json
 from .runlog import LOG_FILE
@@ -127,9 +127,10 @@ def survey_from(folder: Path, fingerprint: dict, survey_free: tuple[str, ...], l
     line unless that run surveyed all `layers` blocks with this version, of the same model, on the
     same calibration windows, with every option the survey depends on (all but `survey_free`) alike."""
     state = load_state(Path(folder) / WORKDIR / "journal.json")
-    if state.get("version") != __version__:
+    version = current_version()
+    if state.get("version") != version:
         made_by = f"streamprune {state['version']}" if "version" in state else "an older streamprune"
-        raise StreamPruneError(f"--survey-from {folder}: its survey was made by {made_by}, this is {__version__}; "
+        raise StreamPruneError(f"--survey-from {folder}: its survey was made by {made_by}, this is {version}; "
                                "survey again (leave out --survey-from)")
     strip = lambda fp: {k: v for k, v in fp.items() if k not in survey_free}  # noqa: E731
     before, now = strip(state["fingerprint"]), strip(fingerprint)
@@ -198,7 +199,7 @@ class Journal:
             refuse_foreign_folder(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         carried = survey() if survey is not None else {}
-        journal = cls(path, {"fingerprint": fingerprint, "blocks": {}, "complete": False, "version": __version__,
+        journal = cls(path, {"fingerprint": fingerprint, "blocks": {}, "complete": False, "version": current_version(),
                              **carried}, started)
         journal.replaced = replaced
         journal.reused_survey = len(carried.get("survey", {}))

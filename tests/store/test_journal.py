@@ -258,3 +258,11 @@ def test_a_refused_resume_says_how_to_prune_again_from_the_survey(tmp_path):
         Journal.open(tmp_path, dict(FINGERPRINT, sparsity=0.5), restart=False, survey_free=FREE)
     with pytest.raises(StreamPruneError, match="--restart to start over$"):
         Journal.open(tmp_path, dict(FINGERPRINT, samples=8), restart=False, survey_free=FREE)
+
+
+def test_the_running_packages_version_decides(tmp_path, monkeypatch):
+    import streamprune
+    surveyed_run(tmp_path)
+    monkeypatch.setattr(streamprune, "__version__", "9.9.9")
+    with pytest.raises(StreamPruneError, match=f"made by streamprune {__version__}, this is 9.9.9"):
+        journal.survey_from(tmp_path, FINGERPRINT, FREE, layers=2)
