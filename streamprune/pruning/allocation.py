@@ -13,9 +13,12 @@ and compensation interacts), which the quality benchmark (docs/quality.md) check
 
 from __future__ import annotations
 
+import math
+
 from ..arch.spec import BlockSpec
+from ..errors import StreamPruneError
 from .costs import BlockCosts
-from .selection import Sizes, aligned, attention_params, head_layouts, most_neurons, neuron_step
+from .selection import Alignment, Sizes, aligned, attention_params, head_layouts, kept_params, most_neurons, neuron_step
 
 
 def linear_params(block: BlockSpec, sizes: Sizes | None) -> int:
@@ -25,12 +28,12 @@ def linear_params(block: BlockSpec, sizes: Sizes | None) -> int:
     return attention_params(block, sizes.n_kv, sizes.group) + block.mlp_params(sizes.intermediate)
 
 
-def param_budget(blocks: tuple[BlockSpec, ...], sparsity: float) -> float:
+def param_budget(blocks: tuple[BlockSpec, ...], sparsity: float) -> int:
     """The parameters the blocks keep at `sparsity`, over all blocks (attention and MLP weights)."""
-    return (1 - sparsity) * sum(linear_params(b, Sizes(b.n_kv, b.group, b.intermediate)) for b in blocks)
+    return kept_params(sum(linear_params(b, Sizes(b.n_kv, b.group, b.intermediate)) for b in blocks), sparsity)
 
 
-def neurons_for(block: BlockSpec, params: float, kv: int, g: int, multiple_of: int = 1) -> int:
+def neurons_for(block: BlockSpec, params: int, kv: int, g: int, multiple_of: Alignment | int = 1) -> int:
     """The most neurons that fit in `params` beside the layout (kv, g), aligned, at least one step."""
     align = neuron_step(block, multiple_of)
     n = int((params - attention_params(block, kv, g)) // block.neuron_params // align) * align
@@ -38,11 +41,11 @@ def neurons_for(block: BlockSpec, params: float, kv: int, g: int, multiple_of: i
 
 
 def allocate_uniform(blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], sparsity: float,
-                     multiple_of: int = 1) -> list[Sizes]:
+                     multiple_of: Alignment | int = 1) -> list[Sizes]:
     """One shape for every block (they share one shape in a stock config); with `multiple_of` > 1,
     one that many GPUs can split (selection.tensor_parallel_ok)."""
     block = blocks[0]
-    per_block = param_budget(blocks, sparsity) / len(blocks)
+    per_block = param_budget(blocks, sparsity) // len(blocks)
     best = None
     for kv, g in head_layouts(block, multiple_of):
         n = neurons_for(block, per_block, kv, g, multiple_of)
@@ -53,11 +56,12 @@ def allocate_uniform(blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], spa
         if best is None or key < best[0]:
             best = (key, Sizes(kv, g, n))
     if best is None:
-        raise ValueError("no shape fits this sparsity")
+        raise StreamPruneError(f"no shape of one block fits --sparsity {sparsity:g}: use a lower sparsity or "
+                               "--allocation global")
     return [best[1]] * len(blocks)
 
 
-def neuron_options(block: BlockSpec, c: BlockCosts, multiple_of: int) -> list[tuple[int, float]]:
+def neuron_options(block: BlockSpec, c: BlockCosts, multiple_of: Alignment | int) -> list[tuple[int, float]]:
     """The points (neurons kept, cost) a block may take: its measured curve, each point rounded
     down to a multiple of `multiple_of` (and costed there) when that is more than 1."""
     if aligned(multiple_of).free:
@@ -84,7 +88,7 @@ def block_choice(block: BlockSpec, c: BlockCosts, lam: float, neurons: list[tupl
 
 
 def allocate_global(blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], sparsity: float,
-                    allow_drop: bool = True, multiple_of: int = 1) -> list[Sizes | None]:
+                    allow_drop: bool = True, multiple_of: Alignment | int = 1) -> list[Sizes | None]:
     """Per-block shapes (None: dropped) whose summed cost is least within the budget; with
     `multiple_of` > 1, shapes that many GPUs can split (selection.tensor_parallel_ok)."""
     target = param_budget(blocks, sparsity)
@@ -100,7 +104,10 @@ def allocate_global(blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], spar
         return sum(linear_params(b, s) for b, s in zip(blocks, sizes))
 
     lo, hi = 0.0, 1.0
-    while params(choose(hi)) > target and hi < 1e30:
+    while params(choose(hi)) > target:
+        if hi > 1e30:  # even the least each block may keep is over the budget
+            raise StreamPruneError(f"no shapes fit --sparsity {sparsity:g}: the least every block can keep "
+                                   f"({params(choose(hi)):,} parameters) is more than it keeps ({target:,})")
         hi *= 4
     for _ in range(100):  # the least lam within the budget
         mid = (lo + hi) / 2
@@ -109,8 +116,8 @@ def allocate_global(blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], spar
     return fill(blocks, costs, sizes, target - params(sizes), multiple_of)
 
 
-def fill(blocks, costs: list[BlockCosts], sizes: list[Sizes | None], slack: float,
-         multiple_of: int = 1) -> list[Sizes | None]:
+def fill(blocks, costs: list[BlockCosts], sizes: list[Sizes | None], slack: int,
+         multiple_of: Alignment | int = 1) -> list[Sizes | None]:
     """Spend what is left of the budget on neurons, a step at a time where the cost falls most per
     parameter (dropped blocks stay dropped)."""
     sizes = list(sizes)
@@ -137,8 +144,19 @@ def fill(blocks, costs: list[BlockCosts], sizes: list[Sizes | None], slack: floa
         slack -= cost_params
 
 
+def check_finite_costs(costs: list[BlockCosts]) -> None:
+    """Every measured cost is a number: a NaN compares false with everything and would drop its block."""
+    for i, c in enumerate(costs):
+        values = [*c.heads.values(), *(cost for _, cost in c.neurons), c.drop]
+        if not all(math.isfinite(v) for v in values):
+            raise StreamPruneError(f"the survey measured a cost of block {i} that is not a number "
+                                   f"({next(v for v in values if not math.isfinite(v))}); its activations overflow "
+                                   "in this dtype: run on the CPU or in float32, or --restart")
+
+
 def allocate(allocation: str, blocks: tuple[BlockSpec, ...], costs: list[BlockCosts], sparsity: float,
-             alignment=1) -> list[Sizes | None]:
+             alignment: Alignment | int = 1) -> list[Sizes | None]:
     """Every block's sizes by `allocation` ("global" or "uniform") at `sparsity`."""
+    check_finite_costs(costs)
     allocator = allocate_global if allocation == "global" else allocate_uniform
     return allocator(blocks, costs, sparsity, multiple_of=alignment)

@@ -102,7 +102,7 @@ def attention_kept(spec: BlockSpec, n_kv: int, group: int) -> float:
     return attention_params(spec, n_kv, group) / attention_params(spec, spec.n_kv, spec.group)
 
 
-def ranked_layouts(spec: BlockSpec, sparsity: float, multiple_of: int = 1) -> list[tuple[int, int]]:
+def ranked_layouts(spec: BlockSpec, sparsity: float, multiple_of: int | Alignment = 1) -> list[tuple[int, int]]:
     """The fixed rule's order of GQA layouts: the kept fraction of the attention weights closest
     to 1 - sparsity first, ties to more query heads, then more KV groups."""
     return sorted(head_layouts(spec, multiple_of), key=lambda o: (
@@ -112,18 +112,23 @@ def ranked_layouts(spec: BlockSpec, sparsity: float, multiple_of: int = 1) -> li
 def uniform_sizes(spec: BlockSpec, sparsity: float, multiple_of: int | Alignment = 1) -> Sizes:
     """Remove about `sparsity` of the block's weights. Attention takes the GQA layout whose kept
     fraction is closest to 1 - sparsity (ties: more query heads); the MLP width absorbs the
-    rest, so the block total lands on target. Neuron counts are rounded to neuron_step (64 for
-    wide MLPs, 1 for small ones). With `multiple_of` > 1, only layouts and neuron counts that
+    rest: the most neurons within the budget, in multiples of neuron_step (64 for wide MLPs, 1 for
+    small ones). With `multiple_of` > 1, only layouts and neuron counts that
     many GPUs can split (tensor_parallel_ok) are taken, at sparsity 0 too."""
     if sparsity == 0 and aligned(multiple_of).free:
         return Sizes(spec.n_kv, spec.group, spec.intermediate)
-    full_attn = attention_params(spec, spec.n_kv, spec.group)
-    target = (1 - sparsity) * (full_attn + spec.mlp_params())
+    target = kept_params(attention_params(spec, spec.n_kv, spec.group) + spec.mlp_params(), sparsity)
     n_kv, group = ranked_layouts(spec, sparsity, multiple_of)[0]
     align = neuron_step(spec, multiple_of)
-    inter = (target - attention_params(spec, n_kv, group)) / spec.neuron_params
-    inter = int(round(inter / align)) * align
+    inter = (target - attention_params(spec, n_kv, group)) // spec.neuron_params // align * align
     return Sizes(n_kv, group, max(align, min(most_neurons(spec, multiple_of), inter)))
+
+
+def kept_params(total: int, sparsity: float) -> int:
+    """The parameters of `total` that `sparsity` keeps, a whole number: (1 - sparsity) * total
+    rounded to the nearest (0.45 * 774144 is 774143.99... in floating point: one parameter, not a
+    neuron, is what that rounding may cost)."""
+    return round((1 - sparsity) * total)
 
 
 def select_units(head_scores: torch.Tensor, neuron_scores: torch.Tensor, spec: BlockSpec, sizes: Sizes) -> Kept:

@@ -6,12 +6,14 @@ import itertools
 import pytest
 import torch
 
-from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
+from streamprune.arch.spec import BlockSpec
+from streamprune.errors import StreamPruneError
+from streamprune.pruning.allocation import allocate, allocate_global, allocate_uniform, linear_params, param_budget
 from streamprune.pruning.block import attention_heads, attention_output, mlp_activations, rms_norm
 from streamprune.pruning.costs import BlockCosts, Grams, block_costs, columns, refit_columns, removal_cost, with_ridge
 from streamprune.pruning.numerics import invert_spd, token_scale
 from streamprune.pruning.scoring import Calibration
-from streamprune.pruning.selection import Sizes
+from streamprune.pruning.selection import Sizes, attention_params, kept_params
 from tests.models import SPEC, fake_costs, random_block
 
 
@@ -107,3 +109,35 @@ def test_uniform_allocation_is_one_shape_within_the_budget():
     sizes = allocate_uniform(blocks, [fake_costs(1.0), fake_costs(2.0), fake_costs(3.0)], 0.4)
     assert len(set(sizes)) == 1 and isinstance(sizes[0], Sizes)
     assert sum(linear_params(b, s) for b, s in zip(blocks, sizes)) <= param_budget(blocks, 0.4)
+
+
+def test_budgets_are_whole_parameters_rounded_not_floored():
+    wide = BlockSpec(hidden=64, n_heads=8, n_kv=4, head_dim=8, intermediate=8960, eps=1e-5)
+    mlp = wide.mlp_params()  # 3 * 64 * 8960 = 1,720,320; 0.45 of it is 774,144 exactly
+    assert (1 - 0.55) * mlp == pytest.approx(774144) and int((1 - 0.55) * mlp) == 774143  # the float's floor
+    budget = param_budget((wide,), 0.55)
+    assert isinstance(budget, int) and budget == round(0.45 * (mlp + attention_params(wide, 4, 2)))
+    assert kept_params(mlp, 0.55) == 774144
+
+
+def test_a_cost_that_is_not_a_number_is_refused_naming_its_block():
+    blocks = (SPEC,) * 3
+    bad = fake_costs(1.0)
+    for broken in (BlockCosts({**bad.heads, (2, 1): float("nan")}, bad.neurons, bad.drop),
+                   BlockCosts(bad.heads, bad.neurons[:2] + [(36, float("inf"))], bad.drop),
+                   BlockCosts(bad.heads, bad.neurons, float("nan"))):
+        for allocation in ("global", "uniform"):
+            with pytest.raises(StreamPruneError, match="cost of block 1 that is not a number"):
+                allocate(allocation, blocks, [fake_costs(1.0), broken, fake_costs(2.0)], 0.3)
+
+
+def test_a_budget_no_shape_meets_is_refused_not_exceeded():
+    blocks = (SPEC,) * 2
+    costs = [fake_costs(1.0), fake_costs(2.0)]
+    # the least a kept block holds (1 KV group of 1 head, one neuron) is 0.07 of its weights
+    with pytest.raises(StreamPruneError, match="no shapes fit --sparsity 0.99"):
+        allocate_global(blocks, costs, 0.99, allow_drop=False)
+    with pytest.raises(StreamPruneError, match="no shape of one block fits --sparsity 0.99"):
+        allocate_uniform(blocks, costs, 0.99)
+    dropped = allocate_global(blocks, costs, 0.99)  # dropping blocks meets it
+    assert sum(linear_params(b, s) for b, s in zip(blocks, dropped)) <= param_budget(blocks, 0.99)
