@@ -384,10 +384,12 @@ def export(model_dir: Path, gguf_file: Path, ggml_type: str, quiet: bool):
     bars = []
     r = export_gguf(model_dir, gguf_file, ggml_type, progress=lambda n: bars[0].update(n),
                     on_total=lambda n: bars.append(tqdm(total=n, unit="tensor", desc="exporting", disable=quiet,
-                                                        dynamic_ncols=True)))
+                                                        dynamic_ncols=True)), notify=echo_err)
     bars[0].close()
     for name, written, why in r.fallbacks:
         click.echo(f"  {name}: {written} ({why})")
+    if r.advice:
+        click.echo(f"  ({r.advice})")
     click.echo(f"{r.path}: llama.cpp architecture {r.architecture}, {r.tensors} tensors in {r.ggml_type}"
                + (f" ({len(r.fallbacks)} in another type, listed above)" if r.fallbacks else "")
                + f", {r.bytes / 2**20:,.1f} MiB")
