@@ -22,7 +22,7 @@ from streamprune.arch.calibration import load_tokenizer
 from streamprune.arch.families import FAMILIES
 from streamprune.arch.output_config import heterogeneous_config, pruned_config
 from streamprune.output import vllm_plugin
-from tests.harness import run_cli
+from tests.harness import invoke
 from tests.models import SHARED, TINYSTORIES, save_tiny_model
 from tests.vllm_env import REQUIRED, Unavailable, install_streamprune, run_vllm, vllm_python
 
@@ -85,9 +85,9 @@ def lopsided_model(folder: Path, family: str, weak: str) -> Path:
 
 
 def prune(model: Path, out: Path, *extra, text: Path = TINYSTORIES / "calib.txt", samples=8, seq_len=64) -> Path:
-    r = run_cli([str(a) for a in ("run", "--shards", model, "--out", out, "--calib", text, "--samples", samples,
-                                  "--seq-len", seq_len, "--quiet", *extra)])
-    assert r.returncode == 0, r.stderr
+    r = invoke("run", "--shards", model, "--out", out, "--calib", text, "--samples", samples, "--seq-len", seq_len,
+               "--quiet", *extra)
+    assert r.exit_code == 0, r.output
     return out
 
 
