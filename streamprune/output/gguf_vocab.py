@@ -1,5 +1,7 @@
-"""A model folder's tokenizer as llama.cpp's GGUF tokenizer fields, read from tokenizer.json (no
-tokenizer code runs). Two kinds are supported, those of the Llama-family models:
+"""A model folder's tokenizer as llama.cpp's GGUF tokenizer fields: tokenizer.json as transformers
+uses it (its tokenizer class may set the pre-tokenizer from tokenizer_config.json, e.g. LlamaTokenizer's
+add_prefix_space and legacy; the backend's own JSON says what it does), no code from the folder run.
+Two kinds are supported, those of the Llama-family models:
 
 - byte-level BPE (GPT-2 style: Llama 3, Qwen2/Qwen3, SmolLM): model `gpt2` with the merges and a
   pre-tokenizer name llama.cpp knows, found from the tokenizer's own pre-tokenizer (its regex);
@@ -63,7 +65,8 @@ def read_vocab(folder: Path, vocab_size: int) -> GGUFVocab:
     if not is_input_file(path):
         raise StreamPruneError(f"no tokenizer.json in {folder}: llama.cpp needs the tokenizer in the GGUF file "
                                f"({SUPPORTED})")
-    tok = read_json(path, f"{path} is not valid JSON")
+    tokenizer = load_tokenizer(Path(folder))
+    tok = effective_json(tokenizer) or read_json(path, f"{path} is not valid JSON")
     config = _tokenizer_config(folder)
     model = tok.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
@@ -75,7 +78,7 @@ def read_vocab(folder: Path, vocab_size: int) -> GGUFVocab:
     else:
         vocab = _byte_level_bpe(tok, ids, merges, path)
     vocab.special = _special_ids(config, ids)
-    bos, eos = added_special_ids(load_tokenizer(Path(folder)))
+    bos, eos = added_special_ids(tokenizer)
     vocab.add_bos, vocab.add_eos = bos is not None, eos is not None
     vocab.special.update({k: i for k, i in (("bos", bos), ("eos", eos)) if i is not None})
     template = config.get("chat_template")
@@ -83,6 +86,12 @@ def read_vocab(folder: Path, vocab_size: int) -> GGUFVocab:
         template = (Path(folder) / "chat_template.jinja").read_text(encoding="utf-8")
     vocab.chat_template = template if isinstance(template, str) else None
     return vocab
+
+
+def effective_json(tokenizer) -> dict | None:
+    """tokenizer.json as the loaded tokenizer runs it (None when it has no `tokenizers` backend)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return json.loads(backend.to_str()) if backend is not None else None
 
 
 def added_special_ids(tokenizer) -> tuple[int | None, int | None]:

@@ -222,3 +222,18 @@ def test_llama3_rope_on_a_qwen3_is_refused(tmp_path):
     qwen3 = save_tiny_model(tmp_path / "q", "qwen3", tokenizer_from=DEMO, vocab=512, rope_parameters=LLAMA3)
     export_refused(qwen3, tmp_path, "its qwen3 architecture takes no rotary frequency factors",
                    "deci has no q/k norms")
+
+
+@pytest.mark.parametrize("add_prefix_space", [True, False])
+def test_llama_cpp_tokenizes_as_transformers_with_or_without_the_space_prefix(tmp_path, add_prefix_space):
+    """The demo's SentencePiece-style tokenizer with tokenizer_config.json's add_prefix_space (LlamaTokenizer
+    then sets Metaspace's prepend_scheme): llama.cpp's add_space_prefix follows what transformers runs."""
+    import json
+    import shutil
+    folder = Path(shutil.copytree(DEMO, tmp_path / "demo"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, add_prefix_space=add_prefix_space)))
+    assert cli("export", folder, "--gguf", tmp_path / "m.gguf", "--type", "f32", "--quiet").returncode == 0
+    sample = DEMO_TEXT.read_text(encoding="utf-8")[:3000]
+    with llama_cpp(tmp_path / "m.gguf") as llm:
+        assert llm.tokenize(sample) == load_tokenizer(folder)(sample).input_ids

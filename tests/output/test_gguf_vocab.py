@@ -1,7 +1,7 @@
 """The tokenizer conversion on its own (no model): what goes into the GGUF file's tokenizer fields
 for SentencePiece-style tokenizers (the space in front of the text, from a Prepend normalizer or
-Metaspace's prepend_scheme), the BOS id whenever the tokenizer adds one, and the refusals of
-normalizers llama.cpp does not apply."""
+Metaspace's prepend_scheme, as transformers runs the tokenizer), the BOS id whenever the tokenizer
+adds one, and the refusals of normalizers llama.cpp does not apply."""
 
 from __future__ import annotations
 
@@ -21,9 +21,15 @@ PREPEND = {"type": "Prepend", "prepend": "\u2581"}
 SPACES = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
 
 
-def tokenizer(folder: Path, edit=None, config_edit=None) -> Path:
+def generic(config: dict) -> None:
+    """transformers' generic tokenizer class runs tokenizer.json as written (LlamaTokenizer sets the
+    pre-tokenizer from its own options)."""
+    config["tokenizer_class"] = "TokenizersBackend"
+
+
+def tokenizer(folder: Path, edit=None, config_edit=generic) -> Path:
     """The demo's tokenizer files in `folder`, tokenizer.json changed by `edit(dict)` and
-    tokenizer_config.json by `config_edit(dict)`."""
+    tokenizer_config.json by `config_edit(dict)` (default: the generic class)."""
     folder.mkdir()
     for name in TOKENIZER_FILES:
         shutil.copy(DEMO / name, folder / name)
@@ -74,10 +80,19 @@ def test_byte_fallback_without_sentencepiece_spaces_is_refused(tmp_path):
         vocab(folder)
 
 
+def test_what_transformers_runs_wins_over_the_file(tmp_path):
+    """LlamaTokenizer (the demo's class) puts '▁' in front whatever tokenizer.json's prepend_scheme says,
+    unless tokenizer_config.json's add_prefix_space is false."""
+    never = lambda t: t["pre_tokenizer"].update(prepend_scheme="never")  # noqa: E731
+    assert vocab(tokenizer(tmp_path / "llama", never, config_edit=None)).add_space_prefix is True
+    off = tokenizer(tmp_path / "off", config_edit=lambda c: c.update(add_prefix_space=False))
+    assert vocab(off).add_space_prefix is False
+
+
 def test_the_bos_id_is_the_one_the_tokenizer_adds(tmp_path):
     """tokenizer_config.json names no bos_token, tokenizer.json's post-processor adds <s>: the id
     goes in with add_bos (llama.cpp's default BOS id would otherwise be used)."""
-    folder = tokenizer(tmp_path / "t", config_edit=lambda c: c.pop("bos_token"))
+    folder = tokenizer(tmp_path / "t", config_edit=lambda c: (c.pop("bos_token"), generic(c)))
     v = vocab(folder)
     assert v.add_bos and v.special["bos"] == 1
 
