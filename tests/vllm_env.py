@@ -54,9 +54,16 @@ def _step(args: list, what: str, timeout: float) -> None:
 def vllm_python() -> Path:
     """The Python of a virtual environment holding vLLM; built if missing (several minutes)."""
     folder = venv_folder()
-    python = folder / "bin" / "python"
     if (folder / COMPLETE).is_file():
-        return python
+        return folder / "bin" / "python"
+    try:
+        return _build(folder)
+    except OSError as e:
+        raise Unavailable(f"cannot build it in {folder}: {e.strerror or e}") from None
+
+
+def _build(folder: Path) -> Path:
+    python = folder / "bin" / "python"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another test run building the same folder: wait for it
