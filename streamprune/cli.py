@@ -390,7 +390,7 @@ def export(model_dir: Path, gguf_file: Path, ggml_type: str, quiet: bool):
     for name, written, why in r.fallbacks:
         click.echo(f"  {name}: {written} ({why})")
     if r.advice:
-        click.echo(f"  ({r.advice})")
+        click.echo(f"  {r.advice}")
     click.echo(f"{r.path}: llama.cpp architecture {r.architecture}, {r.tensors} tensors in {r.ggml_type}"
                + (f" ({len(r.fallbacks)} in another type, listed above)" if r.fallbacks else "")
                + f", {r.bytes / 2**20:,.1f} MiB")

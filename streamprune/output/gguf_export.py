@@ -44,7 +44,7 @@ SMALL_TYPES = ("q5_0", "q4_0")  # below 8 bits: lm_head stays q8_0, as llama.cpp
 # the largest |value| each type holds: f16's 65504, times the largest quantized integer for the types whose
 # blocks keep an f16 scale
 LARGEST = {"F16": 65504.0, "Q8_0": 65504.0 * 127, "Q5_0": 65504.0 * 16, "Q4_0": 65504.0 * 8}
-ROW_ADVICE = ("to quantize every matrix, prune with --row-multiple 32 (streamprune run's default), which keeps "
+ROW_ADVICE = ("to quantize every matrix: prune with --row-multiple 32 (the default of streamprune run), which keeps "
               "neuron counts and query heads x head_dim multiples of 32")
 
 GGUF_NAMES = {

@@ -119,6 +119,7 @@ def test_types_people_deploy_load_and_stay_close(models, kind, tmp_path):
     assert r.returncode == 0, r.stderr
     if kind in ("q8_0", "q5_0", "q4_0"):  # the demo's per-block neuron counts are not multiples of 32
         assert "ffn_down.weight: F16 (rows of" in r.stdout
+        assert "to quantize every matrix: prune with --row-multiple 32" in r.stdout
     windows = eval_windows(tokenize_file(load_tokenizer(folder), text, special_tokens=True), WINDOW, max_windows=3)
     ours = perplexity(folder, text, WINDOW, max_windows=3).ppl
     with llama_cpp(gguf, exact=False) as llm:
