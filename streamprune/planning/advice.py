@@ -193,7 +193,8 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         raise StreamPruneError("no CUDA GPU on this machine: describe the one to plan for with --max-memory "
                                f"(its memory, e.g. 24GiB) or --gpu NAME ({', '.join(GPUS)})")
     model = remote_model or open_model(cfg.shards)
-    cfg, rows_note, _ = fit_row_multiple(cfg, model.arch)
+    cfg, rows_note, rows_lost = fit_row_multiple(cfg, model.arch)
+    rows_note = rows_note if rows_lost else None  # (as run: said only where the output loses something by it)
     whole = dataclasses.replace(whole, row_multiple=cfg.row_multiple)
     check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
     fitted = None
