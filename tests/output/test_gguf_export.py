@@ -225,6 +225,8 @@ def test_llama3_rope_on_a_qwen3_is_refused(tmp_path):
                    "deci has no q/k norms")
 
 
+@pytest.mark.slow
+@needs_llama_cpp
 @pytest.mark.parametrize("add_prefix_space", [True, False])
 def test_llama_cpp_tokenizes_as_transformers_with_or_without_the_space_prefix(tmp_path, add_prefix_space):
     """The demo's SentencePiece-style tokenizer with tokenizer_config.json's add_prefix_space (LlamaTokenizer

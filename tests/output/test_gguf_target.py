@@ -62,12 +62,14 @@ def test_a_file_that_is_not_gguf_is_refused(model, tmp_path):
     refused_unchanged(model, thesis.parent / "empty.gguf", "exists and is not a GGUF file")
 
 
+@pytest.mark.slow  # (exports a model)
 def test_a_gguf_file_in_the_model_folder_is_refused_too(model, tmp_path):
     assert export(model, tmp_path / "m.gguf").exit_code == 0
     shutil.copy(tmp_path / "m.gguf", model / "m.gguf")
     refused_unchanged(model, model / "m.gguf", "is the model's own file m.gguf")
 
 
+@pytest.mark.slow  # (exports a model)
 def test_an_existing_gguf_file_is_replaced_with_a_line(model, tmp_path):
     gguf = tmp_path / "m.gguf"
     r = export(model, gguf, "--type", "f32")
@@ -107,6 +109,7 @@ def tiny_with(folder: Path, value: float) -> Path:
     return folder
 
 
+@pytest.mark.slow  # (exports a model)
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
 def test_values_beyond_f16_keep_their_tensor_in_f32(tmp_path, kind):
     from gguf import GGUFReader
@@ -118,6 +121,7 @@ def test_values_beyond_f16_keep_their_tensor_in_f32(tmp_path, kind):
     assert types["blk.0.ffn_up.weight"] == "F32" and types["blk.1.ffn_up.weight"] == kind.upper()
 
 
+@pytest.mark.slow  # (exports a model)
 def test_nan_is_refused(tmp_path):
     folder = tiny_with(tmp_path / "nan", float("nan"))
     refused(export(folder, tmp_path / "m.gguf"), "blk.0.ffn_up.weight holds NaN or inf")
