@@ -22,7 +22,7 @@ from .errors import StreamPruneError, error_message, one_line, user_facing
 
 log = logging.getLogger(__name__)
 
-ADAPTABLE = ("samples", "seq_len")  # fitted to the text and the model unless given (as `run` does)
+ADAPTABLE = ("samples", "seq_len", "row_multiple")  # fitted to the text and the model unless given (as `run` does)
 
 @dataclass(frozen=True)
 class PruneResult:

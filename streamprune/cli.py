@@ -295,7 +295,7 @@ def run_summary(result) -> list[str]:
 def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: int, row_multiple: int, as_json: bool):
     """Print the model's shape and the fixed rule's cut, with the reasons, from headers only."""
     from .planning.inspect import describe, render_description
-    info = describe(planning_model(shards, revision), sparsity, multiple_of, row_multiple)
+    info = describe(planning_model(shards, revision), sparsity, multiple_of, row_multiple, defaulted("row_multiple"))
     click.echo(json.dumps(info, indent=2) if as_json else render_description(info))
 
 
@@ -320,7 +320,8 @@ def plan_command(shards, revision, out, gpu_name, no_timing, nproc, as_json, **o
         options["device"] = "cuda"
     model = planning_model(shards, revision)
     remote = not isinstance(model, Path)  # a Hub model known from its headers, weights not downloaded
-    cfg = RunConfig(shards=model.folder if remote else model, out=out, adaptable=defaulted("samples", "seq_len"),
+    cfg = RunConfig(shards=model.folder if remote else model, out=out,
+                    adaptable=defaulted("samples", "seq_len", "row_multiple"),
                     **options)
     info = describe_plan(cfg, timing=not no_timing, gpu_name=gpu_name, remote_model=model if remote else None,
                          processes=nproc)
@@ -384,10 +385,12 @@ def export(model_dir: Path, gguf_file: Path, ggml_type: str, quiet: bool):
     bars = []
     r = export_gguf(model_dir, gguf_file, ggml_type, progress=lambda n: bars[0].update(n),
                     on_total=lambda n: bars.append(tqdm(total=n, unit="tensor", desc="exporting", disable=quiet,
-                                                        dynamic_ncols=True)))
+                                                        dynamic_ncols=True)), notify=echo_err)
     bars[0].close()
     for name, written, why in r.fallbacks:
         click.echo(f"  {name}: {written} ({why})")
+    if r.advice:
+        click.echo(f"  {r.advice}")
     click.echo(f"{r.path}: llama.cpp architecture {r.architecture}, {r.tensors} tensors in {r.ggml_type}"
                + (f" ({len(r.fallbacks)} in another type, listed above)" if r.fallbacks else "")
                + f", {r.bytes / 2**20:,.1f} MiB")

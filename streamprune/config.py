@@ -22,6 +22,9 @@ MAX_COUNT = 2**31 - 1  # samples, tokens per window, micro-batch: what int32 ind
 MAX_BUDGET = 1000.0  # 64,000 perturbations per block: a thousand times the default work
 MAX_MEMORY = 2**64  # 16 EiB
 MAX_MULTIPLE = 2**16  # --multiple-of: more GPUs than any tensor-parallel group
+# --row-multiple's default: llama.cpp's block of 32 weights (q8_0, q5_0, q4_0), so the default output quantizes whole
+# (docs/performance.md section 7 measures what it costs); a model that cannot meet it is cut as with 1 (a log line)
+DEFAULT_ROW_MULTIPLE = 32
 
 
 def check_sparsity_range(sparsity: float) -> None:
@@ -132,8 +135,10 @@ class RunConfig:
     # kept neuron counts and query heads x head_dim multiples of this (row lengths a block-quantized
     # type splits: 32 for q8_0/q4_0, 256 for k-quants); 1 = no constraint
     row_multiple: int = option(
-        1, "Keep neuron counts and query heads x head_dim multiples of M in every block, so a quantized GGUF type "
-        "splits every row (32: q8_0, q5_0, q4_0).", output=BYTES_IF_SET, survey=False, commands=EVERY_COMMAND)
+        DEFAULT_ROW_MULTIPLE, "Keep neuron counts and query heads x head_dim multiples of M in every block, so a "
+        "quantized GGUF type splits every row (32: q8_0, q5_0, q4_0). 1: off. Left at the default, a model that "
+        "cannot meet it is cut as with 1 (a log line says why).", output=BYTES_IF_SET, survey=False,
+        commands=EVERY_COMMAND)
     calibrate_on: str = option(  # block i+1's calibration inputs: outputs of the pruned or the dense block i
         "pruned", "Calibrate block i+1 on the outputs of the pruned or the dense block i.", survey=False,
         kind="choice", choices=("pruned", "dense"))
@@ -243,7 +248,8 @@ class RunConfig:
         fp = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name in NOT_FINGERPRINTED or f.name in FINGERPRINTED_WHEN_SET and v == f.default:
+            if f.name in NOT_FINGERPRINTED or f.name in FINGERPRINTED_WHEN_SET and v == FORMER_DEFAULTS.get(
+                    f.name, f.default):
                 continue
             fp[f.name] = str(Path(v).resolve()) if isinstance(v, Path) else v
         if self.calib is not None or self.calib_dataset is not None:
@@ -265,3 +271,6 @@ def output_role(f: dataclasses.Field) -> str:
 NOT_FINGERPRINTED = tuple(f.name for f in dataclasses.fields(RunConfig) if output_role(f) == NO_BYTES)
 FINGERPRINTED_WHEN_SET = tuple(f.name for f in dataclasses.fields(RunConfig) if output_role(f) == BYTES_IF_SET)
 SURVEY_FREE = tuple(f.name for f, o in options_of() if o.output != NO_BYTES and not o.survey)
+# BYTES_IF_SET options whose default changed: left out of the fingerprint at the value they had when journals
+# were first written (a journal of --row-multiple 1 resumes; one of 1 never resumes into the default 32)
+FORMER_DEFAULTS = {"row_multiple": 1}

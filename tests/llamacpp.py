@@ -78,3 +78,17 @@ class LlamaCpp:
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())["tokens"]
+
+
+def loader_gap(folder, gguf, ids: list[int]) -> float:
+    """The largest difference between llama.cpp's log-probability of each of `ids` (the GGUF file,
+    exactly) and streamprune.load_pretrained's (the folder it was exported from, in float32)."""
+    import torch
+
+    from streamprune import load_pretrained
+    with torch.no_grad():
+        ref = load_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits[0].log_softmax(-1)
+    want = ref[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    with llama_cpp(gguf) as llm:
+        got = torch.tensor(llm.logprobs(ids))
+    return float((got - want).abs().max())

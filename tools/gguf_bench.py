@@ -10,7 +10,9 @@ and given a fresh prompt of --prompt tokens (prompt processing, tokens/s) and as
 greedy tokens (decoding, tokens/s), from llama.cpp's own timings; the median of the repeats is
 reported with its ratio to the first model of the same type. Perplexity: llama.cpp's, with its
 default settings, over --windows windows of --seq-len tokens of --text (the windows of
-`streamprune eval --seq-len`), next to streamprune's own on the same windows.
+`streamprune eval --seq-len`), next to streamprune's own on the same windows (--windows 0: none).
+For the quantized types, the block matrices left in another type (rows the type's blocks do not
+split) are counted.
 
 The ceiling: decoding reads every matrix once per token, so its speed-up can at best be the ratio
 of the matrices' bytes (the embedding table excluded: one row per token); prompt processing is
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -56,6 +59,13 @@ def matrix_bytes(gguf: Path) -> int:
     return total
 
 
+def block_matrices_not_in(gguf: Path, kind: str) -> int:
+    """How many of the blocks' matrices are not in GGML type `kind` (left in F16 by the export)."""
+    from gguf import GGUFReader
+    return sum(1 for t in GGUFReader(str(gguf)).tensors
+               if t.name.startswith("blk.") and len(t.shape) == 2 and t.tensor_type.name != kind.upper())
+
+
 def speed(gguf: Path, prompt: list[int], decode: int, threads: int) -> tuple[float, float]:
     with llama_cpp(gguf, n_ctx=len(prompt) + decode + 8, threads=threads, exact=False) as llm:
         c = llm.server.handle_completions({"prompt": prompt, "n_predict": decode, "temperature": 0,
@@ -90,15 +100,18 @@ def main() -> None:
     files = {(name, kind): export(folder, kind, args.work) for kind in args.types for name, folder in models}
     results = {}
     for (name, kind), gguf in files.items():
-        t0 = time.time()
-        with llama_cpp(gguf, n_ctx=args.seq_len + 8, threads=2, exact=False) as llm:
-            ppl = llm.perplexity(windows)
+        t0, ppl = time.time(), float("nan")
+        if args.windows:
+            with llama_cpp(gguf, n_ctx=args.seq_len + 8, threads=2, exact=False) as llm:
+                ppl = llm.perplexity(windows)
         results[(name, kind)] = {"model": name, "type": kind, "file": str(gguf), "file_bytes": gguf.stat().st_size,
                                  "matrix_bytes": matrix_bytes(gguf), "ppl_llama_cpp": round(ppl, 4),
+                                 "block_matrices_not_in_type": block_matrices_not_in(gguf, kind),
                                  "ppl_seconds": round(time.time() - t0, 1), "prompt_tps": [], "decode_tps": []}
-        print(f"{name} {kind}: perplexity {ppl:.4f}", flush=True)
+        print(f"{name} {kind}: perplexity {ppl:.4f}, {results[(name, kind)]['block_matrices_not_in_type']} block "
+              f"matrices not in {kind}", flush=True)
     for name, folder in models:
-        ours = perplexity(folder, args.text, args.seq_len, max_windows=args.windows).ppl
+        ours = perplexity(folder, args.text, args.seq_len, max_windows=args.windows).ppl if args.windows else math.nan
         for kind in args.types:
             results[(name, kind)]["ppl_streamprune"] = round(ours, 4)
     for rep in range(args.repeats):
@@ -120,7 +133,7 @@ def main() -> None:
         print(f"{name:>8} {kind:>5}: {r['file_bytes'] / 2**20:8.1f} MiB  ppl {r['ppl_llama_cpp']:8.3f} "
               f"(streamprune {r['ppl_streamprune']:.3f})  prompt {r['prompt_tps_median']:7.1f} tok/s "
               f"x{r['prompt_speedup']:.2f}  decode {r['decode_tps_median']:6.1f} tok/s x{r['decode_speedup']:.2f}  "
-              f"ceiling x{r['ceiling']:.2f}")
+              f"ceiling x{r['ceiling']:.2f}  {r['block_matrices_not_in_type']} block matrices not in {kind}")
     report = {"threads": args.threads, "prompt_tokens": args.prompt, "decode_tokens": args.decode,
               "repeats": args.repeats, "text": str(args.text), "seq_len": args.seq_len, "windows": args.windows,
               "results": rows}

@@ -33,13 +33,35 @@ class Family:
     # the family a pruned config is written as when this one's config class refuses a head count
     # (LlamaConfig wants hidden_size % num_attention_heads == 0; Mistral computes the same block)
     written_as: str | None = None
+    # vLLM's own class of the family takes head_dim as hidden_size / heads (Qwen2), so a block that lost
+    # heads needs streamprune's class there (per_block_architecture) even when every block has one shape
+    vllm_head_dim_from_hidden: bool = False
+
+    @property
+    def per_block_architecture(self) -> str:
+        """config.json's `architectures` entry for an output whose blocks differ in shape: a class that
+        streamprune's vLLM plugin registers (output/vllm_plugin.py), which builds each layer from its own
+        config. Stock loaders build models from model_type, so they still refuse such a folder loudly."""
+        return f"StreamPrune{self.prefix}ForCausalLM"
+
+    def output_architecture(self, config: dict) -> str:
+        """config.json's `architectures` entry for a pruned config of this family: the stock class when
+        every block has one shape that vLLM's own class builds, else per_block_architecture."""
+        heads_fill_hidden = config["num_attention_heads"] * config["head_dim"] == config["hidden_size"]
+        stock = "per_layer_config" not in config and (heads_fill_hidden or not self.vllm_head_dim_from_hidden)
+        return self.architecture_name if stock else self.per_block_architecture
+
+    @property
+    def architecture_name(self) -> str:
+        """config.json's `architectures` entry for one shape in every block: the family's stock class."""
+        return f"{self.prefix}ForCausalLM"
 
 
 FAMILIES = {
     "llama": Family("llama", "Llama", bias_keys=(("attention", "attention_bias"), ("mlp", "mlp_bias")),
                     written_as="mistral"),
     "mistral": Family("mistral", "Mistral", sliding_window_everywhere=True),
-    "qwen2": Family("qwen2", "Qwen2", qkv_bias=True),
+    "qwen2": Family("qwen2", "Qwen2", qkv_bias=True, vllm_head_dim_from_hidden=True),
     "qwen3": Family("qwen3", "Qwen3", qk_norm=True, bias_keys=(("attention", "attention_bias"),)),
 }
 

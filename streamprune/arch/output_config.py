@@ -24,11 +24,10 @@ def pruned_config(config: dict, n_heads: int, n_kv: int, intermediate: int, bias
     out.update(num_attention_heads=n_heads, num_key_value_heads=n_kv, intermediate_size=intermediate)
     if out["hidden_size"] % n_heads:
         write_as_other_family(out, f"{n_heads} heads do not divide hidden_size {out['hidden_size']}")
+    out["architectures"] = [FAMILIES[out["model_type"]].output_architecture(out)]
     add_bias_keys(out, biases)
     hf_config(out)  # raises if transformers would refuse it
     return out
-
-
 
 
 def heterogeneous_config(config: dict, per_layer: list[dict | None], biases=()) -> dict:
@@ -104,6 +103,9 @@ def _per_layer_config(config: dict, shapes: list[tuple[int, int, int]], biases) 
     out["per_layer_config"] = {str(j).zfill(width): o for j, o in overrides.items()}
     if any("num_attention_heads" in o for o in overrides.values()):
         write_as_other_family(out, "the head count differs per block")
+    # a class only streamprune's vLLM plugin registers: engines that build every layer from the global
+    # sizes refuse the folder by name instead of meeting tensors of other shapes
+    out["architectures"] = [FAMILIES[out["model_type"]].output_architecture(out)]
     add_bias_keys(out, biases)
     return out
 
@@ -132,7 +134,7 @@ def write_as_other_family(out: dict, why: str) -> None:
                                "count a divisor of hidden_size and the same in every block")
     for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
         out.pop(key, None)
-    out.update(model_type=other, architectures=[f"{FAMILIES[other].prefix}ForCausalLM"], sliding_window=None)
+    out.update(model_type=other, architectures=[FAMILIES[other].architecture_name], sliding_window=None)
 
 
 def family_change(config: dict, out: dict) -> str | None:

@@ -25,7 +25,14 @@ from ..errors import StreamPruneError
 from ..output.model_card import base_model_name, write_card
 from ..planning.advice import refusal
 from ..planning.plan import Plan, plan_run
-from ..planning.validate import check_folders, check_free_disk, check_paths, check_sparsity, check_writable
+from ..planning.validate import (
+    check_folders,
+    check_free_disk,
+    check_paths,
+    check_sparsity,
+    check_writable,
+    fit_row_multiple,
+)
 from ..pruning.allocation import allocate
 from ..pruning.numerics import GramPlacement
 from ..pruning.ranks import Ranks
@@ -140,6 +147,7 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
     t0 = time.time()
     check_before_model(cfg)  # (its check_paths covers the model folder: open_model refuses anything else)
     model = open_model(cfg.shards)
+    cfg, rows_note, rows_lost = fit_row_multiple(cfg, model.arch)  # the default never refuses a model
     check_cache_folder(cache_folder_of(cfg, ranks), cfg.out)
     check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
     compensation = cfg.compensation
@@ -154,6 +162,8 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
     # the fixed rule's shape: a model that cannot be written fails now (blocks of one shape only)
     rule = rule_shape(model, cfg.sparsity, compensation.needs_biases, cfg.alignment) if model.arch.uniform else None
     with held_records() as early:  # what the checks say goes into the log file too
+        if rows_note:  # in the log file; on the terminal too where the output loses something by it
+            (log.warning if rows_lost else log.info)("%s", rows_note, extra={} if rows_lost else FILE_ONLY)
         cfg, tokens = calibration_tokens(cfg, model)
     if cfg.samples < ranks.world:  # (after the windows are fitted to the text: there may be fewer)
         fitted = " (what the calibration text holds)" if "samples" in cfg.adaptable else ""

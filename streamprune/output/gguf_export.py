@@ -1,16 +1,19 @@
 """Any model folder streamprune reads or writes, as one GGUF file llama.cpp runs.
 
-A stock shape is written as the family's own llama.cpp architecture (`llama` for Llama and
-Mistral, `qwen2`, `qwen3`), as llama.cpp's converter writes it. Blocks of different shapes are
-written as `deci` (the architecture of NVIDIA's Nemotron-NAS models), which builds every layer with
-its own head, KV-head and neuron counts (`head_count`, `head_count_kv`, `feed_forward_length` as
-per-layer arrays). What llama.cpp cannot run exactly is refused before anything is written.
+A model is written as the family's own llama.cpp architecture (`llama` for Llama and Mistral, `qwen2`,
+`qwen3`), as llama.cpp's converter writes it, where that architecture holds its shapes and tensors;
+else as `deci` (the architecture of NVIDIA's Nemotron-NAS models), which builds every layer with its
+own head, KV-head and neuron counts (`head_count`, `head_count_kv`, `feed_forward_length` as per-layer
+arrays); what neither runs exactly is refused before anything is written (gguf_archs.py). Values a
+type cannot hold (beyond f16's range) keep that tensor in F32; NaN or inf is refused.
 
 Memory: one tensor at a time (the embedding and lm_head in chunks of rows), never the model.
-The file appears under its name only when complete (written beside it, then renamed)."""
+The file appears under its name only when complete (written beside it, then renamed), and only a
+GGUF file is ever replaced (gguf_target.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -25,7 +28,10 @@ from ..arch.model import open_model
 from ..arch.spec import EMBED, FINAL_NORM, LM_HEAD, Architecture, BlockSpec
 from ..config import GGUF_TYPES
 from ..errors import StreamPruneError
+from ..store.faults import fault_point
 from ..store.fsutil import fsync_dir
+from .gguf_archs import STOCK, WORKS, LlamaCppArch, choose
+from .gguf_target import check_target, partial_path
 from .gguf_vocab import GGUFVocab, read_vocab
 
 CHUNK_ELEMENTS = 16 * 2**20  # rows of the embedding and lm_head converted at a time
@@ -35,13 +41,11 @@ TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q
          "q5_0": ("Q5_0", 8), "q4_0": ("Q4_0", 2)}
 assert tuple(TYPES) == GGUF_TYPES
 SMALL_TYPES = ("q5_0", "q4_0")  # below 8 bits: lm_head stays q8_0, as llama.cpp's own recipes keep it higher
-
-# families -> llama.cpp architecture of a stock shape; whether that architecture applies rotary
-# embeddings to adjacent pairs (llama.cpp's "normal" rope: q/k rows are permuted from transformers'
-# half-split layout, as llama.cpp's converter does)
-STOCK_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-PAIRED_ROPE = {"llama", "deci"}
-PER_LAYER_ARCH = "deci"
+# the largest |value| each type holds: f16's 65504, times the largest quantized integer for the types whose
+# blocks keep an f16 scale
+LARGEST = {"F16": 65504.0, "Q8_0": 65504.0 * 127, "Q5_0": 65504.0 * 16, "Q4_0": 65504.0 * 8}
+ROW_ADVICE = ("to quantize every matrix: prune with --row-multiple 32 (the default of streamprune run), which keeps "
+              "neuron counts and query heads x head_dim multiples of 32")
 
 GGUF_NAMES = {
     "attn_norm": "attn_norm.weight", "q": "attn_q.weight", "k": "attn_k.weight", "v": "attn_v.weight",
@@ -50,8 +54,6 @@ GGUF_NAMES = {
     "mlp_norm": "ffn_norm.weight", "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
     "gate_bias": "ffn_gate.bias", "up_bias": "ffn_up.bias", "down_bias": "ffn_down.bias",
 }
-WORKS = ("exported: Llama, Mistral and Qwen2 of any shape (per-block shapes as llama.cpp's 'deci'), Qwen3 with one "
-         "shape for every block")
 
 
 @dataclass(frozen=True)
@@ -74,22 +76,28 @@ class ExportResult:
     bytes: int
     fallbacks: list[tuple[str, str, str]]  # (tensor, type written, why)
 
+    @property
+    def advice(self) -> str | None:
+        """How to avoid the fallbacks of rows a quantized type cannot split, when there are some."""
+        return ROW_ADVICE if any("do not split" in why for _, _, why in self.fallbacks) else None
 
-def gguf_architecture(arch: Architecture) -> str:
+
+class OutOfRange(Exception):
+    """A tensor holds values its GGML type cannot (the export starts over with it in F32)."""
+
+    def __init__(self, name: str, largest: float):
+        super().__init__(name)
+        self.name, self.largest = name, largest
+
+
+def gguf_architecture(arch: Architecture, rope_factors: bool = False) -> LlamaCppArch:
     """The llama.cpp architecture that computes this model exactly, or a one-line refusal."""
-    model_type = arch.model_type
     for i, b in enumerate(arch.blocks):
         window = arch.config.get("max_position_embeddings") or 0
         if b.sliding_window is not None and b.sliding_window < window:
             raise StreamPruneError(f"block {i} attends within a sliding window of {b.sliding_window} tokens; "
-                                   f"llama.cpp's {STOCK_ARCH[model_type]} attends to all; {WORKS}")
-    if arch.uniform:
-        return STOCK_ARCH[model_type]
-    if arch.blocks[0].qk_norm:
-        raise StreamPruneError("a Qwen3 whose blocks have different shapes cannot be exported: llama.cpp's only "
-                               "architecture with per-layer shapes (deci) has no q/k norms; prune it with "
-                               f"--allocation uniform; {WORKS}")
-    return PER_LAYER_ARCH
+                                   f"llama.cpp's {STOCK[arch.model_type]} attends to all; {WORKS}")
+    return choose(arch, rope_factors)
 
 
 def rope_scaling(config: dict, head_dim: int) -> tuple[float, torch.Tensor | None]:
@@ -140,7 +148,7 @@ def tensor_type(name: str, shape: tuple[int, ...], wanted: str) -> tuple[str, st
     return ggml, why
 
 
-def plan_tensors(model, gguf_arch: str, wanted: str, factors: torch.Tensor | None) -> list[Tensor]:
+def plan_tensors(model, gguf_arch: LlamaCppArch, wanted: str, factors: torch.Tensor | None) -> list[Tensor]:
     """Every tensor of the file in order, with its type; `factors`: rope_scaling's rope_freqs."""
     arch, index = model.arch, model.index
     tensors: list[Tensor] = []
@@ -151,15 +159,12 @@ def plan_tensors(model, gguf_arch: str, wanted: str, factors: torch.Tensor | Non
 
     add("token_embd.weight", index.tensors[EMBED].shape, lambda: index.row_chunks(EMBED, CHUNK_ELEMENTS))
     if factors is not None:
-        if gguf_arch not in PAIRED_ROPE:
-            raise StreamPruneError(f"rope_type {rope_type(hf_config(arch.config))!r} on a {arch.model_type}: "
-                                   f"llama.cpp's {gguf_arch} takes no frequency factors; {WORKS}")
         add("rope_freqs.weight", factors.shape, lambda: iter([factors]))
     for i, block in enumerate(arch.blocks):
         for short in block.tensor_names():
             name = arch.layer_tensor(i, short)
             add(f"blk.{i}.{GGUF_NAMES[short]}", index.tensors[name].shape,
-                _block_reader(index, name, short, block, gguf_arch in PAIRED_ROPE))
+                _block_reader(index, name, short, block, gguf_arch.paired_rope))
     add("output_norm.weight", index.tensors[FINAL_NORM].shape, lambda: iter([index.load({"w": FINAL_NORM})["w"]]))
     if not arch.tied:
         add("output.weight", index.tensors[LM_HEAD].shape, lambda: index.row_chunks(LM_HEAD, CHUNK_ELEMENTS))
@@ -177,18 +182,18 @@ def _block_reader(index, name: str, short: str, block: BlockSpec, paired: bool):
     return read
 
 
-def metadata(writer, arch: Architecture, gguf_arch: str, vocab: GGUFVocab, wanted: str, name: str,
+def metadata(writer, arch: Architecture, gguf_arch: LlamaCppArch, vocab: GGUFVocab, wanted: str, name: str,
              factor: float) -> None:
     """The file's key-values; `factor`: rope_scaling's linear factor."""
     from gguf import GGUFValueType
     blocks = arch.blocks
-    per_layer = gguf_arch == PER_LAYER_ARCH
+    per_layer = gguf_arch.per_layer_shapes
 
     def each(f):
         values = [int(f(b)) for b in blocks]
         return values if per_layer else values[0]
 
-    a = gguf_arch
+    a = gguf_arch.name
     writer.add_string("general.type", "model")
     writer.add_string("general.name", name)
     writer.add_uint32("general.quantization_version", 2)
@@ -233,14 +238,22 @@ def tokenizer_metadata(writer, vocab: GGUFVocab) -> None:
         writer.add_uint32(f"tokenizer.ggml.{dict(pad='padding', unk='unknown').get(key, key)}_token_id", i)
     writer.add_bool("tokenizer.ggml.add_bos_token", vocab.add_bos)
     writer.add_bool("tokenizer.ggml.add_eos_token", vocab.add_eos)
+    if vocab.add_space_prefix is not None:
+        writer.add_bool("tokenizer.ggml.add_space_prefix", vocab.add_space_prefix)
     if vocab.chat_template:
         writer.add_string("tokenizer.chat_template", vocab.chat_template)
 
 
-def encode(chunk: torch.Tensor, ggml: str) -> np.ndarray:
-    """Rows in GGML type `ggml`, as the bytes (or floats) the file holds."""
+def encode(chunk: torch.Tensor, ggml: str, name: str = "") -> np.ndarray:
+    """Rows in GGML type `ggml`, as the bytes (or floats) the file holds. NaN or inf is refused; values
+    beyond what the type holds raise OutOfRange (never written as inf)."""
     from gguf import GGMLQuantizationType, quants
     x = chunk.detach().to(torch.float32).contiguous().numpy()
+    if not np.isfinite(x).all():
+        raise StreamPruneError(f"{name} holds NaN or inf values; llama.cpp would compute garbage from them")
+    largest = float(np.abs(x).max(initial=0.0))
+    if largest > LARGEST.get(ggml, math.inf):
+        raise OutOfRange(name, largest)
     if ggml == "F32":
         return x
     if ggml == "F16":
@@ -255,31 +268,42 @@ def nbytes(shape: tuple[int, ...], ggml: str) -> int:
 
 
 def export_gguf(folder: Path, out: Path, wanted: str = "f16", progress: Callable[[int], None] | None = None,
-                on_total: Callable[[int], None] | None = None) -> ExportResult:
-    """Write the model in `folder` to the GGUF file `out` in type `wanted` (TYPES)."""
+                on_total: Callable[[int], None] | None = None,
+                notify: Callable[[str], None] | None = None) -> ExportResult:
+    """Write the model in `folder` to the GGUF file `out` in type `wanted` (TYPES); `notify(line)` is
+    told when an existing GGUF file is replaced or an interrupted export's file removed."""
     if wanted not in TYPES:
         raise StreamPruneError(f"unknown --type {wanted!r}; one of {', '.join(TYPES)}")
-    out = Path(out)
-    if out.is_dir():
-        raise StreamPruneError(f"--gguf {out} is a folder; give a file name, e.g. {out / 'model.gguf'}")
-    if not out.parent.is_dir():
-        raise StreamPruneError(f"--gguf: folder {out.parent} does not exist")
+    target = check_target(Path(out), Path(folder))
+    out, notify = target.path, notify or (lambda line: None)
     model = open_model(folder)
-    gguf_arch = gguf_architecture(model.arch)
-    vocab = read_vocab(model.folder, model.arch.vocab)
     factor, factors = rope_scaling(model.arch.config, model.arch.blocks[0].head_dim)
+    gguf_arch = gguf_architecture(model.arch, factors is not None)
+    vocab = read_vocab(model.folder, model.arch.vocab)
     tensors = plan_tensors(model, gguf_arch, wanted, factors)
     if on_total:
         on_total(len(tensors))
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        _write(partial, model.arch, gguf_arch, vocab, wanted, tensors, Path(folder).resolve().name, factor, progress)
-        os.replace(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    partial = partial_path(out)
+    if target.stale_partial:
+        target.stale_partial.unlink()
+        notify(f"removed {target.stale_partial.name}, left by an export that was interrupted")
+    if target.replaces:
+        notify(f"replacing the existing GGUF file {out}")
+    while True:
+        try:
+            _write(partial, model.arch, gguf_arch, vocab, wanted, tensors, Path(folder).resolve().name, factor,
+                   progress)
+            os.replace(partial, out)
+            break
+        except OutOfRange as e:  # start over with that tensor in F32 (rare: found only while writing)
+            partial.unlink(missing_ok=True)
+            tensors = [dataclasses.replace(t, ggml_type="F32", fallback=f"values up to {e.largest:.4g} are beyond "
+                                           f"{t.ggml_type}'s range") if t.name == e.name else t for t in tensors]
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
     fsync_dir(out.parent)
-    return ExportResult(path=out, architecture=gguf_arch, ggml_type=TYPES[wanted][0], tensors=len(tensors),
+    return ExportResult(path=out, architecture=gguf_arch.name, ggml_type=TYPES[wanted][0], tensors=len(tensors),
                         bytes=out.stat().st_size,
                         fallbacks=[(t.name, t.ggml_type, t.fallback) for t in tensors if t.fallback])
 
@@ -287,7 +311,7 @@ def export_gguf(folder: Path, out: Path, wanted: str = "f16", progress: Callable
 def _write(path: Path, arch, gguf_arch: str, vocab, wanted: str, tensors: list[Tensor], name: str, factor: float,
            progress) -> None:
     from gguf import GGMLQuantizationType, GGUFWriter
-    writer = GGUFWriter(path, gguf_arch)
+    writer = GGUFWriter(path, gguf_arch.name)
     metadata(writer, arch, gguf_arch, vocab, wanted, name, factor)
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(t.shape, t.ggml_type),
@@ -301,9 +325,10 @@ def _write(path: Path, arch, gguf_arch: str, vocab, wanted: str, tensors: list[T
             writer.write_padding(f, f.tell())
             written = 0
             for chunk in t.read():
-                data = encode(chunk, t.ggml_type)
+                data = encode(chunk, t.ggml_type, t.name)
                 data.tofile(f)
                 written += data.nbytes
+                fault_point("gguf_mid_write")
             if written != nbytes(t.shape, t.ggml_type):
                 raise AssertionError(f"{t.name}: wrote {written} bytes, planned {nbytes(t.shape, t.ggml_type)}")
             if progress:

@@ -1,12 +1,17 @@
-"""A model folder's tokenizer as llama.cpp's GGUF tokenizer fields, read from tokenizer.json (no
-tokenizer code runs). Two kinds are supported, those of the Llama-family models:
+"""A model folder's tokenizer as llama.cpp's GGUF tokenizer fields: tokenizer.json as transformers
+uses it (its tokenizer class may set the pre-tokenizer from tokenizer_config.json, e.g. LlamaTokenizer's
+add_prefix_space and legacy; the backend's own JSON says what it does), no code from the folder run.
+Two kinds are supported, those of the Llama-family models:
 
 - byte-level BPE (GPT-2 style: Llama 3, Qwen2/Qwen3, SmolLM): model `gpt2` with the merges and a
   pre-tokenizer name llama.cpp knows, found from the tokenizer's own pre-tokenizer (its regex);
 - SentencePiece-style BPE (Llama 2, Mistral, llama2.c: `▁` for spaces, byte fallback): model
   `llama` with scores. llama.cpp merges the adjacent pair whose result scores highest; a token's
-  score is minus the rank of the merge that makes it, so that is BPE's own order.
+  score is minus the rank of the merge that makes it, so that is BPE's own order. Whether a space
+  goes in front of the text (`add_space_prefix`) follows the tokenizer's Prepend normalizer or its
+  Metaspace `prepend_scheme`; llama.cpp applies no other normalization.
 
+BOS and EOS: whether the tokenizer adds them, and their ids, are read from what it does to a text.
 Anything else is refused in one line naming what works."""
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..arch.calibration import bos_id, load_tokenizer
+from ..arch.calibration import load_tokenizer
 from ..errors import StreamPruneError
 from ..store.shards import is_input_file, read_json
 
@@ -49,6 +54,7 @@ class GGUFVocab:
     special: dict[str, int] = field(default_factory=dict)  # bos, eos, unk, pad -> id
     add_bos: bool = False
     add_eos: bool = False
+    add_space_prefix: bool | None = None  # SentencePiece style only: a space in front of the text
     chat_template: str | None = None
 
 
@@ -59,7 +65,8 @@ def read_vocab(folder: Path, vocab_size: int) -> GGUFVocab:
     if not is_input_file(path):
         raise StreamPruneError(f"no tokenizer.json in {folder}: llama.cpp needs the tokenizer in the GGUF file "
                                f"({SUPPORTED})")
-    tok = read_json(path, f"{path} is not valid JSON")
+    tokenizer = load_tokenizer(Path(folder))
+    tok = effective_json(tokenizer) or read_json(path, f"{path} is not valid JSON")
     config = _tokenizer_config(folder)
     model = tok.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
@@ -71,13 +78,29 @@ def read_vocab(folder: Path, vocab_size: int) -> GGUFVocab:
     else:
         vocab = _byte_level_bpe(tok, ids, merges, path)
     vocab.special = _special_ids(config, ids)
-    vocab.add_bos = bos_id(load_tokenizer(Path(folder))) is not None
-    vocab.add_eos = bool(config.get("add_eos_token", False))
+    bos, eos = added_special_ids(tokenizer)
+    vocab.add_bos, vocab.add_eos = bos is not None, eos is not None
+    vocab.special.update({k: i for k, i in (("bos", bos), ("eos", eos)) if i is not None})
     template = config.get("chat_template")
     if template is None and is_input_file(Path(folder) / "chat_template.jinja"):
         template = (Path(folder) / "chat_template.jinja").read_text(encoding="utf-8")
     vocab.chat_template = template if isinstance(template, str) else None
     return vocab
+
+
+def effective_json(tokenizer) -> dict | None:
+    """tokenizer.json as the loaded tokenizer runs it (None when it has no `tokenizers` backend)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return json.loads(backend.to_str()) if backend is not None else None
+
+
+def added_special_ids(tokenizer) -> tuple[int | None, int | None]:
+    """(the id the tokenizer puts in front of every text, the one it puts after it), as it tokenizes a
+    text; None where it adds none."""
+    plain, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    before, after = full[:start], full[start + len(plain):]
+    return (before[0] if len(before) == 1 else None), (after[0] if len(after) == 1 else None)
 
 
 def _tokenizer_config(folder: Path) -> dict:
@@ -143,19 +166,42 @@ def _pre_tokenizer_name(pre: dict | None, path: Path) -> str:
                            f"({json.dumps(pre)[:120]}); supported: {SUPPORTED}")
 
 
+SPACE = "\u2581"  # SentencePiece's '▁'
+PREPEND = {"type": "Prepend", "prepend": SPACE}
+SPACES = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+
+
 def _sentencepiece_bpe(tok: dict, ids, merges: list[str], path: Path) -> GGUFVocab:
-    pre = tok.get("pre_tokenizer") or {}
-    normalizer = tok.get("normalizer") or {}
-    metaspace = pre.get("type") == "Metaspace" or normalizer.get("type") in ("Sequence", "Replace", "Prepend")
-    if not metaspace:
-        raise StreamPruneError(f"{path}: a byte-fallback BPE without SentencePiece's '▁' spaces cannot be exported; "
-                               f"supported: {SUPPORTED}")
     tokens, types = _types(ids, byte_tokens=True)
     made_by = {}
     for rank, merge in enumerate(merges):
         made_by.setdefault(merge.replace(" ", ""), rank)
     scores = [-float(made_by[t]) - 1.0 if t in made_by else 0.0 for t in tokens]
-    return GGUFVocab(model="llama", pre="default", tokens=tokens, types=types, scores=scores)
+    return GGUFVocab(model="llama", pre="default", tokens=tokens, types=types, scores=scores,
+                     add_space_prefix=sentencepiece_space_prefix(tok, path))
+
+
+def sentencepiece_space_prefix(tok: dict, path: Path) -> bool:
+    """Whether a SentencePiece-style tokenizer puts '▁' in front of the text: its normalizer may only be
+    SentencePiece's own (Prepend '▁', spaces replaced by '▁'), its pre-tokenizer Metaspace or none."""
+    normalizer = tok.get("normalizer") or {}
+    steps = [normalizer] if normalizer else []
+    if normalizer.get("type") == "Sequence":
+        steps = normalizer.get("normalizers") or []
+    other = [s.get("type") for s in steps if s not in (PREPEND, SPACES)]
+    if other:
+        raise StreamPruneError(f"{path}: the normalizer ({', '.join(map(str, other))}) is not SentencePiece's, and "
+                               f"llama.cpp applies none; supported: {SUPPORTED}")
+    pre = tok.get("pre_tokenizer") or {}
+    if pre and (pre.get("type") != "Metaspace" or pre.get("replacement", SPACE) != SPACE):
+        raise StreamPruneError(f"{path}: a byte-fallback BPE whose pre-tokenizer is {pre.get('type')!r} cannot be "
+                               f"exported; supported: {SUPPORTED}")
+    if not pre and SPACES not in steps:
+        raise StreamPruneError(f"{path}: a byte-fallback BPE without SentencePiece's '▁' spaces cannot be exported; "
+                               f"supported: {SUPPORTED}")
+    if PREPEND in steps:
+        return True
+    return bool(pre) and pre.get("prepend_scheme", "always") in ("first", "always")
 
 
 def _special_ids(config: dict, ids) -> dict[str, int]:

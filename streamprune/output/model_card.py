@@ -47,12 +47,26 @@ def model_card(report: dict, config: dict, base_model: str) -> str:
         lines += ["Every block has the same shape: a stock config.", "",
                   "```python", "from transformers import AutoModelForCausalLM",
                   "model = AutoModelForCausalLM.from_pretrained(\"THIS_FOLDER\")", "```"]
+    lines += ["", *vllm_lines(config, args.get("multiple_of", 1))]
     lines += ["", "For llama.cpp (and the engines built on it), write a GGUF file"
               + (" (per-block shapes use llama.cpp's `deci` architecture):" if per_layer else ":"), "",
               "```bash",
               "streamprune export THIS_FOLDER --gguf model.gguf --type q8_0   # f32, f16, bf16, q8_0, q5_0, q4_0",
               "```", ""]
     return "\n".join(lines)
+
+
+def vllm_lines(config: dict, multiple_of: int) -> list[str]:
+    """How to serve the output in vLLM: its own classes, or (per-block shapes, architectures naming
+    StreamPrune...) the ones streamprune's plugin registers when installed beside vLLM."""
+    plugin = config["architectures"][0].startswith("StreamPrune")
+    lines = ["In vLLM" + (f" (its blocks need `{config['architectures'][0]}`, which streamprune registers in vLLM "
+                          "when installed in vLLM's environment: `pip install streamprune`):" if plugin else ":"), "",
+             "```bash", "vllm serve THIS_FOLDER   # Python: vllm.LLM(model=\"THIS_FOLDER\")", "```"]
+    if multiple_of > 1:
+        lines += ["", f"Every block splits over {multiple_of} GPUs, or any divisor of {multiple_of} "
+                      f"(`--tensor-parallel-size {multiple_of}`)."]
+    return lines
 
 
 def _counts(values) -> str:

@@ -19,7 +19,7 @@ from ..store.cache import run_cache_folder
 from ..store.journal import WORKDIR
 from .plan import USABLE, Plan, available_memory, largest, one_thread_passes, parse_bytes, plan_run, run_passes
 from .timing import GPUS, Gpu, TimeEstimate, estimate_time, find_gpu, gpus_with, run_work, speedup
-from .validate import check_sparsity, disk_needs, size_text
+from .validate import check_sparsity, disk_needs, fit_row_multiple, size_text
 
 ANY_GPU = 2**62  # the memory of a GPU of any size, to find what one needs
 MAX_ALTERNATIVES = 3  # method / compensation changes listed
@@ -193,6 +193,9 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         raise StreamPruneError("no CUDA GPU on this machine: describe the one to plan for with --max-memory "
                                f"(its memory, e.g. 24GiB) or --gpu NAME ({', '.join(GPUS)})")
     model = remote_model or open_model(cfg.shards)
+    cfg, rows_note, rows_lost = fit_row_multiple(cfg, model.arch)
+    rows_note = rows_note if rows_lost else None  # (as run: said only where the output loses something by it)
+    whole = dataclasses.replace(whole, row_multiple=cfg.row_multiple)
     check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
     fitted = None
     if cfg.calib is not None or cfg.calib_dataset is not None:  # the windows the run will use
@@ -249,7 +252,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         samples=whole.samples, seq_len=cfg.seq_len, out=str(cfg.out), cache_folder=str(cache_folder),
         disk=[dict(folder=str(d.folder), need_bytes=d.need_bytes, free_bytes=d.free_bytes, parts=list(d.parts),
                    fits=d.fits) for d in disk],
-        suggestions=[asdict(s) for s in advice], warnings=[w for w in (fitted, capped, warning) if w],
+        suggestions=[asdict(s) for s in advice], warnings=[w for w in (rows_note, fitted, capped, warning) if w],
         time=estimate.as_dict() if estimate else None, passes=passes, passes_without_head_cuts=fewest,
         estimated_seconds=round(estimate.seconds, 1) if estimate and estimate.seconds is not None else None,
         **parallel)

@@ -14,7 +14,7 @@ from ..arch.spec import BlockSpec
 from ..config import check_multiple_of_range, check_sparsity_range
 from ..pruning.selection import Alignment, attention_kept, head_layouts, ranked_layouts
 from ..pruning.shape import rule_shape
-from .validate import check_sparsity
+from .validate import check_sparsity, row_multiple_unmet
 
 RULE = ("attention keeps the GQA layout (KV groups x query heads per group) whose share of the attention weights "
         "is closest to 1 - sparsity (ties: more query heads); the MLP keeps as many neurons as make the block as a "
@@ -24,18 +24,23 @@ MEASURED = ("--allocation global (the default) and uniform choose the shapes fro
             "several sparsities without pruning (runs with --survey-from prune from it at any sparsity)")
 
 
-def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1, row_multiple: int = 1) -> dict:
+def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1, row_multiple: int = 1,
+             adaptable: tuple[str, ...] = ()) -> dict:
     """The model's shape and what the fixed rule (--allocation rule) would cut at `sparsity`, with
     the reasons; the measured allocations (uniform, global) decide only after the survey of a
     run. An input cut per block lists each block's shape, and has no fixed-rule plan. Refuses a
     sparsity that `run` would refuse, with the same check. `folder` may be a Model already opened
-    (hub.remote_model)."""
+    (hub.remote_model). `adaptable` ("row_multiple"): left at its default, fitted as run fits it."""
     check_sparsity_range(sparsity)
     check_multiple_of_range(multiple_of)
     check_multiple_of_range(row_multiple, "--row-multiple")
-    given, multiple_of = multiple_of, Alignment(gpus=multiple_of, rows=row_multiple)
     model = folder if isinstance(folder, Model) else open_model(folder)
     arch = model.arch
+    rows_note = None
+    if "row_multiple" in adaptable and row_multiple > 1:
+        rows_note = row_multiple_unmet(arch, sparsity, multiple_of, row_multiple)
+        row_multiple = 1 if rows_note else row_multiple
+    given, multiple_of = multiple_of, Alignment(gpus=multiple_of, rows=row_multiple)
     check_sparsity(arch, sparsity, multiple_of)
     b = arch.blocks[0]
     block_params = sum(x.n_params() for x in arch.blocks)
@@ -47,6 +52,7 @@ def describe(folder: Path | Model, sparsity: float, multiple_of: int = 1, row_mu
         "heads": per_block(lambda x: x.n_heads), "kv_heads": per_block(lambda x: x.n_kv), "head_dim": b.head_dim,
         "neurons": per_block(lambda x: x.intermediate), "vocab": arch.vocab, "dtype": "/".join(dtypes),
         "params": params, "block_params": block_params, "multiple_of": given, "row_multiple": row_multiple,
+        "row_multiple_note": rows_note,
         "plan": None,
         "measured_allocations": MEASURED,
         "output_family": output_family(arch.model_type, b, multiple_of) if arch.uniform else None,
@@ -110,6 +116,8 @@ def render_description(info: dict) -> str:
         lines.append(f"  (--row-multiple {info['row_multiple']}: neuron counts and query heads x head_dim "
                      f"{info['head_dim']} are multiples of {info['row_multiple']}, "
                      "so a quantized type splits every row)")
+    if info.get("row_multiple_note"):
+        lines.append(f"  (--row-multiple 1, not the default: {info['row_multiple_note']})")
     if pl["output_model_type_reason"]:
         lines.append(f"why {pl['output_model_type']}: {pl['output_model_type_reason']}")
     lines.append(f"{MEASURED}.")

@@ -3,6 +3,7 @@ NaN/Inf checks made on every block's weights after loading and on its outputs.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 
 from ..arch.spec import BlockSpec
 from ..errors import StreamPruneError
-from ..pruning.selection import aligned, attention_params, head_layouts, neuron_step
+from ..pruning.selection import Alignment, aligned, attention_params, head_layouts, neuron_step
 from ..store.journal import WORKDIR
 from ..store.shards import check_finite_tensor, first_bad_value
 
@@ -127,6 +128,36 @@ def check_sparsity(arch, sparsity: float, multiple_of: int = 1) -> None:
         kept = "every attention head of each block" if align.free else "more than each block's smallest aligned cut"
         raise StreamPruneError(f"--sparsity {sparsity} would remove {kept}; this model allows at most {most:.3f}"
                                + ("" if align.free else f" with {align.options()}"))
+
+
+def row_multiple_unmet(arch, sparsity: float, gpus: int, rows: int) -> str | None:
+    """Why this model cannot be cut with every row a multiple of `rows` (--row-multiple) at `sparsity`
+    (with --multiple-of `gpus`), or None when it can. A model whose own row lengths are not multiples of
+    `rows` gains nothing from it (its own matrices do not quantize whole)."""
+    own = sorted({n for b in arch.blocks for n in (b.intermediate, b.n_heads * b.head_dim) if n % rows})
+    if own:
+        return (f"the model's own neuron counts or query heads x head_dim ({', '.join(map(str, own[:3]))}) are "
+                f"not multiples of {rows}")
+    try:
+        check_sparsity(arch, sparsity, Alignment(gpus=gpus, rows=rows))
+    except StreamPruneError as e:
+        return str(e)
+    return None
+
+
+def fit_row_multiple(cfg, arch):
+    """(cfg, note, loss): --row-multiple left at its default (in cfg.adaptable) is kept where this model
+    meets it, else the run cuts as with --row-multiple 1 and the note says why; `loss` is whether that
+    costs the output anything (False where the model's own sizes do not quantize whole either). It
+    never refuses a run."""
+    if "row_multiple" not in cfg.adaptable or cfg.row_multiple == 1:
+        return cfg, None, False
+    why = row_multiple_unmet(arch, cfg.sparsity, cfg.multiple_of, cfg.row_multiple)
+    if why is None:
+        return cfg, None, False
+    note = (f"--row-multiple 1, not the default {cfg.row_multiple} (neuron counts and query heads x head_dim that "
+            f"quantized GGUF types split whole): {why}")
+    return dataclasses.replace(cfg, row_multiple=1), note, not why.startswith("the model's own")
 
 
 def existing_ancestor(folder: Path) -> Path:

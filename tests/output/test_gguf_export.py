@@ -19,8 +19,8 @@ from streamprune.engine.evaluate import eval_windows, perplexity
 from streamprune.errors import StreamPruneError
 from streamprune.output.gguf_export import export_gguf, permute_rotary, tensor_type
 from tests.harness import refused, run_cli
-from tests.llamacpp import llama_cpp
-from tests.models import SHARED, TINYSTORIES, save_tiny_model
+from tests.llamacpp import llama_cpp, loader_gap
+from tests.models import SHARED, TINYSTORIES, confident_model, save_tiny_model
 
 # The tests that run the GGUF file need llama.cpp (the xllamacpp wheel, in the test extra); the others do not.
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("xllamacpp") is None,
@@ -44,18 +44,6 @@ def prune(model: Path, out: Path, *extra) -> Path:
     return out
 
 
-def peaky_model(folder: Path, family: str, **extra) -> Path:
-    """A random model whose predictions are confident (lm_head scaled up), so that a wrong weight,
-    bias or rotary layout moves the log-probabilities far beyond the tolerance."""
-    save_tiny_model(folder, family, layers=3, tokenizer_from=DEMO, vocab=512, **extra)
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40)
-    model.save_pretrained(folder, max_shard_size="40KB")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """name -> (model folder, text): inputs and pruned outputs of every supported kind."""
@@ -63,13 +51,13 @@ def models(tmp_path_factory):
     out = {"demo dense (llama)": (DEMO, DEMO_TEXT),
            "demo global (deci)": (prune(DEMO, tmp / "demo-global"), DEMO_TEXT)}
     for family, extra in (("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": None})):
-        dense = peaky_model(tmp / family, family, **extra)
+        dense = confident_model(tmp / family, family, **extra)
         out[f"{family} global"] = (prune(dense, tmp / f"{family}-global"), DEMO_TEXT)
     out["llama uniform, mean compensation"] = (prune(tmp / "llama", tmp / "llama-mean", "--allocation", "uniform",
                                                      "--compensate", "mean"), DEMO_TEXT)
     out["llama global, mean compensation"] = (prune(tmp / "llama", tmp / "llama-mean-g", "--compensate", "mean"),
                                               DEMO_TEXT)
-    qwen3 = peaky_model(tmp / "qwen3", "qwen3")
+    qwen3 = confident_model(tmp / "qwen3", "qwen3")
     out["qwen3 uniform"] = (prune(qwen3, tmp / "qwen3-uniform", "--allocation", "uniform"), DEMO_TEXT)
     out["qwen2 dense"] = (tmp / "qwen2", DEMO_TEXT)
     if (KJV / "kjv-llama-6.8m").is_dir():
@@ -131,6 +119,7 @@ def test_types_people_deploy_load_and_stay_close(models, kind, tmp_path):
     assert r.returncode == 0, r.stderr
     if kind in ("q8_0", "q5_0", "q4_0"):  # the demo's per-block neuron counts are not multiples of 32
         assert "ffn_down.weight: F16 (rows of" in r.stdout
+        assert "to quantize every matrix: prune with --row-multiple 32" in r.stdout
     windows = eval_windows(tokenize_file(load_tokenizer(folder), text, special_tokens=True), WINDOW, max_windows=3)
     ours = perplexity(folder, text, WINDOW, max_windows=3).ppl
     with llama_cpp(gguf, exact=False) as llm:
@@ -166,7 +155,7 @@ def export_refused(folder: Path, tmp_path: Path, *words: str):
 
 @pytest.mark.slow
 def test_per_block_qwen3_is_refused(tmp_path):
-    qwen3 = peaky_model(tmp_path / "qwen3", "qwen3")
+    qwen3 = confident_model(tmp_path / "qwen3", "qwen3")
     export_refused(prune(qwen3, tmp_path / "q3"), tmp_path, "Qwen3", "--allocation uniform", "exported:")
 
 
@@ -206,23 +195,48 @@ def test_a_run_with_row_multiple_32_quantizes_every_matrix(tmp_path):
 @needs_llama_cpp
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_linear_rope_scaling_past_the_original_window(family, tmp_path):
-    """Linear scaling goes in as llama.cpp's rope.scaling.factor (llama3's as rope_freqs, above)."""
-    folder = peaky_model(tmp_path / family, family,
-                         rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    """Linear scaling goes in as llama.cpp's rope.scaling.factor (llama3's as rope_freqs, below)."""
+    folder = confident_model(tmp_path / family, family,
+                             rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
     assert cli("export", folder, "--gguf", tmp_path / "m.gguf", "--type", "f32", "--quiet").returncode == 0
     ids = tokenize_file(load_tokenizer(folder), DEMO_TEXT, special_tokens=True)[:160]
-    with torch.no_grad():
-        ref = load_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits[0].log_softmax(-1)
-    want = ref[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-    with llama_cpp(tmp_path / "m.gguf") as llm:
-        got = torch.tensor(llm.logprobs(ids))
-    assert (got - want).abs().max() < 1e-3
+    assert loader_gap(folder, tmp_path / "m.gguf", ids) < 1e-3
+
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
 @pytest.mark.slow
-def test_llama3_rope_on_a_qwen_is_refused(tmp_path):
-    qwen2 = save_tiny_model(tmp_path / "q", "qwen2", tokenizer_from=DEMO, vocab=512,
-                            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                             "original_max_position_embeddings": 64})
-    export_refused(qwen2, tmp_path, "rope_type 'llama3' on a qwen2", "takes no frequency factors")
+@needs_llama_cpp
+def test_llama3_rope_on_a_qwen2_goes_through_deci(tmp_path):
+    """llama.cpp's qwen2 takes no rope_freqs tensor; deci does, with Qwen2's biases."""
+    folder = confident_model(tmp_path / "q", "qwen2", rope_parameters=LLAMA3)
+    r = cli("export", folder, "--gguf", tmp_path / "m.gguf", "--type", "f32", "--quiet")
+    assert r.returncode == 0 and "architecture deci" in r.stdout, r.stdout + r.stderr
+    ids = tokenize_file(load_tokenizer(folder), DEMO_TEXT, special_tokens=True)[:160]
+    assert loader_gap(folder, tmp_path / "m.gguf", ids) < 1e-3
+
+
+@pytest.mark.slow
+def test_llama3_rope_on_a_qwen3_is_refused(tmp_path):
+    qwen3 = save_tiny_model(tmp_path / "q", "qwen3", tokenizer_from=DEMO, vocab=512, rope_parameters=LLAMA3)
+    export_refused(qwen3, tmp_path, "its qwen3 architecture takes no rotary frequency factors",
+                   "deci has no q/k norms")
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+@pytest.mark.parametrize("add_prefix_space", [True, False])
+def test_llama_cpp_tokenizes_as_transformers_with_or_without_the_space_prefix(tmp_path, add_prefix_space):
+    """The demo's SentencePiece-style tokenizer with tokenizer_config.json's add_prefix_space (LlamaTokenizer
+    then sets Metaspace's prepend_scheme): llama.cpp's add_space_prefix follows what transformers runs."""
+    import json
+    import shutil
+    folder = Path(shutil.copytree(DEMO, tmp_path / "demo"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, add_prefix_space=add_prefix_space)))
+    assert cli("export", folder, "--gguf", tmp_path / "m.gguf", "--type", "f32", "--quiet").returncode == 0
+    sample = DEMO_TEXT.read_text(encoding="utf-8")[:3000]
+    with llama_cpp(tmp_path / "m.gguf") as llm:
+        assert llm.tokenize(sample) == load_tokenizer(folder)(sample).input_ids

@@ -1,19 +1,23 @@
 """--row-multiple M: kept neuron counts and query heads x head_dim are multiples of M in every
 block (the row lengths of down_proj and o_proj, which a block-quantized GGUF type must split),
-independently of --multiple-of's tensor-parallel rule; refused when no cut can keep it."""
+independently of --multiple-of's tensor-parallel rule; refused when no cut can keep it. Its default
+(32) is fitted: a model that cannot meet it is cut as with 1, with a note, never refused."""
 
+import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from streamprune.arch.families import architecture
 from streamprune.arch.spec import BlockSpec
 from streamprune.cli import main
-from streamprune.config import RunConfig
+from streamprune.config import DEFAULT_ROW_MULTIPLE, RunConfig
 from streamprune.errors import StreamPruneError
+from streamprune.planning.validate import fit_row_multiple
 from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
 from streamprune.pruning.selection import Alignment, head_layouts, neuron_step, uniform_sizes
-from tests.models import SPEC, fake_costs
+from tests.models import SHARED, SPEC, fake_costs, tiny_config
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 
@@ -57,9 +61,44 @@ def test_inspect_takes_a_row_multiple_that_tensor_parallelism_refuses():
 
 
 @pytest.mark.parametrize("field", ["multiple_of", "row_multiple"])
-def test_default_is_not_in_the_fingerprint_so_earlier_runs_resume(field):
-    cfg = RunConfig(shards=DEMO, out=DEMO, calib=DEMO / "calib.txt")
+def test_one_is_not_in_the_fingerprint_so_earlier_runs_resume(field):
+    """1 (no constraint; --row-multiple's default before it became 32) is left out of the fingerprint,
+    so a journal written before the option existed resumes; any other value, the default 32 too, is in it:
+    a run of --row-multiple 1 never resumes into one of 32."""
+    cfg = RunConfig(shards=DEMO, out=DEMO, calib=DEMO / "calib.txt", **{field: 1})
     assert field not in cfg.fingerprint()
     assert RunConfig(shards=DEMO, out=DEMO, calib=DEMO / "calib.txt", **{field: 32}).fingerprint()[field] == 32
     with pytest.raises(StreamPruneError, match=f"--{field.replace('_', '-')} must be in"):
         RunConfig(shards=DEMO, out=DEMO, **{field: 0})
+
+
+def test_the_default_row_multiple_is_32():
+    assert RunConfig(shards=DEMO, out=DEMO).row_multiple == DEFAULT_ROW_MULTIPLE == 32
+
+
+def fitted(arch, sparsity=0.3, given=False, **options):
+    cfg = RunConfig(shards=DEMO, out=DEMO, sparsity=sparsity, adaptable=() if given else ("row_multiple",), **options)
+    return fit_row_multiple(cfg, arch)
+
+
+def test_the_default_is_kept_where_the_model_meets_it():
+    arch = architecture(json.loads((SHARED / "models" / "kjv-llama-6.8m" / "config.json").read_text()))
+    assert fitted(arch) == (RunConfig(shards=DEMO, out=DEMO, adaptable=("row_multiple",)), None, False)
+
+
+@pytest.mark.parametrize("case, why", [
+    ("demo", "own neuron counts or query heads x head_dim (172) are not multiples of 32"),
+    ("high sparsity", "this model allows at most"),
+])
+def test_a_model_that_cannot_meet_the_default_is_cut_as_with_one(case, why):
+    """Never refused because of the default: its own sizes (the demo's 172 neurons) or a sparsity the
+    aligned cuts cannot reach (8 heads of head_dim 8: at least 4 heads) give --row-multiple 1 and a note."""
+    if case == "demo":
+        arch, sparsity = architecture(json.loads((DEMO / "stories260K" / "config.json").read_text())), 0.3
+    else:
+        arch, sparsity = architecture(tiny_config("llama", intermediate=96).to_dict()), 0.8
+    cfg, note, lost = fitted(arch, sparsity)
+    assert cfg.row_multiple == 1 and why in note and note.startswith("--row-multiple 1, not the default 32")
+    assert lost == (case != "demo")  # the demo's own matrices do not quantize whole either: a log-file line only
+    given, note, _ = fitted(arch, sparsity, given=True)  # --row-multiple 32 typed: kept, refused where run refuses
+    assert given.row_multiple == 32 and note is None
