@@ -4,7 +4,7 @@ changes. A leaf: no streamprune import."""
 
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def current_version() -> str:

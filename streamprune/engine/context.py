@@ -10,7 +10,7 @@ import torch
 from ..arch.families import rotary_tables
 from ..arch.model import Model, block_generator, check_device
 from ..config import RunConfig
-from ..pruning.numerics import GramPlacement
+from ..pruning.numerics import GramPlacement, Ridges
 from ..pruning.phases import PhaseTimer, timed_batches
 from ..pruning.ranks import Ranks, Share
 from ..pruning.scoring import Calibration
@@ -49,10 +49,10 @@ class RunContext:
         return BlockStream(self.model, self.cache, self.device, self.batch, len(self.share.windows))
 
     def calibration(self, stream: BlockStream, layer: int, dtype: torch.dtype, timer: PhaseTimer | None,
-                    targets: Targets | None = None) -> Calibration:
+                    targets: Targets | None = None, ridges: Ridges = Ridges()) -> Calibration:
         """Block `layer`'s calibration inputs as the math sees them: this rank's micro-batches (the
         time to read each counted as cache_read), the rotary tables, the block's random stream, and
-        how the windows are split among the ranks."""
+        how the windows are split among the ranks; the ridges of its refits."""
         return Calibration(lambda: timed_batches((x for _, x in stream.batches(layer, dtype)), timer), self.cos,
                            self.sin, block_generator(self.cfg.seed, layer), self.cfg.samples, timer, self.placement,
-                           self.ranks, self.share.batch_sizes, self.share.local, targets)
+                           self.ranks, self.share.batch_sizes, self.share.local, targets, ridges)

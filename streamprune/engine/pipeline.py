@@ -214,8 +214,9 @@ def decide_shape(ctx: RunContext, journal: Journal) -> Shape:
     cfg = ctx.cfg
     if cfg.allocation == "rule":
         return ctx.rule
-    sizes = allocate(cfg.allocation, ctx.model.arch.blocks, measured_costs(ctx, journal), cfg.sparsity, cfg.alignment)
-    return shape_of(ctx.model, sizes, cfg.compensation.needs_biases)
+    costs = measured_costs(ctx, journal)
+    sizes = allocate(cfg.allocation, ctx.model.arch.blocks, costs, cfg.sparsity, cfg.alignment)
+    return shape_of(ctx.model, sizes, cfg.compensation.needs_biases, tuple(c.ridges for c in costs))
 
 
 def measured_costs(ctx: RunContext, journal: Journal) -> list:

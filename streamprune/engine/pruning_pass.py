@@ -77,7 +77,7 @@ class BlockRunner:
         with timer.phase("to_device"):
             W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
         targets = KeptTargets(self.stream, layer, dtype, timer)
-        calib = self.ctx.calibration(self.stream, layer, dtype, timer, targets)
+        calib = self.ctx.calibration(self.stream, layer, dtype, timer, targets, self.shape.ridges_of(layer))
         with torch.no_grad():
             with timer.phase("score"):
                 scores = self.cfg.scorer(sizes).score(W, spec, calib)

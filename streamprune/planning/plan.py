@@ -19,7 +19,7 @@ import psutil
 import torch
 
 from ..errors import StreamPruneError
-from ..pruning.costs import SAMPLE_TOKENS
+from ..pruning.costs import CURVE_STEPS, SAMPLE_SHARE, SAMPLE_TOKENS
 from ..pruning.numerics import ON_DEVICE, GramPlacement
 from ..pruning.selection import Sizes
 from ..pruning.shape import rule_shape
@@ -266,7 +266,7 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
     if cfg.allocation != "rule":
         layouts = spec.n_kv * spec.group * min(SAMPLE_TOKENS, N) / N
         parts["survey"] = 1 + (gram_flops(HD) + gram_flops(I) + layouts * mlp_after_attention
-                               + (solves if refit else 0)) / block
+                               + (solves + held_out_flops(spec, cfg) / N if refit else 0)) / block
     scorer = cfg.scorer()
     if cfg.method == "perturb" and refit and not heads_cut:  # one pass: the OBS Gram, the refit's equations
         parts["scoring"] = 1 + (gram_flops(I) + solves) / block
@@ -288,6 +288,15 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
     return {k: round(v, 3) for k, v in parts.items()}
 
 
+def held_out_flops(spec, cfg) -> float:
+    """The survey's work on its held-out tokens, per block (costs.block_ridges, the neuron curve):
+    at most five factorizations of half the neurons (numerics.held_out_ridge) with their solves and
+    the refit's target, and the curve's error at each of its points (half the neurons kept on average)."""
+    I, E, T = spec.intermediate, spec.hidden, cfg.seq_len
+    sample = min(SAMPLE_TOKENS, cfg.samples * max(1, T // SAMPLE_SHARE))
+    return 5 * (I / 2) ** 3 / 3 + 10 * (I / 2) ** 2 * E + I * I * E + CURVE_STEPS * sample * I * E
+
+
 def one_thread_passes(cfg, model) -> float:
     """What the I x I factorizations and greedy updates (the survey's neuron curve, perturb's OBS)
     add to run_passes' count, which has them at the timed rate of all threads, when they run on
@@ -297,7 +306,8 @@ def one_thread_passes(cfg, model) -> float:
     if str(cfg.device).startswith("cuda") or not cfg.compensation.refits:
         return 0.0
     spec = max(model.arch.blocks, key=lambda b: b.n_params())
-    stages = (cfg.allocation != "rule") + (cfg.method == "perturb")  # the survey's curve, the scorer's OBS
+    # the survey's curve (and its held-out ridges: five factorizations of I/2), the scorer's OBS
+    stages = (cfg.allocation != "rule") * (1 + 5 / 24) + (cfg.method == "perturb")
     return stages * torch.get_num_threads() * spec.intermediate ** 3 / (cfg.samples * cfg.seq_len) \
         / block_flops(spec, cfg.seq_len)
 

@@ -20,7 +20,7 @@ import torch
 
 from ..arch.spec import BlockSpec
 from .block import attention_heads, attention_output, mlp_activations, rms_norm
-from .numerics import RIDGE, NormalEquations, gram_dtype, token_scale
+from .numerics import NormalEquations, gram_dtype, token_scale
 from .phases import phase
 from .ranks import SINGLE, Ranks
 from .scoring.base import Calibration
@@ -43,15 +43,16 @@ def work_bytes(spec: BlockSpec, spec_new: BlockSpec) -> int:
 
 
 def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, torch.Tensor], spec_new: BlockSpec,
-               kept: Kept, calib: Calibration, ridge: float | None = None) -> dict[str, torch.Tensor]:
-    """W_new with o_proj and down_proj refit; W (dense) gives the targets. What the scorer already
-    measured behind the same heads (calib.shared: the refit o_proj, down_proj's equations over
-    all neurons) is used instead of a pass; the dense outputs are read back when kept."""
-    W_new, ridge = dict(W_new), RIDGE if ridge is None else ridge
+               kept: Kept, calib: Calibration) -> dict[str, torch.Tensor]:
+    """W_new with o_proj and down_proj refit (with the block's ridges, calib.ridges); W (dense) gives
+    the targets. What the scorer already measured behind the same heads (calib.shared: the refit
+    o_proj, down_proj's equations over all neurons) is used instead of a pass; the dense outputs
+    are read back when kept."""
+    W_new = dict(W_new)
     heads_removed = spec_new.n_heads < spec.n_heads
     if heads_removed:
         o_proj = shared(calib, "attention", kept)
-        W_new["o"] = o_proj if o_proj is not None else refit_o_proj(W, spec, W_new, kept, calib, ridge)
+        W_new["o"] = o_proj if o_proj is not None else refit_o_proj(W, spec, W_new, kept, calib, calib.ridges.heads)
     if heads_removed or spec_new.intermediate < spec.intermediate:
         eq = shared(calib, "mlp", kept)
         if eq is not None:  # over all neurons
@@ -60,7 +61,7 @@ def compensate(W: dict[str, torch.Tensor], spec: BlockSpec, W_new: dict[str, tor
             with phase(calib.timer, "compensation_gram"):
                 eq = down_equations(W, spec, calib, kept.heads, W_new["o"], kept.neurons)
         with phase(calib.timer, "compensation_solve"):
-            W_new["down"] = eq.solve(W_new["down"], ridge)
+            W_new["down"] = eq.solve(W_new["down"], calib.ridges.neurons)
     return W_new
 
 

@@ -15,7 +15,14 @@ so the MLP's reaction to the attention error counts (measured at the attention o
 the costs let the allocation strip block 0 to one head: docs/scoring.md). Without a refit, a cut
 costs the output of the removed units. Dropping the whole block costs its update y - x. One
 forward pass over the calibration inputs gives all of it: the weighted Gram matrices of the head
-outputs and of the MLP activations, the token sample, and the update energy."""
+outputs and of the MLP activations, the token sample, and the update energy.
+
+The refits are fit on the calibration tokens outside the sample and their costs measured on the
+sample: held out. With few tokens per Gram column (8,192 tokens for 4,864 or 8,960 neurons) a
+refit reproduces the tokens it was fit on 10-30 times better than others, by a factor that
+differs from block to block, and costs measured on the fitting tokens then send the allocation's
+cuts to the blocks where they look cheapest, not where they are (docs/quality.md). The same
+held-out tokens choose each block's ridges (numerics.Ridges), which the pruning pass refits with."""
 
 from __future__ import annotations
 
@@ -27,35 +34,52 @@ import torch.nn.functional as F
 
 from ..arch.spec import BlockSpec
 from .block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
-from .numerics import ON_DEVICE, RIDGE, GramPlacement, add_gram, add_ridge, invert_spd, mean_square, solve, token_scale
+from .numerics import (
+    ON_DEVICE,
+    RIDGE,
+    GramPlacement,
+    Ridges,
+    add_gram,
+    add_ridge,
+    held_out_ridge,
+    invert_spd,
+    mean_square,
+    solve,
+    token_scale,
+)
 from .phases import phase
 from .ranks import Ranks
 from .scoring.base import Calibration
 from .scoring.obs import greedy_removal_scores
 from .selection import Sizes, select_units
 
-CURVE_STEPS = 48  # points of a block's neuron curve
-SAMPLE_TOKENS = 2048  # calibration tokens the head layouts are measured on (the perturb scorer's default)
+CURVE_STEPS = 16  # points of a block's neuron curve
+SAMPLE_TOKENS = 2048  # held-out calibration tokens the costs are measured on
+SAMPLE_SHARE = 4  # at most one token in this many of each window is held out (the others fit the refits)
 CURVE_KEEP = 1 / 16  # the curve runs down to this fraction of the neurons (then extrapolates)
 
 
 @dataclass(frozen=True)
 class BlockCosts:
     """heads[(kv groups kept, heads kept per group)] and neurons [(neurons kept, cost)], kept
-    descending from all (cost 0); drop: the cost of removing the whole block."""
+    descending from all (cost 0); drop: the cost of removing the whole block; ridges: the refits'
+    ridges chosen on the held-out tokens (None: a survey that held none out)."""
 
     heads: dict[tuple[int, int], float]
     neurons: list[tuple[int, float]]
     drop: float
+    ridges: Ridges | None = None
 
     def as_json(self) -> dict:
-        return {"heads": [[kv, g, c] for (kv, g), c in sorted(self.heads.items())],
-                "neurons": [list(p) for p in self.neurons], "drop": self.drop}
+        d = {"heads": [[kv, g, c] for (kv, g), c in sorted(self.heads.items())],
+             "neurons": [list(p) for p in self.neurons], "drop": self.drop}
+        return d if self.ridges is None else dict(d, ridges=self.ridges.as_json())
 
     @classmethod
     def from_json(cls, d: dict) -> "BlockCosts":
         return cls({(int(kv), int(g)): float(c) for kv, g, c in d["heads"]},
-                   [(int(n), float(c)) for n, c in d["neurons"]], float(d["drop"]))
+                   [(int(n), float(c)) for n, c in d["neurons"]], float(d["drop"]),
+                   Ridges.from_json(d["ridges"]) if "ridges" in d else None)
 
     def mlp(self, n: float) -> float:
         """Cost of keeping n neurons: the curve, linear between its points and beyond its end."""
@@ -71,16 +95,18 @@ class BlockCosts:
 
 class Grams:
     """Token-weighted Gram matrices of one block's head outputs (H*D)^2 and MLP activations I^2,
-    accumulated over micro-batches, with the update energy and the token count."""
+    accumulated over micro-batches, with the update energy and the token count. With `per_window`,
+    that many tokens of each window are held out: kept in `sample`, left out of the Gram matrices."""
 
     def __init__(self, spec: BlockSpec, generator: torch.Generator | None = None, per_window: int = 0,
                  placement: GramPlacement = ON_DEVICE):
         self.spec, self.placement = spec, placement
         self.heads = self.mlp = None
         self.update = 0.0
-        self.tokens = 0
+        self.tokens = self.fitted = 0  # all tokens; those in the Gram matrices
         self.generator, self.per_window = generator, per_window  # tokens of each window kept in `sample`
-        self.sample: list[tuple[torch.Tensor, ...]] = []  # (x, head outputs, y) at those tokens
+        # (x, head outputs, y, weighted MLP activations) at those tokens
+        self.sample: list[tuple[torch.Tensor, ...]] = []
 
     def add(self, W, x: torch.Tensor, cos, sin, timer=None) -> torch.Tensor:
         """Accumulate the batch x (B, T, E); returns the dense block output (B, T, E). The forward
@@ -92,17 +118,21 @@ class Grams:
             a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps))  # (B, T, I)
             y = h + F.linear(a, W["down"], W.get("down_bias"))
         s = token_scale(y).reshape(-1, 1)  # (N, 1): 1 / rms of each output token
-        o = heads.reshape(-1, spec.n_heads * spec.head_dim).float() * s
-        a = a.reshape(-1, spec.intermediate).float() * s
-        self.heads = add_gram(self.heads, o)
-        self.mlp = add_gram(self.mlp, a, placement=self.placement)
         self.update += ((y - x).reshape(-1, spec.hidden).float() * s).double().pow(2).sum().item()
         self.tokens += s.shape[0]
+        o = heads.reshape(-1, spec.n_heads * spec.head_dim)
+        a = a.reshape(-1, spec.intermediate).float() * s
+        fit = s
         if self.per_window:
             k = self.per_window * x.shape[0]
             pick = torch.randperm(s.shape[0], generator=self.generator)[:k].sort().values.to(x.device)
-            self.sample.append((x.reshape(-1, spec.hidden)[pick], heads.reshape(-1, spec.n_heads * spec.head_dim)[pick],
-                                y.reshape(-1, spec.hidden)[pick]))
+            self.sample.append((x.reshape(-1, spec.hidden)[pick], o[pick], y.reshape(-1, spec.hidden)[pick], a[pick]))
+            fit = s.clone()
+            fit[pick] = 0  # held out: not in the Gram matrices
+            a = a * (fit > 0)
+        self.heads = add_gram(self.heads, o.float() * fit)
+        self.mlp = add_gram(self.mlp, a, placement=self.placement)
+        self.fitted += int((fit > 0).sum())
         return y
 
     def skip(self, windows: int, seq_len: int) -> None:
@@ -118,7 +148,7 @@ class Grams:
         ranks.sum_(self.heads)
         ranks.sum_(self.mlp)
         self.update = ranks.sum_float(self.update)
-        self.tokens = int(ranks.sum_float(self.tokens))
+        self.tokens, self.fitted = int(ranks.sum_float(self.tokens)), int(ranks.sum_float(self.fitted))
         if self.per_window:
             self.sample = [tuple(ranks.gather(torch.cat(t)) for t in zip(*self.sample))]
 
@@ -126,6 +156,10 @@ class Grams:
     def norm(self) -> float:
         """sum_t w_t |y_t|^2 = E per token (w_t = 1 / mean(y_t^2)): divides weighted errors into the unit."""
         return float(self.spec.hidden * max(self.tokens, 1))
+
+    def held_out(self) -> tuple[torch.Tensor, ...] | None:
+        """The held-out tokens' (x, head outputs, y, weighted MLP activations), or None."""
+        return tuple(torch.cat(t) for t in zip(*self.sample)) if self.sample else None
 
 
 def columns(units: torch.Tensor, width: int) -> torch.Tensor:
@@ -144,26 +178,54 @@ def removal_cost(W: torch.Tensor, G: torch.Tensor, Hinv: torch.Tensor | None, co
     return (Wr.T * solve(Hinv[cols][:, cols], Wr.T)).sum().item()
 
 
-def head_costs(W, G: torch.Tensor, spec: BlockSpec, refit: bool, sample) -> dict[tuple[int, int], float]:
+def head_costs(W, G: torch.Tensor, spec: BlockSpec, refit: bool, sample, ridge: float = RIDGE
+               ) -> dict[tuple[int, int], float]:
     """Cost of every GQA head layout (n_kv, group), measured at the block output on `sample` (x,
     head outputs, y at some tokens), so the MLP's reaction to the attention error counts. The
     heads a layout removes are chosen by each head's cost alone (as selection.select_units keeps
-    the best); o_proj is then refit (OBS: the kept heads absorb the removed ones) or not."""
+    the best); o_proj is then refit (OBS with `ridge`: the kept heads absorb the removed ones) or not."""
     D, W_o = spec.head_dim, W["o"]
-    Hinv = invert_spd(with_ridge(G)) if refit else None
-    alone = torch.tensor([removal_cost(W_o, G, Hinv, columns(torch.tensor([h]), D)) for h in range(spec.n_heads)])
-    x, o, y = (torch.cat(t) for t in zip(*sample))
+    Hinv = invert_spd(with_ridge(G, ridge)) if refit else None
+    alone = head_costs_alone(W_o, G, Hinv, spec)
+    x, o, y = sample[:3]
     weight = 1 / mean_square(y.double())  # as the next RMSNorm sees each token
     costs = {}
     for kv in range(1, spec.n_kv + 1):
         for g in range(1, spec.group + 1):
-            kept = select_units(alone, torch.zeros(spec.intermediate), spec, Sizes(kv, g, spec.intermediate)).heads
-            removed = torch.tensor(sorted(set(range(spec.n_heads)) - set(kept.tolist())), dtype=torch.long)
+            removed = removed_heads(alone, spec, kv, g)
             W_new = refit_columns(W_o, Hinv, columns(removed, D).to(W_o.device))
             h = x + F.linear(o, W_new, W.get("o_bias"))
             y_cut = h + mlp_output(W, spec, h)
             costs[(kv, g)] = ((y_cut - y).double().pow(2).sum(-1) * weight).sum().item() / (spec.hidden * len(y))
     return costs
+
+
+def head_costs_alone(W_o: torch.Tensor, G: torch.Tensor, Hinv: torch.Tensor | None, spec: BlockSpec) -> torch.Tensor:
+    """(H,) each head's removal cost alone (with o_proj refit when Hinv is given)."""
+    return torch.tensor([removal_cost(W_o, G, Hinv, columns(torch.tensor([h]), spec.head_dim))
+                         for h in range(spec.n_heads)])
+
+
+def removed_heads(alone: torch.Tensor, spec: BlockSpec, kv: int, g: int) -> torch.Tensor:
+    """The heads a layout (kv groups of g heads) removes, chosen by their costs alone."""
+    kept = select_units(alone, torch.zeros(spec.intermediate), spec, Sizes(kv, g, spec.intermediate)).heads
+    return torch.tensor(sorted(set(range(spec.n_heads)) - set(kept.tolist())), dtype=torch.long)
+
+
+def block_ridges(W, spec: BlockSpec, grams: Grams, sample) -> Ridges:
+    """Each refit's ridge, chosen on the held-out tokens (numerics.held_out_ridge): o_proj's with
+    about half the heads of each group removed, down_proj's with half the neurons removed, each
+    set chosen by its units' costs alone (without a refit)."""
+    o, a = sample[1], sample[3]
+    scale = token_scale(sample[2]).reshape(-1, 1)
+    alone = head_costs_alone(W["o"], grams.heads, None, spec)
+    removed = removed_heads(alone, spec, spec.n_kv, max(1, spec.group // 2)) if spec.group > 1 else \
+        removed_heads(alone, spec, max(1, spec.n_kv // 2), 1)
+    keep_heads = columns(torch.tensor(sorted(set(range(spec.n_heads)) - set(removed.tolist()))), spec.head_dim)
+    heads = held_out_ridge(grams.heads, W["o"], keep_heads, o.float() * scale)
+    worth = grams.mlp.diagonal().to(W["down"].device, torch.float32) * W["down"].float().pow(2).sum(0)
+    keep_neurons = worth.argsort(descending=True, stable=True)[:max(1, spec.intermediate // 2)].sort().values
+    return Ridges(heads, held_out_ridge(grams.mlp, W["down"], keep_neurons, a))
 
 
 def refit_columns(W: torch.Tensor, Hinv: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
@@ -179,20 +241,23 @@ def refit_columns(W: torch.Tensor, Hinv: torch.Tensor | None, cols: torch.Tensor
     return W_new
 
 
-def with_ridge(G: torch.Tensor) -> torch.Tensor:
+def with_ridge(G: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
     G = G.clone()
-    add_ridge(G, RIDGE)
+    add_ridge(G, ridge)
     return G
 
 
-def neuron_curve(W_down: torch.Tensor, G: torch.Tensor, refit: bool, timer=None) -> list[tuple[int, float]]:
+def neuron_curve(W_down: torch.Tensor, G: torch.Tensor, refit: bool, timer=None, ridge: float = RIDGE,
+                 held_out: torch.Tensor | None = None) -> list[tuple[int, float]]:
     """(neurons kept, cost) from all neurons down to CURVE_KEEP of them, CURVE_STEPS points. With a
-    refit: greedy OBS (consumes G). Without: the cheapest alone first, their joint output cost."""
+    refit: greedy OBS (consumes G), its error on the fitting tokens or (`held_out`: the weighted
+    activations of other tokens) on those. Without: the cheapest alone first, their joint output cost."""
     I = G.shape[0]
     n_remove = I - max(1, round(I * CURVE_KEEP))
     curve: list[tuple[int, float]] = []
     if refit:
-        greedy_removal_scores(G, W_down, n_remove, chunks=CURVE_STEPS, curve=curve, timer=timer)
+        greedy_removal_scores(G, W_down, n_remove, chunks=CURVE_STEPS, ridge=ridge, curve=curve, timer=timer,
+                              held_out=held_out)
     else:
         W = W_down.to(G.device, G.dtype)
         P = (W.T @ W) * G  # (I, I): the joint output energy of neurons i and j
@@ -204,16 +269,27 @@ def neuron_curve(W_down: torch.Tensor, G: torch.Tensor, refit: bool, timer=None)
             total += 2 * P[new][:, old].sum().item() + P[new][:, new].sum().item()
             done += len(new)
             curve.append((done, total))
-    return [(I, 0.0)] + [(I - r, c) for r, c in curve]
+    return [(I, 0.0)] + [(I - r, c) for r, c in rising(curve)]
+
+
+def rising(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The curve with each cost at least the one before (a held-out measurement is noisy; removing
+    more never helps the refit of what is left)."""
+    out, top = [], 0.0
+    for n, c in curve:
+        top = max(top, c)
+        out.append((n, top))
+    return out
 
 
 def block_costs(W, spec: BlockSpec, calib: Calibration, refit: bool,
                 write: Callable[[int, torch.Tensor], None]) -> BlockCosts:
     """One pass over the block's dense calibration inputs (`calib`, scoring.base.Calibration): the
     costs of its cuts, in the unit of this module; `write(start, y)` receives the dense outputs (the
-    next block's inputs), start counted in this rank's windows."""
+    next block's inputs), start counted in this rank's windows. The sample of held-out tokens: up
+    to SAMPLE_TOKENS, at most one token in SAMPLE_SHARE of each window."""
     timer, T = calib.timer, calib.cos.shape[0]
-    per_window = -(-SAMPLE_TOKENS // max(1, calib.samples))  # tokens of each window in the head sample
+    per_window = min(-(-SAMPLE_TOKENS // max(1, calib.samples)), max(1, T // SAMPLE_SHARE))
     grams, start = Grams(spec, calib.generator, per_window, calib.placement), 0
     for b, x in calib.every_batch():  # (several ranks: every micro-batch draws its token sample)
         if x is None:
@@ -225,9 +301,19 @@ def block_costs(W, spec: BlockSpec, calib: Calibration, refit: bool,
             write(start, y)
         start += x.shape[0]
     grams.combine(calib.ranks)
-    norm = grams.norm
+    sample = grams.held_out()
+    ridges = None
+    if refit:
+        with phase(timer, "survey_ridges"):
+            ridges = block_ridges(W, spec, grams, sample)
     with phase(timer, "survey_heads"):
-        heads = head_costs(W, grams.heads, spec, refit, grams.sample)
+        heads = head_costs(W, grams.heads, spec, refit, sample, ridges.heads if refit else RIDGE)
     with phase(timer, "survey_neurons"):
-        neurons = neuron_curve(W["down"], grams.mlp, refit, timer)
-    return BlockCosts(heads, [(n, c / norm) for n, c in neurons], grams.update / norm)
+        if refit:  # measured on the held-out tokens
+            n_sample = float(spec.hidden * sample[3].shape[0])
+            neurons = [(n, c / n_sample) for n, c in neuron_curve(W["down"], grams.mlp, True, timer, ridges.neurons,
+                                                                  held_out=sample[3])]
+        else:
+            n_fitted = float(spec.hidden * max(grams.fitted, 1))
+            neurons = [(n, c / n_fitted) for n, c in neuron_curve(W["down"], grams.mlp, False, timer)]
+    return BlockCosts(heads, neurons, grams.update / grams.norm, ridges)

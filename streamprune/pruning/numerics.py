@@ -15,7 +15,8 @@ import torch
 
 from .ranks import SINGLE, Ranks
 
-RIDGE = 1e-2  # ridge of least-squares refits and OBS, relative to the mean of diag(G)
+RIDGE = 1e-2  # ridge of least-squares refits and OBS, relative to the mean of diag(G), where none was measured
+RIDGE_STEP = 10 ** 0.5  # the ridges tried on held-out tokens (held_out_ridge): RIDGE times powers of this
 FP64_SOLVE_MAX = 4096  # larger Gram matrices are kept and factored in fp32 (half the memory)
 SYMMETRIC_MIN, SYMMETRIC_BLOCKS = 512, 4  # Gram matrices this wide are formed by blocks of their lower triangle
 
@@ -76,6 +77,51 @@ def invert_spd(G: torch.Tensor) -> torch.Tensor:
 def solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     with reproducible(A):
         return torch.linalg.solve(A, B)
+
+
+@dataclass(frozen=True)
+class Ridges:
+    """How strongly one block's least-squares refits lean on the original weights, relative to the
+    mean of diag(G): o_proj's over the kept heads, down_proj's over the kept neurons (OBS's greedy
+    selection too). With calibration tokens not much more than a Gram matrix's columns, a refit
+    that fits them closely fails on other tokens, so the survey measures each block's on tokens
+    it holds out (held_out_ridge); RIDGE where nothing was measured (the fixed rule)."""
+
+    heads: float = RIDGE
+    neurons: float = RIDGE
+
+    def as_json(self) -> dict:
+        return {"heads": self.heads, "neurons": self.neurons}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "Ridges":
+        return cls() if d is None else cls(float(d["heads"]), float(d["neurons"]))
+
+
+def held_out_ridge(G: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, A: torch.Tensor) -> float:
+    """The ridge (RIDGE times a power of RIDGE_STEP, from RIDGE / 10 to 100 RIDGE) under which
+    refitting W (out, in) on its inputs `keep` alone, towards W's own output on the Gram G of the
+    fitting tokens, errs least on held-out tokens A (n, in, already weighted): one ridge in each of
+    three decades, then the steps beside the best; at most five factorizations of the kept inputs."""
+    keep = keep.to(G.device)
+    W = W.to(G.device, G.dtype)
+    A = A.to(G.device, G.dtype)
+    target = A @ W.T  # (n, out)
+    C = torch.cat([G[keep[i:i + 1024]] @ W.T for i in range(0, len(keep), 1024)])  # (kept, out), G[keep] in parts
+    W0, A_kept = W[:, keep].T, A[:, keep]
+    errors: dict[int, float] = {}
+
+    def error(k: int) -> float:  # ridge RIDGE * RIDGE_STEP ** k
+        if k not in errors:
+            G_kept = G[keep[:, None], keep[None, :]]
+            lam = add_ridge(G_kept, RIDGE * RIDGE_STEP ** k)
+            X = solve_spd(G_kept, C + lam * W0)  # (kept, out)
+            errors[k] = (A_kept @ X - target).pow(2).sum().item()
+        return errors[k]
+
+    best = min((-1, 1, 3), key=error)
+    best = min((best - 1, best, best + 1), key=error)
+    return RIDGE * RIDGE_STEP ** best
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from ..arch.model import Model
 from ..arch.output_config import heterogeneous_config
 from ..arch.spec import Architecture, BlockSpec
 from ..errors import StreamPruneError
-from .selection import Sizes, uniform_sizes
+from .numerics import Ridges
+from .selection import Alignment, Sizes, uniform_sizes
 
 
 def cut_sublayers(block: BlockSpec, sizes: Sizes | None) -> frozenset[str]:
@@ -22,10 +23,16 @@ def cut_sublayers(block: BlockSpec, sizes: Sizes | None) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class Shape:
-    """The cut: each block's sizes (None: the block is dropped) and the output's config.json."""
+    """The cut: each block's sizes (None: the block is dropped) and the output's config.json; the
+    ridges of each block's refits where the survey measured them (else numerics.RIDGE)."""
 
     sizes: tuple[Sizes | None, ...]
     config: dict
+    ridges: tuple[Ridges | None, ...] = ()
+
+    def ridges_of(self, layer: int) -> Ridges:
+        ridges = self.ridges[layer] if layer < len(self.ridges) else None
+        return ridges if ridges is not None else Ridges()
 
     def out_layer(self, layer: int) -> int | None:
         """Block `layer`'s index in the output (dropped blocks close up), None if dropped."""
@@ -50,7 +57,8 @@ class Shape:
                 "blocks_kept": len(kept)}
 
 
-def shape_of(model: Model, sizes: list[Sizes | None], needs_biases: bool = False) -> Shape:
+def shape_of(model: Model, sizes: list[Sizes | None], needs_biases: bool = False,
+             ridges: tuple[Ridges | None, ...] = ()) -> Shape:
     """The Shape of a cut to `sizes`, with its output config.json (families.heterogeneous_config:
     a stock config when the kept blocks share one shape). `needs_biases` (mean compensation): each
     sublayer that loses units in some block gets bias slots where the output family has them."""
@@ -58,7 +66,7 @@ def shape_of(model: Model, sizes: list[Sizes | None], needs_biases: bool = False
     biases = frozenset().union(*(cut_sublayers(b, s) for b, s in zip(blocks, sizes))) if needs_biases else ()
     per_layer = [None if s is None else {"n_heads": s.n_heads, "n_kv": s.n_kv, "intermediate": s.intermediate}
                  for s in sizes]
-    return Shape(tuple(sizes), heterogeneous_config(model.arch.config, per_layer, biases))
+    return Shape(tuple(sizes), heterogeneous_config(model.arch.config, per_layer, biases), tuple(ridges))
 
 
 def check_uniform(arch: Architecture, what: str) -> None:
@@ -68,7 +76,7 @@ def check_uniform(arch: Architecture, what: str) -> None:
                                "blocks of one shape: use --allocation global")
 
 
-def rule_shape(model: Model, sparsity: float, needs_biases: bool = False, multiple_of: int = 1) -> Shape:
+def rule_shape(model: Model, sparsity: float, needs_biases: bool = False, multiple_of: int | Alignment = 1) -> Shape:
     """The fixed rule: uniform sizes for every block (selection.uniform_sizes), in counts
     `multiple_of` GPUs can split."""
     check_uniform(model.arch, "the fixed rule")

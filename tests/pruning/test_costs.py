@@ -4,7 +4,9 @@ its neuron curve between and beyond its points, and the neuron curve itself."""
 import pytest
 import torch
 
-from streamprune.pruning.costs import CURVE_KEEP, CURVE_STEPS, BlockCosts, neuron_curve
+from streamprune.pruning.costs import CURVE_KEEP, CURVE_STEPS, BlockCosts, Grams, neuron_curve, rising
+from streamprune.pruning.numerics import Ridges
+from tests.models import SPEC, random_block
 
 COSTS = BlockCosts({(2, 1): 0.5, (1, 2): 0.75, (2, 2): 0.0, (1, 1): 1.25},
                    [(48, 0.0), (40, 0.125), (24, 0.5)], drop=3.0)
@@ -62,3 +64,43 @@ def test_neuron_curve_with_refit_runs_the_same_points_and_grows():
     assert refit[0] == (I, 0.0) and refit[-1][0] == max(1, round(I * CURVE_KEEP))
     costs = [c for _, c in refit]
     assert all(b > a for a, b in zip(costs, costs[1:]))
+
+
+def test_the_neuron_curve_on_held_out_tokens_is_costlier_than_on_the_fitting_ones_and_never_falls():
+    # 40 fitting tokens for 32 neurons: the refit reproduces them far better than other tokens
+    I, g = 32, torch.Generator().manual_seed(2)
+    W = torch.randn(16, I, generator=g, dtype=torch.float64)
+    fit, other = (torch.randn(n, I, generator=g, dtype=torch.float64) for n in (40, 400))
+    inside = neuron_curve(W, fit.T @ fit, refit=True)
+    held = neuron_curve(W, fit.T @ fit, refit=True, held_out=other)
+    assert [n for n, _ in held] == [n for n, _ in inside]
+    costs = [c for _, c in held]
+    assert all(b >= a for a, b in zip(costs, costs[1:]))
+    middle = len(held) // 2  # per token, the held-out error is the larger
+    assert held[middle][1] / 400 > 2 * inside[middle][1] / 40
+
+
+def test_rising_keeps_each_cost_at_least_the_one_before():
+    assert rising([(1, 0.5), (2, 0.25), (3, 0.75)]) == [(1, 0.5), (2, 0.5), (3, 0.75)]
+
+
+def test_costs_keep_their_ridges_through_json_and_a_survey_without_them_has_none():
+    costs = BlockCosts(COSTS.heads, COSTS.neurons, COSTS.drop, Ridges(0.001, 0.3))
+    assert costs.as_json()["ridges"] == {"heads": 0.001, "neurons": 0.3}
+    assert BlockCosts.from_json(costs.as_json()) == costs
+    assert BlockCosts.from_json(COSTS.as_json()).ridges is None
+
+
+def test_grams_hold_their_sample_out_of_the_gram_matrices():
+    W, g = random_block(SPEC), torch.Generator().manual_seed(0)
+    cos, sin = torch.ones(16, SPEC.head_dim), torch.zeros(16, SPEC.head_dim)
+    x = torch.randn(3, 16, SPEC.hidden, generator=g)
+    kept, every = Grams(SPEC, torch.Generator().manual_seed(1), per_window=4), Grams(SPEC)
+    kept.add(W, x, cos, sin)
+    every.add(W, x, cos, sin)
+    assert kept.tokens == every.tokens == 48 and kept.fitted == 48 - 12 and every.fitted == 48
+    x_out, o, y, a = kept.held_out()
+    assert [t.shape[0] for t in (x_out, o, y, a)] == [12] * 4 and a.shape[1] == SPEC.intermediate
+    # the Gram of all tokens is the fitted Gram plus the held-out tokens' (weighted activations)
+    a = a.to(kept.mlp.dtype)
+    assert torch.allclose(kept.mlp + a.T @ a, every.mlp, rtol=1e-4, atol=1e-5)

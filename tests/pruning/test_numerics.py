@@ -1,15 +1,19 @@
 """numerics: the SPD solves and inverse agree with torch.linalg (also where Cholesky fails), add_gram
-is A^T B however it is blocked, first_bad_value finds a NaN or an Inf."""
+is A^T B however it is blocked, first_bad_value finds a NaN or an Inf, held_out_ridge chooses by held-out tokens."""
 
 import pytest
 import torch
 
 from streamprune.pruning.numerics import (
+    RIDGE,
+    RIDGE_STEP,
     SYMMETRIC_BLOCKS,
     SYMMETRIC_MIN,
     GramPlacement,
+    Ridges,
     add_gram,
     add_ridge,
+    held_out_ridge,
     invert_spd,
     solve_spd,
 )
@@ -72,3 +76,23 @@ def test_first_bad_value_finds_nan_and_inf():
     t[3] = float("nan")
     assert first_bad_value(t) == "NaN" and first_bad_value(t.view(10, 100).bfloat16()) == "NaN"
     assert first_bad_value(torch.tensor([float("-inf")])) == "Inf"
+
+
+def test_held_out_ridge_leans_on_the_weights_when_few_tokens_fit_them_and_not_when_many_do():
+    I, g = 48, torch.Generator().manual_seed(3)
+    mix = torch.randn(I, I, generator=g, dtype=torch.float64) / I ** 0.5 + torch.eye(I, dtype=torch.float64)
+    W = torch.randn(8, I, generator=g, dtype=torch.float64)
+    keep = torch.arange(0, I, 2)
+
+    def chosen(n_fit: int) -> float:
+        fit, other = (torch.randn(n, I, generator=g, dtype=torch.float64) @ mix for n in (n_fit, 2000))
+        return held_out_ridge(fit.T @ fit, W, keep, other)
+
+    few, many = chosen(30), chosen(20000)
+    assert many <= RIDGE < few
+    assert few in [RIDGE * RIDGE_STEP ** k for k in range(-2, 5)]
+
+
+def test_ridges_come_back_from_json_and_default_to_the_fixed_ridge():
+    assert Ridges.from_json(Ridges(0.1, 0.03).as_json()) == Ridges(0.1, 0.03)
+    assert Ridges.from_json(None) == Ridges() == Ridges(RIDGE, RIDGE)

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from ...arch.spec import BlockSpec
-from ..numerics import ON_DEVICE, GramPlacement
+from ..numerics import ON_DEVICE, GramPlacement, Ridges
 from ..phases import PhaseTimer
 from ..ranks import SINGLE, Ranks
 from ..selection import Sizes
@@ -69,6 +69,8 @@ class Calibration:
     # The dense block's outputs on these inputs, kept by the first pass that computes them so later
     # passes read them instead of running the dense block again (None: always computed).
     targets: Targets | None = None
+    # How strongly this block's refits lean on the original weights (the survey's held-out choice)
+    ridges: Ridges = Ridges()
     # What a scorer measured that compensation reuses instead of another pass (compensate.py):
     # "attention" -> (kept heads, refit o_proj), "mlp" -> (kept heads, normal equations of all neurons)
     shared: dict = field(default_factory=dict)

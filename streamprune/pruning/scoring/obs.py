@@ -81,11 +81,13 @@ def down_equations(W, spec: BlockSpec, calib: Calibration, kept_heads: torch.Ten
 
 
 def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, chunks: int = CHUNKS,
-                          ridge: float = RIDGE, curve: list | None = None, timer=None) -> torch.Tensor:
+                          ridge: float = RIDGE, curve: list | None = None, timer=None,
+                          held_out: torch.Tensor | None = None) -> torch.Tensor:
     """Scores (I,) from greedy OBS: removed neurons score their removal step (earliest = least
     important), kept ones score above all of them. G: (I, I) Gram (ridge added in place); W_down:
     (E, I). `curve`, if given, receives (neurons removed, total cost) after each step: the
-    weighted squared output error of the removal once the rest are refit.
+    weighted squared output error of the removal once the rest are refit, on the tokens G sums
+    over, or (`held_out`: the weighted activations (n, I) of other tokens) on those tokens.
 
     The inverse Gram and the weights shrink to the remaining neurons whenever a quarter of them
     are gone (COMPACT), so a step costs about 2 k r^2 multiply-adds for r remaining, not 2 k I^2:
@@ -100,6 +102,9 @@ def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, 
         left = torch.arange(I, device=Hinv.device)  # the original index of each row of Hinv
         alive = torch.ones(I, dtype=torch.bool, device=Hinv.device)
         scores = torch.empty(I, dtype=torch.float64, device=Hinv.device)
+        if held_out is not None:
+            held_out = held_out.to(W.device, W.dtype)
+            target = held_out @ W.T  # (n, E): what the dense down_proj outputs on the held-out tokens
         done, step, n_alive = 0, max(1, -(-n_remove // chunks)), I
         while done < n_remove:
             k = min(step, n_remove - done)
@@ -108,12 +113,15 @@ def greedy_removal_scores(G: torch.Tensor, W_down: torch.Tensor, n_remove: int, 
             R = cost.argsort()[:k]  # rows of Hinv
             Hinv_RR = Hinv[R][:, R]
             M = solve(Hinv_RR, Hinv[R, :])  # (k, r)
-            if curve is not None:  # the chunk's joint OBS cost, W_R Hinv_RR^-1 W_R^T
+            if curve is not None and held_out is None:  # the chunk's joint OBS cost, W_R Hinv_RR^-1 W_R^T
                 total = (curve[-1][1] if curve else 0.0) + (W[:, R].T * solve(Hinv_RR, W[:, R].T)).sum().item()
                 curve.append((done + k, total))
             W.addmm_(W[:, R], M, alpha=-1)  # the kept weights absorb the removed neurons (OBS update)
             Hinv.addmm_(Hinv[:, R], M, alpha=-1)  # the inverse Gram of the neurons that remain
             alive[R] = False
+            if curve is not None and held_out is not None:  # the refit's error on the held-out tokens
+                kept = alive.nonzero().flatten()
+                curve.append((done + k, (held_out[:, left[kept]] @ W[:, kept].T - target).pow(2).sum().item()))
             scores[left[R]] = torch.arange(done, done + k, dtype=torch.float64, device=scores.device)
             done, n_alive = done + k, n_alive - k
             if n_alive < COMPACT * len(left) and done < n_remove:

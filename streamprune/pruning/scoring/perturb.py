@@ -17,7 +17,7 @@ import torch
 
 from ...arch.spec import BlockSpec
 from ..block import attention_heads, attention_output, mlp_activations, mlp_output, rms_norm
-from ..numerics import NormalEquations, add_gram, one_thread, token_scale, token_weight
+from ..numerics import RIDGE, NormalEquations, add_gram, one_thread, token_scale, token_weight
 from ..phases import phase
 from ..selection import Sizes, select_units
 from .base import Calibration, Scorer, UnitScores
@@ -189,7 +189,8 @@ class PerturbScorer(Scorer):
             with phase(calib.timer, "obs_gram"):
                 eq = down_equations(W, spec, calib)
             calib.shared["mlp"] = (torch.arange(spec.n_heads), eq)
-            neurons = greedy_scores(eq, W["down"], spec.intermediate - sizes.intermediate, calib.timer)
+            neurons = greedy_scores(eq, W["down"], spec.intermediate - sizes.intermediate, calib.timer,
+                                    calib.ridges.neurons)
             return UnitScores(torch.zeros(spec.n_heads), neurons, {"perturbations": 0, "neurons": "greedy OBS"})
         with phase(calib.timer, "token_sample"):
             sample = TokenSample(W, spec, calib, n_tokens, head_gram=refit and cut_heads)
@@ -215,21 +216,23 @@ class PerturbScorer(Scorer):
         if refit:  # heads cut (an uncut block returned above): o_proj's refit, and the neurons by greedy OBS
             kept_heads = select_units(heads, prior_neurons, spec, sizes).heads
             with phase(calib.timer, "compensation_solve"):
-                calib.shared["attention"] = (kept_heads, refit_attention(head_gram, W["o"], spec, kept_heads))
+                calib.shared["attention"] = (kept_heads, refit_attention(head_gram, W["o"], spec, kept_heads,
+                                                                         calib.ridges.heads))
             del head_gram
             if cut_neurons:  # behind the kept heads with o_proj as it is: measured better than behind the refit one
                 unrefit = W["o"][:, head_columns(kept_heads, spec.head_dim).to(W["o"].device)]
                 with phase(calib.timer, "obs_gram"):
                     eq = down_equations(W, spec, calib, kept_heads, unrefit, rhs=False)
                 neurons = greedy_removal_scores(eq.G, W["down"], spec.intermediate - sizes.intermediate,
-                                                timer=calib.timer)
+                                                ridge=calib.ridges.neurons, timer=calib.timer)
                 info["neurons"] = "greedy OBS"
         return UnitScores(heads, neurons, info)
 
 
-def greedy_scores(eq: NormalEquations, W_down: torch.Tensor, n_remove: int, timer=None) -> torch.Tensor:
+def greedy_scores(eq: NormalEquations, W_down: torch.Tensor, n_remove: int, timer=None, ridge: float = RIDGE
+                  ) -> torch.Tensor:
     """Greedy OBS on the equations' Gram, left as it was for compensation (the greedy adds a ridge)."""
     diagonal = eq.G.diagonal().clone()
-    scores = greedy_removal_scores(eq.G, W_down, n_remove, timer=timer)
+    scores = greedy_removal_scores(eq.G, W_down, n_remove, ridge=ridge, timer=timer)
     eq.G.diagonal().copy_(diagonal)
     return scores
