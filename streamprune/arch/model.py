@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import StreamPruneError
-from ..store.shards import ShardIndex
+from ..store.shards import DTYPES, ShardIndex
 from .families import architecture, read_config
 from .spec import Architecture
 
@@ -68,6 +68,11 @@ def check_device(device: str) -> torch.device:
 def compute_dtype(dev: torch.device, model_dtype: torch.dtype) -> torch.dtype:
     """fp32 on CPU; the model's own dtype on a GPU."""
     return torch.float32 if dev.type == "cpu" else model_dtype
+
+
+def model_compute_dtype(model: "Model", dev: torch.device) -> torch.dtype:
+    """The dtype the model's blocks compute in on `dev` (compute_dtype of its first block's q_proj)."""
+    return compute_dtype(dev, DTYPES[model.index.tensors[model.arch.block_tensors(0)["q"]].dtype])
 
 
 def block_generator(seed: int, layer: int) -> torch.Generator:

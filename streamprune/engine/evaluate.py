@@ -27,7 +27,7 @@ from ..arch.calibration import (
     write_embeddings,
 )
 from ..arch.families import rotary_tables
-from ..arch.model import check_device, compute_dtype, open_model
+from ..arch.model import check_device, compute_dtype, model_compute_dtype, open_model
 from ..arch.spec import EMBED, FINAL_NORM, LM_HEAD
 from ..errors import StreamPruneError
 from ..planning.plan import activation_bytes
@@ -179,7 +179,7 @@ def perplexity(folder: Path, text, seq_len: int | None = None, device: str = "cp
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=EVAL_PREFIX, dir=cache_dir) as tmp:
-        cache = ActivationCache(Path(tmp), n, T, model.arch.hidden)
+        cache = ActivationCache(Path(tmp), n, T, model.arch.hidden, model_compute_dtype(model, dev))
         write_embeddings(cache, model.index, tokens, batch)
         # counts the blocks, then the final norm and lm_head
         L = model.arch.n_layers

@@ -18,7 +18,7 @@ import torch
 
 from ..arch.calibration import check_text_sources, check_tokens_fit, fitted_windows, token_windows, write_embeddings
 from ..arch.families import bias_sublayers
-from ..arch.model import Model, check_device, open_model
+from ..arch.model import Model, check_device, model_compute_dtype, open_model
 from ..arch.output_config import check_per_block_writable
 from ..config import SURVEY_FREE, RunConfig
 from ..errors import StreamPruneError
@@ -278,7 +278,7 @@ def run_locked(checked: Checked, early: list) -> dict | None:
         batch, run_id = journal.state["micro_batch"], journal.state["run"]
         share = ranks.share(cfg.samples, batch)
         cache = ActivationCache.claim(cache_folder_of(cfg, ranks), cfg.out, run_id, len(share.windows), cfg.seq_len,
-                                      model.arch.hidden)
+                                      model.arch.hidden, model_compute_dtype(model, check_device(cfg.device)))
         for folder in ((cfg.out, cfg.out / WORKDIR) if ranks.is_writer else ()) + (cache.folder,):
             remove_temporaries(folder)
         placement = GramPlacement.of(journal.state["grams"])

@@ -22,6 +22,7 @@ from ..errors import StreamPruneError
 from ..pruning.costs import CURVE_STEPS, SAMPLE_SHARE, SAMPLE_TOKENS
 from ..pruning.numerics import ON_DEVICE, GramPlacement
 from ..pruning.selection import Sizes
+from ..pruning.sensitivity import probe_shape, stream_count
 from ..pruning.shape import rule_shape
 from ..store.cache import chunk_rows
 from ..store.shards import ITEMSIZE
@@ -145,7 +146,8 @@ def place_grams(device_type: str, fixed_bytes: int, work_bytes: int, limit: int,
 
 def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: float,
               max_memory: int | None = None, batch_size: int = 0, scoring_bytes: int = 0,
-              compensation_bytes: int = 0, host_memory: int | None = None, check_host: bool = True) -> Plan:
+              compensation_bytes: int = 0, host_memory: int | None = None, check_host: bool = True,
+              probes: bool = False) -> Plan:
     """The peak memory of a run and the largest micro-batch that fits. max_memory: the compute
     device's limit (default: what is free); host_memory: the host's on a GPU run (default: what is
     free here; check_host=False: not checked, for a GPU on another machine). scoring_bytes and
@@ -160,14 +162,18 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
     kept = 1 - sparsity
     others = sum(index.tensors[n].nbytes for n in arch.other_tensors())
     output = int(sum(block_bytes(index, arch.block_tensors(i)) for i in range(arch.n_layers)) * kept) + others
-    # on disk while block i is scored: its inputs and dense outputs, the inputs of block i+1 being
-    # written, and block i-1's inputs, kept until block i-1 is journaled (its shard written)
-    cache = 4 * samples * seq_len * arch.hidden * 4
     limit = max_memory or available_memory(dev)
     host_limit = limit if not gpu else (host_memory or psutil.virtual_memory().available) if check_host else None
     emb_item = ITEMSIZE[index.tensors[arch.other_tensors()[0]].dtype]
     embed_rows = min(arch.vocab, samples * seq_len) * arch.hidden * emb_item
     itemsize = 4 if not gpu else max(1, round(stored / n_params))  # of the compute dtype
+    # on disk (in the compute dtype, store/cache.py) while block i is scored: its inputs and dense
+    # outputs, the inputs of block i+1 being written, and block i-1's inputs, kept until block i-1
+    # is journaled (its shard written); with `probes` (a survey: process 0), two files of its
+    # sensitivity probe streams
+    windows, positions = probe_shape(samples, seq_len)
+    streams = 2 * stream_count(arch.n_layers) * windows * positions if probes else 0
+    cache = (4 * samples * seq_len + streams) * arch.hidden * itemsize
     where = "GPU" if gpu else "host"
     cap = MAX_ACTIVATION_BYTES if not gpu else limit
 
@@ -266,7 +272,8 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
     if cfg.allocation != "rule":
         layouts = spec.n_kv * spec.group * min(SAMPLE_TOKENS, N) / N
         parts["survey"] = 1 + (gram_flops(HD) + gram_flops(I) + layouts * mlp_after_attention
-                               + (solves + held_out_flops(spec, cfg) / N if refit else 0)) / block
+                               + (solves + held_out_flops(spec, cfg) / N if refit else 0)) / block \
+            + probe_passes(model.arch.n_layers, cfg.samples, T)
     scorer = cfg.scorer()
     if cfg.method == "perturb" and refit and not heads_cut:  # one pass: the OBS Gram, the refit's equations
         parts["scoring"] = 1 + (gram_flops(I) + solves) / block
@@ -286,6 +293,13 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
     kept_dense = refit  # the refit's pass kept the dense outputs
     parts["output"] = (1 - cfg.sparsity) + (0 if kept_dense else 1)
     return {k: round(v, 3) for k, v in parts.items()}
+
+
+def probe_passes(n_layers: int, samples: int, seq_len: int) -> float:
+    """The sensitivity probes' block forwards (sensitivity.py), in dense passes: block i runs 1 + 2 i
+    streams and starts 2, L + 2 per block on average, of the probe tokens each."""
+    windows, positions = probe_shape(samples, seq_len)
+    return (n_layers + 2) * windows * positions / (samples * seq_len)
 
 
 def held_out_flops(spec, cfg) -> float:
@@ -327,4 +341,4 @@ def plan_run(cfg, model, max_memory: int | None = None, host_memory: int | None 
     sizes = planned_sizes(model, cfg.sparsity, cfg.alignment)
     scoring, compensation = stage_bytes(cfg, model, sizes)
     return make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity, max_memory or cfg.max_memory,
-                     cfg.batch_size, scoring, compensation, host_memory, check_host)
+                     cfg.batch_size, scoring, compensation, host_memory, check_host, probes=cfg.allocation != "rule")

@@ -192,7 +192,7 @@ def disk_needs(out: Path, cache_folder: Path, output_bytes: int, cache_bytes: in
     model's download), per filesystem. What a previous, interrupted run already wrote is counted
     as written."""
     output_left = max(0, output_bytes - folder_bytes(out, "model-*.safetensors"))
-    cache_left = max(0, cache_bytes - folder_bytes(cache_folder, "inputs-*.f32"))
+    cache_left = max(0, cache_bytes - folder_bytes(cache_folder, "inputs-*[0-9]"))
     needs: dict[int, list] = {}  # filesystem -> [bytes, folder, what]
     for folder, n, what in ((out, output_left, "output"), (cache_folder, cache_left, "activation cache"), *others):
         where = existing_ancestor(folder)

@@ -41,7 +41,7 @@ from .numerics import (
     Ridges,
     add_gram,
     add_ridge,
-    held_out_ridge,
+    held_out_refit,
     invert_spd,
     mean_square,
     solve,
@@ -212,20 +212,37 @@ def removed_heads(alone: torch.Tensor, spec: BlockSpec, kv: int, g: int) -> torc
     return torch.tensor(sorted(set(range(spec.n_heads)) - set(kept.tolist())), dtype=torch.long)
 
 
-def block_ridges(W, spec: BlockSpec, grams: Grams, sample) -> Ridges:
-    """Each refit's ridge, chosen on the held-out tokens (numerics.held_out_ridge): o_proj's with
-    about half the heads of each group removed, down_proj's with half the neurons removed, each
-    set chosen by its units' costs alone (without a refit)."""
-    o, a = sample[1], sample[3]
-    scale = token_scale(sample[2]).reshape(-1, 1)
+def reference_units(W, spec: BlockSpec, grams: Grams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference cuts' units, chosen by their costs alone (without a refit): the heads removed
+    (about half of each group; of the groups, without GQA) and the neurons kept (half)."""
     alone = head_costs_alone(W["o"], grams.heads, None, spec)
     removed = removed_heads(alone, spec, spec.n_kv, max(1, spec.group // 2)) if spec.group > 1 else \
         removed_heads(alone, spec, max(1, spec.n_kv // 2), 1)
-    keep_heads = columns(torch.tensor(sorted(set(range(spec.n_heads)) - set(removed.tolist()))), spec.head_dim)
-    heads = held_out_ridge(grams.heads, W["o"], keep_heads, o.float() * scale)
     worth = grams.mlp.diagonal().to(W["down"].device, torch.float32) * W["down"].float().pow(2).sum(0)
     keep_neurons = worth.argsort(descending=True, stable=True)[:max(1, spec.intermediate // 2)].sort().values
-    return Ridges(heads, held_out_ridge(grams.mlp, W["down"], keep_neurons, a))
+    return removed, keep_neurons
+
+
+def block_ridges(W, spec: BlockSpec, grams: Grams, sample) -> tuple[Ridges, dict[str, torch.Tensor]]:
+    """Each refit's ridge, chosen on the held-out tokens (numerics.held_out_refit) for the
+    reference cuts (reference_units). Also those two cuts, refit under their ridges: {"o": o_proj,
+    "down": down_proj}, the removed columns zero (what sensitivity.py probes with)."""
+    o, a = sample[1], sample[3]
+    scale = token_scale(sample[2]).reshape(-1, 1)
+    removed, keep_neurons = reference_units(W, spec, grams)
+    keep_heads = columns(torch.tensor(sorted(set(range(spec.n_heads)) - set(removed.tolist()))), spec.head_dim)
+    heads, o_cut = held_out_refit(grams.heads, W["o"], keep_heads, o.float() * scale)
+    neurons, down_cut = held_out_refit(grams.mlp, W["down"], keep_neurons, a)
+    cuts = {"o": o_cut.to(W["o"].device, W["o"].dtype), "down": down_cut.to(W["down"].device, W["down"].dtype)}
+    return Ridges(heads, neurons), cuts
+
+
+def zeroed_cuts(W, spec: BlockSpec, grams: Grams) -> dict[str, torch.Tensor]:
+    """The reference cuts without a refit: the removed heads' and neurons' columns zeroed."""
+    removed, keep_neurons = reference_units(W, spec, grams)
+    down = torch.zeros_like(W["down"])
+    down[:, keep_neurons.to(down.device)] = W["down"][:, keep_neurons.to(down.device)]
+    return {"o": refit_columns(W["o"], None, columns(removed, spec.head_dim).to(W["o"].device)), "down": down}
 
 
 def refit_columns(W: torch.Tensor, Hinv: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
@@ -283,11 +300,12 @@ def rising(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
 
 
 def block_costs(W, spec: BlockSpec, calib: Calibration, refit: bool,
-                write: Callable[[int, torch.Tensor], None]) -> BlockCosts:
+                write: Callable[[int, torch.Tensor], None], cuts: dict | None = None) -> BlockCosts:
     """One pass over the block's dense calibration inputs (`calib`, scoring.base.Calibration): the
     costs of its cuts, in the unit of this module; `write(start, y)` receives the dense outputs (the
     next block's inputs), start counted in this rank's windows. The sample of held-out tokens: up
-    to SAMPLE_TOKENS, at most one token in SAMPLE_SHARE of each window."""
+    to SAMPLE_TOKENS, at most one token in SAMPLE_SHARE of each window. `cuts`, if given, receives
+    block_ridges' reference cuts (with a refit; without one, the same units' columns zeroed)."""
     timer, T = calib.timer, calib.cos.shape[0]
     per_window = min(-(-SAMPLE_TOKENS // max(1, calib.samples)), max(1, T // SAMPLE_SHARE))
     grams, start = Grams(spec, calib.generator, per_window, calib.placement), 0
@@ -305,7 +323,11 @@ def block_costs(W, spec: BlockSpec, calib: Calibration, refit: bool,
     ridges = None
     if refit:
         with phase(timer, "survey_ridges"):
-            ridges = block_ridges(W, spec, grams, sample)
+            ridges, reference = block_ridges(W, spec, grams, sample)
+        if cuts is not None:
+            cuts.update(reference)
+    elif cuts is not None:
+        cuts.update(zeroed_cuts(W, spec, grams))
     with phase(timer, "survey_heads"):
         heads = head_costs(W, grams.heads, spec, refit, sample, ridges.heads if refit else RIDGE)
     with phase(timer, "survey_neurons"):

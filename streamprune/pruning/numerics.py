@@ -99,10 +99,17 @@ class Ridges:
 
 
 def held_out_ridge(G: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, A: torch.Tensor) -> float:
+    """held_out_refit's ridge."""
+    return held_out_refit(G, W, keep, A)[0]
+
+
+def held_out_refit(G: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, A: torch.Tensor
+                   ) -> tuple[float, torch.Tensor]:
     """The ridge (RIDGE times a power of RIDGE_STEP, from RIDGE / 10 to 100 RIDGE) under which
     refitting W (out, in) on its inputs `keep` alone, towards W's own output on the Gram G of the
     fitting tokens, errs least on held-out tokens A (n, in, already weighted): one ridge in each of
-    three decades, then the steps beside the best; at most five factorizations of the kept inputs."""
+    three decades, then the steps beside the best; at most five factorizations of the kept inputs.
+    Returns it and W refit under it (out, in; the columns not kept zero)."""
     keep = keep.to(G.device)
     W = W.to(G.device, G.dtype)
     A = A.to(G.device, G.dtype)
@@ -110,6 +117,7 @@ def held_out_ridge(G: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, A: torc
     C = torch.cat([G[keep[i:i + 1024]] @ W.T for i in range(0, len(keep), 1024)])  # (kept, out), G[keep] in parts
     W0, A_kept = W[:, keep].T, A[:, keep]
     errors: dict[int, float] = {}
+    best: list = [None, None]  # (error, refit) of the best ridge so far
 
     def error(k: int) -> float:  # ridge RIDGE * RIDGE_STEP ** k
         if k not in errors:
@@ -117,11 +125,15 @@ def held_out_ridge(G: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, A: torc
             lam = add_ridge(G_kept, RIDGE * RIDGE_STEP ** k)
             X = solve_spd(G_kept, C + lam * W0)  # (kept, out)
             errors[k] = (A_kept @ X - target).pow(2).sum().item()
+            if best[0] is None or errors[k] < best[0]:
+                best[:] = errors[k], X
         return errors[k]
 
-    best = min((-1, 1, 3), key=error)
-    best = min((best - 1, best, best + 1), key=error)
-    return RIDGE * RIDGE_STEP ** best
+    k = min((-1, 1, 3), key=error)
+    k = min((k - 1, k, k + 1), key=error)
+    refit = torch.zeros_like(W)
+    refit[:, keep] = best[1].T
+    return RIDGE * RIDGE_STEP ** k, refit
 
 
 @dataclass(frozen=True)

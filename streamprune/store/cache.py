@@ -1,5 +1,7 @@
 """On-disk activation cache: the inputs of block i for every calibration sample, as one
-memory-mapped float32 file per block boundary. Only a micro-batch is ever in RAM.
+memory-mapped file per block boundary, in the run's compute dtype (fp32 on a CPU; bf16 or fp16 on
+a GPU running the model in it: the values the GPU computes are all in that dtype, so the narrower
+files lose nothing and halve the I/O). Only a micro-batch is ever in RAM.
 
 A run's cache folder belongs to that run alone: it is created by streamprune, carries an owner
 mark naming the output folder and the run, and removing it deletes only the files streamprune
@@ -24,7 +26,8 @@ from .fsutil import TMP_SUFFIX, atomic_write_json, fsync_dir, no_space
 
 CHUNK_BYTES = 64 * 2**20  # host staging per copy between the cache and the compute device
 OWNER_MARK = "streamprune-cache.json"
-OWN_FILE = re.compile(r"(inputs|targets)-\d{5}\.f32(\.tmp)?")  # what a cache folder may hold besides the mark
+# what a cache folder may hold besides the mark
+OWN_FILE = re.compile(r"(inputs|targets|probes)-\d{5}\.(f32|bf16|f16)(\.tmp)?")
 EVAL_PREFIX = "streamprune-eval-"  # temporary caches of evaluations (a run's: inside its cache folder)
 
 
@@ -70,18 +73,25 @@ def check_cache_folder(folder: Path, out: Path) -> None:
                                "choose another --cache-dir")
 
 
+# how each dtype is stored: file suffix and the numpy type of its bits (bf16 as raw 16-bit words)
+STORED = {torch.float32: ("f32", np.float32), torch.bfloat16: ("bf16", np.int16), torch.float16: ("f16", np.float16)}
+
+
 class ActivationCache:
-    def __init__(self, folder: Path, samples: int, seq_len: int, hidden: int):
+    def __init__(self, folder: Path, samples: int, seq_len: int, hidden: int, dtype: torch.dtype = torch.float32):
         self.folder = Path(folder)
         self.shape = (samples, seq_len, hidden)
+        self.dtype = dtype
+        self.suffix, self.np_dtype = STORED[dtype]
         self.folder.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def claim(cls, folder: Path, out: Path, run_id: str, samples: int, seq_len: int, hidden: int) -> "ActivationCache":
+    def claim(cls, folder: Path, out: Path, run_id: str, samples: int, seq_len: int, hidden: int,
+              dtype: torch.dtype = torch.float32) -> "ActivationCache":
         """The cache of run `run_id` into `out`. What another run (an earlier one into the same
         output, restarted) left in the folder is deleted, so stale activations are never read."""
         check_cache_folder(folder, out)
-        cache = cls(folder, samples, seq_len, hidden)
+        cache = cls(folder, samples, seq_len, hidden, dtype)
         owner = cache_owner(cache.folder)
         if owner is None or owner.get("run") != run_id:
             cache.remove_contents()
@@ -90,19 +100,33 @@ class ActivationCache:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * 4
+        return int(np.prod(self.shape)) * self.itemsize
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.np_dtype).itemsize
 
     def path(self, block: int, kind: str = "inputs") -> Path:
         """The file of block's inputs, or (kind "targets") of its dense outputs on them, kept
         between the passes of the pruning pass over that block."""
-        return self.folder / f"{kind}-{block:05d}.f32"
+        return self.folder / f"{kind}-{block:05d}.{self.suffix}"
 
     def has(self, block: int) -> bool:
         p = self.path(block)
         return p.is_file() and p.stat().st_size == self.nbytes
 
     def reader(self, block: int, kind: str = "inputs") -> np.memmap:
-        return np.memmap(self.path(block, kind), dtype=np.float32, mode="r", shape=self.shape)
+        return np.memmap(self.path(block, kind), dtype=self.np_dtype, mode="r", shape=self.shape)
+
+    def from_stored(self, rows: np.ndarray) -> torch.Tensor:
+        """Rows read from a file as a tensor of the cache's dtype."""
+        t = torch.from_numpy(np.array(rows))
+        return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
+
+    def to_stored(self, x: torch.Tensor) -> np.ndarray:
+        """A tensor as the file stores it (in the cache's dtype: exact for the values it computes)."""
+        x = x.detach().to(self.dtype).cpu()
+        return (x.view(torch.int16) if self.dtype == torch.bfloat16 else x).numpy()
 
     def batch(self, block: int, start: int, stop: int, device="cpu", dtype=torch.float32,
               kind: str = "inputs") -> torch.Tensor:
@@ -112,7 +136,7 @@ class ActivationCache:
         out = torch.empty(rows.shape, dtype=dtype, device=device)
         step = chunk_rows(rows.shape)
         for i in range(0, len(rows), step):
-            out[i:i + step] = torch.from_numpy(np.array(rows[i:i + step]))
+            out[i:i + step] = self.from_stored(rows[i:i + step])
         return out
 
     def writer(self, block: int, kind: str = "inputs") -> "CacheWriter":
@@ -176,16 +200,16 @@ class CacheWriter:
     them durable and visible under the final name, so a crash never leaves a partial file."""
 
     def __init__(self, cache: ActivationCache, block: int, kind: str = "inputs"):
-        self.final = cache.path(block, kind)
+        self.cache, self.final = cache, cache.path(block, kind)
         self.tmp = self.final.with_name(self.final.name + ".tmp")
         preallocate(self.tmp, cache.nbytes)
-        self.mm = np.memmap(self.tmp, dtype=np.float32, mode="r+", shape=cache.shape)
+        self.mm = np.memmap(self.tmp, dtype=cache.np_dtype, mode="r+", shape=cache.shape)
 
     def write(self, start: int, x: torch.Tensor) -> None:
         fault_point("cache_write")
         step = chunk_rows(x.shape)
         for i in range(0, x.shape[0], step):
-            part = x[i:i + step].detach().float().cpu().numpy()
+            part = self.cache.to_stored(x[i:i + step])
             self.mm[start + i:start + i + len(part)] = part
 
     def commit(self, durable: bool = True) -> None:

@@ -1,5 +1,6 @@
 """The survey (engine/survey.py), through a real survey-only run of a tiny model: one journaled
-survey record per block, block 0's inputs left in the cache, surveyed blocks never run again."""
+survey record per block, block 0's inputs left in the cache, surveyed blocks never run again, the
+blocks' sensitivities measured (the same after an interruption) and weighing the costs."""
 
 import json
 
@@ -8,6 +9,7 @@ import pytest
 import streamprune
 from streamprune.engine import survey
 from streamprune.pruning.costs import BlockCosts
+from streamprune.pruning.sensitivity import weigh
 from tests.models import TINYSTORIES, save_tiny_model
 
 LAYERS = 3
@@ -18,11 +20,11 @@ def counting(monkeypatch, fail_at=None):
     """Count the blocks block_costs is run on; a Ctrl-C at block `fail_at`."""
     calls = []
 
-    def block_costs(W, spec, calib, refit, write):
+    def block_costs(W, spec, calib, refit, write, cuts=None):
         calls.append(calib.generator.initial_seed())
         if len(calls) - 1 == fail_at:
             raise KeyboardInterrupt
-        return REAL(W, spec, calib, refit, write)
+        return REAL(W, spec, calib, refit, write, cuts)
 
     monkeypatch.setattr(survey, "block_costs", block_costs)
     return calls
@@ -52,9 +54,15 @@ def test_one_survey_record_per_block_and_only_block_0s_inputs_stay(model, tmp_pa
     records = journal(out)["survey"]
     assert sorted(records) == [str(i) for i in range(LAYERS)]
     for i, record in records.items():
-        assert {"heads", "neurons", "drop", "seconds", "phases"} <= set(record)
+        assert {"heads", "neurons", "drop", "seconds", "phases", "probe"} <= set(record)
         assert record["neurons"][0] == [96, 0.0] and record["drop"] > 0
-        assert BlockCosts.from_json(record) == result.costs[int(i)]
+        assert len(record["probe"]) == 2 and all(c > 0 for c in record["probe"])
+    kl = records[str(LAYERS - 1)]["sensitivity"]  # per block (heads, mlp), measured at the output
+    assert len(kl) == LAYERS and all(len(k) == 2 and k[0] > 0 and k[1] > 0 for k in kl)
+    ordered = [records[str(i)] for i in range(LAYERS)]
+    sens = survey.measured_sensitivities(ordered)
+    assert result.costs == weigh([BlockCosts.from_json(r) for r in ordered], sens)
+    assert result.costs != [BlockCosts.from_json(r) for r in ordered]
     assert journal(out)["blocks"] == {}  # nothing pruned
     cache = out / ".streamprune" / "cache"
     assert sorted(p.name for p in cache.glob("*.f32*")) == ["inputs-00000.f32"]
@@ -74,3 +82,11 @@ def test_a_resumed_survey_runs_only_the_blocks_not_surveyed(model, tmp_path, mon
     survey_only(model, out)
     assert len(calls) == LAYERS - 1  # blocks 1 and 2 only
     assert sorted(journal(out)["survey"]) == [str(i) for i in range(LAYERS)]
+    # the probe streams resumed from block 0's file: the same costs and sensitivities as without a stop
+    whole = tmp_path / "whole"
+    survey_only(model, whole)
+
+    def measured(o):
+        return {i: {k: v for k, v in r.items() if k not in ("seconds", "phases")}
+                for i, r in journal(o)["survey"].items()}
+    assert measured(out) == measured(whole)

@@ -1,6 +1,6 @@
-"""cache.py: activations round-trip through the memory-mapped cache in fp32, whatever the
-micro-batches and host chunks; a cache folder belongs to one run, which deletes only the files
-it writes and never a user's."""
+"""cache.py: activations round-trip through the memory-mapped cache in fp32 (or exactly in the
+compute dtype, bf16 or fp16, in half the bytes), whatever the micro-batches and host chunks; a
+cache folder belongs to one run, which deletes only the files it writes and never a user's."""
 
 import json
 from pathlib import Path
@@ -61,6 +61,23 @@ def test_half_precision_inputs_are_stored_in_fp32(tmp_path):
     writer.commit()
     assert torch.equal(cache.batch(0, 0, SAMPLES), x.float())
     assert cache.batch(0, 1, 3, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_cache_in_the_compute_dtype_keeps_its_values_exactly_in_half_the_bytes(tmp_path, dtype):
+    x, cache = activations(dtype), ActivationCache(tmp_path / "c", SAMPLES, SEQ, HIDDEN, dtype)
+    writer = cache.writer(2)
+    writer.write(0, x[:2])
+    writer.write(2, x[2:])
+    writer.commit()
+    suffix = {torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+    assert cache.path(2).name == f"inputs-00002.{suffix}" and cache.has(2)
+    assert cache.path(2).stat().st_size == cache.nbytes == SAMPLES * SAMPLE_BYTES // 2
+    assert torch.equal(cache.batch(2, 0, SAMPLES, dtype=dtype), x)  # the values the compute dtype has, exactly
+    assert torch.equal(cache.batch(2, 1, 4), x[1:4].float())
+    (tmp_path / "c" / "mine.txt").write_text("a user's")
+    cache.remove_contents()  # its own files, in any dtype; never a user's
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["mine.txt"]
 
 
 def test_has_and_drop(tmp_path):
@@ -183,3 +200,11 @@ def test_check_cache_folder(tmp_path):
     with pytest.raises(StreamPruneError, match="belongs to the run into"):
         check_cache_folder(tmp_path / "theirs", out)
     check_cache_folder(tmp_path / "theirs", tmp_path / "other-out")
+
+
+def test_a_run_caches_in_the_dtype_its_blocks_compute_in(tmp_path):
+    from streamprune.arch.model import model_compute_dtype, open_model
+    from tests.models import save_tiny_model
+    model = open_model(save_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16))
+    assert model_compute_dtype(model, torch.device("cpu")) == torch.float32  # a CPU computes in fp32
+    assert model_compute_dtype(model, torch.device("cuda")) == torch.bfloat16  # a GPU in the model's dtype
