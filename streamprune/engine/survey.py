@@ -13,7 +13,7 @@ import torch
 
 from ..arch.spec import EMBED, FINAL_NORM, LM_HEAD
 from ..planning.validate import check_finite_activations
-from ..pruning.costs import BlockCosts, block_costs
+from ..pruning.costs import BlockCosts, block_costs, held_out_survey
 from ..pruning.phases import PhaseTimer
 from ..pruning.sensitivity import (
     KINDS,
@@ -39,8 +39,9 @@ STREAM_GROUP_BYTES = 256 * 2**20  # probe streams (or lm_head rows) in memory at
 
 
 def survey(ctx: RunContext, journal: Journal) -> list[BlockCosts]:
-    """Costs of every block, weighed by the blocks' sensitivities (sensitivity.py; rank 0's probe
-    streams, kept beside the cache); blocks already surveyed (journal) are not run again. Expects the cache
+    """Costs of every block; held out where the calibration is scarce (costs.held_out_survey), and
+    then weighed by the blocks' sensitivities (sensitivity.py; rank 0's probe streams, kept beside
+    the cache); blocks already surveyed (journal) are not run again. Expects the cache
     to hold the inputs of the first block not surveyed yet; leaves only block 0's (the embeddings,
     which the pruning pass starts from: written once, not twice) behind. With several ranks, the
     cache holds this rank's share of the windows; every rank gets rank 0's costs, and rank 0
@@ -50,7 +51,8 @@ def survey(ctx: RunContext, journal: Journal) -> list[BlockCosts]:
     if start < L:
         log.info("survey: %d blocks%s", L, f" (resuming: {start} of {L} blocks done)" if start else "",
                  extra={} if start else FILE_ONLY)  # the bar says the rest
-    probes = ProbeStreams(ctx) if ranks.is_writer else None
+    held = held_out_survey(model.arch.blocks, ctx.cfg.samples * ctx.cfg.seq_len)
+    probes = ProbeStreams(ctx) if ranks.is_writer and held else None
     with progress_bar("survey", L, start, ctx.cfg.progress) as bar:
         for layer in stream.blocks(start, bar):
             t0, timer = time.time(), PhaseTimer(ctx.device, ctx.cfg.profile)
@@ -69,7 +71,7 @@ def survey(ctx: RunContext, journal: Journal) -> list[BlockCosts]:
             cuts: dict = {}
             with torch.no_grad():
                 costs = block_costs(W, model.arch.blocks[layer], ctx.calibration(stream, layer, dtype, timer),
-                                    ctx.cfg.compensation.refits, write, cuts)
+                                    ctx.cfg.compensation.refits, write, cuts, held)
             writer.commit()
             measured = {}
             if probes is not None:

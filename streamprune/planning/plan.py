@@ -19,7 +19,7 @@ import psutil
 import torch
 
 from ..errors import StreamPruneError
-from ..pruning.costs import CURVE_STEPS, SAMPLE_SHARE, SAMPLE_TOKENS
+from ..pruning.costs import CURVE_STEPS, SAMPLE_SHARE, SAMPLE_TOKENS, held_out_survey
 from ..pruning.numerics import ON_DEVICE, GramPlacement
 from ..pruning.selection import Sizes
 from ..pruning.sensitivity import probe_shape, stream_count
@@ -271,9 +271,10 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
     parts = {}
     if cfg.allocation != "rule":
         layouts = spec.n_kv * spec.group * min(SAMPLE_TOKENS, N) / N
+        held = held_out_survey(model.arch.blocks, N)  # the held-out ridges (with a refit) and the sensitivity probes
         parts["survey"] = 1 + (gram_flops(HD) + gram_flops(I) + layouts * mlp_after_attention
-                               + (solves + held_out_flops(spec, cfg) / N if refit else 0)) / block \
-            + probe_passes(model.arch.n_layers, cfg.samples, T)
+                               + (solves + (held_out_flops(spec, cfg) / N if held else 0) if refit else 0)) / block \
+            + (probe_passes(model.arch.n_layers, cfg.samples, T) if held else 0)
     scorer = cfg.scorer()
     if cfg.method == "perturb" and refit and not heads_cut:  # one pass: the OBS Gram, the refit's equations
         parts["scoring"] = 1 + (gram_flops(I) + solves) / block
@@ -320,8 +321,9 @@ def one_thread_passes(cfg, model) -> float:
     if str(cfg.device).startswith("cuda") or not cfg.compensation.refits:
         return 0.0
     spec = max(model.arch.blocks, key=lambda b: b.n_params())
-    # the survey's curve (and its held-out ridges: five factorizations of I/2), the scorer's OBS
-    stages = (cfg.allocation != "rule") * (1 + 5 / 24) + (cfg.method == "perturb")
+    # the survey's curve (and, held out, its ridges: five factorizations of I/2), the scorer's OBS
+    held = held_out_survey(model.arch.blocks, cfg.samples * cfg.seq_len)
+    stages = (cfg.allocation != "rule") * (1 + 5 / 24 * held) + (cfg.method == "perturb")
     return stages * torch.get_num_threads() * spec.intermediate ** 3 / (cfg.samples * cfg.seq_len) \
         / block_flops(spec, cfg.seq_len)
 
@@ -341,4 +343,5 @@ def plan_run(cfg, model, max_memory: int | None = None, host_memory: int | None 
     sizes = planned_sizes(model, cfg.sparsity, cfg.alignment)
     scoring, compensation = stage_bytes(cfg, model, sizes)
     return make_plan(model, sizes, cfg.samples, cfg.seq_len, cfg.device, cfg.sparsity, max_memory or cfg.max_memory,
-                     cfg.batch_size, scoring, compensation, host_memory, check_host, probes=cfg.allocation != "rule")
+                     cfg.batch_size, scoring, compensation, host_memory, check_host,
+                     probes=cfg.allocation != "rule" and held_out_survey(model.arch.blocks, cfg.samples * cfg.seq_len))

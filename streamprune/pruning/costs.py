@@ -57,6 +57,19 @@ CURVE_STEPS = 16  # points of a block's neuron curve
 SAMPLE_TOKENS = 2048  # held-out calibration tokens the costs are measured on
 SAMPLE_SHARE = 4  # at most one token in this many of each window is held out (the others fit the refits)
 CURVE_KEEP = 1 / 16  # the curve runs down to this fraction of the neurons (then extrapolates)
+# fewer calibration tokens than this per neuron of the widest MLP: costs held out (held_out_survey)
+TOKENS_PER_NEURON = 8
+
+
+def held_out_survey(blocks, tokens: int) -> bool:
+    """Whether the survey holds tokens out of its refits and measures its costs (and ridges, and the
+    blocks' sensitivities, sensitivity.py) on them: where the calibration has fewer than
+    TOKENS_PER_NEURON tokens per neuron of the widest MLP, in-sample costs of a down_proj refit are
+    10-30x too low, unevenly across blocks (Qwen2.5-Coder-0.5B at 8,192 tokens for 4,864 neurons:
+    held out, +30.9% at 30% against +44.0% in-sample); with many tokens per neuron the in-sample
+    costs on every token serve better (SmolLM2-135M at 16,384 for 1,536: +30.8% in-sample, +36.6%
+    held out). docs/quality.md."""
+    return tokens < TOKENS_PER_NEURON * max(b.intermediate for b in blocks)
 
 
 @dataclass(frozen=True)
@@ -99,12 +112,13 @@ class Grams:
     that many tokens of each window are held out: kept in `sample`, left out of the Gram matrices."""
 
     def __init__(self, spec: BlockSpec, generator: torch.Generator | None = None, per_window: int = 0,
-                 placement: GramPlacement = ON_DEVICE):
+                 placement: GramPlacement = ON_DEVICE, hold_out: bool = True):
         self.spec, self.placement = spec, placement
         self.heads = self.mlp = None
         self.update = 0.0
         self.tokens = self.fitted = 0  # all tokens; those in the Gram matrices
         self.generator, self.per_window = generator, per_window  # tokens of each window kept in `sample`
+        self.hold_out = hold_out  # the sample's tokens left out of the Gram matrices
         # (x, head outputs, y, weighted MLP activations) at those tokens
         self.sample: list[tuple[torch.Tensor, ...]] = []
 
@@ -127,9 +141,10 @@ class Grams:
             k = self.per_window * x.shape[0]
             pick = torch.randperm(s.shape[0], generator=self.generator)[:k].sort().values.to(x.device)
             self.sample.append((x.reshape(-1, spec.hidden)[pick], o[pick], y.reshape(-1, spec.hidden)[pick], a[pick]))
-            fit = s.clone()
-            fit[pick] = 0  # held out: not in the Gram matrices
-            a = a * (fit > 0)
+            if self.hold_out:
+                fit = s.clone()
+                fit[pick] = 0  # held out: not in the Gram matrices
+                a = a * (fit > 0)
         self.heads = add_gram(self.heads, o.float() * fit)
         self.mlp = add_gram(self.mlp, a, placement=self.placement)
         self.fitted += int((fit > 0).sum())
@@ -300,15 +315,20 @@ def rising(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
 
 
 def block_costs(W, spec: BlockSpec, calib: Calibration, refit: bool,
-                write: Callable[[int, torch.Tensor], None], cuts: dict | None = None) -> BlockCosts:
+                write: Callable[[int, torch.Tensor], None], cuts: dict | None = None,
+                held_out: bool = True) -> BlockCosts:
     """One pass over the block's dense calibration inputs (`calib`, scoring.base.Calibration): the
     costs of its cuts, in the unit of this module; `write(start, y)` receives the dense outputs (the
     next block's inputs), start counted in this rank's windows. The sample of held-out tokens: up
-    to SAMPLE_TOKENS, at most one token in SAMPLE_SHARE of each window. `cuts`, if given, receives
-    block_ridges' reference cuts (with a refit; without one, the same units' columns zeroed)."""
+    to SAMPLE_TOKENS, at most one token in SAMPLE_SHARE of each window; without `held_out`
+    (held_out_survey) the sample is in the Gram matrices too, the costs are measured on the
+    fitting tokens and the ridges are the fixed RIDGE. `cuts`, if given, receives block_ridges'
+    reference cuts (held out, with a refit; otherwise the same units' columns zeroed)."""
     timer, T = calib.timer, calib.cos.shape[0]
-    per_window = min(-(-SAMPLE_TOKENS // max(1, calib.samples)), max(1, T // SAMPLE_SHARE))
-    grams, start = Grams(spec, calib.generator, per_window, calib.placement), 0
+    per_window = -(-SAMPLE_TOKENS // max(1, calib.samples))
+    if held_out:
+        per_window = min(per_window, max(1, T // SAMPLE_SHARE))
+    grams, start = Grams(spec, calib.generator, per_window, calib.placement, held_out), 0
     for b, x in calib.every_batch():  # (several ranks: every micro-batch draws its token sample)
         if x is None:
             grams.skip(b, T)
@@ -320,8 +340,8 @@ def block_costs(W, spec: BlockSpec, calib: Calibration, refit: bool,
         start += x.shape[0]
     grams.combine(calib.ranks)
     sample = grams.held_out()
-    ridges = None
-    if refit:
+    ridges, measured = None, refit and held_out
+    if measured:
         with phase(timer, "survey_ridges"):
             ridges, reference = block_ridges(W, spec, grams, sample)
         if cuts is not None:
@@ -329,13 +349,13 @@ def block_costs(W, spec: BlockSpec, calib: Calibration, refit: bool,
     elif cuts is not None:
         cuts.update(zeroed_cuts(W, spec, grams))
     with phase(timer, "survey_heads"):
-        heads = head_costs(W, grams.heads, spec, refit, sample, ridges.heads if refit else RIDGE)
+        heads = head_costs(W, grams.heads, spec, refit, sample, ridges.heads if measured else RIDGE)
     with phase(timer, "survey_neurons"):
-        if refit:  # measured on the held-out tokens
+        if measured:  # on the held-out tokens
             n_sample = float(spec.hidden * sample[3].shape[0])
             neurons = [(n, c / n_sample) for n, c in neuron_curve(W["down"], grams.mlp, True, timer, ridges.neurons,
                                                                   held_out=sample[3])]
-        else:
+        else:  # on the fitting tokens
             n_fitted = float(spec.hidden * max(grams.fitted, 1))
-            neurons = [(n, c / n_fitted) for n, c in neuron_curve(W["down"], grams.mlp, False, timer)]
+            neurons = [(n, c / n_fitted) for n, c in neuron_curve(W["down"], grams.mlp, refit, timer)]
     return BlockCosts(heads, neurons, grams.update / grams.norm, ridges)

@@ -4,8 +4,19 @@ its neuron curve between and beyond its points, and the neuron curve itself."""
 import pytest
 import torch
 
-from streamprune.pruning.costs import CURVE_KEEP, CURVE_STEPS, BlockCosts, Grams, neuron_curve, rising
+from streamprune.pruning.costs import (
+    CURVE_KEEP,
+    CURVE_STEPS,
+    TOKENS_PER_NEURON,
+    BlockCosts,
+    Grams,
+    block_costs,
+    held_out_survey,
+    neuron_curve,
+    rising,
+)
 from streamprune.pruning.numerics import Ridges
+from streamprune.pruning.scoring import Calibration
 from tests.models import SPEC, random_block
 
 COSTS = BlockCosts({(2, 1): 0.5, (1, 2): 0.75, (2, 2): 0.0, (1, 1): 1.25},
@@ -104,3 +115,26 @@ def test_grams_hold_their_sample_out_of_the_gram_matrices():
     # the Gram of all tokens is the fitted Gram plus the held-out tokens' (weighted activations)
     a = a.to(kept.mlp.dtype)
     assert torch.allclose(kept.mlp + a.T @ a, every.mlp, rtol=1e-4, atol=1e-5)
+
+
+def test_costs_are_held_out_only_where_tokens_are_few_per_neuron():
+    wide, narrow = SPEC.__class__(**{**SPEC.__dict__, "intermediate": 4864}), SPEC
+    assert held_out_survey([wide, narrow], 32 * 256)  # Qwen2.5-Coder-0.5B at 32 x 256: 1.7 per neuron
+    assert not held_out_survey([SPEC.__class__(**{**SPEC.__dict__, "intermediate": 1536})], 64 * 256)  # SmolLM2
+    assert held_out_survey([narrow], TOKENS_PER_NEURON * narrow.intermediate - 1)
+    assert not held_out_survey([narrow], TOKENS_PER_NEURON * narrow.intermediate)
+
+
+def test_in_sample_costs_keep_the_sample_in_the_grams_and_the_fixed_ridge():
+    W, g = random_block(SPEC), torch.Generator().manual_seed(0)
+    cos, sin = torch.ones(16, SPEC.head_dim), torch.zeros(16, SPEC.head_dim)
+    xs = [torch.randn(2, 16, SPEC.hidden, generator=g) for _ in range(2)]
+    calib = Calibration(lambda: iter(xs), cos, sin, torch.Generator().manual_seed(1), samples=4)
+    cuts: dict = {}
+    inside = block_costs(W, SPEC, calib, True, lambda s, y: None, cuts, held_out=False)
+    assert inside.ridges is None and set(cuts) == {"o", "down"}  # (the reference cuts, zeroed)
+    held = block_costs(W, SPEC, calib, True, lambda s, y: None, held_out=True)
+    assert held.ridges is not None and held.neurons != inside.neurons
+    kept = Grams(SPEC, torch.Generator().manual_seed(1), per_window=4, hold_out=False)
+    kept.add(W, xs[0], cos, sin)
+    assert kept.fitted == kept.tokens == 32 and len(kept.held_out()[0]) == 8
