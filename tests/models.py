@@ -55,11 +55,11 @@ def save_tiny_model(folder: Path, family: str, layers: int = 2, dtype=torch.floa
     return Path(folder)
 
 
-def confident_model(folder: Path, family: str, **extra) -> Path:
+def confident_model(folder: Path, family: str, vocab: int = 512, **extra) -> Path:
     """A random model of 3 blocks with the demo's tokenizer whose predictions are confident (lm_head
     scaled up), so that a wrong weight, bias or rotary layout moves the log-probabilities far beyond
     the tolerance of a comparison."""
-    save_tiny_model(folder, family, layers=3, tokenizer_from=TINYSTORIES / "stories260K", vocab=512, **extra)
+    save_tiny_model(folder, family, layers=3, tokenizer_from=TINYSTORIES / "stories260K", vocab=vocab, **extra)
     model = AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
         model.lm_head.weight.mul_(40)

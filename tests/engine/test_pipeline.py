@@ -69,7 +69,8 @@ def test_pruned_output_loads_and_computes_what_the_pipeline_computed(tmp_path, f
     cfg = run_config(src, out, sparsity=0.5, keep_cache=True, device=device, compensate=compensate,
                  allocation="uniform")  # a stock config (the per-block case has its own test below)
     report = pipeline.run(cfg)
-    assert 0.45 < report["block_params"]["removed_fraction"] < 0.55
+    # (uniform: the cheapest one shape within the budget, on this tiny model up to a head step past it)
+    assert 0.5 <= report["block_params"]["removed_fraction"] < 0.6
     model = load(out)
     saved = json.loads((out / "config.json").read_text())
     assert model.config.num_attention_heads == saved["num_attention_heads"] == report["plan"]["heads"]
@@ -119,7 +120,8 @@ def test_single_file_model_and_tied_embeddings(tmp_path):
 @pytest.mark.slow
 def test_llama_with_indivisible_head_count_is_written_as_mistral(tmp_path):
     src = tiny_model(tmp_path, "llama", heads=8, kv=4)  # at 25% keeps 3 KV groups x 2 = 6 heads; 64 % 6 != 0
-    pipeline.run(run_config(src, tmp_path / "out", sparsity=0.25, allocation="rule"))
+    # (--row-multiple 1: with the default 32, 6 heads x head_dim 8 is not a multiple and the rule keeps 4)
+    pipeline.run(run_config(src, tmp_path / "out", sparsity=0.25, allocation="rule", row_multiple=1))
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["num_attention_heads"] == 6 and saved["model_type"] == "mistral"
     assert saved["sliding_window"] is None

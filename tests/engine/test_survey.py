@@ -20,11 +20,11 @@ def counting(monkeypatch, fail_at=None):
     """Count the blocks block_costs is run on; a Ctrl-C at block `fail_at`."""
     calls = []
 
-    def block_costs(W, spec, calib, refit, write, cuts=None):
+    def block_costs(W, spec, calib, refit, write, cuts=None, held_out=True):
         calls.append(calib.generator.initial_seed())
         if len(calls) - 1 == fail_at:
             raise KeyboardInterrupt
-        return REAL(W, spec, calib, refit, write, cuts)
+        return REAL(W, spec, calib, refit, write, cuts, held_out)
 
     monkeypatch.setattr(survey, "block_costs", block_costs)
     return calls

@@ -42,7 +42,10 @@ def test_survey_only_previews_and_a_later_run_reuses_it(tmp_path):
     assert lines[0].startswith("shapes per block (query heads/KV heads/neurons; input 8/2/96)")
     assert lines[1].split() == ["block", "input", "at", "0.2", "at", "0.3", "at", "0.5"]
     removed = next(line for line in lines if line.strip().startswith("removed")).split()[1:]
-    assert [round(float(r.rstrip("%"))) for r in removed] == [20, 30, 50]  # what each column's sparsity asks
+    # what each column's sparsity asks, or up to one aligned neuron step more (32 of 96 neurons in a
+    # block: 7% of this tiny model), never less
+    got = [float(r.rstrip("%")) for r in removed]
+    assert all(want <= r < want + 7 for r, want in zip(got, (20, 30, 50))) and len(got) == 3, got
     costs = [float(c) for c in next(line for line in lines if line.strip().startswith("cost ")).split()[1:]]
     assert costs == sorted(costs) and costs[0] >= 0  # more removed, more cost
     assert f"--survey-from {out} --out NEW" in lines[-1]
