@@ -39,7 +39,11 @@ def tiny_config(family: str, layers: int = 2, hidden: int = 64, heads: int = 8, 
 
 def save_tiny_model(folder: Path, family: str, layers: int = 2, dtype=torch.float32, seed: int = 0,
                     shard_size: str = "40KB", tokenizer_from: Path | None = None, **extra) -> Path:
-    """A random model of `family` written with save_pretrained (sharded); returns the folder."""
+    """A random model of `family` written with save_pretrained (sharded); returns the folder. A Qwen2
+    with a tokenizer gets an embedding row for the <|endoftext|> its tokenizer class adds (id 512
+    with the demo's tokenizer)."""
+    if tokenizer_from is not None and family == "qwen2" and extra.get("vocab", 128) == 512:
+        extra["vocab"] = 520
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, layers, **extra))
     with torch.no_grad():  # random norms and biases, so slicing mistakes in them show up
