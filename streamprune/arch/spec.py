@@ -129,6 +129,11 @@ class Architecture:
     def block_tensors(self, layer: int) -> dict[str, str]:
         return {s: self.layer_tensor(layer, s) for s in self.blocks[layer].tensor_names()}
 
+    @property
+    def head_tensor(self) -> str:
+        """The tensor lm_head reads: its own, or the embedding when tied."""
+        return EMBED if self.tied else LM_HEAD
+
     def other_tensors(self) -> list[str]:
         return [EMBED, FINAL_NORM] + ([] if self.tied else [LM_HEAD])
 

@@ -28,7 +28,7 @@ from ..arch.calibration import (
 )
 from ..arch.families import rotary_tables
 from ..arch.model import check_device, compute_dtype, model_compute_dtype, open_model
-from ..arch.spec import EMBED, FINAL_NORM, LM_HEAD
+from ..arch.spec import FINAL_NORM
 from ..errors import StreamPruneError
 from ..planning.plan import activation_bytes
 from ..pruning.block import block_forward, rms_norm
@@ -141,7 +141,7 @@ def head_nll(stream: BlockStream, tokens: torch.Tensor, chunk: int) -> float:
     of the last block). Outer loop over vocab chunks (each row of lm_head read once), inner over
     micro-batches of the hidden states."""
     arch, index, device = stream.model.arch, stream.model.index, stream.device
-    head = EMBED if arch.tied else LM_HEAD
+    head = arch.head_tensor
     dtype = compute_dtype(device, DTYPES[index.tensors[head].dtype])
     norm = index.load({"n": FINAL_NORM}, device, dtype)["n"]
     targets = tokens[:, 1:]  # (n, T-1): window position t predicts token t+1

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ..arch.spec import EMBED, FINAL_NORM, LM_HEAD
+from ..arch.spec import FINAL_NORM
 from ..planning.validate import check_finite_activations
 from ..pruning.costs import BlockCosts, block_costs, held_out_survey
 from ..pruning.phases import PhaseTimer
@@ -68,7 +68,7 @@ def survey(ctx: RunContext, journal: Journal) -> list[BlockCosts]:
                 check_finite_activations(y, layer, s)
                 writer.write(s, y)
 
-            cuts: dict = {}
+            cuts: dict | None = {} if probes is not None else None  # the reference cuts, for the probes alone
             with torch.no_grad():
                 costs = block_costs(W, model.arch.blocks[layer], ctx.calibration(stream, layer, dtype, timer),
                                     ctx.cfg.compensation.refits, write, cuts, held)
@@ -151,7 +151,7 @@ class ProbeStreams:
         """Per block, (heads, mlp): KL of its probes' next-token distributions from the dense one's
         after the last block, over the dense model's top tokens."""
         ctx, arch, index = self.ctx, self.ctx.model.arch, self.ctx.model.index
-        head = EMBED if arch.tied else LM_HEAD
+        head = arch.head_tensor
         norm = index.load({"n": FINAL_NORM}, ctx.device, dtype)["n"]
         eps = arch.blocks[-1].eps
         dense = final_states(self.read(layer, 0, 1, dtype), norm, eps)[0]  # (N, E)

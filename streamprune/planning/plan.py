@@ -305,7 +305,7 @@ def probe_passes(n_layers: int, samples: int, seq_len: int) -> float:
 
 def held_out_flops(spec, cfg) -> float:
     """The survey's work on its held-out tokens, per block (costs.block_ridges, the neuron curve):
-    at most five factorizations of half the neurons (numerics.held_out_ridge) with their solves and
+    at most five factorizations of half the neurons (numerics.held_out_refit) with their solves and
     the refit's target, and the curve's error at each of its points (half the neurons kept on average)."""
     I, E, T = spec.intermediate, spec.hidden, cfg.seq_len
     sample = min(SAMPLE_TOKENS, cfg.samples * max(1, T // SAMPLE_SHARE))

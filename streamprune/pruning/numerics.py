@@ -16,7 +16,7 @@ import torch
 from .ranks import SINGLE, Ranks
 
 RIDGE = 1e-2  # ridge of least-squares refits and OBS, relative to the mean of diag(G), where none was measured
-RIDGE_STEP = 10 ** 0.5  # the ridges tried on held-out tokens (held_out_ridge): RIDGE times powers of this
+RIDGE_STEP = 10 ** 0.5  # the ridges tried on held-out tokens (held_out_refit): RIDGE times powers of this
 FP64_SOLVE_MAX = 4096  # larger Gram matrices are kept and factored in fp32 (half the memory)
 SYMMETRIC_MIN, SYMMETRIC_BLOCKS = 512, 4  # Gram matrices this wide are formed by blocks of their lower triangle
 
@@ -85,7 +85,7 @@ class Ridges:
     mean of diag(G): o_proj's over the kept heads, down_proj's over the kept neurons (OBS's greedy
     selection too). With calibration tokens not much more than a Gram matrix's columns, a refit
     that fits them closely fails on other tokens, so the survey measures each block's on tokens
-    it holds out (held_out_ridge); RIDGE where nothing was measured (the fixed rule)."""
+    it holds out (held_out_refit); RIDGE where nothing was measured (the fixed rule)."""
 
     heads: float = RIDGE
     neurons: float = RIDGE
@@ -96,11 +96,6 @@ class Ridges:
     @classmethod
     def from_json(cls, d: dict | None) -> "Ridges":
         return cls() if d is None else cls(float(d["heads"]), float(d["neurons"]))
-
-
-def held_out_ridge(G: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, A: torch.Tensor) -> float:
-    """held_out_refit's ridge."""
-    return held_out_refit(G, W, keep, A)[0]
 
 
 def held_out_refit(G: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, A: torch.Tensor

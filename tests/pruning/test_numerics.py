@@ -1,5 +1,6 @@
 """numerics: the SPD solves and inverse agree with torch.linalg (also where Cholesky fails), add_gram
-is A^T B however it is blocked, first_bad_value finds a NaN or an Inf, held_out_ridge chooses by held-out tokens."""
+is A^T B however it is blocked, first_bad_value finds a NaN or an Inf, held_out_refit chooses its
+ridge by held-out tokens."""
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from streamprune.pruning.numerics import (
     Ridges,
     add_gram,
     add_ridge,
-    held_out_ridge,
+    held_out_refit,
     invert_spd,
     solve_spd,
 )
@@ -86,7 +87,7 @@ def test_held_out_ridge_leans_on_the_weights_when_few_tokens_fit_them_and_not_wh
 
     def chosen(n_fit: int) -> float:
         fit, other = (torch.randn(n, I, generator=g, dtype=torch.float64) @ mix for n in (n_fit, 2000))
-        return held_out_ridge(fit.T @ fit, W, keep, other)
+        return held_out_refit(fit.T @ fit, W, keep, other)[0]
 
     few, many = chosen(30), chosen(20000)
     assert many <= RIDGE < few
