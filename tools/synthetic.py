@@ -17,7 +17,8 @@ import torch
 
 from streamprune.arch.families import architecture
 from streamprune.arch.spec import EMBED, FINAL_NORM, LM_HEAD
-from streamprune.store.shards import OutTensor, read_header, shard_name, write_safetensors
+from streamprune.store.safetensors_header import read_header
+from streamprune.store.shard_writer import OutTensor, shard_name, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import StreamPruneError
 from ..store.documents import as_source
-from ..store.shards import check_folder_files
+from ..store.input_files import check_folder_files
 from .spec import EMBED
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import StreamPruneError
-from ..store.shards import is_input_file, read_json
+from ..store.input_files import is_input_file, read_json
 from .spec import Architecture, BlockSpec
 
 

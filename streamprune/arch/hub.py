@@ -153,7 +153,7 @@ def remote_model(repo_id: str, revision: str | None):
     from huggingface_hub import get_safetensors_metadata
     from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError, SafetensorsParsingError
 
-    from ..store.shards import TensorInfo
+    from ..store.safetensors_header import TensorInfo
     from .model import model_from_headers
     folder = snapshot(repo_id, revision, SMALL_FILES)
     try:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..errors import StreamPruneError
-from ..store.shards import DTYPES, ShardIndex
+from ..store.safetensors_header import DTYPES
+from ..store.shards import ShardIndex
 from .families import architecture, read_config
 from .spec import Architecture
 

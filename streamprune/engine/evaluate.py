@@ -34,7 +34,7 @@ from ..planning.plan import activation_bytes
 from ..pruning.block import block_forward, rms_norm
 from ..store.cache import EVAL_PREFIX, ActivationCache
 from ..store.documents import as_source
-from ..store.shards import DTYPES
+from ..store.safetensors_header import DTYPES
 from .stream import BlockStream, progress_bar
 
 log = logging.getLogger(__name__)

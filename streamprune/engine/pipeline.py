@@ -45,7 +45,9 @@ from ..store.lock import OutputLock
 from ..store.modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from ..store.records import expect, read_checked_json
 from ..store.runlog import FILE_ONLY, TERMINAL_ONLY, held_records, run_log
-from ..store.shards import INDEX, OutTensor, read_header, shard_name, write_safetensors
+from ..store.safetensors_header import read_header
+from ..store.shard_writer import OutTensor, shard_name, write_safetensors
+from ..store.shards import INDEX
 from .context import RunContext
 from .distributed import join_ranks, other_rank_cache_folders, rank_cache_folder, shared_micro_batch
 from .pruning_pass import BlockRunner

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from ..arch.families import bias_sublayers
-from ..planning.validate import check_finite_activations
 from ..pruning.block import block_forward
 from ..pruning.phases import PhaseTimer, phase, timed_batches
 from ..pruning.scoring.base import TargetKeeper, Targets
@@ -21,10 +20,11 @@ from ..pruning.selection import select_units
 from ..pruning.shape import Shape
 from ..pruning.slicing import add_zero_biases, slice_block
 from ..store.faults import fault_point
+from ..store.finite import check_finite_activations
 from ..store.journal import Journal
 from ..store.records import BlockRecord
 from ..store.runlog import FILE_ONLY
-from ..store.shards import OutTensor, shard_name, write_safetensors
+from ..store.shard_writer import OutTensor, shard_name, write_safetensors
 from .context import RunContext
 from .stream import BlockStream, progress_bar
 

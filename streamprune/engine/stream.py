@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 from ..arch.model import Model, compute_dtype
-from ..planning.validate import check_finite_weights
 from ..store.cache import ActivationCache, CacheWriter
+from ..store.finite import check_finite_weights
 from ..store.runlog import BlockProgress, PlainProgress
 
 

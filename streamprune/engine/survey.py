@@ -12,7 +12,6 @@ import time
 import torch
 
 from ..arch.spec import FINAL_NORM
-from ..planning.validate import check_finite_activations
 from ..pruning.costs import BlockCosts, block_costs, held_out_survey
 from ..pruning.phases import PhaseTimer
 from ..pruning.sensitivity import (
@@ -29,6 +28,7 @@ from ..pruning.sensitivity import (
     weigh,
 )
 from ..store.cache import ActivationCache
+from ..store.finite import check_finite_activations
 from ..store.journal import Journal
 from ..store.runlog import FILE_ONLY
 from .context import RunContext

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..arch.calibration import load_tokenizer
 from ..errors import StreamPruneError
-from ..store.shards import is_input_file, read_json
+from ..store.input_files import is_input_file, read_json
 
 # token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

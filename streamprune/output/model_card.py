@@ -91,6 +91,6 @@ def base_model_name(folder) -> str:
 def write_card(out: Path, report: dict, base_model: str) -> None:
     """OUT/README.md from the report and OUT/config.json (written before it)."""
     from ..store.fsutil import atomic_write_bytes
-    from ..store.shards import read_json
+    from ..store.input_files import read_json
     config = read_json(Path(out) / "config.json", "config.json is not valid JSON")
     atomic_write_bytes(Path(out) / CARD, model_card(report, config, base_model).encode())

@@ -25,7 +25,7 @@ from ..pruning.selection import Sizes
 from ..pruning.sensitivity import probe_shape, stream_count
 from ..pruning.shape import rule_shape
 from ..store.cache import chunk_rows
-from ..store.shards import ITEMSIZE
+from ..store.safetensors_header import ITEMSIZE
 from .timing import block_flops, gram_flops
 
 BASE_PROCESS_BYTES = 700 * 2**20  # measured 440-660 MiB for `streamprune run` on CPU, rounded up

@@ -9,13 +9,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..arch.spec import BlockSpec
 from ..errors import StreamPruneError
 from ..pruning.selection import Alignment, aligned, attention_params, head_layouts, neuron_step
 from ..store.journal import WORKDIR
-from ..store.shards import check_finite_tensor, first_bad_value
 
 
 def size_text(n: int) -> str:
@@ -212,14 +209,3 @@ def check_free_disk(out: Path, cache_folder: Path, output_bytes: int, cache_byte
                                    "--cache-dir on another disk")
 
 
-def check_finite_weights(tensors: dict[str, torch.Tensor], names: dict[str, str]) -> None:
-    """`tensors` by short name; `names` maps short names to the stored tensor names."""
-    for short, t in tensors.items():
-        check_finite_tensor(t, names[short])
-
-
-def check_finite_activations(y: torch.Tensor, layer: int, first_sample: int) -> None:
-    bad = first_bad_value(y)
-    if bad:
-        raise StreamPruneError(f"layer {layer} produced {bad} activations on calibration samples from "
-                               f"{first_sample}; the model's weights or dtype overflow on this input")

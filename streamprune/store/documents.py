@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import StreamPruneError
-from .shards import is_input_file, open_input
+from .input_files import is_input_file, open_input
 
 SEPARATOR = "\n\n"
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")

@@ -21,7 +21,8 @@ from streamprune.arch.calibration import (
 from streamprune.arch.spec import EMBED
 from streamprune.errors import StreamPruneError
 from streamprune.store.cache import ActivationCache
-from streamprune.store.shards import OutTensor, ShardIndex, write_safetensors
+from streamprune.store.shard_writer import OutTensor, write_safetensors
+from streamprune.store.shards import ShardIndex
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 VOCAB, HIDDEN = 20, 4

@@ -9,7 +9,8 @@ import pytest
 from streamprune.config import RunConfig
 from streamprune.engine import pipeline
 from streamprune.store.records import BlockRecord, check_block_record
-from streamprune.store.shards import read_header, shard_name
+from streamprune.store.safetensors_header import read_header
+from streamprune.store.shard_writer import shard_name
 from tests.models import TINYSTORIES, save_tiny_model
 
 LAYERS = 3

@@ -6,7 +6,8 @@ import torch
 
 from streamprune.arch.families import architecture, read_config
 from streamprune.errors import StreamPruneError
-from streamprune.planning.validate import check_finite_activations, check_paths, check_sparsity, max_sparsity, size_text
+from streamprune.planning.validate import check_paths, check_sparsity, max_sparsity, size_text
+from streamprune.store.finite import check_finite_activations
 from tests.models import tiny_config
 
 

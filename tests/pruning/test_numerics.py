@@ -18,7 +18,7 @@ from streamprune.pruning.numerics import (
     invert_spd,
     solve_spd,
 )
-from streamprune.store.shards import first_bad_value
+from streamprune.store.finite import first_bad_value
 
 
 def spd(n: int, seed: int = 0) -> torch.Tensor:

@@ -11,7 +11,9 @@ from safetensors import safe_open
 
 from streamprune.errors import StreamPruneError
 from streamprune.store import shards
-from streamprune.store.shards import OutTensor, ShardIndex, read_header, tensor_bytes, write_safetensors
+from streamprune.store.safetensors_header import read_header
+from streamprune.store.shard_writer import OutTensor, tensor_bytes, write_safetensors
+from streamprune.store.shards import ShardIndex
 
 
 def tensors() -> dict[str, torch.Tensor]:
