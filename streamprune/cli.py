@@ -129,6 +129,7 @@ class Device(click.ParamType):
     name = "device"
 
     def convert(self, value, param, ctx):
+        from .device import check_device
         check_device(value)
         return value
 
@@ -140,22 +141,10 @@ class PlanDevice(click.ParamType):
     def convert(self, value, param, ctx):
         import torch
 
-        from .arch.model import parse_device
+        from .device import check_device, parse_device
         if parse_device(value).type == "cuda" and torch.cuda.is_available():
             check_device(value)
         return value
-
-
-def check_device(device: str) -> None:
-    """arch.model.check_device, plus the GPU number: cuda:N must exist."""
-    import torch
-
-    from .arch.model import check_device as check_device_type
-    dev = check_device_type(device)
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
-        raise StreamPruneError(f"--device {device}: this machine has {n} CUDA GPU{'s' if n > 1 else ''} "
-                               f"(cuda:0 to cuda:{n - 1})")
 
 
 def warn_beyond_physical(max_memory: int | None, device: str) -> None:

@@ -49,6 +49,7 @@ def test_no_import_cycle():
 # nothing beside it. Top-level modules are placed by name.
 LAYERS = (
     ("errors", "signals", "version"),  # leaves: no streamprune import
+    ("device",),  # where a run computes: the --device argument, the compute dtype
     ("store",),  # storage and state: shards, activation cache, journal, lock, log, texts
     ("arch",),  # the model's description: config, shapes, tensor names, tokenizer windows
     ("pruning",),  # the pure math: forward, scores, selection, slicing, compensation, costs, allocation

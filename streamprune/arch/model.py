@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import compute_dtype
 from ..errors import StreamPruneError
 from ..store.safetensors_header import DTYPES
 from ..store.shards import ShardIndex
@@ -45,30 +46,6 @@ def model_from_headers(folder: Path, tensors: dict) -> Model:
     index = ShardIndex(folder, tensors)
     index.check(arch.expected_shapes())
     return Model(folder, arch, index)
-
-
-def parse_device(device: str) -> torch.device:
-    """cpu, cuda or cuda:N, present here or not (plan describes a device it may not have)."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise StreamPruneError(f"unsupported device {device!r} (cpu or cuda)") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise StreamPruneError(f"unsupported device {device!r} (cpu or cuda)")
-    return dev
-
-
-def check_device(device: str) -> torch.device:
-    """A device this machine has."""
-    dev = parse_device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StreamPruneError("--device cuda requested but no CUDA GPU is available")
-    return dev
-
-
-def compute_dtype(dev: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    """fp32 on CPU; the model's own dtype on a GPU."""
-    return torch.float32 if dev.type == "cpu" else model_dtype
 
 
 def model_compute_dtype(model: "Model", dev: torch.device) -> torch.dtype:

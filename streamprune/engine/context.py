@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from ..arch.families import rotary_tables
-from ..arch.model import Model, block_generator, check_device
+from ..arch.model import Model, block_generator
 from ..config import RunConfig
+from ..device import check_device
 from ..pruning.numerics import GramPlacement, Ridges
 from ..pruning.phases import PhaseTimer, timed_batches
 from ..pruning.ranks import Ranks, Share

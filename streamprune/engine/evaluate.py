@@ -27,8 +27,9 @@ from ..arch.calibration import (
     write_embeddings,
 )
 from ..arch.families import rotary_tables
-from ..arch.model import check_device, compute_dtype, model_compute_dtype, open_model
+from ..arch.model import model_compute_dtype, open_model
 from ..arch.spec import FINAL_NORM
+from ..device import check_device, compute_dtype
 from ..errors import StreamPruneError
 from ..planning.plan import activation_bytes
 from ..pruning.block import block_forward, rms_norm

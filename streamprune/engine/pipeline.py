@@ -18,9 +18,10 @@ import torch
 
 from ..arch.calibration import check_text_sources, check_tokens_fit, fitted_windows, token_windows, write_embeddings
 from ..arch.families import bias_sublayers
-from ..arch.model import Model, check_device, model_compute_dtype, open_model
+from ..arch.model import Model, model_compute_dtype, open_model
 from ..arch.output_config import check_per_block_writable
 from ..config import SURVEY_FREE, RunConfig
+from ..device import check_device
 from ..errors import StreamPruneError
 from ..output.model_card import base_model_name, write_card
 from ..planning.advice import refusal

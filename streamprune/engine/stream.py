@@ -11,7 +11,8 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from ..arch.model import Model, compute_dtype
+from ..arch.model import Model
+from ..device import compute_dtype
 from ..store.cache import ActivationCache, CacheWriter
 from ..store.finite import check_finite_weights
 from ..store.runlog import BlockProgress, PlainProgress

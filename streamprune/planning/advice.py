@@ -12,8 +12,9 @@ import psutil
 import torch
 
 from ..arch.calibration import run_window
-from ..arch.model import open_model, parse_device
+from ..arch.model import open_model
 from ..config import COMPENSATIONS, METHODS
+from ..device import parse_device
 from ..errors import StreamPruneError
 from ..store.cache import run_cache_folder
 from ..store.journal import WORKDIR
