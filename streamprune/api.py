@@ -97,7 +97,7 @@ def checked_options(given: dict) -> dict:
     """`prune`'s options by the one table (config.RunConfig's fields): an unknown name is refused,
     and every value is checked against its kind and given as the command line gives it (a path as
     a Path, a size string such as "24GiB" as bytes, an integer number as a float)."""
-    from .planning.plan import parse_bytes
+    from .units import parse_bytes
     table = {f.name: (f, how) for f, how in options_of()}
     unknown = sorted(set(given) - set(table))
     if unknown:
@@ -130,8 +130,8 @@ def checked_options(given: dict) -> dict:
 
 
 def run_pruning(model, out, revision, notify, options: dict) -> PruneResult:
-    from .arch.hub import resolve_model
     from .engine.pipeline import check_before_model, run
+    from .inputs.hub import resolve_model
     cfg = RunConfig(shards=Path(model), out=Path(out), **options)
     check_before_model(cfg)  # before a Hub id's download
     folder = resolve_model(model, revision, cfg.progress, notify)

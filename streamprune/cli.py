@@ -117,7 +117,7 @@ class Size(click.ParamType):
     name = "size"
 
     def convert(self, value, param, ctx):
-        from .planning.plan import parse_bytes
+        from .units import parse_bytes
         try:
             return value if isinstance(value, int) else parse_bytes(value)
         except StreamPruneError as e:
@@ -205,7 +205,7 @@ def echo_err(text: str) -> None:
 def planning_model(arg: Path, revision: str | None):
     """inspect and plan: a folder (a local path, or a Hub id in the cache), or the model.Model of
     a Hub id read from the Hub's safetensors headers, without downloading its weights."""
-    from .arch.hub import model_for_planning
+    from .inputs.hub import model_for_planning
     model = model_for_planning(arg, revision)
     if not isinstance(model, Path):
         echo_err(f"{arg}: read from the Hugging Face Hub's safetensors headers (weights not downloaded)")
@@ -340,8 +340,8 @@ def plan_command(shards, revision, out, gpu_name, no_timing, nproc, as_json, **o
 def eval_command(model, revision, text, text_dataset, text_field, seq_len, device, batch_size, max_windows, cache_dir,
                  as_json, quiet):
     """Perplexity on held-out text, streaming one block at a time."""
-    from .arch.hub import resolve_model
     from .engine.evaluate import perplexity
+    from .inputs.hub import resolve_model
     from .store.documents import TextSource
     if seq_len < 0 or batch_size < 0 or max_windows < 0:
         raise StreamPruneError("--seq-len, --batch-size and --max-windows must be >= 0")

@@ -49,12 +49,14 @@ def test_no_import_cycle():
 # nothing beside it. Top-level modules are placed by name.
 LAYERS = (
     ("errors", "signals", "version"),  # leaves: no streamprune import
-    ("device",),  # where a run computes: the --device argument, the compute dtype
+    ("device", "units"),  # where a run computes (--device, the compute dtype); sizes as written and read
     ("store",),  # storage and state: shards, activation cache, journal, lock, log, texts
-    ("arch",),  # the model's description: config, shapes, tensor names, tokenizer windows
+    ("arch",),  # the model's description: config, shapes, tensor names
+    ("inputs",),  # where the inputs come from: the Hub, the calibration text as token windows
     ("pruning",),  # the pure math: forward, scores, selection, slicing, compensation, costs, allocation
     ("config",),  # the run's one config dataclass
-    ("planning", "output"),  # plan/validate/inspect; what a run leaves (loader, GGUF, card, report)
+    ("checks",),  # what refuses a run before it writes: paths, texts, sparsity, free disk
+    ("planning", "output"),  # memory, disk and time predicted from headers; what a run leaves (loader, GGUF, card)
     ("engine",),  # the streaming engine and the run's steps
     ("api", "cli", "__main__", "__init__"),  # the front: Python API, command line
 )

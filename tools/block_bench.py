@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamprune.planning.plan import parse_bytes  # noqa: E402
+from streamprune.units import parse_bytes
 from tools.synthetic import (  # noqa: E402
     DEMO,
     ROOT,

@@ -89,8 +89,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from streamprune.arch.calibration import load_tokenizer, tokenize_file
     from streamprune.engine.evaluate import eval_windows, perplexity
+    from streamprune.inputs.calibration import load_tokenizer, tokenize_file
 
     args.work.mkdir(parents=True, exist_ok=True)
     models = [(m.split("=", 1)[0], Path(m.split("=", 1)[1])) for m in args.model]

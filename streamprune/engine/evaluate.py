@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ..arch.calibration import (
+from ..arch.families import rotary_tables
+from ..arch.model import model_compute_dtype, open_model
+from ..arch.spec import FINAL_NORM
+from ..device import check_device, compute_dtype
+from ..errors import StreamPruneError
+from ..inputs.calibration import (
     check_tokens_fit,
     check_window,
     default_window,
@@ -26,11 +31,6 @@ from ..arch.calibration import (
     tokenize_file,
     write_embeddings,
 )
-from ..arch.families import rotary_tables
-from ..arch.model import model_compute_dtype, open_model
-from ..arch.spec import FINAL_NORM
-from ..device import check_device, compute_dtype
-from ..errors import StreamPruneError
 from ..planning.plan import activation_bytes
 from ..pruning.block import block_forward, rms_norm
 from ..store.cache import EVAL_PREFIX, ActivationCache

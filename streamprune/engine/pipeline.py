@@ -16,17 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ..arch.calibration import check_text_sources, check_tokens_fit, fitted_windows, token_windows, write_embeddings
 from ..arch.families import bias_sublayers
 from ..arch.model import Model, model_compute_dtype, open_model
 from ..arch.output_config import check_per_block_writable
-from ..config import SURVEY_FREE, RunConfig
-from ..device import check_device
-from ..errors import StreamPruneError
-from ..output.model_card import base_model_name, write_card
-from ..planning.advice import refusal
-from ..planning.plan import Plan, plan_run
-from ..planning.validate import (
+from ..checks.texts import check_text_sources, fitted_windows
+from ..checks.validate import (
     check_folders,
     check_free_disk,
     check_paths,
@@ -34,6 +28,13 @@ from ..planning.validate import (
     check_writable,
     fit_row_multiple,
 )
+from ..config import SURVEY_FREE, RunConfig
+from ..device import check_device
+from ..errors import StreamPruneError
+from ..inputs.calibration import check_tokens_fit, token_windows, write_embeddings
+from ..output.model_card import base_model_name, write_card
+from ..planning.advice import refusal
+from ..planning.plan import Plan, plan_run
 from ..pruning.allocation import allocate
 from ..pruning.numerics import GramPlacement
 from ..pruning.ranks import Ranks

@@ -20,8 +20,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..arch.calibration import load_tokenizer
 from ..errors import StreamPruneError
+from ..inputs.calibration import load_tokenizer
 from ..store.input_files import is_input_file, read_json
 
 # token types (llama.cpp's llama_token_type)

@@ -11,16 +11,17 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
-from ..arch.calibration import run_window
 from ..arch.model import open_model
+from ..checks.validate import check_sparsity, disk_needs, fit_row_multiple
 from ..config import COMPENSATIONS, METHODS
 from ..device import parse_device
 from ..errors import StreamPruneError
+from ..inputs.calibration import run_window
 from ..store.cache import run_cache_folder
 from ..store.journal import WORKDIR
-from .plan import USABLE, Plan, available_memory, largest, one_thread_passes, parse_bytes, plan_run, run_passes
+from ..units import parse_bytes, size_text
+from .plan import USABLE, Plan, available_memory, largest, one_thread_passes, plan_run, run_passes
 from .timing import GPUS, Gpu, TimeEstimate, estimate_time, find_gpu, gpus_with, run_work, speedup
-from .validate import check_sparsity, disk_needs, fit_row_multiple, size_text
 
 ANY_GPU = 2**62  # the memory of a GPU of any size, to find what one needs
 MAX_ALTERNATIVES = 3  # method / compensation changes listed
@@ -203,7 +204,7 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
         if remote_model is not None:
             fitted = "windows not fitted to --calib: the tokenizer is not downloaded (planned as given)"
         else:
-            from ..arch.calibration import check_text_sources, fitted_windows
+            from ..checks.texts import check_text_sources, fitted_windows
             check_text_sources(whole)
             whole, _, _, fitted = fitted_windows(whole, model)
             cfg = dataclasses.replace(cfg, samples=-(-whole.samples // processes), seq_len=whole.seq_len)

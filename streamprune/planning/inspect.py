@@ -11,10 +11,10 @@ from ..arch.families import FAMILIES
 from ..arch.model import Model, open_model
 from ..arch.output_config import family_change
 from ..arch.spec import BlockSpec
+from ..checks.validate import check_sparsity, row_multiple_unmet
 from ..config import check_multiple_of_range, check_sparsity_range
 from ..pruning.selection import Alignment, attention_kept, head_layouts, ranked_layouts
 from ..pruning.shape import rule_shape
-from .validate import check_sparsity, row_multiple_unmet
 
 RULE = ("attention keeps the GQA layout (KV groups x query heads per group) whose share of the attention weights "
         "is closest to 1 - sparsity (ties: more query heads); the MLP keeps as many neurons as make the block as a "

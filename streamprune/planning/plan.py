@@ -11,14 +11,11 @@ tokenizer). Each part is kept in the plan's breakdown."""
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import asdict, dataclass
-from decimal import Decimal
 
 import psutil
 import torch
 
-from ..errors import StreamPruneError
 from ..pruning.costs import CURVE_STEPS, SAMPLE_SHARE, SAMPLE_TOKENS, held_out_survey
 from ..pruning.numerics import ON_DEVICE, GramPlacement
 from ..pruning.selection import Sizes
@@ -33,19 +30,6 @@ CUDA_PROCESS_BYTES = 1700 * 2**20  # host RSS with the CUDA libraries loaded: 1.
 MAX_ACTIVATION_BYTES = 1 * 2**30  # larger micro-batches stop paying off on a CPU
 HOST_GRAMS_DEVICE_BYTES = 1 * 2**30  # GPU memory of scoring and compensation with the Gram matrices on the host
 GRAM_CHUNK_BYTES = 256 * 2**20  # GPU memory of one column block of a Gram matrix formed for the host
-UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-         "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
-
-
-SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*")
-
-
-def parse_bytes(text: str) -> int:
-    """'24GiB', '512MB', '1.5g', '1000000' -> bytes (decimal arithmetic: no float overflow)."""
-    m = SIZE.fullmatch(str(text))
-    if not m or m.group(2).lower() not in UNITS:
-        raise StreamPruneError(f"cannot read {text!r} as a size (examples: 24GiB, 512MB)")
-    return int(Decimal(m.group(1)) * UNITS[m.group(2).lower()])
 
 
 def available_memory(device: torch.device) -> int:

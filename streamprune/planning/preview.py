@@ -13,8 +13,8 @@ from ..pruning.selection import Sizes
 
 def survey_previews(cfg, arch, costs: list[BlockCosts], sparsities) -> list[dict]:
     """preview() at each sparsity, by cfg's allocation and alignment; each sparsity checked as run checks it."""
+    from ..checks.validate import check_sparsity
     from ..config import check_sparsity_range
-    from .validate import check_sparsity
     out = []
     for sparsity in sparsities:
         check_sparsity_range(sparsity)

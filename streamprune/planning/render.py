@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..units import size_text
 from .timing import duration
-from .validate import size_text
 
 CAUSES = {"samples": "all the windows at once", "memory": "the largest that fits",
           "--batch-size": "as --batch-size asks"}

@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 
 import streamprune
-from streamprune.arch.calibration import load_tokenizer, tokenize_file
 from streamprune.cli import main
 from streamprune.engine.evaluate import eval_windows, perplexity
+from streamprune.inputs.calibration import load_tokenizer, tokenize_file
 from tests.models import TINYSTORIES, save_tiny_model
 
 ROPES = {

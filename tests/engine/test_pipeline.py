@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from streamprune.arch.calibration import bos_id, load_tokenizer, token_windows, tokenize_file
 from streamprune.config import RunConfig
 from streamprune.engine import pipeline
 from streamprune.errors import StreamPruneError
+from streamprune.inputs.calibration import bos_id, load_tokenizer, token_windows, tokenize_file
 from streamprune.pruning.scoring.perturb import MASKS
 from streamprune.store.cache import ActivationCache
 from tests.harness import change_tensor, digests, interrupt_pruning_at, run_config, tiny_model

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from streamprune.checks import validate
 from streamprune.cli import main
 from streamprune.config import RunConfig
 from streamprune.engine import pipeline
 from streamprune.errors import StreamPruneError
-from streamprune.planning import validate
 from tests.harness import interrupt_pruning_at
 from tests.models import save_tiny_model
 

@@ -88,7 +88,7 @@ def dense(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("family, allocation, compensation", MATRIX)
 def test_every_pruned_output_runs_in_llama_cpp_or_is_refused(dense, tmp_path, family, allocation, compensation):
     pytest.importorskip("xllamacpp")
-    from streamprune.arch.calibration import load_tokenizer, tokenize_file
+    from streamprune.inputs.calibration import load_tokenizer, tokenize_file
     from tests.llamacpp import loader_gap
     out, gguf = tmp_path / "out", tmp_path / "m.gguf"
     r = invoke("run", "--shards", dense[family], "--out", out, "--calib", TINYSTORIES / "calib.txt", "--samples", 8,

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from streamprune import load_pretrained
-from streamprune.arch.calibration import load_tokenizer, tokenize_file
 from streamprune.engine.evaluate import eval_windows, perplexity
 from streamprune.errors import StreamPruneError
+from streamprune.inputs.calibration import load_tokenizer, tokenize_file
 from streamprune.output.gguf_export import export_gguf, permute_rotary, tensor_type
 from tests.harness import refused, run_cli
 from tests.llamacpp import llama_cpp, loader_gap

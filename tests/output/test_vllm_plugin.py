@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from streamprune import load_pretrained
-from streamprune.arch.calibration import load_tokenizer
 from streamprune.arch.families import FAMILIES
 from streamprune.arch.output_config import heterogeneous_config, pruned_config
+from streamprune.inputs.calibration import load_tokenizer
 from streamprune.output import vllm_plugin
 from tests.harness import invoke
 from tests.models import SHARED, TINYSTORIES, save_tiny_model

@@ -25,16 +25,10 @@ from streamprune.config import RunConfig
 from streamprune.engine import pipeline
 from streamprune.engine.pipeline import calibration_tokens
 from streamprune.errors import StreamPruneError
-from streamprune.planning.plan import (
-    activation_bytes,
-    make_plan,
-    one_thread_passes,
-    parse_bytes,
-    run_passes,
-    stage_bytes,
-)
+from streamprune.planning.plan import activation_bytes, make_plan, one_thread_passes, run_passes, stage_bytes
 from streamprune.planning.timing import HIGH, LOW, block_flops, duration, estimate_time, find_gpu, measure_block_rate
 from streamprune.pruning.shape import rule_shape
+from streamprune.units import parse_bytes
 from tests.models import DEVICES, save_header_only_model, save_tiny_model
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
@@ -232,7 +226,7 @@ def test_each_suggestion_fits_when_applied(case):
 
 def test_plan_checks_free_disk(monkeypatch, tmp_path):
     free = 5 * 2**20
-    monkeypatch.setattr("streamprune.planning.validate.shutil.disk_usage", lambda p: SimpleNamespace(free=free))
+    monkeypatch.setattr("streamprune.checks.validate.shutil.disk_usage", lambda p: SimpleNamespace(free=free))
     args = ("--samples", 64, "--seq-len", 256, "--out", tmp_path / "out")
     r = plan(*args)
     assert r.exit_code == 1, r.output

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from streamprune.arch.families import architecture
 from streamprune.arch.spec import BlockSpec
+from streamprune.checks.validate import fit_row_multiple
 from streamprune.cli import main
 from streamprune.config import DEFAULT_ROW_MULTIPLE, RunConfig
 from streamprune.errors import StreamPruneError
-from streamprune.planning.validate import fit_row_multiple
 from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
 from streamprune.pruning.selection import Alignment, head_layouts, neuron_step, uniform_sizes
 from tests.models import SHARED, SPEC, fake_costs, tiny_config

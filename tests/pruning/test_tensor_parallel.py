@@ -10,10 +10,10 @@ import pytest
 from streamprune import load_pretrained
 from streamprune.arch.families import architecture
 from streamprune.arch.spec import BlockSpec
+from streamprune.checks.validate import check_sparsity
 from streamprune.config import RunConfig
 from streamprune.engine import pipeline
 from streamprune.errors import StreamPruneError
-from streamprune.planning.validate import check_sparsity
 from streamprune.pruning.allocation import allocate_global, allocate_uniform, linear_params, param_budget
 from streamprune.pruning.selection import head_layouts, tensor_parallel_ok, uniform_sizes
 from tests.models import SPEC, fake_costs, save_tiny_model, tiny_config

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamprune.arch.calibration import (
+from streamprune.arch.spec import EMBED
+from streamprune.errors import StreamPruneError
+from streamprune.inputs.calibration import (
     bos_id,
     check_window,
     default_window,
@@ -18,8 +20,6 @@ from streamprune.arch.calibration import (
     tokenize_file,
     write_embeddings,
 )
-from streamprune.arch.spec import EMBED
-from streamprune.errors import StreamPruneError
 from streamprune.store.cache import ActivationCache
 from streamprune.store.shard_writer import OutTensor, write_safetensors
 from streamprune.store.shards import ShardIndex
@@ -148,8 +148,8 @@ def test_a_tokenizer_without_its_vocabulary_is_named(tmp_path):
     """tokenizer_config.json kept, tokenizer.json gone: transformers builds an empty tokenizer."""
     import shutil
 
-    from streamprune.arch.calibration import load_tokenizer
     from streamprune.errors import StreamPruneError
+    from streamprune.inputs.calibration import load_tokenizer
     folder = tmp_path / "m"
     shutil.copytree(Path(__file__).resolve().parents[2] / "demo" / "stories260K", folder)
     (folder / "tokenizer.json").unlink()
@@ -160,8 +160,8 @@ def test_a_tokenizer_without_its_vocabulary_is_named(tmp_path):
 
 
 def test_a_text_too_short_for_any_window_says_so_plainly():
-    from streamprune.arch.calibration import fit_windows
     from streamprune.errors import StreamPruneError
+    from streamprune.inputs.calibration import fit_windows
     with pytest.raises(StreamPruneError) as e:
         fit_windows(0, 128, 512, True)
     assert str(e.value) == ("calibration text has 0 tokens; --samples 128 x --seq-len 512 needs 65,408: "

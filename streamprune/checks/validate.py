@@ -1,5 +1,5 @@
-"""Checks that refuse a run before it writes anything (paths, sparsity, free disk) and the
-NaN/Inf checks made on every block's weights after loading and on its outputs."""
+"""Checks that refuse a run before it writes anything: paths, sparsity, the kept-count multiples,
+free disk (the texts: texts.py; NaN/Inf: store/finite.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..arch.spec import BlockSpec
+from ..arch.spec import Architecture, BlockSpec
+from ..config import RunConfig
 from ..errors import StreamPruneError
 from ..pruning.selection import Alignment, aligned, attention_params, head_layouts, neuron_step
 from ..store.journal import WORKDIR
-
-
-def size_text(n: int) -> str:
-    """A byte count as people read it: MiB under a GiB, GiB above (one format in every message)."""
-    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+from ..units import size_text
 
 
 def same_folder(a: Path, b: Path) -> bool:
@@ -142,7 +139,7 @@ def row_multiple_unmet(arch, sparsity: float, gpus: int, rows: int) -> str | Non
     return None
 
 
-def fit_row_multiple(cfg, arch):
+def fit_row_multiple(cfg: RunConfig, arch: Architecture) -> tuple[RunConfig, str | None, bool]:
     """(cfg, note, loss): --row-multiple left at its default (in cfg.adaptable) is kept where this model
     meets it, else the run cuts as with --row-multiple 1 and the note says why; `loss` is whether that
     costs the output anything (False where the model's own sizes do not quantize whole either). It

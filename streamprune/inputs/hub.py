@@ -153,8 +153,8 @@ def remote_model(repo_id: str, revision: str | None):
     from huggingface_hub import get_safetensors_metadata
     from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError, SafetensorsParsingError
 
+    from ..arch.model import model_from_headers
     from ..store.safetensors_header import TensorInfo
-    from .model import model_from_headers
     folder = snapshot(repo_id, revision, SMALL_FILES)
     try:
         meta = get_safetensors_metadata(repo_id, revision=folder.name)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from streamprune.arch.hub import SMALL_FILES, is_hub_id, resolve_model
 from streamprune.errors import StreamPruneError
+from streamprune.inputs.hub import SMALL_FILES, is_hub_id, resolve_model
 from tests.harness import DEMO, ROOT, invoke, make_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

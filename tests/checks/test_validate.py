@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from streamprune.arch.families import architecture, read_config
+from streamprune.checks.validate import check_paths, check_sparsity, max_sparsity
 from streamprune.errors import StreamPruneError
-from streamprune.planning.validate import check_paths, check_sparsity, max_sparsity, size_text
 from streamprune.store.finite import check_finite_activations
+from streamprune.units import size_text
 from tests.models import tiny_config
 
 

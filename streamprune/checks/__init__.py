@@ -1,0 +1,1 @@
+"""The checks that refuse a run before it writes anything: paths, texts, sparsity, free disk."""
