@@ -16,9 +16,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import RunConfig, options_of
+from .config import RunConfig, options_of, parse_sparsities
 from .errors import StreamPruneError, error_message, one_line, user_facing
+
+if TYPE_CHECKING:
+    from .pruning.costs import BlockCosts
+    from .pruning.preview import BlockShape, Preview
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +32,8 @@ ADAPTABLE = ("samples", "seq_len", "row_multiple")  # fitted to the text and the
 @dataclass(frozen=True)
 class PruneResult:
     """What a run did: report.json's figures, and all of it in `report`. With survey_only, the
-    survey's costs of every block instead (`costs`, and `model`: what `run --survey-only` previews)."""
+    survey's costs of every block instead (`costs`), each block's shape at --sparsity and the
+    `preview` sparsities (`previews`) and as it is (`input_blocks`)."""
 
     out: Path
     report: dict | None = None
@@ -39,8 +45,9 @@ class PruneResult:
     peak_rss_bytes: int | None = None
     ppl_before: float | None = None  # with an eval text
     ppl_after: float | None = None
-    costs: list | None = None
-    model: object | None = None  # arch.model.Model, with survey_only
+    costs: list[BlockCosts] | None = None
+    previews: tuple[Preview, ...] | None = None
+    input_blocks: tuple[BlockShape, ...] | None = None
 
     @classmethod
     def of_report(cls, out: Path, report: dict) -> "PruneResult":
@@ -84,6 +91,7 @@ def prune(model: str | Path, out: str | Path, sparsity: float = RunConfig.sparsi
 KINDS = {"bool": "True or False", "int": "an integer", "float": "a number", "str": "a string", "text": "a string",
          "device": "a string (cpu, cuda or cuda:N)", "choice": "one of {choices}", "file": "a path (str or Path)",
          "folder": "a path (str or Path)", "size": "a size in bytes (an integer, or a string such as '24GiB')",
+         "sparsities": "sparsities (a list of numbers, or a string such as '0.2,0.4')",
          "internal": "a tuple of option names"}
 
 
@@ -114,6 +122,11 @@ def checked_options(given: dict) -> dict:
                 out[name] = parse_bytes(value)
             except StreamPruneError as e:
                 raise StreamPruneError(f"{name}: {e}") from None
+        elif kind == "sparsities" and isinstance(value, str):
+            out[name] = parse_sparsities(value)
+        elif kind == "sparsities" and isinstance(value, (list, tuple)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            out[name] = tuple(float(v) for v in value)
         elif kind in ("file", "folder") and isinstance(value, (str, os.PathLike)):
             out[name] = Path(value)
         elif kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -131,6 +144,7 @@ def checked_options(given: dict) -> dict:
 
 def run_pruning(model, out, revision, notify, options: dict) -> PruneResult:
     from .engine.pipeline import check_before_model, run
+    from .engine.survey import SurveyOnly
     from .inputs.hub import resolve_model
     cfg = RunConfig(shards=Path(model), out=Path(out), **options)
     check_before_model(cfg)  # before a Hub id's download
@@ -138,6 +152,6 @@ def run_pruning(model, out, revision, notify, options: dict) -> PruneResult:
     report = run(dataclasses.replace(cfg, shards=folder))
     if report is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return PruneResult(cfg.out)
-    if report.get("survey_only"):
-        return PruneResult(cfg.out, costs=report["costs"], model=report["model"])
+    if isinstance(report, SurveyOnly):
+        return PruneResult(cfg.out, costs=report.costs, previews=report.previews, input_blocks=report.input_blocks)
     return PruneResult.of_report(cfg.out, report)

@@ -124,6 +124,18 @@ class Size(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class Sparsities(click.ParamType):
+    """--preview: '0.2,0.4' -> (0.2, 0.4)."""
+    name = "sparsities"
+
+    def convert(self, value, param, ctx):
+        from .config import parse_sparsities
+        try:
+            return value if isinstance(value, tuple) else parse_sparsities(value)
+        except StreamPruneError as e:
+            self.fail(str(e), param, ctx)
+
+
 class Device(click.ParamType):
     """--device: refused while parsing, with the run's own message, unless it names a device here."""
     name = "device"
@@ -182,8 +194,11 @@ def table_option(field, how: Option, command: str):
         flag = how.flag or ("--no-" if default else "--") + field.name.replace("_", "-")
         return click.option(flag, field.name, flag_value=not default, default=default, help=how.help)
     types = {"file": PathArg(dir_okay=False), "folder": PathArg(), "size": Size(), "text": click.STRING,
-             "device": PlanDevice() if command == PLAN else Device(), "choice": click.Choice(how.choices)}
+             "device": PlanDevice() if command == PLAN else Device(), "choice": click.Choice(how.choices),
+             "sparsities": Sparsities()}
     kwargs = {"show_default": how.show_default} if default is not None and how.show_default else {}
+    if how.kind == "sparsities":  # (click takes a tuple default for several values)
+        default = ",".join(f"{v:g}" for v in default)
     return click.option(how.flag or "--" + field.name.replace("_", "-"), field.name,
                         type=types.get(how.kind, type(default)), default=default, help=how.help, **kwargs)
 
@@ -217,37 +232,22 @@ def planning_model(arg: Path, revision: str | None):
 TEXT_FIELD_HELP = dict((f.name, how.help) for f, how in options_of())["text_field"]  # (eval's --text-field too)
 
 
-def preview_sparsities(sparsity: float, text: str) -> list[float]:
-    """--sparsity, then the --preview list (comma-separated), each once, in order."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise StreamPruneError(f"--preview must be sparsities separated by commas (e.g. 0.2,0.4), "
-                               f"got {text!r}") from None
-    return sorted({sparsity, *values})
-
-
 @main.command()
 @model_options("--shards", "Model to prune")
 @click.option("--out", required=True, type=PathArg(), help="Output folder (resumable).")
 @table_options(RUN)
-@click.option("--preview", default="0.2,0.3,0.4,0.5", show_default=True,
-              help="With --survey-only: the other sparsities to show (comma-separated).")
-def run(revision: str | None, preview: str, shards: Path, out: Path, **options):
+def run(revision: str | None, shards: Path, out: Path, **options):
     """Prune a model; re-running the same command resumes an interrupted run."""
     from .api import ADAPTABLE, prune
-    sparsities = preview_sparsities(options["sparsity"], preview) if options["survey_only"] else ()
     warn_beyond_physical(options["max_memory"], options["device"])
     if options["progress"] and not click.get_current_context().find_root().params.get("debug"):
         show_messages(logging.INFO)
     result = prune(shards, out, revision=revision, notify=echo_err, adaptable=defaulted(*ADAPTABLE), **options)
-    if result.report is None and result.costs is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+    if result.report is None and result.previews is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return
-    if result.costs is not None:
-        from .planning.preview import render_previews, survey_previews
-        cfg = RunConfig(result.model.folder, out, **options)
-        previews = survey_previews(cfg, result.model.arch, result.costs, sparsities)
-        click.echo("\n".join(render_previews(previews, result.model.arch.blocks)))
+    if result.previews is not None:
+        from .printing.preview_text import render_previews
+        click.echo("\n".join(render_previews(result.previews, result.input_blocks)))
         free = ", ".join(f"--{name.replace('_', '-')}" for name in SURVEY_FREE)
         click.echo(f"survey kept in {out}: prune from it as often as you like with the same command, without "
                    f"--survey-only, plus --survey-from {out} --out NEW and any {free}")
@@ -283,7 +283,8 @@ def run_summary(result) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(shards: Path, revision: str | None, sparsity: float, multiple_of: int, row_multiple: int, as_json: bool):
     """Print the model's shape and the fixed rule's cut, with the reasons, from headers only."""
-    from .planning.inspect import describe, render_description
+    from .planning.inspect import describe
+    from .printing.inspect_text import render_description
     info = describe(planning_model(shards, revision), sparsity, multiple_of, row_multiple, defaulted("row_multiple"))
     click.echo(json.dumps(info, indent=2) if as_json else render_description(info))
 
@@ -304,7 +305,7 @@ def plan_command(shards, revision, out, gpu_name, no_timing, nproc, as_json, **o
     """Predict disk, memory, micro-batch and time of a run, from headers only. Exit code 0: it
     fits; 1: it does not (the prediction and what would fit are printed); 2: an error."""
     from .planning.advice import describe_plan
-    from .planning.render import render_plan
+    from .printing.plan_text import render_plan
     if gpu_name and options["device"] == RunConfig.device:
         options["device"] = "cuda"
     model = planning_model(shards, revision)

@@ -27,10 +27,19 @@ MAX_MULTIPLE = 2**16  # --multiple-of: more GPUs than any tensor-parallel group
 DEFAULT_ROW_MULTIPLE = 32
 
 
-def check_sparsity_range(sparsity: float) -> None:
+def check_sparsity_range(sparsity: float, option: str = "--sparsity") -> None:
     if not 0 <= sparsity < 1:  # also refuses NaN
-        hint = f" (a fraction: --sparsity {sparsity / 100:g} for {sparsity:g}%)" if 1 <= sparsity < 100 else ""
-        raise StreamPruneError(f"--sparsity must be in [0, 1), got {sparsity}{hint}")
+        hint = f" (a fraction: {option} {sparsity / 100:g} for {sparsity:g}%)" if 1 <= sparsity < 100 else ""
+        raise StreamPruneError(f"{option} must be in [0, 1), got {sparsity}{hint}")
+
+
+def parse_sparsities(text: str) -> tuple[float, ...]:
+    """--preview's comma-separated sparsities ('0.2,0.4')."""
+    try:
+        return tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise StreamPruneError(f"--preview must be sparsities separated by commas (e.g. 0.2,0.4), "
+                               f"got {text!r}") from None
 
 
 def check_multiple_of_range(multiple_of: int, option: str = "--multiple-of") -> None:
@@ -54,7 +63,8 @@ class Option:
     BYTES_IF_SET, NO_BYTES) and to the survey (`survey`: the survey's records depend on it, so a
     survey is reused only by a run that has the same value), the commands that take it, and how a
     value is given when not as the default's type (`kind`: "file", "folder", "size", "device",
-    "choice" with `choices`, "internal" for what only the code sets). `flag` spells it on the
+    "choice" with `choices`, "sparsities" for a comma-separated list, "internal" for what only the code
+    sets). `flag` spells it on the
     command line when not --the-name (a flag whose default is True is spelled as its negation);
     `alias` is a second flag that sets one value: (flag, value, help)."""
 
@@ -155,6 +165,9 @@ class RunConfig:
         False, "Measure the costs (the survey) and show each block's shape at --sparsity and the --preview "
         "sparsities; prune nothing. Prune from it later with --survey-from (or a run into the same --out).",
         output=NO_BYTES)
+    preview: tuple[float, ...] = option(  # the sparsities --survey-only shows besides --sparsity
+        (0.2, 0.3, 0.4, 0.5), "With --survey-only: the other sparsities to show (comma-separated).", output=NO_BYTES,
+        kind="sparsities", show_default="0.2,0.3,0.4,0.5")
     survey_from: Path | None = option(  # another output folder whose survey this run takes (journal.survey_from)
         None, "Prune from the survey of an earlier run (run --survey-only, or any run with --allocation global or "
         "uniform) in this folder instead of surveying again: any --sparsity, --allocation, --method, --budget, "
@@ -184,6 +197,8 @@ class RunConfig:
 
     def __post_init__(self):
         check_sparsity_range(self.sparsity)
+        for sparsity in self.preview:
+            check_sparsity_range(sparsity, "--preview")
         if self.samples < 1 or self.seq_len < 2:
             raise StreamPruneError("--samples must be >= 1 and --seq-len >= 2")
         if max(self.samples, self.seq_len) > MAX_COUNT:
@@ -211,6 +226,11 @@ class RunConfig:
             raise StreamPruneError(f"--batch-size must be in [0, {MAX_COUNT}] (0: from memory)")
         if self.max_memory is not None and not 1 <= self.max_memory <= MAX_MEMORY:
             raise StreamPruneError("--max-memory must be between 1 byte and 16 EiB")
+
+    @property
+    def previewed(self) -> tuple[float, ...]:
+        """--survey-only's sparsities: --sparsity and the --preview list, each once, in order."""
+        return tuple(sorted({self.sparsity, *self.preview}))
 
     @property
     def alignment(self):

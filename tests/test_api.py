@@ -56,7 +56,9 @@ def test_eval_gives_the_perplexities(tmp_path):
 @pytest.mark.slow
 def test_survey_only_returns_every_blocks_costs(tmp_path):
     r = streamprune.prune(MODEL, tmp_path / "o", 0.3, CALIB, survey_only=True, **ARGS)
-    assert r.report is None and len(r.costs) == r.model.arch.n_layers == 5
+    assert r.report is None and len(r.costs) == len(r.input_blocks) == 5
+    assert [p.sparsity for p in r.previews] == [0.2, 0.3, 0.4, 0.5]  # --sparsity and the default preview
+    assert all(len(p.blocks) == 5 and p.removed_fraction > p.sparsity - 1e-9 for p in r.previews), r.previews
     assert not (tmp_path / "o" / "model.safetensors.index.json").exists()
 
 
@@ -65,13 +67,14 @@ def test_survey_only_returns_every_blocks_costs(tmp_path):
     (dict(method="oracle"), ["--method", "oracle"]),
     (dict(model="nowhere/at/all/model"), ["--shards", "nowhere/at/all/model"]),
     (dict(calib="missing.txt"), ["--calib", "missing.txt"]),
+    (dict(survey_only=True, preview=[0.2, 1.5]), ["--survey-only", "", "--preview", "0.2,1.5"]),
 ])
 def test_refusals_are_the_commands_one_line(tmp_path, kwargs, cli):
     kwargs = dict(dict(model=MODEL, out=tmp_path / "o", calib=CALIB), **kwargs)
     with pytest.raises(StreamPruneError) as e:
         streamprune.prune(**kwargs, **ARGS)
     args = dict(zip(["--shards", "--out", "--calib"], [MODEL, tmp_path / "o", CALIB]), **dict(zip(cli[::2], cli[1::2])))
-    r = invoke("run", *[x for kv in args.items() for x in kv], "--samples", 4, "--seq-len", 64, "--quiet")
+    r = invoke("run", *[x for kv in args.items() for x in kv if x != ""], "--samples", 4, "--seq-len", 64, "--quiet")
     assert r.exit_code == 2 and r.output == f"error: {e.value}\n", (r.output, str(e.value))
     assert "\n" not in str(e.value)
 

@@ -55,7 +55,7 @@ from .distributed import join_ranks, other_rank_cache_folders, rank_cache_folder
 from .pruning_pass import BlockRunner
 from .run_eval import attach_eval, eval_text_key, journaled_eval
 from .run_report import build_report
-from .survey import survey
+from .survey import SurveyOnly, survey, survey_previews
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: di
                       {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def run(cfg: RunConfig) -> dict | None:
+def run(cfg: RunConfig) -> dict | SurveyOnly | None:
     """Prune cfg.shards into cfg.out; resumes from the journal. Returns the report (None on the
     ranks other than 0 of a torchrun job: rank 0 reports)."""
     ranks = join_ranks(cfg.device)
@@ -147,7 +147,7 @@ def check_before_model(cfg: RunConfig) -> None:
     check_device(cfg.device)
 
 
-def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
+def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | SurveyOnly | None:
     t0 = time.time()
     check_before_model(cfg)  # (its check_paths covers the model folder: open_model refuses anything else)
     model = open_model(cfg.shards)
@@ -159,6 +159,8 @@ def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | None:
         raise StreamPruneError(f"{'--survey-only measures' if cfg.survey_only else '--survey-from gives'} costs for "
                                "--allocation global or uniform; the fixed rule needs none (streamprune inspect shows "
                                "its cut)")
+    for sparsity in cfg.previewed if cfg.survey_only else ():  # (before the survey, not after it)
+        check_sparsity(model.arch, sparsity, cfg.alignment)
     if cfg.allocation != "global":
         check_uniform(model.arch, f"--allocation {cfg.allocation}")
     else:
@@ -267,7 +269,7 @@ def open_journal(checked: Checked) -> tuple[Journal, bool]:
     return journal, done
 
 
-def run_locked(checked: Checked, early: list) -> dict | None:
+def run_locked(checked: Checked, early: list) -> dict | SurveyOnly | None:
     """The run proper, with the output folder locked against a second run (by rank 0); logged to
     OUT/streamprune.log (by rank 0), `early` first (what the checks said)."""
     cfg, model, memory, ranks = checked.cfg, checked.model, checked.memory, checked.ranks
@@ -299,7 +301,7 @@ def run_locked(checked: Checked, early: list) -> dict | None:
         return report
 
 
-def prune(ctx: RunContext, journal: Journal) -> dict | None:
+def prune(ctx: RunContext, journal: Journal) -> dict | SurveyOnly | None:
     """Survey, prune and write what the journal does not hold yet; evaluate before and after with
     --eval. With several ranks, this rank's share of the windows; rank 0 writes and returns the
     report, the others None."""
@@ -313,7 +315,7 @@ def prune(ctx: RunContext, journal: Journal) -> dict | None:
         costs = measured_costs(ctx, journal)
         log.info("survey done: %s (prune from it: the same command without --survey-only, plus --survey-from %s "
                  "--out NEW, at any sparsity)", cfg.out, cfg.out)
-        return {"survey_only": True, "costs": costs, "model": model} if ranks.is_writer else None
+        return survey_previews(cfg, model.arch, costs) if ranks.is_writer else None
     if cfg.eval_source() is not None and ranks.world == 1:  # the input's perplexity, once (journaled), before pruning
         journaled_eval(cfg, journal, "before", model.folder, cache.folder)  # (several ranks: rank 0's, at the end)
     shape = decide_shape(ctx, journal)

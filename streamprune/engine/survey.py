@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
-from ..arch.spec import FINAL_NORM
+from ..arch.spec import FINAL_NORM, Architecture
+from ..config import RunConfig
+from ..pruning.allocation import allocate
 from ..pruning.costs import BlockCosts, block_costs, held_out_survey
 from ..pruning.phases import PhaseTimer
+from ..pruning.preview import BlockShape, Preview, preview
 from ..pruning.sensitivity import (
     KINDS,
     final_states,
@@ -171,3 +175,21 @@ class ProbeStreams:
     def drop(self, layer: int) -> None:
         if layer >= 0:
             self.files.path(layer, "probes").unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SurveyOnly:
+    """What `run --survey-only` gives: every block's costs, its shape at each previewed sparsity
+    (--sparsity and --preview), and the blocks as they are."""
+
+    costs: list[BlockCosts]
+    previews: tuple[Preview, ...]
+    input_blocks: tuple[BlockShape, ...]
+
+
+def survey_previews(cfg: RunConfig, arch: Architecture, costs: list[BlockCosts]) -> SurveyOnly:
+    """preview() at each of cfg.previewed, by cfg's allocation and alignment (each sparsity checked
+    before the survey: pipeline.run_ranks)."""
+    previews = tuple(preview(arch.blocks, costs, sparsity, allocate(cfg.allocation, arch.blocks, costs, sparsity,
+                                                                     cfg.alignment)) for sparsity in cfg.previewed)
+    return SurveyOnly(costs, previews, tuple(BlockShape.of(b) for b in arch.blocks))

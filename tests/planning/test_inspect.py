@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from streamprune.arch.families import read_config
 from streamprune.arch.output_config import family_change, heterogeneous_config
 from streamprune.cli import main
-from streamprune.planning.inspect import describe, render_description
+from streamprune.planning.inspect import describe
+from streamprune.printing.inspect_text import render_description
 from tests.models import save_tiny_model
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..planning.timing import duration
 from ..units import size_text
-from .timing import duration
 
 CAUSES = {"samples": "all the windows at once", "memory": "the largest that fits",
           "--batch-size": "as --batch-size asks"}
