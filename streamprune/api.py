@@ -143,13 +143,14 @@ def checked_options(given: dict) -> dict:
 
 
 def run_pruning(model, out, revision, notify, options: dict) -> PruneResult:
-    from .engine.pipeline import check_before_model, run
+    from .engine.checked import check_before_model
+    from .engine.pipeline import run
     from .engine.survey import SurveyOnly
     from .inputs.hub import resolve_model
     cfg = RunConfig(shards=Path(model), out=Path(out), **options)
     check_before_model(cfg)  # before a Hub id's download
     folder = resolve_model(model, revision, cfg.progress, notify)
-    report = run(dataclasses.replace(cfg, shards=folder))
+    report = run(dataclasses.replace(cfg, shards=folder), model_checked=True)
     if report is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return PruneResult(cfg.out)
     if isinstance(report, SurveyOnly):

@@ -57,7 +57,7 @@ LAYERS = (
     ("config",),  # the run's one config dataclass
     ("checks",),  # what refuses a run before it writes: paths, texts, sparsity, free disk
     ("planning", "output"),  # memory, disk and time predicted from headers; what a run leaves (loader, GGUF, card)
-    ("engine",),  # the streaming engine and the run's steps
+    ("engine", "printing"),  # the streaming engine and the run's steps; what the commands print
     ("api", "cli", "__main__", "__init__"),  # the front: Python API, command line
 )
 

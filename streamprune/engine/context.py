@@ -13,11 +13,12 @@ from ..config import RunConfig
 from ..device import check_device
 from ..pruning.numerics import GramPlacement, Ridges
 from ..pruning.phases import PhaseTimer, timed_batches
-from ..pruning.ranks import Ranks, Share
+from ..pruning.ranks import Ranks
 from ..pruning.scoring import Calibration
 from ..pruning.scoring.base import Targets
 from ..pruning.shape import Shape
 from ..store.cache import ActivationCache
+from .distributed import Share, window_share
 from .stream import BlockStream
 
 
@@ -40,7 +41,7 @@ class RunContext:
     def build(cls, cfg: RunConfig, model: Model, cache: ActivationCache, tokens: torch.Tensor, batch: int,
               placement: GramPlacement, ranks: Ranks, rule: Shape | None) -> "RunContext":
         """`tokens`: every window's; the context keeps this rank's."""
-        share, device = ranks.share(cfg.samples, batch), check_device(cfg.device)
+        share, device = window_share(ranks, cfg.samples, batch), check_device(cfg.device)
         cos, sin = rotary_tables(model.arch.config, cfg.seq_len, device)
         return cls(cfg, model, cache, tokens[share.windows.start:share.windows.stop], batch, placement, ranks, share,
                    rule, device, cos, sin)

@@ -14,6 +14,7 @@ import datetime
 import glob
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -125,3 +126,36 @@ def join_ranks(device: str) -> Ranks:
         raise StreamPruneError(f"rank {rank}: cannot join the other {world - 1} ranks: "
                                f"{(str(e).strip().splitlines() or [''])[0][:200]}") from None
     return ProcessGroupRanks(rank, world)
+
+
+@dataclass(frozen=True)
+class Share:
+    """A rank's part of the calibration windows: `windows`, a contiguous run of whole micro-batches
+    of `batch` among `samples` windows."""
+
+    samples: int
+    batch: int
+    windows: range
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """Windows in each micro-batch of every rank, in window order."""
+        return tuple(min(self.batch, self.samples - s) for s in range(0, self.samples, self.batch))
+
+    @property
+    def local(self) -> range:
+        """The indices of this rank's micro-batches among batch_sizes."""
+        return range(self.windows.start // self.batch, -(-self.windows.stop // self.batch))
+
+
+def batch_share(samples: int, batch: int, world: int, rank: int) -> range:
+    """Windows of `rank` among `world`: the micro-batches of `batch` windows split into `world`
+    contiguous runs as even as can be, so every rank's micro-batches are the single process's."""
+    n = -(-samples // batch)
+    first, last = rank * n // world, (rank + 1) * n // world
+    return range(first * batch, min(last * batch, samples))
+
+
+def window_share(ranks: Ranks, samples: int, batch: int) -> Share:
+    """This rank's calibration windows: a contiguous run of whole micro-batches of `batch`."""
+    return Share(samples, batch, batch_share(samples, batch, ranks.world, ranks.rank))

@@ -11,62 +11,42 @@ import logging
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..arch.families import bias_sublayers
-from ..arch.model import Model, model_compute_dtype, open_model
-from ..arch.output_config import check_per_block_writable
-from ..checks.texts import check_text_sources, fitted_windows
+from ..arch.model import Model, model_compute_dtype
 from ..checks.validate import (
-    check_folders,
     check_free_disk,
-    check_paths,
-    check_sparsity,
-    check_writable,
-    fit_row_multiple,
 )
 from ..config import SURVEY_FREE, RunConfig
 from ..device import check_device
 from ..errors import StreamPruneError
-from ..inputs.calibration import check_tokens_fit, token_windows, write_embeddings
+from ..inputs.calibration import write_embeddings
 from ..output.model_card import base_model_name, write_card
-from ..planning.advice import refusal
-from ..planning.plan import Plan, plan_run
 from ..pruning.allocation import allocate
 from ..pruning.numerics import GramPlacement
 from ..pruning.ranks import Ranks
-from ..pruning.shape import Shape, check_uniform, cut_sublayers, rule_shape, shape_of
-from ..store.cache import ActivationCache, cache_owner, check_cache_folder, run_cache_folder
+from ..pruning.shape import Shape, cut_sublayers, shape_of
+from ..store.cache import ActivationCache, cache_owner, run_cache_folder
 from ..store.faults import fault_point
 from ..store.fsutil import atomic_write, atomic_write_json, remove_temporaries
-from ..store.journal import WORKDIR, Journal, refuse_foreign_folder, survey_from
+from ..store.journal import WORKDIR, Journal, survey_from
 from ..store.lock import OutputLock
 from ..store.modelfiles import OUTPUT_FILES, companion_files, input_fingerprint
 from ..store.records import expect, read_checked_json
-from ..store.runlog import FILE_ONLY, TERMINAL_ONLY, held_records, run_log
+from ..store.runlog import FILE_ONLY, TERMINAL_ONLY, run_log
 from ..store.safetensors_header import read_header
 from ..store.shard_writer import OutTensor, shard_name, write_safetensors
 from ..store.shards import INDEX
+from .checked import Checked, cache_folder_of, check_run
 from .context import RunContext
-from .distributed import join_ranks, other_rank_cache_folders, rank_cache_folder, shared_micro_batch
+from .distributed import join_ranks, other_rank_cache_folders, shared_micro_batch, window_share
 from .pruning_pass import BlockRunner
 from .run_eval import attach_eval, eval_text_key, journaled_eval
 from .run_report import build_report
 from .survey import SurveyOnly, survey, survey_previews
 
 log = logging.getLogger(__name__)
-
-
-def memory_plan(cfg: RunConfig, model: Model) -> Plan:
-    """The micro-batch that fits in --max-memory (or what is free); refuses when none does, with
-    the breakdown and the changes that would fit (advice.refusal)."""
-    p = plan_run(cfg, model)
-    if not p.fits:
-        raise StreamPruneError(refusal(cfg, model, p))
-    return p
 
 
 def clear_output(out: Path, cache_folder: Path) -> None:
@@ -78,18 +58,6 @@ def clear_output(out: Path, cache_folder: Path) -> None:
     for folder in other_rank_cache_folders(cache_folder):  # the other ranks' caches of an earlier torchrun job
         if folder.is_dir() and not folder.is_symlink() and (cache_owner(folder) or {}).get("out") == str(out.resolve()):
             ActivationCache(folder, 0, 0, 0).remove()
-
-
-def calibration_tokens(cfg: RunConfig, model: Model) -> tuple[RunConfig, torch.Tensor]:
-    """The calibration windows, (samples, seq_len) token ids, and the config with the window count
-    and length the run uses (fitted_windows; what was fitted said in a warning). Read before
-    anything is written, so a tokenizer or text that does not do is refused up front."""
-    cfg, ids, bos, note = fitted_windows(cfg, model)
-    if note:
-        log.warning("%s", note)
-    tokens = token_windows(ids, cfg.samples, cfg.seq_len, bos)
-    check_tokens_fit(model.index, tokens)
-    return cfg, tokens
 
 
 def copy_file(src: Path, f) -> None:
@@ -120,82 +88,25 @@ def write_model_files(cfg: RunConfig, model: Model, out_config: dict, report: di
                       {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def run(cfg: RunConfig) -> dict | SurveyOnly | None:
+def run(cfg: RunConfig, model_checked: bool = False) -> dict | SurveyOnly | None:
     """Prune cfg.shards into cfg.out; resumes from the journal. Returns the report (None on the
-    ranks other than 0 of a torchrun job: rank 0 reports)."""
+    ranks other than 0 of a torchrun job: rank 0 reports), or with --survey-only the survey's
+    previews. `model_checked`: checked.check_before_model ran already."""
     ranks = join_ranks(cfg.device)
     try:
         if not ranks.is_writer:
             cfg = dataclasses.replace(cfg, progress=False)
-        return run_ranks(cfg, ranks)
+        return run_ranks(cfg, ranks, model_checked)
     finally:
         ranks.close()
 
 
-def cache_folder_of(cfg: RunConfig, ranks: Ranks) -> Path:
-    return rank_cache_folder(run_cache_folder(cfg.out, cfg.out / WORKDIR, cfg.cache_dir), ranks)
-
-
-def check_before_model(cfg: RunConfig) -> None:
-    """What can be checked before the model is read (or downloaded, for a Hub id): the output
-    folder (against the input too, when that is a folder), the texts, the device."""
-    check_folders(cfg.out, cfg.cache_dir, cfg.survey_from)
-    if Path(cfg.shards).is_dir():  # (a Hub id: once the CLI has made it a folder, when run calls this again)
-        check_paths(Path(cfg.shards), cfg.out, cfg.cache_dir)
-    refuse_foreign_folder(cfg.out)  # --restart too: it deletes only what a streamprune run writes
-    check_text_sources(cfg)
-    check_device(cfg.device)
-
-
-def run_ranks(cfg: RunConfig, ranks: Ranks) -> dict | SurveyOnly | None:
-    t0 = time.time()
-    check_before_model(cfg)  # (its check_paths covers the model folder: open_model refuses anything else)
-    model = open_model(cfg.shards)
-    cfg, rows_note, rows_lost = fit_row_multiple(cfg, model.arch)  # the default never refuses a model
-    check_cache_folder(cache_folder_of(cfg, ranks), cfg.out)
-    check_sparsity(model.arch, cfg.sparsity, cfg.alignment)
-    compensation = cfg.compensation
-    if cfg.allocation == "rule" and (cfg.survey_only or cfg.survey_from):
-        raise StreamPruneError(f"{'--survey-only measures' if cfg.survey_only else '--survey-from gives'} costs for "
-                               "--allocation global or uniform; the fixed rule needs none (streamprune inspect shows "
-                               "its cut)")
-    for sparsity in cfg.previewed if cfg.survey_only else ():  # (before the survey, not after it)
-        check_sparsity(model.arch, sparsity, cfg.alignment)
-    if cfg.allocation != "global":
-        check_uniform(model.arch, f"--allocation {cfg.allocation}")
-    else:
-        check_per_block_writable(model.arch)
-    # the fixed rule's shape: a model that cannot be written fails now (blocks of one shape only)
-    rule = rule_shape(model, cfg.sparsity, compensation.needs_biases, cfg.alignment) if model.arch.uniform else None
-    with held_records() as early:  # what the checks say goes into the log file too
-        if rows_note:  # in the log file; on the terminal too where the output loses something by it
-            (log.warning if rows_lost else log.info)("%s", rows_note, extra={} if rows_lost else FILE_ONLY)
-        cfg, tokens = calibration_tokens(cfg, model)
-    if cfg.samples < ranks.world:  # (after the windows are fitted to the text: there may be fewer)
-        fitted = " (what the calibration text holds)" if "samples" in cfg.adaptable else ""
-        raise StreamPruneError(f"--samples {cfg.samples}{fitted} is fewer than the {ranks.world} processes: "
-                               "each needs a window")
-    checked = Checked(cfg, model, rule, memory_plan(cfg, model), tokens, ranks, t0)
+def run_ranks(cfg: RunConfig, ranks: Ranks, model_checked: bool = False) -> dict | SurveyOnly | None:
+    checked, early = check_run(cfg, ranks, time.time(), model_checked)
     if not ranks.is_writer:  # rank 0 holds the lock for the whole job
         return run_locked(checked, early)
-    check_writable(cfg.out)
-    with OutputLock(cfg.out):
+    with OutputLock(checked.cfg.out):
         return run_locked(checked, early)
-
-
-@dataclass(frozen=True)
-class Checked:
-    """What the checks before any write give the run: the config (windows fitted to the text), the
-    input model, the fixed rule's shape (None: blocks of several shapes), the memory plan, every
-    calibration window's tokens, the ranks, and when the run started."""
-
-    cfg: RunConfig
-    model: Model
-    rule: Shape | None
-    memory: Plan
-    tokens: torch.Tensor
-    ranks: Ranks
-    started: float
 
 
 def ensure_inputs(ctx: RunContext, start: int) -> None:
@@ -282,7 +193,7 @@ def run_locked(checked: Checked, early: list) -> dict | SurveyOnly | None:
             log.info("reusing the survey of %d blocks %s (it depends on none of: %s)", journal.reused_survey,
                      f"from {cfg.survey_from}" if cfg.survey_from else f"in {cfg.out}", ", ".join(SURVEY_FREE))
         batch, run_id = journal.state["micro_batch"], journal.state["run"]
-        share = ranks.share(cfg.samples, batch)
+        share = window_share(ranks, cfg.samples, batch)
         cache = ActivationCache.claim(cache_folder_of(cfg, ranks), cfg.out, run_id, len(share.windows), cfg.seq_len,
                                       model.arch.hidden, model_compute_dtype(model, check_device(cfg.device)))
         for folder in ((cfg.out, cfg.out / WORKDIR) if ranks.is_writer else ()) + (cache.folder,):

@@ -6,6 +6,7 @@ from streamprune.arch.families import rotary_tables
 from streamprune.arch.model import open_model
 from streamprune.config import RunConfig
 from streamprune.engine.context import RunContext
+from streamprune.engine.distributed import window_share
 from streamprune.pruning.numerics import ON_DEVICE
 from streamprune.pruning.ranks import SINGLE, Ranks
 from streamprune.store.cache import ActivationCache
@@ -23,7 +24,7 @@ class SecondOfTwo(Ranks):
 def context(tmp_path, ranks=SINGLE, seed=3):
     model = open_model(save_tiny_model(tmp_path / "in", "llama", layers=2, shard_size="10GB"))
     cfg = RunConfig(shards=model.folder, out=tmp_path / "out", samples=SAMPLES, seq_len=T, seed=seed, progress=False)
-    share = ranks.share(SAMPLES, BATCH)
+    share = window_share(ranks, SAMPLES, BATCH)
     cache = ActivationCache(tmp_path / "cache", len(share.windows), T, model.arch.hidden)
     tokens = torch.arange(SAMPLES * T).view(SAMPLES, T)
     return RunContext.build(cfg, model, cache, tokens, BATCH, ON_DEVICE, ranks, None)

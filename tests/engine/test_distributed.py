@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from streamprune.engine.distributed import shared_micro_batch
+from streamprune.engine.distributed import Share, batch_share, shared_micro_batch
 from streamprune.engine.evaluate import perplexity
-from streamprune.pruning.ranks import SINGLE, Share, batch_share
+from streamprune.pruning.ranks import SINGLE
 from streamprune.pruning.scoring import Calibration
 from tests.harness import DEMO, blocks_done, digests, make_model, run_cli, run_torchrun
 

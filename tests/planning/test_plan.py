@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from streamprune.arch.model import open_model
 from streamprune.cli import main
 from streamprune.config import RunConfig
-from streamprune.engine import pipeline
-from streamprune.engine.pipeline import calibration_tokens
+from streamprune.engine import checked, pipeline
+from streamprune.engine.checked import calibration_tokens
 from streamprune.errors import StreamPruneError
 from streamprune.planning.plan import activation_bytes, make_plan, one_thread_passes, run_passes, stage_bytes
 from streamprune.planning.timing import HIGH, LOW, block_flops, duration, estimate_time, find_gpu, measure_block_rate
@@ -64,7 +64,7 @@ def test_run_refuses_up_front_when_it_cannot_fit(tmp_path):
         pipeline.run(cfg)
     assert not (tmp_path / "out").exists()
     suggested = re.search(r"--max-memory ([\d.]+[GM]iB)", str(refused.value)).group(1)
-    assert pipeline.memory_plan(replace(cfg, max_memory=parse_bytes(suggested)), open_model(cfg.shards)).fits
+    assert checked.memory_plan(replace(cfg, max_memory=parse_bytes(suggested)), open_model(cfg.shards)).fits
 
 
 @pytest.mark.slow
