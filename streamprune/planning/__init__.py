@@ -1,2 +1,1 @@
-"""Planning, from headers only: memory, disk and time of a run (plan, timing, advice and its
-rendering), the checks made before any work (validate), inspect, and the survey's previews."""
+"""Planning, from headers only: memory, disk and time of a run (plan, timing), will it fit and\nwhat would (advice), and inspect's description of the model and the fixed rule's cut."""
