@@ -15,7 +15,7 @@ import torch
 
 from streamprune.errors import one_line
 from streamprune.signals import INTERRUPTED
-from tests.harness import invoke, refused
+from tests.harness import default_sigint, invoke, refused
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "demo"
@@ -271,7 +271,11 @@ def test_valid_report_renders_also_with_zero_perplexity(tmp_path):
 # ---- signals, in real processes ----------------------------------------------------------
 
 def python(code: str, *args, **popen) -> subprocess.CompletedProcess:
+    """`python -c code args`, with Ctrl-C as in a terminal unless `popen` says otherwise (a suite started
+    in the background, `pytest &`, ignores SIGINT, and the child would inherit it: streamprune keeps an
+    inherited SIG_IGN, as nohup asks, and the signal tests would see exit 0)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    popen.setdefault("preexec_fn", default_sigint)
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
                           timeout=120, **popen)
 
