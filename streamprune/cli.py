@@ -10,9 +10,10 @@ from pathlib import Path
 
 import click
 
-from .config import GGUF_TYPES, INSPECT, PLAN, RUN, SURVEY_FREE, Option, RunConfig, options_of
+from .config import GGUF_TYPES, INSPECT, PLAN, RUN, SURVEY_FREE, Option, RunConfig, options_of, parse_sparsities
 from .errors import StreamPruneError, error_message, one_line, user_facing
 from .signals import finish, handle_signals, received, report_interrupt
+from .units import parse_bytes
 
 EXIT_ERROR = 2
 
@@ -112,26 +113,16 @@ class PathArg(click.Path):
         return super().convert(value, param, ctx)
 
 
-class Size(click.ParamType):
-    """--max-memory: '24GiB', '512MB', '1.5g' -> bytes."""
-    name = "size"
+class Parsed(click.ParamType):
+    """A value given as text and parsed (--max-memory 24GiB, --preview 0.2,0.4); what does not parse is
+    click's usage error with the parser's message."""
+
+    def __init__(self, name: str, parse, parsed: type):
+        self.name, self.parse, self.parsed = name, parse, parsed
 
     def convert(self, value, param, ctx):
-        from .units import parse_bytes
         try:
-            return value if isinstance(value, int) else parse_bytes(value)
-        except StreamPruneError as e:
-            self.fail(str(e), param, ctx)
-
-
-class Sparsities(click.ParamType):
-    """--preview: '0.2,0.4' -> (0.2, 0.4)."""
-    name = "sparsities"
-
-    def convert(self, value, param, ctx):
-        from .config import parse_sparsities
-        try:
-            return value if isinstance(value, tuple) else parse_sparsities(value)
+            return value if isinstance(value, self.parsed) else self.parse(value)
         except StreamPruneError as e:
             self.fail(str(e), param, ctx)
 
@@ -193,9 +184,10 @@ def table_option(field, how: Option, command: str):
     if isinstance(default, bool):
         flag = how.flag or ("--no-" if default else "--") + field.name.replace("_", "-")
         return click.option(flag, field.name, flag_value=not default, default=default, help=how.help)
-    types = {"file": PathArg(dir_okay=False), "folder": PathArg(), "size": Size(), "text": click.STRING,
+    types = {"file": PathArg(dir_okay=False), "folder": PathArg(), "size": Parsed("size", parse_bytes, int),
+             "text": click.STRING,
              "device": PlanDevice() if command == PLAN else Device(), "choice": click.Choice(how.choices),
-             "sparsities": Sparsities()}
+             "sparsities": Parsed("sparsities", parse_sparsities, tuple)}
     kwargs = {"show_default": how.show_default} if default is not None and how.show_default else {}
     if how.kind == "sparsities":  # (click takes a tuple default for several values)
         default = ",".join(f"{v:g}" for v in default)

@@ -1,1 +1,2 @@
-"""The model's description: its config and shapes (spec, families), where its tensors live\n(model), the config a cut writes (output_config)."""
+"""The model's description: its config and shapes (spec, families), where its tensors live
+(model), the config a cut writes (output_config)."""

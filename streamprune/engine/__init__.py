@@ -1,1 +1,3 @@
-"""The streaming engine: the checks before a run (checked), one walk over the blocks (stream), the\nrun context, the survey, the pruning pass, streaming evaluation, data-parallel ranks, and the\nrun's steps (pipeline)."""
+"""The streaming engine: the checks before a run (checked), one walk over the blocks (stream), the
+run context, the survey, the pruning pass, streaming evaluation, data-parallel ranks, and the
+run's steps (pipeline)."""
