@@ -254,7 +254,7 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
     refit = cfg.compensation.refits
     parts = {}
     if cfg.allocation != "rule":
-        layouts = spec.n_kv * spec.group * min(SAMPLE_TOKENS, N) / N
+        layouts = (spec.n_kv * spec.group - 1) * min(SAMPLE_TOKENS, N) / N  # (all heads kept: not measured)
         held = held_out_survey(model.arch.blocks, N)  # the held-out ridges (with a refit) and the sensitivity probes
         parts["survey"] = 1 + (gram_flops(HD) + gram_flops(I) + layouts * mlp_after_attention
                                + (solves + (held_out_flops(spec, cfg) / N if held else 0) if refit else 0)) / block \

@@ -207,6 +207,9 @@ def head_costs(W, G: torch.Tensor, spec: BlockSpec, refit: bool, sample, ridge: 
     costs = {}
     for kv in range(1, spec.n_kv + 1):
         for g in range(1, spec.group + 1):
+            if (kv, g) == (spec.n_kv, spec.group):  # every head kept: nothing removed, nothing to measure
+                costs[(kv, g)] = 0.0
+                continue
             removed = removed_heads(alone, spec, kv, g)
             W_new = refit_columns(W_o, Hinv, columns(removed, D).to(W_o.device))
             h = x + F.linear(o, W_new, W.get("o_bias"))
