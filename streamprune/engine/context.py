@@ -36,19 +36,20 @@ class RunContext:
     device: torch.device
     cos: torch.Tensor  # (seq_len, head_dim) rotary tables on `device`
     sin: torch.Tensor
+    resident: bool = False  # a block's inputs and dense outputs stay on the device between passes (the plan's call)
 
     @classmethod
     def build(cls, cfg: RunConfig, model: Model, cache: ActivationCache, tokens: torch.Tensor, batch: int,
-              placement: GramPlacement, ranks: Ranks, rule: Shape | None) -> "RunContext":
+              placement: GramPlacement, ranks: Ranks, rule: Shape | None, resident: bool = False) -> "RunContext":
         """`tokens`: every window's; the context keeps this rank's."""
         share, device = window_share(ranks, cfg.samples, batch), check_device(cfg.device)
         cos, sin = rotary_tables(model.arch.config, cfg.seq_len, device)
         return cls(cfg, model, cache, tokens[share.windows.start:share.windows.stop], batch, placement, ranks, share,
-                   rule, device, cos, sin)
+                   rule, device, cos, sin, resident)
 
     def stream(self) -> BlockStream:
         """A walk over the blocks on this rank's cached windows."""
-        return BlockStream(self.model, self.cache, self.device, self.batch, len(self.share.windows))
+        return BlockStream(self.model, self.cache, self.device, self.batch, len(self.share.windows), self.resident)
 
     def calibration(self, stream: BlockStream, layer: int, dtype: torch.dtype, timer: PhaseTimer | None,
                     targets: Targets | None = None, ridges: Ridges = Ridges()) -> Calibration:

@@ -199,7 +199,8 @@ def run_locked(checked: Checked, early: list) -> dict | SurveyOnly | None:
         for folder in ((cfg.out, cfg.out / WORKDIR) if ranks.is_writer else ()) + (cache.folder,):
             remove_temporaries(folder)
         placement = GramPlacement.of(journal.state["grams"])
-        ctx = RunContext.build(cfg, model, cache, checked.tokens, batch, placement, ranks, checked.rule)
+        ctx = RunContext.build(cfg, model, cache, checked.tokens, batch, placement, ranks, checked.rule,
+                               resident=memory.resident_bytes > 0)
         if done:
             report = finished_report(ctx, journal) if ranks.is_writer else None
         else:

@@ -209,7 +209,7 @@ class KeptTargets(Targets):
 class TargetWriter(TargetKeeper):
     def __init__(self, targets: KeptTargets):
         self.targets, self.start = targets, 0
-        self.writer = targets.stream.cache.writer(targets.layer, "targets")
+        self.writer = targets.stream.writer(targets.layer, "targets")
 
     def add(self, y: torch.Tensor) -> None:
         with phase(self.targets.timer, "cache_write"):

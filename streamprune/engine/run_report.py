@@ -53,7 +53,7 @@ def build_report(ctx: RunContext, shape: Shape, journal: Journal) -> dict:
         "timing": {"seconds": work_seconds(journal), **dense_passes(journal),
                    "wall_seconds_total": journal.wall_seconds, "sessions": journal.sessions,
                    "blocks_seconds": journal.blocks_seconds,
-                   "peak_rss_bytes": peak_rss_bytes(), "micro_batch": ctx.batch,
+                   "peak_rss_bytes": peak_rss_bytes(), "micro_batch": ctx.batch, "resident": ctx.resident,
                    "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
                    "phases": phase_totals(blocks, journal), "blocks": [b["timing"] for b in blocks]},
     }

@@ -29,6 +29,7 @@ BASE_PROCESS_BYTES = 700 * 2**20  # measured 440-660 MiB for `streamprune run` o
 CUDA_PROCESS_BYTES = 1700 * 2**20  # host RSS with the CUDA libraries loaded: 1.6 GiB measured (H200)
 MAX_ACTIVATION_BYTES = 1 * 2**30  # larger micro-batches stop paying off on a CPU
 HOST_GRAMS_DEVICE_BYTES = 1 * 2**30  # GPU memory of scoring and compensation with the Gram matrices on the host
+RESIDENT_TENSORS = 3  # a block's inputs and dense outputs, the next block's inputs: kept on a GPU with room
 GRAM_CHUNK_BYTES = 256 * 2**20  # GPU memory of one column block of a Gram matrix formed for the host
 
 
@@ -78,6 +79,7 @@ class Plan:
     activation_cap_bytes: int | None = None  # on a CPU, larger micro-batches stop paying off
     grams_on: str = "device"  # where the large Gram matrices live and are factored (place_grams)
     gram_chunk_columns: int = 0
+    resident_bytes: int = 0  # a block's inputs and dense outputs kept on the GPU between passes (0: re-read)
 
     @property
     def placement(self) -> GramPlacement:
@@ -218,11 +220,21 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
                       "activation cap" if fits(batch + 1) and act_bytes(batch + 1) > cap else "memory")
     parts = components(batch)
     host, device_bytes = peaks(parts)
+    # on a GPU with room left beside the peak: a block's inputs and dense outputs, and the next block's
+    # inputs as they are written, stay on the GPU between its passes (engine/stream.BlockStream.resident)
+    resident = RESIDENT_TENSORS * samples * seq_len * arch.hidden * itemsize if gpu else 0
+    if resident and memory_short_of(host, device_bytes + resident, host_limit, limit) is None:
+        parts += (Component("resident", where, resident, "the block's inputs and dense outputs and the next "
+                            "block's inputs, kept on the GPU between passes (read once, not once a pass)"),)
+        device_bytes += resident
+    else:
+        resident = 0
     return Plan(device=str(dev), micro_batch=batch, limited_by=limited_by, block_stored_bytes=stored,
                 block_compute_bytes=compute, cache_bytes=cache, output_bytes=output, peak_host_bytes=host,
                 peak_device_bytes=device_bytes, max_memory_bytes=limit, host_limit_bytes=host_limit,
                 fits=fits(batch), breakdown=parts, activation_bytes_per_window=act_bytes(1),
-                activation_cap_bytes=None if gpu else MAX_ACTIVATION_BYTES, **placement.as_dict())
+                activation_cap_bytes=None if gpu else MAX_ACTIVATION_BYTES, resident_bytes=resident,
+                **placement.as_dict())
 
 
 def stage_bytes(cfg, model, sizes) -> tuple[int, int]:

@@ -114,3 +114,30 @@ def test_keeping_the_dense_outputs_changes_no_output_byte(tmp_path, monkeypatch)
     pipeline.run(dataclasses.replace(cfg, out=tmp_path / "computed"))
     for name in files:
         assert (tmp_path / "kept" / name).read_bytes() == (tmp_path / "computed" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_blocks_resident_between_passes_change_no_output_byte_and_read_each_block_once(tmp_path, monkeypatch):
+    """What a GPU with room does (plan.Plan.resident_bytes; forced here on the CPU): the same bytes,
+    a block's inputs read from the cache once per walk (block 0's embeddings) instead of once a pass."""
+    from streamprune.engine.context import RunContext
+    from streamprune.store.cache import ActivationCache
+    src = save_tiny_model(tmp_path / "in", "llama", layers=3, vocab=512, tokenizer_from=DEMO / "stories260K")
+    cfg = RunConfig(shards=src, out=tmp_path / "read", sparsity=0.4, calib=DEMO / "calib.txt", samples=4,
+                    seq_len=16, batch_size=2, progress=False)
+    reads, real_batch = [], ActivationCache.batch
+
+    def batch(self, block, *args, **kwargs):  # (the survey's probe streams are files of their own)
+        if kwargs.get("kind", args[4] if len(args) > 4 else "inputs") != "probes":
+            reads.append(block)
+        return real_batch(self, block, *args, **kwargs)
+    monkeypatch.setattr(ActivationCache, "batch", batch)
+    pipeline.run(cfg)
+    read_each_pass = len(reads)
+    reads.clear()
+    build = RunContext.build.__func__
+    monkeypatch.setattr(RunContext, "build", classmethod(lambda cls, *a, **k: build(cls, *a, **dict(k, resident=True))))
+    pipeline.run(dataclasses.replace(cfg, out=tmp_path / "resident"))
+    assert set(reads) == {0} and len(reads) < read_each_pass / 4, (reads, read_each_pass)
+    for p in sorted((tmp_path / "read").glob("model-*.safetensors")):
+        assert p.read_bytes() == (tmp_path / "resident" / p.name).read_bytes(), p.name

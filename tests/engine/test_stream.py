@@ -112,3 +112,35 @@ def test_outputs_are_the_next_blocks_inputs(stream):
     w.commit()
     assert stream.cache.has(2) and not stream.cache.has(1)
     assert torch.equal(torch.cat([b for _, b in stream.batches(2, torch.float32)]), x)
+
+
+def test_a_resident_stream_reads_a_block_once_and_keeps_what_it_writes(tmp_path):
+    """BlockStream.resident: the second walk over a block's inputs (and its dense outputs) comes from
+    memory, not the cache; what a block writes for the next one is kept as written; the values are
+    those the cache gives back; the blocks before the one being read are let go."""
+    model = open_model(save_tiny_model(tmp_path / "in", "llama", layers=3, shard_size="10GB"))
+    cache = ActivationCache(tmp_path / "cache", WINDOWS, T, model.arch.hidden)
+    stream = BlockStream(model, cache, torch.device("cpu"), batch=2, windows=WINDOWS, resident=True)
+    x = cached(stream, 0)
+    reads = []
+    real = cache.batch
+    cache.batch = lambda *a, **k: reads.append(a[:3]) or real(*a, **k)
+    first = [b for _, b in stream.batches(0, torch.float32)]
+    again = [b for _, b in stream.batches(0, torch.float32)]
+    assert len(reads) == 3 and all(a is b for a, b in zip(first, again))  # read once, micro-batches of 2, 2, 1
+    assert torch.equal(torch.cat(again), x)
+    w = stream.outputs(0)
+    for start, b in zip(range(0, WINDOWS, 2), first):
+        w.write(start, 2 * b)
+    w.commit()
+    kept = [b for _, b in stream.batches(1, torch.float32)]
+    assert len(reads) == 3 and torch.equal(torch.cat(kept), 2 * x)  # block 1's inputs: as written, no read
+    assert torch.equal(cache.batch(1, 0, WINDOWS), 2 * x)  # and in the file all the same
+    assert set(stream.kept) == {(1, "inputs")}  # block 0's let go
+    assert [b.dtype for _, b in stream.batches(1, torch.float64)] == [torch.float64] * 3  # another dtype: read
+
+
+def test_a_stream_that_is_not_resident_keeps_nothing(stream):
+    cached(stream, 0)
+    list(stream.batches(0, torch.float32))
+    assert stream.kept == {}

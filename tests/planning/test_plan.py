@@ -117,8 +117,24 @@ def test_gpu_plan_counts_activations_in_the_compute_dtype_without_attention_scor
     sizes = rule_shape(model, 0.3).sizes[0]
     gpu = make_plan(model, sizes, 4, 256, "cuda", 0.3, max_memory=2**30, batch_size=4)
     act = activation_bytes(model.arch.blocks[0], 256, 4, itemsize=2, scores=False)
-    assert gpu.peak_device_bytes == pytest.approx(gpu.block_compute_bytes * 1.7 + act)
+    assert gpu.peak_device_bytes - gpu.resident_bytes == pytest.approx(gpu.block_compute_bytes * 1.7 + act)
     assert act < activation_bytes(model.arch.blocks[0], 256, 4) / 2
+
+
+def test_a_gpu_with_room_keeps_a_blocks_activations_on_it_between_passes(tmp_path):
+    """Beside the peak, where the GPU has room: the block's inputs and dense outputs and the next
+    block's inputs (3 x windows x tokens x hidden, bf16 here); none where it has not, none on a CPU."""
+    model = open_model(save_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16))
+    sizes, hidden = rule_shape(model, 0.3).sizes[0], model.arch.hidden
+    roomy = make_plan(model, sizes, 64, 256, "cuda", 0.3, max_memory=2**30, batch_size=4, check_host=False)
+    assert roomy.resident_bytes == 3 * 64 * 256 * hidden * 2
+    assert {c.name: c.bytes for c in roomy.breakdown}["resident"] == roomy.resident_bytes
+    without = roomy.peak_device_bytes - roomy.resident_bytes
+    tight = make_plan(model, sizes, 64, 256, "cuda", 0.3, max_memory=int(without / 0.9) + 1, batch_size=4,
+                      check_host=False)
+    assert tight.fits and tight.resident_bytes == 0 and tight.peak_device_bytes == without
+    assert "resident" not in {c.name for c in tight.breakdown}
+    assert make_plan(model, sizes, 64, 256, "cpu", 0.3, max_memory=2**30).resident_bytes == 0
 
 
 def test_plan_command_prints_disk_memory_and_time():
