@@ -175,6 +175,9 @@ def open_journal(checked: Checked) -> tuple[Journal, bool]:
     journal.pin("run", uuid.uuid4().hex)  # the activation cache belongs to this run
     # and where its Gram matrices live: a resume with another --max-memory must not move them (float sums)
     journal.pin("grams", memory.placement.as_dict())
+    # and whether the output pass takes the last MLP pass's activations (float sums differ): an older
+    # run that pruned blocks without it goes on without it
+    journal.pin("keep_mlp", memory.keep_mlp_bytes > 0 and journal.next_block == 0)
     done = journal.complete and (cfg.out / INDEX).is_file()
     ranks.broadcast((journal.state, done))
     return journal, done
@@ -200,7 +203,7 @@ def run_locked(checked: Checked, early: list) -> dict | SurveyOnly | None:
             remove_temporaries(folder)
         placement = GramPlacement.of(journal.state["grams"])
         ctx = RunContext.build(cfg, model, cache, checked.tokens, batch, placement, ranks, checked.rule,
-                               resident=memory.resident_bytes > 0)
+                               resident=memory.resident_bytes > 0, keep_mlp=journal.state["keep_mlp"])
         if done:
             report = finished_report(ctx, journal) if ranks.is_writer else None
         else:

@@ -11,11 +11,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..arch.families import bias_sublayers
 from ..pruning.block import block_forward
 from ..pruning.phases import PhaseTimer, phase, timed_batches
-from ..pruning.scoring.base import TargetKeeper, Targets
+from ..pruning.scoring.base import KeptMlp, TargetKeeper, Targets
 from ..pruning.selection import select_units
 from ..pruning.shape import Shape
 from ..pruning.slicing import add_zero_biases, slice_block
@@ -77,7 +78,8 @@ class BlockRunner:
         with timer.phase("to_device"):
             W = {k: t.to(self.device, dtype, non_blocking=True) for k, t in stored.items()}
         targets = KeptTargets(self.stream, layer, dtype, timer)
-        calib = self.ctx.calibration(self.stream, layer, dtype, timer, targets, self.shape.ridges_of(layer))
+        mlp = KeptMlp() if self.ctx.keep_mlp else None
+        calib = self.ctx.calibration(self.stream, layer, dtype, timer, targets, self.shape.ridges_of(layer), mlp)
         with torch.no_grad():
             with timer.phase("score"):
                 scores = self.cfg.scorer(sizes).score(W, spec, calib)
@@ -96,7 +98,9 @@ class BlockRunner:
                                     t.to("cpu", stored.get(s, stored["o"]).dtype)) for s, t in W_new.items()
                        ] if self.ranks.is_writer else []
             write = self.write_shard(layer, out)
-            rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype, timer, targets)
+            kept_mlp = mlp.behind(W, W_new, kept.heads, kept.neurons, self.stream.n_batches) if mlp else None
+            del mlp, calib
+            rel_error = self.pass_outputs(layer, W, spec, W_new, spec_new, dtype, timer, targets, kept_mlp)
         self.cache.path(layer, "targets").unlink(missing_ok=True)  # read for the last time
         return BlockRecord(
             layer, [spec.n_heads, spec_new.n_heads], [spec.n_kv, spec_new.n_kv],
@@ -121,20 +125,26 @@ class BlockRunner:
                            dropped=True), write
 
     def pass_outputs(self, layer, W, spec, W_new, spec_new, dtype, timer: PhaseTimer | None = None,
-                     targets: "KeptTargets | None" = None) -> float:
+                     targets: "KeptTargets | None" = None, kept_mlp: list | None = None) -> float:
         """Run the pruned block on the calibration inputs; its outputs are the next block's
         inputs (so later blocks are calibrated on what they will really see), or the dense
         block's outputs with --calibrate-on dense. Returns the relative squared error of the
-        pruned against the dense block output (read back when scoring kept it)."""
+        pruned against the dense block output (read back when scoring kept it). `kept_mlp`: the
+        cut block's residual after attention and MLP activations of each micro-batch, kept by the
+        last MLP pass (scoring.base.KeptMlp): only down_proj is left to run."""
         writer = self.stream.outputs(layer)
         err = ref = 0.0
         dense = iter(targets.batches()) if targets is not None and targets.ready else None
-        for start, x in timed_batches(self.stream.batches(layer, dtype), timer):
+        for i, (start, x) in enumerate(timed_batches(self.stream.batches(layer, dtype), timer)):
             y_dense = next(dense) if dense is not None else None
             with phase(timer, "output_forward"):
                 if y_dense is None:
                     y_dense = block_forward(W, spec, x, self.ctx.cos, self.ctx.sin)
-                y = block_forward(W_new, spec_new, x, self.ctx.cos, self.ctx.sin)
+                if kept_mlp is not None:
+                    h, a = kept_mlp[i]
+                    y = h + F.linear(a, W_new["down"], W_new.get("down_bias"))
+                else:
+                    y = block_forward(W_new, spec_new, x, self.ctx.cos, self.ctx.sin)
                 check_finite_activations(y, layer, start)
                 err += squared_norm(y - y_dense)
                 ref += squared_norm(y_dense - x)

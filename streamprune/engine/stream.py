@@ -42,6 +42,11 @@ class BlockStream:
         self.resident = resident
         self.kept: dict[tuple[int, str], list[torch.Tensor]] = {}  # (block, kind) -> its micro-batches
 
+    @property
+    def n_batches(self) -> int:
+        """Micro-batches a walk over a block's cached windows has."""
+        return len(range(0, self.windows, self.batch))
+
     def blocks(self, start: int, bar: tqdm | PlainProgress) -> Iterator[int]:
         """Blocks start..L-1; `bar` counts each once the loop body is done with it and shows the
         micro-batches read inside it."""

@@ -47,8 +47,9 @@ def size_option(n: int) -> str:
 
 
 def needed_limit(p: Plan) -> int:
-    """The limit under which plan p's peak (of the memory its limit is for) fits."""
-    return int((p.peak_device_bytes or p.peak_host_bytes) / USABLE) + 1
+    """The limit under which plan p's peak (of the memory its limit is for) fits, without what a plan
+    keeps only where there is room (resident activations, the kept MLP activations)."""
+    return int(((p.peak_device_bytes or p.peak_host_bytes) - p.resident_bytes - p.keep_mlp_bytes) / USABLE) + 1
 
 
 def suggestions(cfg, model, p: Plan, disk_ok=None, check_host: bool = True, offer_gpu: bool = True

@@ -80,6 +80,7 @@ class Plan:
     grams_on: str = "device"  # where the large Gram matrices live and are factored (place_grams)
     gram_chunk_columns: int = 0
     resident_bytes: int = 0  # a block's inputs and dense outputs kept on the GPU between passes (0: re-read)
+    keep_mlp_bytes: int = 0  # the last MLP pass's residual and activations kept for the output pass (0: not)
 
     @property
     def placement(self) -> GramPlacement:
@@ -229,12 +230,23 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
         device_bytes += resident
     else:
         resident = 0
+    # where there is room left: the residual after attention and the MLP activations of the last pass
+    # over a block's MLP, every calibration token, so its output pass runs only down_proj
+    # (engine/pruning_pass.py, pruning/scoring/base.KeptMlp)
+    keep_mlp = samples * seq_len * (arch.widest.intermediate + arch.hidden) * itemsize
+    if memory_short_of(host + (0 if gpu else keep_mlp), device_bytes + (keep_mlp if gpu else 0), host_limit,
+                       limit) is None:
+        parts += (Component("kept_mlp", where, keep_mlp, "the residual and MLP activations of the block's last "
+                            "MLP pass, every calibration token (its output pass then runs only down_proj)"),)
+        host, device_bytes = (host, device_bytes + keep_mlp) if gpu else (host + keep_mlp, device_bytes)
+    else:
+        keep_mlp = 0
     return Plan(device=str(dev), micro_batch=batch, limited_by=limited_by, block_stored_bytes=stored,
                 block_compute_bytes=compute, cache_bytes=cache, output_bytes=output, peak_host_bytes=host,
                 peak_device_bytes=device_bytes, max_memory_bytes=limit, host_limit_bytes=host_limit,
                 fits=fits(batch), breakdown=parts, activation_bytes_per_window=act_bytes(1),
                 activation_cap_bytes=None if gpu else MAX_ACTIVATION_BYTES, resident_bytes=resident,
-                **placement.as_dict())
+                keep_mlp_bytes=keep_mlp, **placement.as_dict())
 
 
 def stage_bytes(cfg, model, sizes) -> tuple[int, int]:

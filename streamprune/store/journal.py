@@ -46,7 +46,8 @@ def mismatch(out: Path, before: dict, now: dict, survey_free: tuple[str, ...] = 
 FIELDS = {"fingerprint": ((dict,), True), "blocks": ((dict,), True), "complete": ((bool,), True),
           "micro_batch": ((int,), False), "blocks_seconds": ((int, float), False), "eval": ((dict,), False),
           "run": ((str,), False), "survey": ((dict,), False), "wall_seconds": ((int, float), False),
-          "sessions": ((int,), False), "grams": ((dict,), False), "version": ((str,), False)}
+          "sessions": ((int,), False), "grams": ((dict,), False), "version": ((str,), False),
+          "keep_mlp": ((bool,), False)}
 GRAMS_FIELDS = {"grams_on": (str,), "gram_chunk_columns": (int,)}
 EVAL_FIELDS = {"text_sha256": (str,), "seq_len": (int,), "windows": (int,), "tokens": (int,), "ppl": (int, float)}
 def damaged(path: Path, problem: str) -> StreamPruneError:

@@ -141,3 +141,51 @@ def test_blocks_resident_between_passes_change_no_output_byte_and_read_each_bloc
     assert set(reads) == {0} and len(reads) < read_each_pass / 4, (reads, read_each_pass)
     for p in sorted((tmp_path / "read").glob("model-*.safetensors")):
         assert p.read_bytes() == (tmp_path / "resident" / p.name).read_bytes(), p.name
+
+
+@pytest.mark.parametrize("sizes", [sizes_of(3, 2, 30), sizes_of(4, 2, 24), sizes_of(2, 2, 48)])
+def test_what_the_last_mlp_pass_kept_gives_the_cut_blocks_output(sizes):
+    """scoring.base.KeptMlp: the residual and activations of the last pass over the MLP (the
+    scorer's, or compensation's behind the refit o_proj), with down_proj applied, are the sliced and
+    compensated block's output; behind other heads, or over other neurons, they are not offered."""
+    from streamprune.pruning.block import block_forward
+    from streamprune.pruning.scoring.base import KeptMlp
+    calib = block_calibration(SPEC)
+    calib.mlp = KeptMlp()
+    W, kept, W_new, spec_new, compensated = scored_and_compensated(sizes, calib)
+    parts = calib.mlp.behind(W, compensated, kept.heads, kept.neurons, 4)
+    assert parts is not None
+    for x, (h, a) in zip(calib.batches(), parts):
+        y = h + torch.nn.functional.linear(a, compensated["down"], compensated.get("down_bias"))
+        assert torch.allclose(y, block_forward(compensated, spec_new, x, calib.cos, calib.sin), atol=1e-5)
+    assert calib.mlp.behind(W, compensated, kept.heads, kept.neurons, 5) is None  # other micro-batches
+    other = kept.neurons[:-1] if calib.mlp.neurons is not None else None
+    if other is not None:
+        assert calib.mlp.behind(W, compensated, kept.heads, other, 4) is None
+    if calib.mlp.heads is not None:
+        assert calib.mlp.behind(W, dict(compensated, o=compensated["o"] * 2), kept.heads, kept.neurons, 4) is None
+
+
+@pytest.mark.slow
+def test_an_output_pass_from_the_kept_mlp_activations_gives_the_same_model(tmp_path, monkeypatch):
+    """The output pass takes the last MLP pass's activations where the plan has room (pinned in the
+    journal): it runs no cut block, and the model it writes is the one the cut block's forward gives
+    (to float rounding)."""
+    from safetensors.torch import load_file
+
+    from streamprune.planning import plan
+    src = save_tiny_model(tmp_path / "in", "llama", layers=3, vocab=512, tokenizer_from=DEMO / "stories260K")
+    cfg = RunConfig(shards=src, out=tmp_path / "kept", sparsity=0.4, calib=DEMO / "calib.txt", samples=4,
+                    seq_len=16, batch_size=2, progress=False)
+    forwards, real = [], pruning_pass.block_forward
+    monkeypatch.setattr(pruning_pass, "block_forward", lambda *a: forwards.append(1) or real(*a))
+    pipeline.run(cfg)
+    assert '"keep_mlp": true' in (tmp_path / "kept" / ".streamprune" / "journal.json").read_text()
+    assert forwards == []  # (the dense outputs were kept, the cut block's came from the kept activations)
+    real_plan = plan.make_plan
+    monkeypatch.setattr(plan, "make_plan", lambda *a, **k: dataclasses.replace(real_plan(*a, **k), keep_mlp_bytes=0))
+    pipeline.run(dataclasses.replace(cfg, out=tmp_path / "forward"))
+    assert len(forwards) == 3 * 2  # the cut block's forward on each micro-batch of each block
+    for p in sorted((tmp_path / "kept").glob("model-*.safetensors")):
+        a, b = load_file(p), load_file(tmp_path / "forward" / p.name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), p.name

@@ -48,6 +48,53 @@ class TargetKeeper:
         raise NotImplementedError
 
 
+class KeptMlp:
+    """What the last pass over a block's MLP saw, kept (where the memory plan has room) so the output
+    pass need not run the block again: per micro-batch, h (the residual stream after attention) and
+    a (the MLP activations), and what they were computed behind: the kept heads and o_proj (None:
+    the dense attention) and the neurons (None: all)."""
+
+    def __init__(self):
+        self.start(None, None, None)
+
+    def start(self, heads: torch.Tensor | None, o_proj: torch.Tensor | None, neurons: torch.Tensor | None) -> None:
+        self.heads, self.o_proj, self.neurons = heads, o_proj, neurons
+        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.complete = False
+
+    def add(self, h: torch.Tensor, a: torch.Tensor) -> None:
+        self.parts.append((h, a))
+
+    def done(self) -> None:
+        self.complete = True
+
+    def behind(self, W: dict, W_new: dict, kept_heads: torch.Tensor, kept_neurons: torch.Tensor,
+               batches: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """(h, a) of each of `batches` micro-batches as the cut block W_new computes them (a over its
+        kept neurons), where what was kept was computed behind W_new's own attention (its kept heads
+        and o_proj) and MLP input; None where it was not (the output pass then runs the block)."""
+        if not self.complete or len(self.parts) != batches:
+            return None
+        if self.heads is None:  # the dense attention: W_new must keep it whole
+            if W_new["o"].shape != W["o"].shape or not torch.equal(W_new["o"], W["o"]):
+                return None
+        elif not torch.equal(self.heads.cpu(), kept_heads.cpu()) or not torch.equal(self.o_proj, W_new["o"]):
+            return None
+        if not same_bias(W.get("o_bias"), W_new.get("o_bias")):
+            return None
+        if self.neurons is None:
+            cols = kept_neurons.to(self.parts[0][1].device)
+            return [(h, a.index_select(-1, cols)) for h, a in self.parts]
+        return list(self.parts) if torch.equal(self.neurons.cpu(), kept_neurons.cpu()) else None
+
+
+def same_bias(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Two optional biases add the same (None adds nothing, as a zero bias does)."""
+    if a is None or b is None:
+        return all(t is None or not t.any() for t in (a, b))
+    return torch.equal(a, b)
+
+
 @dataclass
 class Calibration:
     """A block's calibration inputs, streamed from the activation cache in micro-batches."""
@@ -74,6 +121,8 @@ class Calibration:
     # What a scorer measured that compensation reuses instead of another pass (compensate.py):
     # "attention" -> (kept heads, refit o_proj), "mlp" -> (kept heads, normal equations of all neurons)
     shared: dict = field(default_factory=dict)
+    # The last MLP pass's residual and activations (obs.down_equations fills it; None: not kept)
+    mlp: KeptMlp | None = None
 
     def with_targets(self, dense: Callable[[torch.Tensor], tuple[torch.Tensor, object]]
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, object]]:

@@ -57,23 +57,32 @@ def down_equations(W, spec: BlockSpec, calib: Calibration, kept_heads: torch.Ten
     W_in = W if neurons is None else {k: W[k][neurons.to(W[k].device)] for k in ("gate", "up", "gate_bias", "up_bias")
                                       if k in W}
 
-    def dense(x):  # the dense block, its MLP activations kept for an uncut attention
+    def dense(x):  # the dense block, its residual and MLP activations kept for an uncut attention
         h = x + attention_output(W, attention_heads(W, spec, x, calib.cos, calib.sin))
         a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps))
-        return h + F.linear(a, W["down"], W.get("down_bias")), a
+        return h + F.linear(a, W["down"], W.get("down_bias")), (h, a)
 
     assert kept_heads is not None or neurons is None, "a neuron subset needs the attention it sits behind"
-    for x, y, a in calib.with_targets(dense):
+    kept = calib.mlp  # (h, a) of every micro-batch, for the output pass (None: not kept)
+    if kept is not None:
+        kept.start(kept_heads, o_proj, neurons)
+    for x, y, dense_mlp in calib.with_targets(dense):
         if kept_heads is not None:
             heads = attention_heads(W, spec, x, calib.cos, calib.sin)[:, :, kept_heads.to(x.device)]
             h = x + F.linear(heads.flatten(-2), o_proj, W.get("o_bias"))
             a = mlp_activations(W_in, rms_norm(h, W["mlp_norm"], spec.eps))
             eq.add(a, y - h - bias if rhs else None, token_scale(y))
         else:
-            if a is None:  # (dense outputs read back: the activations once more)
+            if dense_mlp is None:  # (dense outputs read back: the activations once more)
                 h = x + attention_output(W, attention_heads(W, spec, x, calib.cos, calib.sin))
                 a = mlp_activations(W, rms_norm(h, W["mlp_norm"], spec.eps))
+            else:
+                h, a = dense_mlp
             eq.add(a, None, token_scale(y))
+        if kept is not None:
+            kept.add(h, a)
+    if kept is not None:
+        kept.done()
     eq.summed()
     if kept_heads is None and rhs:  # the dense attention: down_proj's own output is the target, C = G W^T
         eq.C = eq.G @ W["down"].T.to(eq.G.device, eq.G.dtype)
