@@ -226,7 +226,8 @@ def describe_plan(cfg, timing: bool = True, gpu_name: str | None = None, remote_
     fits = p.fits and all(d.fits for d in disk)
     advice = [] if fits else suggestions(cfg, model, p, disk_ok, here) + (disk_suggestions(disk, p) if p.fits else [])
     warning = memory_warning(cfg.max_memory, cfg.device, gpu)
-    passes, fewest = run_passes(whole, model), run_passes(whole, model, heads_cut=False)
+    keep = p.keep_mlp_bytes > 0
+    passes, fewest = run_passes(whole, model, keep_mlp=keep), run_passes(whole, model, heads_cut=False, keep_mlp=keep)
     most = sum(passes.values())
     if not timing:
         estimate = None

@@ -260,14 +260,15 @@ def stage_bytes(cfg, model, sizes) -> tuple[int, int]:
     return scorer.work_bytes(block), cfg.compensation.work_bytes(block, cut)
 
 
-def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
+def run_passes(cfg, model, heads_cut: bool = True, keep_mlp: bool = False) -> dict[str, float]:
     """The run's work in dense passes (one: every block's dense forward over all calibration
     tokens), by stage, counted in FLOPs at the widest block: the survey (--allocation global and
     uniform: the dense forward, its Gram matrices, the head layouts, the neuron curve), scoring,
     compensation and the output pass (the pruned block; the dense outputs are kept from the first
     pass that runs the dense block). Reported beside the measured `dense_passes` of a run.
     The allocation decides later which blocks lose heads: `heads_cut` counts every block as
-    losing some (the most work), or none (the least)."""
+    losing some (the most work), or none (the least). `keep_mlp`: the memory plan keeps the last MLP
+    pass's activations (Plan.keep_mlp_bytes), and the output pass runs down_proj alone."""
     spec = max(model.arch.blocks, key=lambda b: b.n_params())
     T, N = cfg.seq_len, cfg.samples * cfg.seq_len
     E, I, HD = spec.hidden, spec.intermediate, spec.n_heads * spec.head_dim
@@ -300,7 +301,10 @@ def run_passes(cfg, model, heads_cut: bool = True) -> dict[str, float]:
         parts["scoring"] = scorer.forward_passes(N)
         parts["compensation"] = cfg.compensation.forward_passes
     kept_dense = refit  # the refit's pass kept the dense outputs
-    parts["output"] = (1 - cfg.sparsity) + (0 if kept_dense else 1)
+    if keep_mlp and refit:  # down_proj over the kept neurons, on the residual and activations kept
+        parts["output"] = 2 * E * I * (1 - cfg.sparsity) / block
+    else:
+        parts["output"] = (1 - cfg.sparsity) + (0 if kept_dense else 1)
     return {k: round(v, 3) for k, v in parts.items()}
 
 

@@ -144,7 +144,7 @@ def test_plan_command_prints_disk_memory_and_time():
     assert "activation cache" in r.output and "peak host" in r.output and "time: about" in r.output
     assert re.search(r"time: about [\d.]+ s \(from [\d.]+ s to [\d.]+ (s|min)\)\n"
                      r"  work: [\d.]+ dense passes over 8 x 64 tokens "
-                     r"\(survey [\d.]+, scoring [\d.]+, compensation [\d.]+, output 0.7\); "
+                     r"\(survey [\d.]+, scoring [\d.]+, compensation [\d.]+, output [\d.]+\); "
                      r"[\d.]+ if no block loses heads\n"
                      r"  how: .* 3 timed block forwards", r.output)
     assert r.output.endswith("verdict: fits\n")
@@ -337,6 +337,8 @@ def test_the_plan_counts_the_survey_and_the_passes_of_the_method(tmp_path):
     assert fewest["compensation"] == 0 and fewest["scoring"] < default["scoring"]
     # the perturbations' sample is a fixed number of tokens: more windows, fewer passes for it
     assert run_passes(dataclasses.replace(cfg, samples=256), model)["scoring"] < default["scoring"]
+    # with the last MLP pass's activations kept, the output pass is down_proj alone
+    assert run_passes(cfg, model, keep_mlp=True)["output"] < 0.25 * default["output"]
     # the range's slow end: the survey's curve (with its held-out ridges: 5/24 more) and perturb's OBS
     # factorized on one thread (on a CPU)
     both = one_thread_passes(cfg, model)
