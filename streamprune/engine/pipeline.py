@@ -15,9 +15,7 @@ from pathlib import Path
 
 from ..arch.families import bias_sublayers
 from ..arch.model import Model, model_compute_dtype
-from ..checks.validate import (
-    check_free_disk,
-)
+from ..checks.validate import check_free_disk
 from ..config import SURVEY_FREE, RunConfig
 from ..device import check_device
 from ..errors import StreamPruneError
