@@ -72,7 +72,7 @@ class BlockStream:
         dense outputs kept beside them), start counted in the cached windows."""
         starts = range(0, self.windows, self.batch)
         kept = self.kept.get((layer, kind))
-        if kept is not None and (len(kept) != len(starts) or any(x.dtype != dtype for x in kept)):
+        if kept is not None and (len(kept) != self.n_batches or any(x.dtype != dtype for x in kept)):
             kept = None
         self.forget_before(layer)
         read: list[torch.Tensor] | None = [] if self.resident and kept is None else None
@@ -86,7 +86,7 @@ class BlockStream:
             if read is not None:
                 read.append(x)
             yield start, x
-        if read is not None and len(read) == len(starts):
+        if read is not None and len(read) == self.n_batches:
             self.kept[(layer, kind)] = read
 
     def outputs(self, layer: int) -> CacheWriter:
@@ -123,5 +123,5 @@ class KeepingWriter:
 
     def commit(self, durable: bool = True) -> None:
         self.inner.commit(durable)
-        if self.parts is not None and len(self.parts) == len(range(0, self.stream.windows, self.stream.batch)):
+        if self.parts is not None and len(self.parts) == self.stream.n_batches:
             self.stream.kept[(self.layer, self.kind)] = self.parts

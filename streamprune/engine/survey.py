@@ -189,7 +189,7 @@ class SurveyOnly:
 
 def survey_previews(cfg: RunConfig, arch: Architecture, costs: list[BlockCosts]) -> SurveyOnly:
     """preview() at each of cfg.previewed, by cfg's allocation and alignment (each sparsity checked
-    before the survey: pipeline.run_ranks)."""
+    before the survey: checked.check_run)."""
     previews = tuple(preview(arch.blocks, costs, sparsity, allocate(cfg.allocation, arch.blocks, costs, sparsity,
                                                                      cfg.alignment)) for sparsity in cfg.previewed)
     return SurveyOnly(costs, previews, tuple(BlockShape.of(b) for b in arch.blocks))

@@ -221,26 +221,29 @@ def make_plan(model, sizes, samples: int, seq_len: int, device: str, sparsity: f
                       "activation cap" if fits(batch + 1) and act_bytes(batch + 1) > cap else "memory")
     parts = components(batch)
     host, device_bytes = peaks(parts)
-    # on a GPU with room left beside the peak: a block's inputs and dense outputs, and the next block's
-    # inputs as they are written, stay on the GPU between its passes (engine/stream.BlockStream.resident)
-    resident = RESIDENT_TENSORS * samples * seq_len * arch.hidden * itemsize if gpu else 0
-    if resident and memory_short_of(host, device_bytes + resident, host_limit, limit) is None:
-        parts += (Component("resident", where, resident, "the block's inputs and dense outputs and the next "
-                            "block's inputs, kept on the GPU between passes (read once, not once a pass)"),)
-        device_bytes += resident
-    else:
-        resident = 0
-    # where there is room left: the residual after attention and the MLP activations of the last pass
-    # over a block's MLP, every calibration token, so its output pass runs only down_proj
-    # (engine/pruning_pass.py, pruning/scoring/base.KeptMlp)
-    keep_mlp = samples * seq_len * (arch.widest.intermediate + arch.hidden) * itemsize
-    if memory_short_of(host + (0 if gpu else keep_mlp), device_bytes + (keep_mlp if gpu else 0), host_limit,
-                       limit) is None:
-        parts += (Component("kept_mlp", where, keep_mlp, "the residual and MLP activations of the block's last "
-                            "MLP pass, every calibration token (its output pass then runs only down_proj)"),)
-        host, device_bytes = (host, device_bytes + keep_mlp) if gpu else (host + keep_mlp, device_bytes)
-    else:
-        keep_mlp = 0
+
+    def if_room(component: Component) -> int:
+        """What the run keeps only where it fits beside the peak (on the compute device): its bytes, added
+        to the breakdown and the peak, or 0."""
+        nonlocal parts, host, device_bytes
+        more = (host, device_bytes + component.bytes) if gpu else (host + component.bytes, device_bytes)
+        if not component.bytes or memory_short_of(*more, host_limit, limit) is not None:
+            return 0
+        parts, (host, device_bytes) = parts + (component,), more
+        return component.bytes
+
+    # on a GPU: a block's inputs and dense outputs, and the next block's inputs as they are written, stay
+    # on the GPU between its passes (engine/stream.BlockStream.resident)
+    resident = if_room(Component(
+        "resident", where, RESIDENT_TENSORS * samples * seq_len * arch.hidden * itemsize if gpu else 0,
+        "the block's inputs and dense outputs and the next block's inputs, kept on the GPU between passes "
+        "(read once, not once a pass)"))
+    # the residual after attention and the MLP activations of the last pass over a block's MLP, every
+    # calibration token, so its output pass runs only down_proj (pruning/scoring/base.KeptMlp)
+    keep_mlp = if_room(Component(
+        "kept_mlp", where, samples * seq_len * (arch.widest.intermediate + arch.hidden) * itemsize,
+        "the residual and MLP activations of the block's last MLP pass, every calibration token (its output "
+        "pass then runs only down_proj)"))
     return Plan(device=str(dev), micro_batch=batch, limited_by=limited_by, block_stored_bytes=stored,
                 block_compute_bytes=compute, cache_bytes=cache, output_bytes=output, peak_host_bytes=host,
                 peak_device_bytes=device_bytes, max_memory_bytes=limit, host_limit_bytes=host_limit,

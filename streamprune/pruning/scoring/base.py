@@ -76,7 +76,7 @@ class KeptMlp:
         if not self.complete or len(self.parts) != batches:
             return None
         if self.heads is None:  # the dense attention: W_new must keep it whole
-            if W_new["o"].shape != W["o"].shape or not torch.equal(W_new["o"], W["o"]):
+            if not torch.equal(W_new["o"], W["o"]):
                 return None
         elif not torch.equal(self.heads.cpu(), kept_heads.cpu()) or not torch.equal(self.o_proj, W_new["o"]):
             return None

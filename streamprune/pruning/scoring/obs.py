@@ -63,7 +63,9 @@ def down_equations(W, spec: BlockSpec, calib: Calibration, kept_heads: torch.Ten
         return h + F.linear(a, W["down"], W.get("down_bias")), (h, a)
 
     assert kept_heads is not None or neurons is None, "a neuron subset needs the attention it sits behind"
-    kept = calib.mlp  # (h, a) of every micro-batch, for the output pass (None: not kept)
+    # (h, a) of every micro-batch, for the output pass; not of an OBS ranking pass (`rhs` False): the
+    # refit o_proj that follows it is compensation's pass, whose (h, a) the output pass takes
+    kept = calib.mlp if rhs else None
     if kept is not None:
         kept.start(kept_heads, o_proj, neurons)
     for x, y, dense_mlp in calib.with_targets(dense):
