@@ -15,6 +15,7 @@ run: the spread between seeds is the noise a difference must exceed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -83,6 +84,8 @@ def perplexity(folder: Path, text: Path, b: Bench) -> dict:
 
 def bench_model(name: str, args, work: Path) -> tuple[dict, list[dict]]:
     b, folder = MODELS[name], model_folder(name)
+    if args.eval_windows:
+        b = dataclasses.replace(b, eval_windows=args.eval_windows)
     calib, text = SHARED / "data" / b.data / "calib.txt", SHARED / "data" / b.data / "eval.txt"
     windows = ["--calib", calib, "--samples", b.samples, "--seq-len", b.seq_len, "--quiet"]
     dense = perplexity(folder, text, b)
@@ -151,6 +154,8 @@ def main():
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])
     p.add_argument("--allocations", nargs="+", default=["global", "uniform"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--eval-windows", type=int, help="evaluate on the first N windows of every model's text "
+                   "(default: each model's own, MODELS; a quicker, noisier look)")
     p.add_argument("--workdir", type=Path, help="where the surveys and pruned models go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the surveys and pruned models")
     p.add_argument("--json", type=Path, help="also write the result here")

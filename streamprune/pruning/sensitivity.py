@@ -18,8 +18,9 @@ So the survey measures, per block and cut kind, what a unit of its local cost do
 
 The sensitivity of (block, kind) is that KL per unit of the reference cut's local cost; the
 allocation multiplies the block's costs by it (weigh). The work: every stream through every later
-block, L (L + 1) block forwards of PROBE_TOKENS tokens (under one dense pass at 8,192 calibration
-tokens for 24 blocks; a 70B's 80 blocks at 128 x 2,048 tokens: 0.2 of one)."""
+block, L (L + 2) block forwards of PROBE_TOKENS tokens, (L + 2) PROBE_TOKENS / (calibration tokens)
+dense passes (1.6 at 8,192 calibration tokens for 24 blocks; a 70B's 80 blocks at 128 x 2,048
+tokens: 0.2)."""
 
 from __future__ import annotations
 
